@@ -1,0 +1,2 @@
+//! Guest-driver harness for the pvrdma device.
+#![warn(missing_docs)]

@@ -1,0 +1,2 @@
+//! Transports for the pvrdma device: vfio-user server and rust-vmm adapter.
+#![warn(missing_docs)]

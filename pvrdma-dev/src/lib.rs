@@ -1,0 +1,2 @@
+//! The VMware PVRDMA device model.
+#![warn(missing_docs)]

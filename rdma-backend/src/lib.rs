@@ -1,0 +1,2 @@
+//! RDMA backends for the pvrdma device.
+#![warn(missing_docs)]

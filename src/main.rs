@@ -1,0 +1,2 @@
+//! The `pvrdma` command.
+fn main() {}

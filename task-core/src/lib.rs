@@ -1,0 +1,2 @@
+//! Task engine with QEMU QIOTask semantics.
+#![warn(missing_docs)]
