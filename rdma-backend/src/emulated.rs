@@ -1,0 +1,1 @@
+//! Software RDMA fabric (being written).
