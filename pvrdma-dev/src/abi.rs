@@ -1,0 +1,778 @@
+//! Wire structures shared with the guest (spec/device-abi.md §2, §4, §7, §8, §9).
+//!
+//! Every structure is `#[repr(C)]` with explicit reserved fields, so it has no implicit padding,
+//! and implements [`ByteValued`] so it can be copied to and from guest memory with
+//! `read_obj`/`write_obj`. Field offsets are pinned to the spec's numbers by the tests at the end.
+//! Multi-byte fields are little-endian on the wire; the device only runs on little-endian hosts
+//! (x86-64, aarch64), which a compile-time check below enforces.
+
+use vm_memory::ByteValued;
+
+#[cfg(not(target_endian = "little"))]
+compile_error!("the PVRDMA wire structures are little-endian; big-endian hosts are not supported");
+
+/// Implements [`ByteValued`] for plain wire structures.
+macro_rules! byte_valued {
+    ($($t:ty),* $(,)?) => {
+        $(
+            // SAFETY: the type is `#[repr(C)]`, made only of integers and arrays of integers, and
+            // its fields are laid out without implicit padding (the layout tests check that the
+            // size equals the sum of the fields), so every bit pattern is a valid value.
+            unsafe impl ByteValued for $t {}
+        )*
+    };
+}
+
+/// Size of the command slot the device reads (the union of all requests).
+pub const CMD_SLOT_SIZE: usize = 184;
+/// Size of the response union the driver copies back.
+pub const RESP_SLOT_SIZE: usize = 176;
+/// The ack bit OR-ed into the command code in every response.
+pub const RESP_ACK: u32 = 0x8000_0000;
+
+/// Command codes (spec §4).
+pub mod cmd {
+    /// QUERY_PORT.
+    pub const QUERY_PORT: u32 = 0;
+    /// QUERY_PKEY.
+    pub const QUERY_PKEY: u32 = 1;
+    /// CREATE_PD.
+    pub const CREATE_PD: u32 = 2;
+    /// DESTROY_PD.
+    pub const DESTROY_PD: u32 = 3;
+    /// CREATE_MR.
+    pub const CREATE_MR: u32 = 4;
+    /// DESTROY_MR.
+    pub const DESTROY_MR: u32 = 5;
+    /// CREATE_CQ.
+    pub const CREATE_CQ: u32 = 6;
+    /// RESIZE_CQ.
+    pub const RESIZE_CQ: u32 = 7;
+    /// DESTROY_CQ.
+    pub const DESTROY_CQ: u32 = 8;
+    /// CREATE_QP.
+    pub const CREATE_QP: u32 = 9;
+    /// MODIFY_QP.
+    pub const MODIFY_QP: u32 = 10;
+    /// QUERY_QP.
+    pub const QUERY_QP: u32 = 11;
+    /// DESTROY_QP.
+    pub const DESTROY_QP: u32 = 12;
+    /// CREATE_UC.
+    pub const CREATE_UC: u32 = 13;
+    /// DESTROY_UC.
+    pub const DESTROY_UC: u32 = 14;
+    /// CREATE_BIND.
+    pub const CREATE_BIND: u32 = 15;
+    /// DESTROY_BIND.
+    pub const DESTROY_BIND: u32 = 16;
+    /// CREATE_SRQ.
+    pub const CREATE_SRQ: u32 = 17;
+    /// MODIFY_SRQ.
+    pub const MODIFY_SRQ: u32 = 18;
+    /// QUERY_SRQ.
+    pub const QUERY_SRQ: u32 = 19;
+    /// DESTROY_SRQ.
+    pub const DESTROY_SRQ: u32 = 20;
+    /// Number of command codes in ABI version 20.
+    pub const COUNT: u32 = 21;
+}
+
+/// Device Shared Region header fields a ring is described by.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RingPages {
+    /// Pages including the ring-state page.
+    pub num_pages: u32,
+    /// Reserved.
+    pub reserved: u32,
+    /// Page directory of the ring.
+    pub pdir_dma: u64,
+}
+
+/// Device capabilities, written by the device into the DSR at offset 72.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub struct Caps {
+    pub fw_ver: u64,
+    /// Big-endian on the wire.
+    pub node_guid: u64,
+    /// Big-endian on the wire.
+    pub sys_image_guid: u64,
+    pub max_mr_size: u64,
+    pub page_size_cap: u64,
+    pub atomic_arg_sizes: u64,
+    pub ex_comp_mask: u32,
+    pub device_cap_flags2: u32,
+    pub max_fa_bit_boundary: u32,
+    pub log_max_atomic_inline_arg: u32,
+    pub vendor_id: u32,
+    pub vendor_part_id: u32,
+    pub hw_ver: u32,
+    pub max_qp: u32,
+    pub max_qp_wr: u32,
+    pub device_cap_flags: u32,
+    pub max_sge: u32,
+    pub max_sge_rd: u32,
+    pub max_cq: u32,
+    pub max_cqe: u32,
+    pub max_mr: u32,
+    pub max_pd: u32,
+    pub max_qp_rd_atom: u32,
+    pub max_ee_rd_atom: u32,
+    pub max_res_rd_atom: u32,
+    pub max_qp_init_rd_atom: u32,
+    pub max_ee_init_rd_atom: u32,
+    pub max_ee: u32,
+    pub max_rdd: u32,
+    pub max_mw: u32,
+    pub max_raw_ipv6_qp: u32,
+    pub max_raw_ethy_qp: u32,
+    pub max_mcast_grp: u32,
+    pub max_mcast_qp_attach: u32,
+    pub max_total_mcast_qp_attach: u32,
+    pub max_ah: u32,
+    pub max_fmr: u32,
+    pub max_map_per_fmr: u32,
+    pub max_srq: u32,
+    pub max_srq_wr: u32,
+    pub max_srq_sge: u32,
+    pub max_uar: u32,
+    pub gid_tbl_len: u32,
+    pub max_pkeys: u16,
+    pub local_ca_ack_delay: u8,
+    pub phys_port_cnt: u8,
+    pub mode: u8,
+    pub atomic_ops: u8,
+    pub bmme_flags: u8,
+    pub gid_types: u8,
+    pub max_fast_reg_page_list_len: u32,
+}
+
+/// The Device Shared Region (280 bytes, `#pragma pack(1)` in the driver, naturally aligned here).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Dsr {
+    /// Driver's ABI version (20 for current Linux).
+    pub driver_version: u32,
+    /// Padding.
+    pub pad1: u32,
+    /// Guest OS information bitfield.
+    pub gos_info: u32,
+    /// Padding.
+    pub pad2: u32,
+    /// Command slot page.
+    pub cmd_slot_dma: u64,
+    /// Response slot page.
+    pub resp_slot_dma: u64,
+    /// Async event ring.
+    pub async_ring_pages: RingPages,
+    /// CQ notification ring.
+    pub cq_ring_pages: RingPages,
+    /// UAR PFN (u32 below version 19, u64 from 19).
+    pub uar_pfn64: u64,
+    /// Capabilities, written by the device.
+    pub caps: Caps,
+}
+
+/// Offset of `caps` in the DSR.
+pub const DSR_CAPS_OFFSET: u64 = 72;
+
+/// Command header (16 bytes).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CmdHdr {
+    /// Opaque value echoed in the response.
+    pub response: u64,
+    /// Command code.
+    pub cmd: u32,
+    /// Reserved.
+    pub reserved: u32,
+}
+
+/// Response header (16 bytes).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RespHdr {
+    /// Echo of the request's `response`.
+    pub response: u64,
+    /// `cmd | RESP_ACK`.
+    pub ack: u32,
+    /// Error code (checked by the driver for MODIFY_QP only).
+    pub err: u8,
+    /// Reserved.
+    pub reserved: [u8; 3],
+}
+
+macro_rules! wire {
+    ($(#[$m:meta])* $name:ident { $($(#[$fm:meta])* $f:ident : $t:ty),* $(,)? }) => {
+        $(#[$m])*
+        #[repr(C)]
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+        #[allow(missing_docs)]
+        pub struct $name { $($(#[$fm])* pub $f: $t),* }
+    };
+}
+
+wire!(/// QUERY_PORT request.
+    CmdQueryPort { hdr: CmdHdr, port_num: u8, reserved: [u8; 7] });
+wire!(/// QUERY_PKEY request.
+    CmdQueryPkey { hdr: CmdHdr, port_num: u8, index: u8, reserved: [u8; 6] });
+wire!(/// CREATE_UC request (`pfn` is 32-bit below version 19; the request is zeroed, so 64 bits are read).
+    CmdCreateUc { hdr: CmdHdr, pfn64: u64 });
+wire!(/// DESTROY_UC request.
+    CmdDestroyUc { hdr: CmdHdr, ctx_handle: u32, reserved: u32 });
+wire!(/// CREATE_PD request.
+    CmdCreatePd { hdr: CmdHdr, ctx_handle: u32, reserved: u32 });
+wire!(/// DESTROY_PD request.
+    CmdDestroyPd { hdr: CmdHdr, pd_handle: u32, reserved: u32 });
+wire!(/// CREATE_MR request.
+    CmdCreateMr { hdr: CmdHdr, start: u64, length: u64, pdir_dma: u64, pd_handle: u32,
+        access_flags: u32, flags: u32, nchunks: u32 });
+wire!(/// DESTROY_MR request.
+    CmdDestroyMr { hdr: CmdHdr, mr_handle: u32, reserved: u32 });
+wire!(/// CREATE_CQ request.
+    CmdCreateCq { hdr: CmdHdr, pdir_dma: u64, ctx_handle: u32, cqe: u32, nchunks: u32,
+        reserved: u32 });
+wire!(/// RESIZE_CQ request.
+    CmdResizeCq { hdr: CmdHdr, cq_handle: u32, cqe: u32 });
+wire!(/// DESTROY_CQ request.
+    CmdDestroyCq { hdr: CmdHdr, cq_handle: u32, reserved: u32 });
+wire!(/// SRQ attributes.
+    SrqAttr { max_wr: u32, max_sge: u32, srq_limit: u32, reserved: u32 });
+wire!(/// CREATE_SRQ request.
+    CmdCreateSrq { hdr: CmdHdr, pdir_dma: u64, pd_handle: u32, nchunks: u32, attrs: SrqAttr,
+        srq_type: u8, reserved: [u8; 7] });
+wire!(/// MODIFY_SRQ request.
+    CmdModifySrq { hdr: CmdHdr, srq_handle: u32, attr_mask: u32, attrs: SrqAttr });
+wire!(/// QUERY_SRQ request.
+    CmdQuerySrq { hdr: CmdHdr, srq_handle: u32, reserved: u32 });
+wire!(/// DESTROY_SRQ request.
+    CmdDestroySrq { hdr: CmdHdr, srq_handle: u32, reserved: u32 });
+wire!(/// CREATE_QP request.
+    CmdCreateQp { hdr: CmdHdr, pdir_dma: u64, pd_handle: u32, send_cq_handle: u32,
+        recv_cq_handle: u32, srq_handle: u32, max_send_wr: u32, max_recv_wr: u32,
+        max_send_sge: u32, max_recv_sge: u32, max_inline_data: u32, lkey: u32,
+        access_flags: u32, total_chunks: u16, send_chunks: u16, max_atomic_arg: u16,
+        sq_sig_all: u8, qp_type: u8, is_srq: u8, reserved: [u8; 3] });
+wire!(/// Global route header part of an address handle attribute.
+    GlobalRoute { dgid: [u8; 16], flow_label: u32, sgid_index: u8, hop_limit: u8,
+        traffic_class: u8, reserved: u8 });
+wire!(/// Address handle attributes (40 bytes).
+    AhAttr { grh: GlobalRoute, dlid: u16, vlan_id: u16, sl: u8, src_path_bits: u8,
+        static_rate: u8, ah_flags: u8, port_num: u8, dmac: [u8; 6], reserved: u8 });
+wire!(/// QP capabilities.
+    QpCap { max_send_wr: u32, max_recv_wr: u32, max_send_sge: u32, max_recv_sge: u32,
+        max_inline_data: u32, reserved: u32 });
+wire!(/// QP attributes (160 bytes).
+    QpAttr { qp_state: u32, cur_qp_state: u32, path_mtu: u32, path_mig_state: u32, qkey: u32,
+        rq_psn: u32, sq_psn: u32, dest_qp_num: u32, qp_access_flags: u32, pkey_index: u16,
+        alt_pkey_index: u16, en_sqd_async_notify: u8, sq_draining: u8, max_rd_atomic: u8,
+        max_dest_rd_atomic: u8, min_rnr_timer: u8, port_num: u8, timeout: u8, retry_cnt: u8,
+        rnr_retry: u8, alt_port_num: u8, alt_timeout: u8, reserved: [u8; 5], cap: QpCap,
+        ah_attr: AhAttr, alt_ah_attr: AhAttr });
+wire!(/// MODIFY_QP request (the largest request: 184 bytes).
+    CmdModifyQp { hdr: CmdHdr, qp_handle: u32, attr_mask: u32, attrs: QpAttr });
+wire!(/// QUERY_QP request.
+    CmdQueryQp { hdr: CmdHdr, qp_handle: u32, attr_mask: u32 });
+wire!(/// DESTROY_QP request.
+    CmdDestroyQp { hdr: CmdHdr, qp_handle: u32, reserved: u32 });
+wire!(/// CREATE_BIND request (add a GID table entry).
+    CmdCreateBind { hdr: CmdHdr, mtu: u32, vlan: u32, index: u32, new_gid: [u8; 16],
+        gid_type: u8, reserved: [u8; 3] });
+wire!(/// DESTROY_BIND request.
+    CmdDestroyBind { hdr: CmdHdr, index: u32, dest_gid: [u8; 16], reserved: [u8; 4] });
+
+wire!(/// Port attributes (48 bytes).
+    PortAttr { state: u32, max_mtu: u32, active_mtu: u32, gid_tbl_len: u32, port_cap_flags: u32,
+        max_msg_sz: u32, bad_pkey_cntr: u32, qkey_viol_cntr: u32, pkey_tbl_len: u16, lid: u16,
+        sm_lid: u16, lmc: u8, max_vl_num: u8, sm_sl: u8, subnet_timeout: u8,
+        init_type_reply: u8, active_width: u8, active_speed: u8, phys_state: u8,
+        reserved: [u8; 2] });
+wire!(/// QUERY_PORT response.
+    RespQueryPort { hdr: RespHdr, attrs: PortAttr });
+wire!(/// QUERY_PKEY response.
+    RespQueryPkey { hdr: RespHdr, pkey: u16, reserved: [u8; 6] });
+wire!(/// CREATE_UC response.
+    RespCreateUc { hdr: RespHdr, ctx_handle: u32, reserved: u32 });
+wire!(/// CREATE_PD response.
+    RespCreatePd { hdr: RespHdr, pd_handle: u32, reserved: u32 });
+wire!(/// CREATE_MR response.
+    RespCreateMr { hdr: RespHdr, mr_handle: u32, lkey: u32, rkey: u32, reserved: u32 });
+wire!(/// CREATE_CQ response.
+    RespCreateCq { hdr: RespHdr, cq_handle: u32, cqe: u32 });
+wire!(/// RESIZE_CQ response.
+    RespResizeCq { hdr: RespHdr, cqe: u32, reserved: u32 });
+wire!(/// CREATE_SRQ response.
+    RespCreateSrq { hdr: RespHdr, srqn: u32, reserved: u32 });
+wire!(/// QUERY_SRQ response.
+    RespQuerySrq { hdr: RespHdr, attrs: SrqAttr });
+wire!(/// CREATE_QP response, ABI below 20.
+    RespCreateQpV1 { hdr: RespHdr, qpn: u32, max_send_wr: u32, max_recv_wr: u32,
+        max_send_sge: u32, max_recv_sge: u32, max_inline_data: u32 });
+wire!(/// CREATE_QP response, ABI 20 (separate `qp_handle`).
+    RespCreateQpV2 { hdr: RespHdr, qpn: u32, qp_handle: u32, max_send_wr: u32,
+        max_recv_wr: u32, max_send_sge: u32, max_recv_sge: u32, max_inline_data: u32,
+        reserved: u32 });
+wire!(/// QUERY_QP response.
+    RespQueryQp { hdr: RespHdr, attrs: QpAttr });
+wire!(/// DESTROY_QP response.
+    RespDestroyQp { hdr: RespHdr, events_reported: u32, reserved: u32 });
+
+wire!(/// Send WQE header (80 bytes; SGEs follow). `wr` is the 48-byte union, decoded per opcode.
+    SqWqeHdr { wr_id: u64, num_sge: u32, total_len: u32, opcode: u32, send_flags: u32, ex: u32,
+        reserved: u32, wr: [u32; 12] });
+wire!(/// Receive WQE header (16 bytes; SGEs follow).
+    RqWqeHdr { wr_id: u64, num_sge: u32, total_len: u32 });
+wire!(/// Scatter/gather entry (16 bytes).
+    WireSge { addr: u64, length: u32, lkey: u32 });
+wire!(/// Completion queue entry (64 bytes).
+    Cqe { wr_id: u64, qp: u64, opcode: u32, status: u32, byte_len: u32, imm_data: u32,
+        src_qp: u32, wc_flags: u32, vendor_err: u32, pkey_index: u16, slid: u16, sl: u8,
+        dlid_path_bits: u8, port_num: u8, smac: [u8; 6], network_hdr_type: u8,
+        reserved: [u8; 6] });
+wire!(/// Async event ring element.
+    Eqe { event_type: u32, info: u32 });
+wire!(/// CQ notification ring element.
+    Cqne { info: u32 });
+
+byte_valued!(
+    RingPages,
+    Caps,
+    Dsr,
+    CmdHdr,
+    RespHdr,
+    CmdQueryPort,
+    CmdQueryPkey,
+    CmdCreateUc,
+    CmdDestroyUc,
+    CmdCreatePd,
+    CmdDestroyPd,
+    CmdCreateMr,
+    CmdDestroyMr,
+    CmdCreateCq,
+    CmdResizeCq,
+    CmdDestroyCq,
+    SrqAttr,
+    CmdCreateSrq,
+    CmdModifySrq,
+    CmdQuerySrq,
+    CmdDestroySrq,
+    CmdCreateQp,
+    GlobalRoute,
+    AhAttr,
+    QpCap,
+    QpAttr,
+    CmdModifyQp,
+    CmdQueryQp,
+    CmdDestroyQp,
+    CmdCreateBind,
+    CmdDestroyBind,
+    PortAttr,
+    RespQueryPort,
+    RespQueryPkey,
+    RespCreateUc,
+    RespCreatePd,
+    RespCreateMr,
+    RespCreateCq,
+    RespResizeCq,
+    RespCreateSrq,
+    RespQuerySrq,
+    RespCreateQpV1,
+    RespCreateQpV2,
+    RespQueryQp,
+    RespDestroyQp,
+    SqWqeHdr,
+    RqWqeHdr,
+    WireSge,
+    Cqe,
+    Eqe,
+    Cqne,
+);
+
+/// Size of the send WQE header.
+pub const SQ_WQE_HDR_SIZE: u32 = 80;
+/// Size of the receive WQE header.
+pub const RQ_WQE_HDR_SIZE: u32 = 16;
+/// Size of one SGE.
+pub const SGE_SIZE: u32 = 16;
+/// Size of one CQE.
+pub const CQE_SIZE: u32 = 64;
+
+/// Send opcodes as they appear in the WQE (spec §7).
+pub mod wr_opcode {
+    /// RDMA WRITE.
+    pub const RDMA_WRITE: u32 = 0;
+    /// RDMA WRITE with immediate.
+    pub const RDMA_WRITE_WITH_IMM: u32 = 1;
+    /// SEND.
+    pub const SEND: u32 = 2;
+    /// SEND with immediate.
+    pub const SEND_WITH_IMM: u32 = 3;
+    /// RDMA READ.
+    pub const RDMA_READ: u32 = 4;
+    /// Compare and swap.
+    pub const ATOMIC_CMP_AND_SWP: u32 = 5;
+    /// Fetch and add.
+    pub const ATOMIC_FETCH_AND_ADD: u32 = 6;
+}
+
+/// `send_flags` bits.
+pub mod send_flags {
+    /// Fence.
+    pub const FENCE: u32 = 1;
+    /// Produce a CQE.
+    pub const SIGNALED: u32 = 2;
+    /// Solicited event at the receiver.
+    pub const SOLICITED: u32 = 4;
+    /// Inline data (never honoured by the producers; treated as a no-op).
+    pub const INLINE: u32 = 8;
+}
+
+/// CQE `wc_flags` bits the device sets.
+pub mod wc_flags {
+    /// A GRH is present in the first 40 bytes.
+    pub const GRH: u32 = 1 << 0;
+    /// `imm_data` is valid.
+    pub const WITH_IMM: u32 = 1 << 1;
+    /// `network_hdr_type` is valid (kernel CQs only).
+    pub const WITH_NETWORK_HDR_TYPE: u32 = 1 << 6;
+}
+
+/// Decoded views of the 48-byte `wr` union of a send WQE. Offsets are relative to the union
+/// (absolute offset minus 32).
+impl SqWqeHdr {
+    fn wr_u32(&self, off: usize) -> u32 {
+        self.wr[off / 4]
+    }
+    fn wr_u64(&self, off: usize) -> u64 {
+        u64::from(self.wr[off / 4]) | (u64::from(self.wr[off / 4 + 1]) << 32)
+    }
+    /// `wr.rdma.remote_addr`, `wr.rdma.rkey`.
+    pub fn rdma(&self) -> (u64, u32) {
+        (self.wr_u64(0), self.wr_u32(8))
+    }
+    /// `wr.atomic`: remote_addr, compare_add, swap, rkey.
+    pub fn atomic(&self) -> (u64, u64, u64, u32) {
+        (
+            self.wr_u64(0),
+            self.wr_u64(8),
+            self.wr_u64(16),
+            self.wr_u32(24),
+        )
+    }
+    /// `wr.ud`: remote_qpn, remote_qkey and the address vector.
+    pub fn ud(&self) -> (u32, u32, WireAv) {
+        let mut av = WireAv::default();
+        av.as_mut_slice().copy_from_slice(&self.as_slice()[40..80]);
+        (self.wr_u32(0), self.wr_u32(4), av)
+    }
+}
+
+wire!(/// Address vector inside a UD WQE (40 bytes).
+    WireAv { port_pd: u32, sl_tclass_flowlabel: u32, dgid: [u8; 16], src_path_bits: u8,
+        gid_index: u8, stat_rate: u8, hop_limit: u8, dmac: [u8; 6], reserved: [u8; 6] });
+byte_valued!(WireAv);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::mem::{offset_of, size_of};
+
+    #[test]
+    fn sizes_match_the_spec() {
+        assert_eq!(size_of::<Dsr>(), 280);
+        assert_eq!(size_of::<Caps>(), 208);
+        assert_eq!(size_of::<CmdHdr>(), 16);
+        assert_eq!(size_of::<RespHdr>(), 16);
+        for (s, n) in [
+            (size_of::<CmdQueryPort>(), 24),
+            (size_of::<CmdQueryPkey>(), 24),
+            (size_of::<CmdCreateUc>(), 24),
+            (size_of::<CmdDestroyUc>(), 24),
+            (size_of::<CmdCreatePd>(), 24),
+            (size_of::<CmdDestroyPd>(), 24),
+            (size_of::<CmdCreateMr>(), 56),
+            (size_of::<CmdDestroyMr>(), 24),
+            (size_of::<CmdCreateCq>(), 40),
+            (size_of::<CmdResizeCq>(), 24),
+            (size_of::<CmdDestroyCq>(), 24),
+            (size_of::<CmdCreateSrq>(), 56),
+            (size_of::<CmdModifySrq>(), 40),
+            (size_of::<CmdQuerySrq>(), 24),
+            (size_of::<CmdDestroySrq>(), 24),
+            (size_of::<CmdCreateQp>(), 80),
+            (size_of::<CmdModifyQp>(), CMD_SLOT_SIZE),
+            (size_of::<CmdQueryQp>(), 24),
+            (size_of::<CmdDestroyQp>(), 24),
+            (size_of::<CmdCreateBind>(), 48),
+            (size_of::<CmdDestroyBind>(), 40),
+            (size_of::<RespQueryPort>(), 64),
+            (size_of::<RespQueryPkey>(), 24),
+            (size_of::<RespCreateUc>(), 24),
+            (size_of::<RespCreatePd>(), 24),
+            (size_of::<RespCreateMr>(), 32),
+            (size_of::<RespCreateCq>(), 24),
+            (size_of::<RespResizeCq>(), 24),
+            (size_of::<RespCreateSrq>(), 24),
+            (size_of::<RespQuerySrq>(), 32),
+            (size_of::<RespCreateQpV1>(), 40),
+            (size_of::<RespCreateQpV2>(), 48),
+            (size_of::<RespQueryQp>(), RESP_SLOT_SIZE),
+            (size_of::<RespDestroyQp>(), 24),
+            (size_of::<QpAttr>(), 160),
+            (size_of::<AhAttr>(), 40),
+            (size_of::<PortAttr>(), 48),
+            (size_of::<SqWqeHdr>(), 80),
+            (size_of::<RqWqeHdr>(), 16),
+            (size_of::<WireSge>(), 16),
+            (size_of::<Cqe>(), 64),
+            (size_of::<Eqe>(), 8),
+            (size_of::<Cqne>(), 4),
+            (size_of::<WireAv>(), 40),
+        ] {
+            assert_eq!(s, n);
+        }
+    }
+
+    #[test]
+    fn dsr_offsets() {
+        assert_eq!(offset_of!(Dsr, driver_version), 0);
+        assert_eq!(offset_of!(Dsr, gos_info), 8);
+        assert_eq!(offset_of!(Dsr, cmd_slot_dma), 16);
+        assert_eq!(offset_of!(Dsr, resp_slot_dma), 24);
+        assert_eq!(offset_of!(Dsr, async_ring_pages), 32);
+        assert_eq!(
+            offset_of!(Dsr, async_ring_pages) + offset_of!(RingPages, pdir_dma),
+            40
+        );
+        assert_eq!(offset_of!(Dsr, cq_ring_pages), 48);
+        assert_eq!(
+            offset_of!(Dsr, cq_ring_pages) + offset_of!(RingPages, pdir_dma),
+            56
+        );
+        assert_eq!(offset_of!(Dsr, uar_pfn64), 64);
+        assert_eq!(offset_of!(Dsr, caps) as u64, DSR_CAPS_OFFSET);
+    }
+
+    #[test]
+    fn caps_offsets() {
+        assert_eq!(offset_of!(Caps, node_guid), 8);
+        assert_eq!(offset_of!(Caps, max_mr_size), 24);
+        assert_eq!(offset_of!(Caps, page_size_cap), 32);
+        assert_eq!(offset_of!(Caps, ex_comp_mask), 48);
+        assert_eq!(offset_of!(Caps, log_max_atomic_inline_arg), 60);
+        assert_eq!(offset_of!(Caps, vendor_id), 64);
+        assert_eq!(offset_of!(Caps, hw_ver), 72);
+        assert_eq!(offset_of!(Caps, max_qp), 76);
+        assert_eq!(offset_of!(Caps, max_qp_wr), 80);
+        assert_eq!(offset_of!(Caps, device_cap_flags), 84);
+        assert_eq!(offset_of!(Caps, max_sge), 88);
+        assert_eq!(offset_of!(Caps, max_sge_rd), 92);
+        assert_eq!(offset_of!(Caps, max_cq), 96);
+        assert_eq!(offset_of!(Caps, max_cqe), 100);
+        assert_eq!(offset_of!(Caps, max_mr), 104);
+        assert_eq!(offset_of!(Caps, max_pd), 108);
+        assert_eq!(offset_of!(Caps, max_qp_rd_atom), 112);
+        assert_eq!(offset_of!(Caps, max_qp_init_rd_atom), 124);
+        assert_eq!(offset_of!(Caps, max_ah), 164);
+        assert_eq!(offset_of!(Caps, max_srq), 176);
+        assert_eq!(offset_of!(Caps, max_srq_wr), 180);
+        assert_eq!(offset_of!(Caps, max_srq_sge), 184);
+        assert_eq!(offset_of!(Caps, max_uar), 188);
+        assert_eq!(offset_of!(Caps, gid_tbl_len), 192);
+        assert_eq!(offset_of!(Caps, max_pkeys), 196);
+        assert_eq!(offset_of!(Caps, local_ca_ack_delay), 198);
+        assert_eq!(offset_of!(Caps, phys_port_cnt), 199);
+        assert_eq!(offset_of!(Caps, mode), 200);
+        assert_eq!(offset_of!(Caps, atomic_ops), 201);
+        assert_eq!(offset_of!(Caps, bmme_flags), 202);
+        assert_eq!(offset_of!(Caps, gid_types), 203);
+        assert_eq!(offset_of!(Caps, max_fast_reg_page_list_len), 204);
+    }
+
+    #[test]
+    fn command_offsets() {
+        assert_eq!(offset_of!(CmdHdr, cmd), 8);
+        assert_eq!(offset_of!(RespHdr, ack), 8);
+        assert_eq!(offset_of!(RespHdr, err), 12);
+        assert_eq!(offset_of!(CmdQueryPkey, index), 17);
+        assert_eq!(offset_of!(CmdCreateMr, start), 16);
+        assert_eq!(offset_of!(CmdCreateMr, length), 24);
+        assert_eq!(offset_of!(CmdCreateMr, pdir_dma), 32);
+        assert_eq!(offset_of!(CmdCreateMr, pd_handle), 40);
+        assert_eq!(offset_of!(CmdCreateMr, access_flags), 44);
+        assert_eq!(offset_of!(CmdCreateMr, flags), 48);
+        assert_eq!(offset_of!(CmdCreateMr, nchunks), 52);
+        assert_eq!(offset_of!(CmdCreateCq, ctx_handle), 24);
+        assert_eq!(offset_of!(CmdCreateCq, cqe), 28);
+        assert_eq!(offset_of!(CmdCreateCq, nchunks), 32);
+        assert_eq!(offset_of!(CmdCreateSrq, pd_handle), 24);
+        assert_eq!(offset_of!(CmdCreateSrq, nchunks), 28);
+        assert_eq!(offset_of!(CmdCreateSrq, attrs), 32);
+        assert_eq!(offset_of!(CmdCreateSrq, srq_type), 48);
+        assert_eq!(offset_of!(CmdModifySrq, attr_mask), 20);
+        assert_eq!(
+            offset_of!(CmdModifySrq, attrs) + offset_of!(SrqAttr, srq_limit),
+            32
+        );
+        assert_eq!(offset_of!(CmdCreateQp, pd_handle), 24);
+        assert_eq!(offset_of!(CmdCreateQp, send_cq_handle), 28);
+        assert_eq!(offset_of!(CmdCreateQp, recv_cq_handle), 32);
+        assert_eq!(offset_of!(CmdCreateQp, srq_handle), 36);
+        assert_eq!(offset_of!(CmdCreateQp, max_send_wr), 40);
+        assert_eq!(offset_of!(CmdCreateQp, max_recv_wr), 44);
+        assert_eq!(offset_of!(CmdCreateQp, max_send_sge), 48);
+        assert_eq!(offset_of!(CmdCreateQp, max_recv_sge), 52);
+        assert_eq!(offset_of!(CmdCreateQp, max_inline_data), 56);
+        assert_eq!(offset_of!(CmdCreateQp, lkey), 60);
+        assert_eq!(offset_of!(CmdCreateQp, access_flags), 64);
+        assert_eq!(offset_of!(CmdCreateQp, total_chunks), 68);
+        assert_eq!(offset_of!(CmdCreateQp, send_chunks), 70);
+        assert_eq!(offset_of!(CmdCreateQp, max_atomic_arg), 72);
+        assert_eq!(offset_of!(CmdCreateQp, sq_sig_all), 74);
+        assert_eq!(offset_of!(CmdCreateQp, qp_type), 75);
+        assert_eq!(offset_of!(CmdCreateQp, is_srq), 76);
+        assert_eq!(offset_of!(CmdCreateBind, mtu), 16);
+        assert_eq!(offset_of!(CmdCreateBind, vlan), 20);
+        assert_eq!(offset_of!(CmdCreateBind, index), 24);
+        assert_eq!(offset_of!(CmdCreateBind, new_gid), 28);
+        assert_eq!(offset_of!(CmdCreateBind, gid_type), 44);
+        assert_eq!(offset_of!(CmdDestroyBind, dest_gid), 20);
+    }
+
+    #[test]
+    fn modify_qp_offsets() {
+        let a = offset_of!(CmdModifyQp, attrs);
+        assert_eq!(offset_of!(CmdModifyQp, qp_handle), 16);
+        assert_eq!(offset_of!(CmdModifyQp, attr_mask), 20);
+        assert_eq!(a, 24);
+        assert_eq!(a + offset_of!(QpAttr, cur_qp_state), 28);
+        assert_eq!(a + offset_of!(QpAttr, path_mtu), 32);
+        assert_eq!(a + offset_of!(QpAttr, qkey), 40);
+        assert_eq!(a + offset_of!(QpAttr, rq_psn), 44);
+        assert_eq!(a + offset_of!(QpAttr, sq_psn), 48);
+        assert_eq!(a + offset_of!(QpAttr, dest_qp_num), 52);
+        assert_eq!(a + offset_of!(QpAttr, qp_access_flags), 56);
+        assert_eq!(a + offset_of!(QpAttr, pkey_index), 60);
+        assert_eq!(a + offset_of!(QpAttr, alt_pkey_index), 62);
+        assert_eq!(a + offset_of!(QpAttr, en_sqd_async_notify), 64);
+        assert_eq!(a + offset_of!(QpAttr, min_rnr_timer), 68);
+        assert_eq!(a + offset_of!(QpAttr, port_num), 69);
+        assert_eq!(a + offset_of!(QpAttr, timeout), 70);
+        assert_eq!(a + offset_of!(QpAttr, retry_cnt), 71);
+        assert_eq!(a + offset_of!(QpAttr, rnr_retry), 72);
+        assert_eq!(a + offset_of!(QpAttr, alt_timeout), 74);
+        assert_eq!(a + offset_of!(QpAttr, cap), 80);
+        assert_eq!(a + offset_of!(QpAttr, ah_attr), 104);
+        let ah = a + offset_of!(QpAttr, ah_attr);
+        assert_eq!(
+            ah + offset_of!(AhAttr, grh) + offset_of!(GlobalRoute, flow_label),
+            120
+        );
+        assert_eq!(
+            ah + offset_of!(AhAttr, grh) + offset_of!(GlobalRoute, sgid_index),
+            124
+        );
+        assert_eq!(
+            ah + offset_of!(AhAttr, grh) + offset_of!(GlobalRoute, hop_limit),
+            125
+        );
+        assert_eq!(
+            ah + offset_of!(AhAttr, grh) + offset_of!(GlobalRoute, traffic_class),
+            126
+        );
+        assert_eq!(ah + offset_of!(AhAttr, dlid), 128);
+        assert_eq!(ah + offset_of!(AhAttr, vlan_id), 130);
+        assert_eq!(ah + offset_of!(AhAttr, sl), 132);
+        assert_eq!(ah + offset_of!(AhAttr, src_path_bits), 133);
+        assert_eq!(ah + offset_of!(AhAttr, static_rate), 134);
+        assert_eq!(ah + offset_of!(AhAttr, ah_flags), 135);
+        assert_eq!(ah + offset_of!(AhAttr, port_num), 136);
+        assert_eq!(ah + offset_of!(AhAttr, dmac), 137);
+        assert_eq!(a + offset_of!(QpAttr, alt_ah_attr), 144);
+    }
+
+    #[test]
+    fn response_offsets() {
+        let p = offset_of!(RespQueryPort, attrs);
+        assert_eq!(p, 16);
+        assert_eq!(p + offset_of!(PortAttr, max_mtu), 20);
+        assert_eq!(p + offset_of!(PortAttr, active_mtu), 24);
+        assert_eq!(p + offset_of!(PortAttr, gid_tbl_len), 28);
+        assert_eq!(p + offset_of!(PortAttr, port_cap_flags), 32);
+        assert_eq!(p + offset_of!(PortAttr, max_msg_sz), 36);
+        assert_eq!(p + offset_of!(PortAttr, pkey_tbl_len), 48);
+        assert_eq!(p + offset_of!(PortAttr, lid), 50);
+        assert_eq!(p + offset_of!(PortAttr, sm_lid), 52);
+        assert_eq!(p + offset_of!(PortAttr, lmc), 54);
+        assert_eq!(p + offset_of!(PortAttr, max_vl_num), 55);
+        assert_eq!(p + offset_of!(PortAttr, active_width), 59);
+        assert_eq!(p + offset_of!(PortAttr, active_speed), 60);
+        assert_eq!(p + offset_of!(PortAttr, phys_state), 61);
+        assert_eq!(offset_of!(RespCreateMr, lkey), 20);
+        assert_eq!(offset_of!(RespCreateMr, rkey), 24);
+        assert_eq!(offset_of!(RespCreateCq, cqe), 20);
+        assert_eq!(offset_of!(RespCreateQpV2, qp_handle), 20);
+        assert_eq!(offset_of!(RespCreateQpV2, max_send_wr), 24);
+        assert_eq!(offset_of!(RespCreateQpV1, max_send_wr), 20);
+        assert_eq!(offset_of!(RespQueryQp, attrs), 16);
+        // QUERY_QP_RESP attrs sit 8 bytes before MODIFY_QP's.
+        assert_eq!(
+            offset_of!(CmdModifyQp, attrs) - offset_of!(RespQueryQp, attrs),
+            8
+        );
+    }
+
+    #[test]
+    fn wqe_and_cqe_offsets() {
+        assert_eq!(offset_of!(SqWqeHdr, num_sge), 8);
+        assert_eq!(offset_of!(SqWqeHdr, total_len), 12);
+        assert_eq!(offset_of!(SqWqeHdr, opcode), 16);
+        assert_eq!(offset_of!(SqWqeHdr, send_flags), 20);
+        assert_eq!(offset_of!(SqWqeHdr, ex), 24);
+        assert_eq!(offset_of!(SqWqeHdr, wr), 32);
+        assert_eq!(offset_of!(RqWqeHdr, num_sge), 8);
+        assert_eq!(offset_of!(WireSge, length), 8);
+        assert_eq!(offset_of!(WireSge, lkey), 12);
+        assert_eq!(offset_of!(Cqe, qp), 8);
+        assert_eq!(offset_of!(Cqe, opcode), 16);
+        assert_eq!(offset_of!(Cqe, status), 20);
+        assert_eq!(offset_of!(Cqe, byte_len), 24);
+        assert_eq!(offset_of!(Cqe, imm_data), 28);
+        assert_eq!(offset_of!(Cqe, src_qp), 32);
+        assert_eq!(offset_of!(Cqe, wc_flags), 36);
+        assert_eq!(offset_of!(Cqe, vendor_err), 40);
+        assert_eq!(offset_of!(Cqe, pkey_index), 44);
+        assert_eq!(offset_of!(Cqe, slid), 46);
+        assert_eq!(offset_of!(Cqe, sl), 48);
+        assert_eq!(offset_of!(Cqe, port_num), 50);
+        assert_eq!(offset_of!(Cqe, smac), 51);
+        assert_eq!(offset_of!(Cqe, network_hdr_type), 57);
+        // The AV sits at absolute WQE offset 40, i.e. union offset 8.
+        assert_eq!(32 + 8 + offset_of!(WireAv, dgid), 48);
+        assert_eq!(32 + 8 + offset_of!(WireAv, src_path_bits), 64);
+        assert_eq!(32 + 8 + offset_of!(WireAv, gid_index), 65);
+        assert_eq!(32 + 8 + offset_of!(WireAv, hop_limit), 67);
+        assert_eq!(32 + 8 + offset_of!(WireAv, dmac), 68);
+    }
+
+    #[test]
+    fn wr_union_views() {
+        let mut w = SqWqeHdr::default();
+        let b = w.as_mut_slice();
+        b[32..40].copy_from_slice(&0x1122_3344_5566_7788u64.to_le_bytes());
+        b[40..44].copy_from_slice(&0xaabb_ccddu32.to_le_bytes());
+        b[48..56].copy_from_slice(&7u64.to_le_bytes());
+        b[56..60].copy_from_slice(&9u32.to_le_bytes());
+        assert_eq!(w.rdma(), (0x1122_3344_5566_7788, 0xaabb_ccdd));
+        let (ra, cmp, swap, rkey) = w.atomic();
+        assert_eq!((ra, swap, rkey), (0x1122_3344_5566_7788, 7, 9));
+        assert_eq!(cmp & 0xffff_ffff, 0xaabb_ccdd);
+        let (qpn, qkey, av) = w.ud();
+        assert_eq!(qpn, 0x5566_7788);
+        assert_eq!(qkey, 0x1122_3344);
+        assert_eq!(av.port_pd, 0xaabb_ccdd);
+    }
+}
