@@ -1,0 +1,173 @@
+//! How the harness reaches a device: config space, BARs, guest RAM and interrupts.
+
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use pvrdma_dev::{DeviceConfig, DeviceHandle, DeviceOptions, InterruptSink, Region};
+use rdma_backend::emulated::{EmulatedBackend, Fabric};
+use rdma_backend::{Backend, CompletionSink, GuestMem};
+use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+
+/// A way to talk to a pvrdma device, as a guest would: register accesses and interrupts. Guest
+/// RAM is shared with the device and reached through [`Transport::mem`].
+pub trait Transport: Send + Sync {
+    /// Reads `data.len()` bytes (1..=8) of a region.
+    fn read(&self, region: Region, offset: u64, data: &mut [u8]);
+    /// Writes `data` (1..=8 bytes); returns once the device has handled it (non-posted).
+    fn write(&self, region: Region, offset: u64, data: &[u8]);
+    /// Guest RAM.
+    fn mem(&self) -> &GuestMemoryMmap;
+    /// Interrupts seen so far on `vector`.
+    fn irq_count(&self, vector: u16) -> u64;
+    /// Waits until more than `seen` interrupts arrived on `vector`; false on timeout.
+    fn wait_irq(&self, vector: u16, seen: u64, timeout: Duration) -> bool;
+    /// Function-level reset (vfio-user DEVICE_RESET).
+    fn reset(&self);
+}
+
+/// Counts interrupts per vector; a transport's interrupt sink.
+#[derive(Debug, Default)]
+pub struct IrqRecorder {
+    counts: Mutex<[u64; 3]>,
+    intx: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl IrqRecorder {
+    /// Interrupts seen on `vector`.
+    pub fn count(&self, vector: u16) -> u64 {
+        self.counts
+            .lock()
+            .map(|c| c.get(usize::from(vector)).copied().unwrap_or(0))
+            .unwrap_or(0)
+    }
+
+    /// Waits for the count of `vector` to exceed `seen`.
+    pub fn wait(&self, vector: u16, seen: u64, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let Ok(mut g) = self.counts.lock() else { return false };
+        loop {
+            if g.get(usize::from(vector)).copied().unwrap_or(0) > seen {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            match self.cv.wait_timeout(g, deadline - now) {
+                Ok((ng, _)) => g = ng,
+                Err(_) => return false,
+            }
+        }
+    }
+
+    /// Records one interrupt on `vector`.
+    pub fn record(&self, vector: u16) {
+        if let Ok(mut g) = self.counts.lock() {
+            if let Some(c) = g.get_mut(usize::from(vector)) {
+                *c += 1;
+            }
+        }
+        self.cv.notify_all();
+    }
+
+    /// INTx line level.
+    pub fn intx(&self) -> bool {
+        self.intx.lock().map(|g| *g).unwrap_or(false)
+    }
+}
+
+impl InterruptSink for IrqRecorder {
+    fn trigger(&self, vector: u16) {
+        self.record(vector);
+    }
+    fn set_intx(&self, asserted: bool) {
+        if let Ok(mut g) = self.intx.lock() {
+            *g = asserted;
+        }
+        if asserted {
+            self.record(0);
+        }
+    }
+}
+
+/// The device in this process, on its own main-loop thread, with guest RAM in an anonymous
+/// mapping at guest-physical address 0.
+pub struct InProcess {
+    device: DeviceHandle,
+    mem: GuestMemoryMmap,
+    irq: Arc<IrqRecorder>,
+}
+
+impl std::fmt::Debug for InProcess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InProcess").finish_non_exhaustive()
+    }
+}
+
+/// Default guest RAM of the in-process transport (mapped lazily; only touched pages cost memory).
+pub const DEFAULT_RAM: usize = 256 << 20;
+
+impl InProcess {
+    /// A device with the emulated backend on `fabric`.
+    pub fn new(cfg: DeviceConfig, ram: usize, fabric: &Arc<Fabric>) -> InProcess {
+        let fabric = fabric.clone();
+        Self::with_backend(
+            cfg,
+            ram,
+            Box::new(move |mem: GuestMem, sink: Arc<dyn CompletionSink>| {
+                EmulatedBackend::new(&fabric, mem, sink) as Arc<dyn Backend>
+            }),
+        )
+    }
+
+    /// A device with the backend `factory` builds.
+    pub fn with_backend(cfg: DeviceConfig, ram: usize, factory: pvrdma_dev::BackendFactory) -> InProcess {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), ram)])
+            .expect("anonymous guest RAM mapping");
+        let irq = Arc::new(IrqRecorder::default());
+        let device = DeviceHandle::spawn(
+            cfg,
+            DeviceOptions::default(),
+            GuestMemoryAtomic::new(mem.clone()),
+            irq.clone(),
+            factory,
+        )
+        .expect("device starts");
+        InProcess { device, mem, irq }
+    }
+
+    /// The device handle.
+    pub fn device(&self) -> &DeviceHandle {
+        &self.device
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        self.device.shutdown();
+    }
+}
+
+impl Transport for InProcess {
+    fn read(&self, region: Region, offset: u64, data: &mut [u8]) {
+        if self.device.read(region, offset, data).is_err() {
+            data.fill(0xff);
+        }
+    }
+    fn write(&self, region: Region, offset: u64, data: &[u8]) {
+        let _ = self.device.write(region, offset, data);
+    }
+    fn mem(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+    fn irq_count(&self, vector: u16) -> u64 {
+        self.irq.count(vector)
+    }
+    fn wait_irq(&self, vector: u16, seen: u64, timeout: Duration) -> bool {
+        self.irq.wait(vector, seen, timeout)
+    }
+    fn reset(&self) {
+        let _ = self.device.reset();
+    }
+}

@@ -1,0 +1,126 @@
+//! The command channel (spec/device-abi.md §4): every command is prepared on the main loop
+//! (decode, check handles against the tables), runs its backend work on a worker as a task, and
+//! finishes on the main loop (tables updated, response written, ERR set, vector 0 raised).
+
+mod objects;
+mod qp;
+
+use vm_memory::ByteValued;
+
+use crate::abi::cmd as code;
+use crate::datapath::Env;
+use crate::device::Core;
+use crate::regs::err;
+
+/// Why a command failed. Mapped to the ERR register (and `resp.hdr.err`) at one place,
+/// [`CmdError::code`].
+#[derive(Debug, thiserror::Error)]
+pub enum CmdError {
+    /// Unknown or unsupported command code.
+    #[error("unsupported command {0}")]
+    Unsupported(u32),
+    /// A field is outside what the device accepts.
+    #[error("invalid argument: {0}")]
+    Invalid(&'static str),
+    /// A handle does not name a live object.
+    #[error("no such {0}")]
+    NoSuch(&'static str),
+    /// A table is full.
+    #[error("out of {0}")]
+    Exhausted(&'static str),
+    /// The object is still referenced.
+    #[error("{0} is in use")]
+    Busy(&'static str),
+    /// A page directory is invalid.
+    #[error("bad page directory")]
+    Pdir(#[from] crate::pdir::PdirError),
+    /// The backend refused.
+    #[error("backend")]
+    Backend(#[from] rdma_backend::Error),
+    /// The device was reset while the command ran.
+    #[error("the device was reset during the command")]
+    Reset,
+    /// The worker panicked.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl CmdError {
+    /// The ERR register value for this error (never 0).
+    pub fn code(&self) -> u32 {
+        use rdma_backend::Error as B;
+        match self {
+            CmdError::Unsupported(_) => err::EOPNOTSUPP,
+            CmdError::Invalid(_) => err::EINVAL,
+            CmdError::NoSuch(_) => err::ENOENT,
+            CmdError::Exhausted(_) => err::ENOMEM,
+            CmdError::Busy(_) => err::EBUSY,
+            CmdError::Pdir(_) => err::EFAULT,
+            CmdError::Backend(b) => match b {
+                B::NoSuchObject(_) => err::ENOENT,
+                B::Busy(_) => err::EBUSY,
+                B::Exhausted(_) => err::ENOMEM,
+                B::Invalid(_) | B::BadTransition { .. } => err::EINVAL,
+                B::Unsupported(_) => err::EOPNOTSUPP,
+                B::QueueFull | B::Host(_) => err::EIO,
+            },
+            CmdError::Reset | CmdError::Internal(_) => err::EIO,
+        }
+    }
+}
+
+/// A command's response bytes (header included; the device fills the header in).
+pub(crate) type CmdResult = Result<Vec<u8>, CmdError>;
+/// The main-loop half of a command, produced by its worker half.
+pub(crate) type Finish = Box<dyn FnOnce(&mut Core) -> CmdResult + Send>;
+/// The worker half of a command.
+pub(crate) type Work = Box<dyn FnOnce(&Env) -> Result<Finish, CmdError> + Send>;
+
+/// Copies a request structure out of the snapshot of the command slot (only its own length:
+/// bytes past it are the driver's uninitialised stack).
+pub(crate) fn parse<T: ByteValued + Default>(req: &[u8]) -> T {
+    let mut v = T::default();
+    let n = std::mem::size_of::<T>().min(req.len());
+    v.as_mut_slice()[..n].copy_from_slice(&req[..n]);
+    v
+}
+
+/// Serialises a response structure.
+pub(crate) fn resp<T: ByteValued>(r: &T) -> Vec<u8> {
+    r.as_slice().to_vec()
+}
+
+/// A command whose work is entirely on the main loop (it still runs as a task).
+pub(crate) fn main_loop_only(
+    f: impl FnOnce(&mut Core) -> CmdResult + Send + 'static,
+) -> Result<Work, CmdError> {
+    Ok(Box::new(move |_env: &Env| Ok(Box::new(f) as Finish)))
+}
+
+/// Decodes and checks a command; returns its work.
+pub(crate) fn prepare(core: &mut Core, cmd: u32, req: &[u8]) -> Result<Work, CmdError> {
+    match cmd {
+        code::QUERY_PORT => objects::query_port(core, parse(req)),
+        code::QUERY_PKEY => objects::query_pkey(core, parse(req)),
+        code::CREATE_UC => objects::create_uc(core, parse(req)),
+        code::DESTROY_UC => objects::destroy_uc(core, parse(req)),
+        code::CREATE_PD => objects::create_pd(core, parse(req)),
+        code::DESTROY_PD => objects::destroy_pd(core, parse(req)),
+        code::CREATE_MR => objects::create_mr(core, parse(req)),
+        code::DESTROY_MR => objects::destroy_mr(core, parse(req)),
+        code::CREATE_CQ => objects::create_cq(core, parse(req)),
+        code::RESIZE_CQ => objects::resize_cq(core, parse(req)),
+        code::DESTROY_CQ => objects::destroy_cq(core, parse(req)),
+        code::CREATE_BIND => objects::create_bind(core, parse(req)),
+        code::DESTROY_BIND => objects::destroy_bind(core, parse(req)),
+        code::CREATE_QP => qp::create_qp(core, parse(req)),
+        code::MODIFY_QP => qp::modify_qp(core, parse(req)),
+        code::QUERY_QP => qp::query_qp(core, parse(req)),
+        code::DESTROY_QP => qp::destroy_qp(core, parse(req)),
+        code::CREATE_SRQ => qp::create_srq(core, parse(req)),
+        code::MODIFY_SRQ => qp::modify_srq(core, parse(req)),
+        code::QUERY_SRQ => qp::query_srq(core, parse(req)),
+        code::DESTROY_SRQ => qp::destroy_srq(core, parse(req)),
+        other => Err(CmdError::Unsupported(other)),
+    }
+}

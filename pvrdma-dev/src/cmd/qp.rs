@@ -1,0 +1,553 @@
+//! QP and SRQ commands.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use rdma_backend::{Access, AddressVector, Gid, QpAttrs, QpInit, QpState, QpType};
+use vm_memory::GuestAddressSpace;
+
+use super::{main_loop_only, resp, CmdError, Finish, Work};
+use crate::abi::*;
+use crate::datapath::{pages_for, rq_wqe_size, sq_wqe_size, QpShared, SrqShared, WorkQueue};
+use crate::datapath::Env;
+use crate::device::{cookie, Core, Qp, Sched, Srq};
+use crate::pdir::{PageDir, PAGE_SIZE};
+
+/// IB QP attribute mask bits (`ib_qp_attr_mask`).
+mod mask {
+    pub const STATE: u32 = 1 << 0;
+    pub const CUR_STATE: u32 = 1 << 1;
+    pub const ACCESS_FLAGS: u32 = 1 << 3;
+    pub const PKEY_INDEX: u32 = 1 << 4;
+    pub const PORT: u32 = 1 << 5;
+    pub const QKEY: u32 = 1 << 6;
+    pub const AV: u32 = 1 << 7;
+    pub const PATH_MTU: u32 = 1 << 8;
+    pub const TIMEOUT: u32 = 1 << 9;
+    pub const RETRY_CNT: u32 = 1 << 10;
+    pub const RNR_RETRY: u32 = 1 << 11;
+    pub const RQ_PSN: u32 = 1 << 12;
+    pub const MAX_QP_RD_ATOMIC: u32 = 1 << 13;
+    pub const MIN_RNR_TIMER: u32 = 1 << 15;
+    pub const SQ_PSN: u32 = 1 << 16;
+    pub const MAX_DEST_RD_ATOMIC: u32 = 1 << 17;
+    pub const DEST_QPN: u32 = 1 << 20;
+    pub const ALL: u32 = (1 << 21) - 1;
+}
+
+/// IB SRQ attribute mask bits.
+const SRQ_MAX_WR: u32 = 1 << 0;
+const SRQ_LIMIT: u32 = 1 << 1;
+
+/// Extra pages a queue buffer may carry beyond what its WQEs need (page rounding by the
+/// producers). Bounds the page-directory walk a guest can ask for.
+const QUEUE_SLACK_PAGES: u64 = 2;
+
+fn hdr() -> RespHdr {
+    RespHdr::default()
+}
+
+fn check_wr(n: u32, max: u32, what: &'static str) -> Result<(), CmdError> {
+    if n == 0 || !n.is_power_of_two() || n > max {
+        Err(CmdError::Invalid(what))
+    } else {
+        Ok(())
+    }
+}
+
+pub(super) fn create_qp(core: &mut Core, req: CmdCreateQp) -> Result<Work, CmdError> {
+    let qp_type = match req.qp_type {
+        1 => QpType::Gsi,
+        2 => QpType::Rc,
+        4 => QpType::Ud,
+        _ => return Err(CmdError::Invalid("QP type")),
+    };
+    let cfg = &core.cfg;
+    let pd_h = req.pd_handle;
+    let pd = core.pds.get(pd_h).ok_or(CmdError::NoSuch("PD"))?;
+    let pd_ctx = pd.ctx;
+    let pd_b = pd.backend;
+    let scq = core.cqs.get(req.send_cq_handle).ok_or(CmdError::NoSuch("send CQ"))?;
+    let rcq = core.cqs.get(req.recv_cq_handle).ok_or(CmdError::NoSuch("recv CQ"))?;
+    if scq.ctx != pd_ctx || rcq.ctx != pd_ctx {
+        return Err(CmdError::Invalid("CQ of another context"));
+    }
+    let (scq_b, rcq_b) = (scq.backend, rcq.backend);
+    let is_srq = req.is_srq != 0;
+    let srq_b = if is_srq {
+        let srq = core.srqs.get(req.srq_handle).ok_or(CmdError::NoSuch("SRQ"))?;
+        if srq.pd != pd_h && core.pds.get(srq.pd).map(|p| p.ctx) != Some(pd_ctx) {
+            return Err(CmdError::Invalid("SRQ of another context"));
+        }
+        Some(srq.shared.backend_srq)
+    } else {
+        None
+    };
+    check_wr(req.max_send_wr, cfg.max_qp_wr, "max_send_wr")?;
+    if req.max_send_sge > cfg.max_sge || req.max_recv_sge > cfg.max_sge {
+        return Err(CmdError::Invalid("SGE count"));
+    }
+    let sq_wqe = sq_wqe_size(req.max_send_sge);
+    let rq_wqe = rq_wqe_size(req.max_recv_sge);
+    let sq_pages = pages_for(req.max_send_wr, sq_wqe);
+    let send_chunks = u64::from(req.send_chunks);
+    if send_chunks < sq_pages || send_chunks > sq_pages + QUEUE_SLACK_PAGES {
+        return Err(CmdError::Invalid("send_chunks"));
+    }
+    let rq_pages = if is_srq {
+        0
+    } else {
+        check_wr(req.max_recv_wr, cfg.max_qp_wr, "max_recv_wr")?;
+        pages_for(req.max_recv_wr, rq_wqe)
+    };
+    let total = u64::from(req.total_chunks);
+    let min_total = 1 + send_chunks + rq_pages;
+    let max_total = min_total + if is_srq { 0 } else { QUEUE_SLACK_PAGES };
+    if total < min_total || total > max_total {
+        return Err(CmdError::Invalid("total_chunks"));
+    }
+    if qp_type == QpType::Gsi && core.qps.iter().any(|(_, q)| q.qp_type == QpType::Gsi) {
+        return Err(CmdError::Busy("GSI QP"));
+    }
+    let handle = core.qps.next_handle().ok_or(CmdError::Exhausted("QPs"))?;
+    let gen = core.new_gen();
+    let ck = cookie(handle, gen);
+    let version = cfg.version;
+    let init = QpInit {
+        qp_type,
+        pd: pd_b,
+        send_cq: scq_b,
+        recv_cq: rcq_b,
+        srq: srq_b,
+        max_send_wr: req.max_send_wr,
+        max_recv_wr: if is_srq { 0 } else { req.max_recv_wr },
+        max_send_sge: req.max_send_sge,
+        max_recv_sge: req.max_recv_sge,
+        sq_sig_all: req.sq_sig_all != 0,
+        cookie: ck,
+    };
+    let (pdir_dma, total_chunks) = (req.pdir_dma, req.total_chunks);
+    let (scq_h, rcq_h, srq_h) = (req.send_cq_handle, req.recv_cq_handle, req.srq_handle);
+    Ok(Box::new(move |env: &Env| {
+        let pdir = {
+            let mem = env.mem.memory();
+            PageDir::load(&*mem, pdir_dma, u32::from(total_chunks))?
+        };
+        let sq = WorkQueue::new(&pdir, 0, init.max_send_wr, PAGE_SIZE, sq_wqe, init.max_send_sge)
+            .ok_or(CmdError::Invalid("send queue"))?;
+        let rq = if is_srq {
+            None
+        } else {
+            Some(
+                WorkQueue::new(
+                    &pdir,
+                    8,
+                    init.max_recv_wr,
+                    (1 + send_chunks) * PAGE_SIZE,
+                    rq_wqe,
+                    init.max_recv_sge,
+                )
+                .ok_or(CmdError::Invalid("receive queue"))?,
+            )
+        };
+        let (backend_qp, qpn) = env.backend.create_qp(&init)?;
+        let shared = Arc::new(QpShared {
+            backend_qp,
+            qp_type,
+            cookie: ck,
+            send_cq: init.send_cq,
+            pdir,
+            sq,
+            rq,
+            sq_sig_all: init.sq_sig_all,
+            dead: AtomicBool::new(false),
+        });
+        let b = env.backend.clone();
+        Ok(Box::new(move |core: &mut Core| {
+            let attrs = QpAttr {
+                cap: QpCap {
+                    max_send_wr: init.max_send_wr,
+                    max_recv_wr: init.max_recv_wr,
+                    max_send_sge: init.max_send_sge,
+                    max_recv_sge: init.max_recv_sge,
+                    ..QpCap::default()
+                },
+                ..QpAttr::default()
+            };
+            let inserted = core.qps.insert(Qp {
+                pd: pd_h,
+                qpn,
+                gen,
+                qp_type,
+                send_cq: scq_h,
+                recv_cq: rcq_h,
+                srq: is_srq.then_some(srq_h),
+                attrs,
+                shared,
+                sched: Sched::default(),
+            });
+            if inserted != Some(handle) {
+                if let Some(h) = inserted {
+                    core.qps.remove(h);
+                }
+                let _ = b.destroy_qp(backend_qp);
+                return Err(CmdError::Exhausted("QPs"));
+            }
+            if let Some(p) = core.pds.get_mut(pd_h) {
+                p.refs += 1;
+            }
+            for c in [scq_h, rcq_h] {
+                if let Some(c) = core.cqs.get_mut(c) {
+                    c.refs += 1;
+                }
+            }
+            if is_srq {
+                if let Some(s) = core.srqs.get_mut(srq_h) {
+                    s.refs += 1;
+                }
+            }
+            let (ms, mr, mss, mrs) = (
+                init.max_send_wr,
+                init.max_recv_wr,
+                init.max_send_sge,
+                init.max_recv_sge,
+            );
+            Ok(if version >= 20 {
+                resp(&RespCreateQpV2 {
+                    hdr: hdr(),
+                    qpn,
+                    qp_handle: handle,
+                    max_send_wr: ms,
+                    max_recv_wr: mr,
+                    max_send_sge: mss,
+                    max_recv_sge: mrs,
+                    ..Default::default()
+                })
+            } else {
+                resp(&RespCreateQpV1 {
+                    hdr: hdr(),
+                    qpn: handle,
+                    max_send_wr: ms,
+                    max_recv_wr: mr,
+                    max_send_sge: mss,
+                    max_recv_sge: mrs,
+                    max_inline_data: 0,
+                })
+            })
+        }) as Finish)
+    }))
+}
+
+/// Converts the masked wire attributes into backend attributes, validating what the device
+/// itself depends on.
+fn to_backend_attrs(core: &Core, m: u32, a: &QpAttr) -> Result<QpAttrs, CmdError> {
+    let mut out = QpAttrs::default();
+    let state = |v: u32| QpState::from_u32(v).ok_or(CmdError::Invalid("QP state"));
+    if m & mask::STATE != 0 {
+        out.state = Some(state(a.qp_state)?);
+    }
+    if m & mask::CUR_STATE != 0 {
+        out.cur_state = Some(state(a.cur_qp_state)?);
+    }
+    if m & mask::ACCESS_FLAGS != 0 {
+        out.access = Some(Access::from_bits_truncate(a.qp_access_flags));
+    }
+    if m & mask::PKEY_INDEX != 0 {
+        if a.pkey_index != 0 {
+            return Err(CmdError::Invalid("pkey index"));
+        }
+        out.pkey_index = Some(a.pkey_index);
+    }
+    if m & mask::PORT != 0 {
+        if a.port_num != 1 {
+            return Err(CmdError::Invalid("port"));
+        }
+        out.port_num = Some(a.port_num);
+    }
+    if m & mask::QKEY != 0 {
+        out.qkey = Some(a.qkey);
+    }
+    if m & mask::AV != 0 {
+        let ah = &a.ah_attr;
+        if u32::from(ah.grh.sgid_index) >= core.cfg.gid_tbl_len {
+            return Err(CmdError::Invalid("sgid index"));
+        }
+        out.ah = Some(AddressVector {
+            dgid: Gid(ah.grh.dgid),
+            sgid_index: ah.grh.sgid_index,
+            hop_limit: ah.grh.hop_limit,
+            traffic_class: ah.grh.traffic_class,
+            flow_label: ah.grh.flow_label & 0xf_ffff,
+            sl: ah.sl,
+            dmac: ah.dmac,
+        });
+    }
+    if m & mask::PATH_MTU != 0 {
+        if !(1..=5).contains(&a.path_mtu) {
+            return Err(CmdError::Invalid("path MTU"));
+        }
+        out.path_mtu = Some(a.path_mtu as u8);
+    }
+    if m & mask::TIMEOUT != 0 {
+        out.timeout = Some(a.timeout);
+    }
+    if m & mask::RETRY_CNT != 0 {
+        out.retry_cnt = Some(a.retry_cnt);
+    }
+    if m & mask::RNR_RETRY != 0 {
+        out.rnr_retry = Some(a.rnr_retry);
+    }
+    if m & mask::RQ_PSN != 0 {
+        out.rq_psn = Some(a.rq_psn & 0xff_ffff);
+    }
+    if m & mask::MAX_QP_RD_ATOMIC != 0 {
+        out.max_rd_atomic = Some(a.max_rd_atomic);
+    }
+    if m & mask::MIN_RNR_TIMER != 0 {
+        out.min_rnr_timer = Some(a.min_rnr_timer);
+    }
+    if m & mask::SQ_PSN != 0 {
+        out.sq_psn = Some(a.sq_psn & 0xff_ffff);
+    }
+    if m & mask::MAX_DEST_RD_ATOMIC != 0 {
+        out.max_dest_rd_atomic = Some(a.max_dest_rd_atomic);
+    }
+    if m & mask::DEST_QPN != 0 {
+        out.dest_qp_num = Some(a.dest_qp_num & 0xff_ffff);
+    }
+    Ok(out)
+}
+
+/// Copies the masked fields into the stored attributes (QUERY_QP reports them).
+fn merge_attrs(stored: &mut QpAttr, m: u32, a: &QpAttr) {
+    macro_rules! take {
+        ($bit:expr, $($f:ident),+) => {
+            if m & $bit != 0 { $(stored.$f = a.$f;)+ }
+        };
+    }
+    take!(mask::ACCESS_FLAGS, qp_access_flags);
+    take!(mask::PKEY_INDEX, pkey_index);
+    take!(mask::PORT, port_num);
+    take!(mask::QKEY, qkey);
+    take!(mask::AV, ah_attr);
+    take!(mask::PATH_MTU, path_mtu);
+    take!(mask::TIMEOUT, timeout);
+    take!(mask::RETRY_CNT, retry_cnt);
+    take!(mask::RNR_RETRY, rnr_retry);
+    take!(mask::RQ_PSN, rq_psn);
+    take!(mask::MAX_QP_RD_ATOMIC, max_rd_atomic);
+    take!(mask::MIN_RNR_TIMER, min_rnr_timer);
+    take!(mask::SQ_PSN, sq_psn);
+    take!(mask::MAX_DEST_RD_ATOMIC, max_dest_rd_atomic);
+    take!(mask::DEST_QPN, dest_qp_num);
+}
+
+pub(super) fn modify_qp(core: &mut Core, req: CmdModifyQp) -> Result<Work, CmdError> {
+    let h = req.qp_handle;
+    let qp = core.qps.get(h).ok_or(CmdError::NoSuch("QP"))?;
+    let m = req.attr_mask & mask::ALL;
+    let attrs = to_backend_attrs(core, m, &req.attrs)?;
+    let b = qp.backend();
+    let gen = qp.gen;
+    let wire = req.attrs;
+    Ok(Box::new(move |env: &Env| {
+        env.backend.modify_qp(b, &attrs)?;
+        Ok(Box::new(move |core: &mut Core| {
+            let mem = core.mem.memory();
+            let Some(qp) = core.qps.get_mut(h).filter(|q| q.gen == gen) else {
+                return Err(CmdError::NoSuch("QP"));
+            };
+            merge_attrs(&mut qp.attrs, m, &wire);
+            if attrs.state == Some(QpState::Reset) {
+                // Both sides start the rings again from 0 (spec §6).
+                let _ = qp.shared.sq.ring.reset(&*mem);
+                if let Some(rq) = &qp.shared.rq {
+                    let _ = rq.ring.reset(&*mem);
+                }
+            }
+            Ok(resp(&hdr()))
+        }) as Finish)
+    }))
+}
+
+pub(super) fn query_qp(core: &mut Core, req: CmdQueryQp) -> Result<Work, CmdError> {
+    let h = req.qp_handle;
+    let qp = core.qps.get(h).ok_or(CmdError::NoSuch("QP"))?;
+    let b = qp.backend();
+    let gen = qp.gen;
+    Ok(Box::new(move |env: &Env| {
+        let state = env.backend.query_qp_state(b)?;
+        Ok(Box::new(move |core: &mut Core| {
+            let qp = core
+                .qps
+                .get(h)
+                .filter(|q| q.gen == gen)
+                .ok_or(CmdError::NoSuch("QP"))?;
+            let mut attrs = qp.attrs;
+            attrs.qp_state = state as u32;
+            attrs.cur_qp_state = state as u32;
+            Ok(resp(&RespQueryQp { hdr: hdr(), attrs }))
+        }) as Finish)
+    }))
+}
+
+pub(super) fn destroy_qp(core: &mut Core, req: CmdDestroyQp) -> Result<Work, CmdError> {
+    let h = req.qp_handle;
+    let qp = core.qps.get(h).ok_or(CmdError::NoSuch("QP"))?;
+    // Workers stop at their next WQE; completions already queued are dropped by generation.
+    qp.shared.dead.store(true, Ordering::Release);
+    let b = qp.backend();
+    Ok(Box::new(move |env: &Env| {
+        let r = env.backend.destroy_qp(b);
+        Ok(Box::new(move |core: &mut Core| {
+            if let Err(e) = r {
+                if let Some(qp) = core.qps.get(h) {
+                    qp.shared.dead.store(false, Ordering::Release);
+                }
+                return Err(e.into());
+            }
+            if let Some(qp) = core.qps.remove(h) {
+                if let Some(p) = core.pds.get_mut(qp.pd) {
+                    p.refs = p.refs.saturating_sub(1);
+                }
+                for c in [qp.send_cq, qp.recv_cq] {
+                    if let Some(c) = core.cqs.get_mut(c) {
+                        c.refs = c.refs.saturating_sub(1);
+                    }
+                }
+                if let Some(s) = qp.srq.and_then(|s| core.srqs.get_mut(s)) {
+                    s.refs = s.refs.saturating_sub(1);
+                }
+            }
+            Ok(resp(&RespDestroyQp {
+                hdr: hdr(),
+                events_reported: 0,
+                reserved: 0,
+            }))
+        }) as Finish)
+    }))
+}
+
+pub(super) fn create_srq(core: &mut Core, req: CmdCreateSrq) -> Result<Work, CmdError> {
+    if core.cfg.max_srq == 0 {
+        return Err(CmdError::Unsupported(17));
+    }
+    if req.srq_type != 0 {
+        return Err(CmdError::Invalid("SRQ type"));
+    }
+    let pd_h = req.pd_handle;
+    let pd_b = core.pds.get(pd_h).ok_or(CmdError::NoSuch("PD"))?.backend;
+    let a = req.attrs;
+    check_wr(a.max_wr, core.cfg.max_srq_wr, "SRQ max_wr")?;
+    if a.max_sge == 0 || a.max_sge > core.cfg.max_srq_sge {
+        return Err(CmdError::Invalid("SRQ max_sge"));
+    }
+    if a.srq_limit > a.max_wr {
+        return Err(CmdError::Invalid("SRQ limit"));
+    }
+    let wqe = rq_wqe_size(a.max_sge);
+    let need = pages_for(a.max_wr, wqe);
+    let n = u64::from(req.nchunks);
+    // The provider allocates 1 + 2× the WQE pages (spec §6); allow that and a little rounding.
+    if n < 1 + need || n > 1 + 2 * need + QUEUE_SLACK_PAGES {
+        return Err(CmdError::Invalid("SRQ nchunks"));
+    }
+    let handle = core.srqs.next_handle().ok_or(CmdError::Exhausted("SRQs"))?;
+    let gen = core.new_gen();
+    let (pdir_dma, nchunks) = (req.pdir_dma, req.nchunks);
+    Ok(Box::new(move |env: &Env| {
+        let pdir = {
+            let mem = env.mem.memory();
+            PageDir::load(&*mem, pdir_dma, nchunks)?
+        };
+        let rq = WorkQueue::new(&pdir, 8, a.max_wr, PAGE_SIZE, wqe, a.max_sge)
+            .ok_or(CmdError::Invalid("SRQ ring"))?;
+        let backend_srq =
+            env.backend
+                .create_srq(pd_b, a.max_wr, a.max_sge, a.srq_limit, cookie(handle, gen))?;
+        let shared = Arc::new(SrqShared {
+            backend_srq,
+            pdir,
+            rq,
+            dead: AtomicBool::new(false),
+        });
+        let b = env.backend.clone();
+        Ok(Box::new(move |core: &mut Core| {
+            let inserted = core.srqs.insert(Srq {
+                pd: pd_h,
+                gen,
+                attrs: a,
+                shared,
+                sched: Sched::default(),
+                refs: 0,
+            });
+            if inserted != Some(handle) {
+                if let Some(h) = inserted {
+                    core.srqs.remove(h);
+                }
+                let _ = b.destroy_srq(backend_srq);
+                return Err(CmdError::Exhausted("SRQs"));
+            }
+            if let Some(p) = core.pds.get_mut(pd_h) {
+                p.refs += 1;
+            }
+            Ok(resp(&RespCreateSrq {
+                hdr: hdr(),
+                srqn: handle,
+                reserved: 0,
+            }))
+        }) as Finish)
+    }))
+}
+
+pub(super) fn modify_srq(core: &mut Core, req: CmdModifySrq) -> Result<Work, CmdError> {
+    let h = req.srq_handle;
+    let srq = core.srqs.get(h).ok_or(CmdError::NoSuch("SRQ"))?;
+    if req.attr_mask & SRQ_MAX_WR != 0 {
+        // Resizing an SRQ is not supported (the kernel never asks).
+        return Err(CmdError::Unsupported(18));
+    }
+    if req.attr_mask & SRQ_LIMIT == 0 {
+        return main_loop_only(|_| Ok(resp(&hdr())));
+    }
+    let limit = req.attrs.srq_limit;
+    if limit > srq.attrs.max_wr {
+        return Err(CmdError::Invalid("SRQ limit"));
+    }
+    let b = srq.shared.backend_srq;
+    Ok(Box::new(move |env: &Env| {
+        env.backend.modify_srq(b, limit)?;
+        Ok(Box::new(move |core: &mut Core| {
+            if let Some(s) = core.srqs.get_mut(h) {
+                s.attrs.srq_limit = limit;
+            }
+            Ok(resp(&hdr()))
+        }) as Finish)
+    }))
+}
+
+pub(super) fn query_srq(core: &mut Core, req: CmdQuerySrq) -> Result<Work, CmdError> {
+    let attrs = core.srqs.get(req.srq_handle).ok_or(CmdError::NoSuch("SRQ"))?.attrs;
+    main_loop_only(move |_| Ok(resp(&RespQuerySrq { hdr: hdr(), attrs })))
+}
+
+pub(super) fn destroy_srq(core: &mut Core, req: CmdDestroySrq) -> Result<Work, CmdError> {
+    let h = req.srq_handle;
+    let srq = core.srqs.get(h).ok_or(CmdError::NoSuch("SRQ"))?;
+    if srq.refs != 0 {
+        return Err(CmdError::Busy("SRQ"));
+    }
+    srq.shared.dead.store(true, Ordering::Release);
+    let b = srq.shared.backend_srq;
+    Ok(Box::new(move |env: &Env| {
+        env.backend.destroy_srq(b)?;
+        Ok(Box::new(move |core: &mut Core| {
+            if let Some(s) = core.srqs.remove(h) {
+                if let Some(p) = core.pds.get_mut(s.pd) {
+                    p.refs = p.refs.saturating_sub(1);
+                }
+            }
+            Ok(resp(&hdr()))
+        }) as Finish)
+    }))
+}

@@ -1,0 +1,122 @@
+//! CQ rings as the device produces into them (spec §5, §8, §9): CQEs, arming and notification.
+
+use rdma_backend::{WcOpcode, WcStatus, WorkCompletion};
+use vm_memory::GuestMemory;
+
+use crate::abi::{wc_flags, Cqe, CQE_SIZE};
+use crate::pdir::{PageDir, PAGE_SIZE};
+use crate::ring::{ProducerRing, RingAddr};
+
+/// How a CQ is armed. Arming is one-shot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Arm {
+    /// Not armed.
+    Off,
+    /// ARM: notify on the next completion of any kind.
+    Any,
+    /// ARM_SOL: notify on the next solicited or error completion.
+    Solicited,
+}
+
+/// Result of writing a CQE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pushed {
+    /// Written and published; `notify` says a CQ notification is due.
+    Written { notify: bool },
+    /// The CQ just became full: the CQE is lost and the guest must be told (CQ_ERR), once.
+    Overflow,
+    /// The CQ overflowed earlier; the CQE is lost.
+    Dropped,
+    /// The guest's indices or pages are unusable.
+    Broken,
+}
+
+/// The device's side of a CQ ring.
+#[derive(Debug)]
+pub(crate) struct CqRing {
+    pdir: PageDir,
+    ring: ProducerRing,
+    pub arm: Arm,
+    /// A CQ_ERR was already reported; no more CQEs are written to this CQ.
+    pub overflowed: bool,
+}
+
+impl CqRing {
+    /// The ring state is the rx half of page 0 (@8); CQE `i` is at `4096 + 64·i`.
+    pub(crate) fn new(pdir: PageDir, cqe: u32) -> Option<CqRing> {
+        let state = pdir.page(0)?;
+        let ring = ProducerRing::new(RingAddr {
+            addr: state.unchecked_add(8),
+            n: cqe,
+        })
+        .ok()?;
+        Some(CqRing {
+            pdir,
+            ring,
+            arm: Arm::Off,
+            overflowed: false,
+        })
+    }
+
+    /// Writes one CQE: element first, then the producer index with release ordering.
+    pub(crate) fn push<M: GuestMemory>(&mut self, mem: &M, cqe: &Cqe, solicited_or_error: bool)
+        -> Pushed {
+        if self.overflowed {
+            return Pushed::Dropped;
+        }
+        let slot = match self.ring.free_slot(mem) {
+            Ok(Some(s)) => s,
+            Ok(None) => {
+                self.overflowed = true;
+                return Pushed::Overflow;
+            }
+            Err(_) => return Pushed::Broken,
+        };
+        let off = PAGE_SIZE + u64::from(slot) * u64::from(CQE_SIZE);
+        if self.pdir.write_obj(mem, off, cqe).is_err() || self.ring.produce(mem).is_err() {
+            return Pushed::Broken;
+        }
+        let notify = match self.arm {
+            Arm::Off => false,
+            Arm::Any => true,
+            Arm::Solicited => solicited_or_error,
+        };
+        if notify {
+            self.arm = Arm::Off;
+        }
+        Pushed::Written { notify }
+    }
+}
+
+/// The CQE for a backend completion. `kernel` CQs (ctx 0) get the kernel-only flags.
+pub(crate) fn make_cqe(wc: &WorkCompletion, qp_handle: u32, kernel: bool) -> Cqe {
+    let mut flags = 0;
+    if wc.grh {
+        flags |= wc_flags::GRH;
+        if kernel {
+            // network_hdr_type 0 = RoCE v1 (the GID type this device advertises).
+            flags |= wc_flags::WITH_NETWORK_HDR_TYPE;
+        }
+    }
+    if wc.imm_data.is_some() {
+        flags |= wc_flags::WITH_IMM;
+    }
+    Cqe {
+        wr_id: wc.wr_id,
+        qp: u64::from(qp_handle),
+        opcode: wc.opcode as u32,
+        status: wc.status as u32,
+        byte_len: wc.byte_len,
+        imm_data: wc.imm_data.unwrap_or(0),
+        src_qp: wc.src_qp,
+        wc_flags: flags,
+        port_num: if kernel { 1 } else { 0 },
+        ..Cqe::default()
+    }
+}
+
+/// Whether a completion wakes an ARM_SOL-armed CQ.
+pub(crate) fn solicited_or_error(wc: &WorkCompletion) -> bool {
+    wc.status != WcStatus::Success
+        || (wc.solicited && matches!(wc.opcode, WcOpcode::Recv | WcOpcode::RecvRdmaWithImm))
+}

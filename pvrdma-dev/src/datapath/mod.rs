@@ -1,0 +1,327 @@
+//! The data path: draining guest work queues on worker threads into the backend, and turning
+//! backend completions into CQEs, CQ notifications and interrupts on the main loop.
+
+pub(crate) mod cq;
+pub(crate) mod wqe;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use rdma_backend::{
+    Backend, CompletionSink, CqId, Error as BackendError, GuestMem, QpId, QpType, SrqId,
+    WcStatus, WorkCompletion,
+};
+use vm_memory::{GuestAddressSpace, GuestMemory};
+
+use crate::abi::{RqWqeHdr, SqWqeHdr, WireSge, RQ_WQE_HDR_SIZE, SGE_SIZE, SQ_WQE_HDR_SIZE};
+use crate::pdir::{PageDir, PAGE_SIZE};
+use crate::ring::{ConsumerRing, RingAddr};
+
+/// Size of a send WQE for `max_sge` SGEs: `next_pow2(80 + 16·max_sge)` (spec §6).
+pub fn sq_wqe_size(max_sge: u32) -> u32 {
+    (SQ_WQE_HDR_SIZE + SGE_SIZE * max_sge).next_power_of_two()
+}
+
+/// Size of a receive WQE for `max_sge` SGEs: `next_pow2(16 + 16·max_sge)` (spec §6).
+pub fn rq_wqe_size(max_sge: u32) -> u32 {
+    (RQ_WQE_HDR_SIZE + SGE_SIZE * max_sge).next_power_of_two()
+}
+
+/// Pages needed for `n` WQEs of `wqe_size` bytes.
+pub fn pages_for(n: u32, wqe_size: u32) -> u64 {
+    (u64::from(n) * u64::from(wqe_size)).div_ceil(PAGE_SIZE)
+}
+
+/// A guest work queue the device consumes: a ring and where its WQEs live in the pdir.
+#[derive(Debug)]
+pub(crate) struct WorkQueue {
+    pub ring: ConsumerRing,
+    /// Byte offset of WQE 0 within the pdir's pages.
+    pub base: u64,
+    pub wqe_size: u32,
+    pub max_sge: u32,
+}
+
+impl WorkQueue {
+    pub(crate) fn new(pdir: &PageDir, state_off: u64, n: u32, base: u64, wqe_size: u32, max_sge: u32)
+        -> Option<WorkQueue> {
+        let state = pdir.page(0)?;
+        let ring = ConsumerRing::new(RingAddr {
+            addr: state.unchecked_add(state_off),
+            n,
+        })
+        .ok()?;
+        Some(WorkQueue {
+            ring,
+            base,
+            wqe_size,
+            max_sge,
+        })
+    }
+
+    fn wqe_offset(&self, slot: u32) -> u64 {
+        self.base + u64::from(slot) * u64::from(self.wqe_size)
+    }
+}
+
+/// What a QP's worker needs; shared between the main loop and at most one worker at a time.
+#[derive(Debug)]
+pub(crate) struct QpShared {
+    pub backend_qp: QpId,
+    pub qp_type: QpType,
+    pub cookie: u64,
+    pub send_cq: CqId,
+    pub pdir: PageDir,
+    pub sq: WorkQueue,
+    /// `None` when the QP uses an SRQ.
+    pub rq: Option<WorkQueue>,
+    pub sq_sig_all: bool,
+    /// Set on the main loop before the QP is destroyed or the device reset: workers stop.
+    pub dead: AtomicBool,
+}
+
+/// What an SRQ's worker needs.
+#[derive(Debug)]
+pub(crate) struct SrqShared {
+    pub backend_srq: SrqId,
+    pub pdir: PageDir,
+    pub rq: WorkQueue,
+    pub dead: AtomicBool,
+}
+
+/// Everything a data-path worker touches besides the queue itself.
+pub(crate) struct Env {
+    pub mem: GuestMem,
+    pub backend: Arc<dyn Backend>,
+    pub sink: Arc<dyn CompletionSink>,
+}
+
+impl std::fmt::Debug for Env {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Env").field("backend", &self.backend.name()).finish()
+    }
+}
+
+/// Outcome of one drain pass.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Drained {
+    /// WQEs taken from the rings.
+    pub consumed: u32,
+    /// The backend's queue was full: retry when completions free room.
+    pub stalled: bool,
+    /// The guest's ring indices were invalid: the queue is in error.
+    pub ring_error: bool,
+}
+
+/// Reads the SGEs of a WQE, bounded by `max_sge` (the QP's own maximum).
+fn read_sges<M: GuestMemory>(
+    pdir: &PageDir,
+    mem: &M,
+    off: u64,
+    num_sge: usize,
+) -> Option<[WireSge; rdma_backend::MAX_SGE]> {
+    let mut sges = [WireSge::default(); rdma_backend::MAX_SGE];
+    for (i, s) in sges.iter_mut().enumerate().take(num_sge) {
+        *s = pdir.read_obj(mem, off + (i as u64) * u64::from(SGE_SIZE)).ok()?;
+    }
+    Some(sges)
+}
+
+fn error_wc(shared: &QpShared, cq: CqId, wr_id: u64, e: wqe::WqeError) -> WorkCompletion {
+    WorkCompletion {
+        cq,
+        qp_cookie: shared.cookie,
+        wr_id,
+        status: e.status,
+        opcode: e.opcode,
+        byte_len: 0,
+        imm_data: None,
+        src_qp: 0,
+        grh: false,
+        solicited: false,
+    }
+}
+
+/// Drains a QP's receive queue, then its send queue, into the backend. Bounded: at most one
+/// ring's worth of WQEs per queue per pass, so a guest that keeps producing cannot pin a worker.
+pub(crate) fn drain_qp(shared: &QpShared, env: &Env) -> Drained {
+    let mem = env.mem.memory();
+    let mut out = Drained::default();
+    if let Some(rq) = &shared.rq {
+        for _ in 0..rq.ring.n() {
+            if shared.dead.load(Ordering::Acquire) {
+                return out;
+            }
+            let slot = match rq.ring.peek(&*mem) {
+                Ok(Some(s)) => s,
+                Ok(None) => break,
+                Err(_) => {
+                    out.ring_error = true;
+                    return out;
+                }
+            };
+            let off = rq.wqe_offset(slot);
+            let hdr: RqWqeHdr = match shared.pdir.read_obj(&*mem, off) {
+                Ok(h) => h,
+                Err(_) => {
+                    out.ring_error = true;
+                    return out;
+                }
+            };
+            let posted = match wqe::checked_num_sge(hdr.num_sge, rq.max_sge)
+                .and_then(|n| read_sges(&shared.pdir, &*mem, off + u64::from(RQ_WQE_HDR_SIZE), n).map(|s| (n, s)))
+            {
+                Some((n, sges)) => {
+                    let wr = wqe::parse_recv(&hdr, &sges[..n]);
+                    env.backend.post_recv(shared.backend_qp, &wr)
+                }
+                None => {
+                    // A malformed receive cannot be posted; it completes in error and the QP
+                    // moves to ERR, which flushes the rest (IB: local QP operation error).
+                    let e = wqe::WqeError {
+                        status: WcStatus::LocLenErr,
+                        opcode: rdma_backend::WcOpcode::Recv,
+                    };
+                    env.sink.complete(&[error_wc(shared, shared.send_cq, hdr.wr_id, e)]);
+                    move_to_error(shared, env);
+                    Ok(())
+                }
+            };
+            match posted {
+                Ok(()) => {}
+                Err(BackendError::QueueFull) => {
+                    out.stalled = true;
+                    break;
+                }
+                Err(_) => return out,
+            }
+            if rq.ring.advance(&*mem).is_err() {
+                out.ring_error = true;
+                return out;
+            }
+            out.consumed += 1;
+        }
+    }
+    let sq = &shared.sq;
+    for _ in 0..sq.ring.n() {
+        if shared.dead.load(Ordering::Acquire) {
+            return out;
+        }
+        let slot = match sq.ring.peek(&*mem) {
+            Ok(Some(s)) => s,
+            Ok(None) => break,
+            Err(_) => {
+                out.ring_error = true;
+                return out;
+            }
+        };
+        let off = sq.wqe_offset(slot);
+        let hdr: SqWqeHdr = match shared.pdir.read_obj(&*mem, off) {
+            Ok(h) => h,
+            Err(_) => {
+                out.ring_error = true;
+                return out;
+            }
+        };
+        let parsed = match wqe::checked_num_sge(hdr.num_sge, sq.max_sge) {
+            None => Err(wqe::WqeError {
+                status: WcStatus::LocLenErr,
+                opcode: wqe::wc_opcode_of(hdr.opcode),
+            }),
+            Some(n) => match read_sges(&shared.pdir, &*mem, off + u64::from(SQ_WQE_HDR_SIZE), n) {
+                None => {
+                    out.ring_error = true;
+                    return out;
+                }
+                Some(sges) => wqe::parse_send(&hdr, &sges[..n], shared.qp_type, shared.sq_sig_all),
+            },
+        };
+        let posted = match parsed {
+            Ok(wr) => env.backend.post_send(shared.backend_qp, &wr),
+            Err(e) => {
+                env.sink.complete(&[error_wc(shared, shared.send_cq, hdr.wr_id, e)]);
+                if shared.qp_type == QpType::Rc {
+                    move_to_error(shared, env);
+                }
+                Ok(())
+            }
+        };
+        match posted {
+            Ok(()) => {}
+            Err(BackendError::QueueFull) => {
+                out.stalled = true;
+                break;
+            }
+            Err(_) => return out,
+        }
+        // cons_head advances for every WQE, signaled or not, failed or not (spec §7).
+        if sq.ring.advance(&*mem).is_err() {
+            out.ring_error = true;
+            return out;
+        }
+        out.consumed += 1;
+    }
+    out
+}
+
+fn move_to_error(shared: &QpShared, env: &Env) {
+    let attrs = rdma_backend::QpAttrs {
+        state: Some(rdma_backend::QpState::Err),
+        ..Default::default()
+    };
+    if let Err(e) = env.backend.modify_qp(shared.backend_qp, &attrs) {
+        log::debug!("moving QP to ERR after a bad WQE failed: {e}");
+    }
+}
+
+/// Drains an SRQ into the backend.
+pub(crate) fn drain_srq(shared: &SrqShared, env: &Env) -> Drained {
+    let mem = env.mem.memory();
+    let mut out = Drained::default();
+    let rq = &shared.rq;
+    for _ in 0..rq.ring.n() {
+        if shared.dead.load(Ordering::Acquire) {
+            break;
+        }
+        let slot = match rq.ring.peek(&*mem) {
+            Ok(Some(s)) => s,
+            Ok(None) => break,
+            Err(_) => {
+                out.ring_error = true;
+                break;
+            }
+        };
+        let off = rq.wqe_offset(slot);
+        let Ok(hdr) = shared.pdir.read_obj::<RqWqeHdr, _>(&*mem, off) else {
+            out.ring_error = true;
+            break;
+        };
+        let Some(n) = wqe::checked_num_sge(hdr.num_sge, rq.max_sge) else {
+            // Nothing to complete against (no QP yet): skip the WQE.
+            log::debug!("SRQ WQE with {} SGEs skipped", hdr.num_sge);
+            if rq.ring.advance(&*mem).is_err() {
+                out.ring_error = true;
+                break;
+            }
+            continue;
+        };
+        let Some(sges) = read_sges(&shared.pdir, &*mem, off + u64::from(RQ_WQE_HDR_SIZE), n) else {
+            out.ring_error = true;
+            break;
+        };
+        match env.backend.post_srq_recv(shared.backend_srq, &wqe::parse_recv(&hdr, &sges[..n])) {
+            Ok(()) => {}
+            Err(BackendError::QueueFull) => {
+                out.stalled = true;
+                break;
+            }
+            Err(_) => break,
+        }
+        if rq.ring.advance(&*mem).is_err() {
+            out.ring_error = true;
+            break;
+        }
+        out.consumed += 1;
+    }
+    out
+}

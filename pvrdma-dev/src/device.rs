@@ -1,0 +1,1153 @@
+//! The device state machine on its main loop, and the handle transports use to reach it.
+//!
+//! All device state lives on one thread (the main loop) and is never locked. Transports send
+//! register and config accesses over a FIFO channel; the main loop serves them strictly in order.
+//! A REQUEST write starts the command as a task; every later access waits in `deferred` until
+//! that task's completion has written the response and ERR, so a guest's ERR read right after
+//! REQUEST sees the final value (spec §4). Doorbells hand queues to workers; backend completions
+//! come back over another channel and become CQEs here.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::rc::{Rc, Weak};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use rdma_backend::{
+    AsyncEvent, Backend, CompletionSink, CqId, GuestMem, MrId, PdId, QpId, QpState, QpType,
+    SrqId, WcOpcode, WorkCompletion,
+};
+use vm_memory::{ByteValued, Bytes, GuestAddressSpace};
+
+use crate::abi::{CmdHdr, QpAttr, RespHdr, SrqAttr, CMD_SLOT_SIZE, RESP_ACK};
+use crate::cmd::{self, CmdError};
+use crate::config::DeviceConfig;
+use crate::datapath::cq::{self, Arm, CqRing, Pushed};
+use crate::datapath::{self, Drained, Env, QpShared, SrqShared};
+use crate::dsr::{self, LoadedDsr};
+use crate::exec::Exec;
+use crate::pci::{ConfigSpace, MsixTable, MSIX_BAR, REG_BAR, UAR_BAR};
+use crate::regs::{ctl, err, offset, uar, CqDoorbell, IntrCause, QpDoorbell, SrqDoorbell};
+use crate::resources::HandleTable;
+
+/// How the device raises interrupts; implemented by whoever embeds it.
+pub trait InterruptSink: Send + Sync {
+    /// Signals MSI-X `vector`.
+    fn trigger(&self, vector: u16);
+    /// Sets the INTx line level (used when MSI-X is disabled).
+    fn set_intx(&self, _asserted: bool) {}
+}
+
+/// Which address space an access targets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Region {
+    /// PCI configuration space.
+    Config,
+    /// A BAR (0 = MSI-X, 1 = registers, 2 = UAR pages).
+    Bar(u8),
+}
+
+/// Options for embedding the device.
+#[derive(Debug, Clone)]
+pub struct DeviceOptions {
+    /// The device emulates the MSI-X table in BAR0 and honours its masks. Transports whose VMM
+    /// owns the table (vfio-user: QEMU emulates it) set this to `false`.
+    pub msix_table_in_device: bool,
+    /// Name prefix of the device's threads.
+    pub name: String,
+}
+
+impl Default for DeviceOptions {
+    fn default() -> Self {
+        DeviceOptions {
+            msix_table_in_device: true,
+            name: "pvrdma".into(),
+        }
+    }
+}
+
+/// Messages to the main loop.
+#[derive(Debug)]
+enum Msg {
+    Read {
+        region: Region,
+        offset: u64,
+        len: usize,
+        reply: Sender<u64>,
+    },
+    Write {
+        region: Region,
+        offset: u64,
+        len: usize,
+        value: u64,
+        done: Option<Sender<()>>,
+    },
+    Reset {
+        done: Sender<()>,
+    },
+    Stats {
+        reply: Sender<DeviceStats>,
+    },
+    Stop,
+}
+
+/// Counters for tests and monitoring.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceStats {
+    /// Commands executed.
+    pub commands: u64,
+    /// Commands that failed.
+    pub command_errors: u64,
+    /// CQEs written.
+    pub cqes: u64,
+    /// Completions dropped because their QP or CQ is gone.
+    pub stale_completions: u64,
+    /// CQEs lost to a full CQ.
+    pub cq_overflows: u64,
+    /// Doorbells ignored (unknown handle, wrong context, bad value).
+    pub bad_doorbells: u64,
+    /// Async events posted.
+    pub events: u64,
+    /// Live objects: PDs, MRs, CQs, QPs, SRQs, user contexts.
+    pub objects: [usize; 6],
+}
+
+enum Completion {
+    Wcs(Vec<WorkCompletion>),
+    Event(AsyncEvent),
+}
+
+struct Sink {
+    tx: Sender<Completion>,
+}
+
+impl CompletionSink for Sink {
+    fn complete(&self, wcs: &[WorkCompletion]) {
+        let _ = self.tx.send(Completion::Wcs(wcs.to_vec()));
+    }
+    fn event(&self, ev: AsyncEvent) {
+        let _ = self.tx.send(Completion::Event(ev));
+    }
+}
+
+/// A backend constructor: receives the guest memory and the sink completions go to.
+pub type BackendFactory =
+    Box<dyn FnOnce(GuestMem, Arc<dyn CompletionSink>) -> Arc<dyn Backend> + Send>;
+
+/// Handle to a running device; cheap to clone, usable from any thread.
+#[derive(Clone)]
+pub struct DeviceHandle {
+    tx: Sender<Msg>,
+    thread: Arc<std::sync::Mutex<Option<JoinHandle<()>>>>,
+}
+
+impl std::fmt::Debug for DeviceHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceHandle").finish_non_exhaustive()
+    }
+}
+
+/// Errors of the device handle.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The device thread is gone.
+    #[error("the device has stopped")]
+    Stopped,
+    /// The device thread could not be started.
+    #[error("cannot start the device thread")]
+    Spawn(#[source] std::io::Error),
+}
+
+impl DeviceHandle {
+    /// Starts a device on its own main-loop thread.
+    pub fn spawn(
+        cfg: DeviceConfig,
+        opts: DeviceOptions,
+        mem: GuestMem,
+        irq: Arc<dyn InterruptSink>,
+        backend: BackendFactory,
+    ) -> Result<DeviceHandle, DeviceError> {
+        cfg.validate()?;
+        let (tx, rx) = unbounded::<Msg>();
+        let name = opts.name.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("{name}-main"))
+            .spawn(move || run_main_loop(cfg, opts, mem, irq, backend, rx))
+            .map_err(DeviceError::Spawn)?;
+        Ok(DeviceHandle {
+            tx,
+            thread: Arc::new(std::sync::Mutex::new(Some(thread))),
+        })
+    }
+
+    /// Reads `data.len()` (1..=8) bytes; unanswered bytes read as all-ones.
+    pub fn read(&self, region: Region, offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
+        let len = data.len().min(8);
+        let (reply, rx) = bounded(1);
+        self.tx
+            .send(Msg::Read {
+                region,
+                offset,
+                len,
+                reply,
+            })
+            .map_err(|_| DeviceError::Stopped)?;
+        let v = rx.recv().map_err(|_| DeviceError::Stopped)?;
+        let bytes = v.to_le_bytes();
+        data[..len].copy_from_slice(&bytes[..len]);
+        data[len..].fill(0xff);
+        Ok(())
+    }
+
+    /// Writes `data` (1..=8 bytes) and waits until the device has handled it (non-posted).
+    pub fn write(&self, region: Region, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+        let (done, rx) = bounded(1);
+        self.send_write(region, offset, data, Some(done))?;
+        rx.recv().map_err(|_| DeviceError::Stopped)
+    }
+
+    /// Writes without waiting (a posted write); ordering with later accesses is kept.
+    pub fn write_posted(&self, region: Region, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+        self.send_write(region, offset, data, None)
+    }
+
+    fn send_write(&self, region: Region, offset: u64, data: &[u8], done: Option<Sender<()>>)
+        -> Result<(), DeviceError> {
+        let len = data.len().min(8);
+        let mut b = [0u8; 8];
+        b[..len].copy_from_slice(&data[..len]);
+        self.tx
+            .send(Msg::Write {
+                region,
+                offset,
+                len,
+                value: u64::from_le_bytes(b),
+                done,
+            })
+            .map_err(|_| DeviceError::Stopped)
+    }
+
+    /// Reads a 32-bit register of `bar`.
+    pub fn read32(&self, region: Region, offset: u64) -> Result<u32, DeviceError> {
+        let mut b = [0u8; 4];
+        self.read(region, offset, &mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+
+    /// Writes a 32-bit register of `bar`.
+    pub fn write32(&self, region: Region, offset: u64, v: u32) -> Result<(), DeviceError> {
+        self.write(region, offset, &v.to_le_bytes())
+    }
+
+    /// Function-level reset (vfio-user DEVICE_RESET): everything back to power-on.
+    pub fn reset(&self) -> Result<(), DeviceError> {
+        let (done, rx) = bounded(1);
+        self.tx.send(Msg::Reset { done }).map_err(|_| DeviceError::Stopped)?;
+        rx.recv().map_err(|_| DeviceError::Stopped)
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> Result<DeviceStats, DeviceError> {
+        let (reply, rx) = bounded(1);
+        self.tx.send(Msg::Stats { reply }).map_err(|_| DeviceError::Stopped)?;
+        rx.recv().map_err(|_| DeviceError::Stopped)
+    }
+
+    /// Stops the device and joins its thread.
+    pub fn shutdown(&self) {
+        let _ = self.tx.send(Msg::Stop);
+        let t = self.thread.lock().ok().and_then(|mut g| g.take());
+        if let Some(t) = t {
+            let _ = t.join();
+        }
+    }
+}
+
+fn run_main_loop(
+    cfg: DeviceConfig,
+    opts: DeviceOptions,
+    mem: GuestMem,
+    irq: Arc<dyn InterruptSink>,
+    backend: BackendFactory,
+    rx: Receiver<Msg>,
+) {
+    let main_loop = Rc::new(task_core::MainLoop::new());
+    let pool = task_core::Pool::new(&format!("{}-worker", opts.name), cfg.workers, 1024);
+    let (ctx, crx) = unbounded::<Completion>();
+    let sink: Arc<dyn CompletionSink> = Arc::new(Sink { tx: ctx });
+    let backend = backend(mem.clone(), sink.clone());
+    let env = Arc::new(Env {
+        mem: mem.clone(),
+        backend: backend.clone(),
+        sink,
+    });
+    let core = Rc::new_cyclic(|weak| {
+        RefCell::new(Core::new(
+            cfg,
+            opts,
+            mem,
+            irq,
+            env,
+            Exec::new(main_loop.clone(), pool),
+            weak.clone(),
+        ))
+    });
+    let c = core.clone();
+    let handle = main_loop.handle();
+    main_loop.add_receiver(rx, move |msg| {
+        if let Msg::Stop = msg {
+            handle.stop();
+            return;
+        }
+        c.borrow_mut().on_msg(msg);
+    });
+    let c = core.clone();
+    main_loop.add_receiver(crx, move |comp| c.borrow_mut().on_completion(comp));
+    main_loop.run();
+    core.borrow_mut().teardown();
+}
+
+/// Scheduling state of a queue drained by workers: one worker at a time, rerun if rung meanwhile.
+#[derive(Debug, Default)]
+pub(crate) struct Sched {
+    pub busy: bool,
+    pub again: bool,
+    pub stalled: bool,
+}
+
+#[derive(Debug)]
+pub(crate) struct Uc {
+    pub uar_index: u32,
+}
+
+#[derive(Debug)]
+pub(crate) struct Pd {
+    pub ctx: u32,
+    pub backend: PdId,
+    pub refs: u32,
+}
+
+#[derive(Debug)]
+pub(crate) struct Mr {
+    pub pd: u32,
+    pub backend: MrId,
+}
+
+#[derive(Debug)]
+pub(crate) struct Cq {
+    pub ctx: u32,
+    pub backend: CqId,
+    pub ring: CqRing,
+    pub cqe: u32,
+    pub refs: u32,
+}
+
+#[derive(Debug)]
+pub(crate) struct Srq {
+    pub pd: u32,
+    pub gen: u32,
+    pub attrs: SrqAttr,
+    pub shared: Arc<SrqShared>,
+    pub sched: Sched,
+    pub refs: u32,
+}
+
+#[derive(Debug)]
+pub(crate) struct Qp {
+    pub pd: u32,
+    pub qpn: u32,
+    pub gen: u32,
+    pub qp_type: QpType,
+    pub send_cq: u32,
+    pub recv_cq: u32,
+    pub srq: Option<u32>,
+    pub attrs: QpAttr,
+    pub shared: Arc<QpShared>,
+    pub sched: Sched,
+}
+
+impl Qp {
+    pub(crate) fn backend(&self) -> QpId {
+        self.shared.backend_qp
+    }
+}
+
+/// Register-file state (BAR1).
+#[derive(Debug)]
+struct Regs {
+    dsr_low: u32,
+    dsr_high: u32,
+    err: u32,
+    icr: u32,
+    imr: u32,
+    macl: u32,
+    mach: u32,
+}
+
+impl Regs {
+    fn power_on() -> Regs {
+        Regs {
+            dsr_low: 0,
+            dsr_high: 0,
+            err: err::RESET_VALUE,
+            icr: 0,
+            imr: !0,
+            macl: 0,
+            mach: 0,
+        }
+    }
+}
+
+/// The device, owned by its main loop.
+pub(crate) struct Core {
+    pub cfg: DeviceConfig,
+    pub opts: DeviceOptions,
+    pub mem: GuestMem,
+    pub irq: Arc<dyn InterruptSink>,
+    pub env: Arc<Env>,
+    pub exec: Exec,
+    pub weak: Weak<RefCell<Core>>,
+    pub config: ConfigSpace,
+    pub msix: MsixTable,
+    regs: Regs,
+    pub dsr: Option<LoadedDsr>,
+    pub active: bool,
+    /// Bumped on every reset; work started before carries the old value and is dropped.
+    pub epoch: u32,
+    /// Generation counter for objects (cookie high half).
+    pub next_gen: u32,
+    cmd_pending: bool,
+    deferred: VecDeque<Msg>,
+    pub ucs: HandleTable<Uc>,
+    pub uar_owner: HashMap<u32, u32>,
+    pub pds: HandleTable<Pd>,
+    pub mrs: HandleTable<Mr>,
+    pub cqs: HandleTable<Cq>,
+    pub qps: HandleTable<Qp>,
+    pub srqs: HandleTable<Srq>,
+    pub gids: Vec<Option<([u8; 16], u8)>>,
+    pub stats: DeviceStats,
+}
+
+impl std::fmt::Debug for Core {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Core").field("active", &self.active).finish_non_exhaustive()
+    }
+}
+
+/// Splits a cookie into handle and generation.
+pub(crate) fn cookie(handle: u32, gen: u32) -> u64 {
+    (u64::from(gen) << 32) | u64::from(handle)
+}
+
+impl Core {
+    fn new(
+        cfg: DeviceConfig,
+        opts: DeviceOptions,
+        mem: GuestMem,
+        irq: Arc<dyn InterruptSink>,
+        env: Arc<Env>,
+        exec: Exec,
+        weak: Weak<RefCell<Core>>,
+    ) -> Core {
+        let config = ConfigSpace::new(cfg.uar_bar_size(), (0x15ad, 0x0820));
+        let tables = Tables::new(&cfg);
+        Core {
+            config,
+            msix: MsixTable::new(),
+            regs: Regs::power_on(),
+            dsr: None,
+            active: false,
+            epoch: 0,
+            next_gen: 1,
+            cmd_pending: false,
+            deferred: VecDeque::new(),
+            ucs: tables.ucs,
+            uar_owner: HashMap::new(),
+            pds: tables.pds,
+            mrs: tables.mrs,
+            cqs: tables.cqs,
+            qps: tables.qps,
+            srqs: tables.srqs,
+            gids: vec![None; cfg.gid_tbl_len as usize],
+            stats: DeviceStats::default(),
+            cfg,
+            opts,
+            mem,
+            irq,
+            env,
+            exec,
+            weak,
+        }
+    }
+
+    pub(crate) fn new_gen(&mut self) -> u32 {
+        let g = self.next_gen;
+        self.next_gen = self.next_gen.wrapping_add(1).max(1);
+        g
+    }
+
+    fn on_msg(&mut self, msg: Msg) {
+        if self.cmd_pending {
+            self.deferred.push_back(msg);
+            return;
+        }
+        self.serve(msg);
+    }
+
+    fn serve(&mut self, msg: Msg) {
+        match msg {
+            Msg::Read {
+                region,
+                offset,
+                len,
+                reply,
+            } => {
+                let v = self.read(region, offset, len);
+                let _ = reply.send(v);
+            }
+            Msg::Write {
+                region,
+                offset,
+                len,
+                value,
+                done,
+            } => {
+                self.write(region, offset, len, value);
+                if let Some(d) = done {
+                    let _ = d.send(());
+                }
+            }
+            Msg::Reset { done } => {
+                self.reset();
+                self.config.reset();
+                self.msix.reset();
+                let _ = done.send(());
+            }
+            Msg::Stats { reply } => {
+                let mut s = self.stats.clone();
+                s.objects = [
+                    self.pds.len(),
+                    self.mrs.len(),
+                    self.cqs.len(),
+                    self.qps.len(),
+                    self.srqs.len(),
+                    self.ucs.len(),
+                ];
+                let _ = reply.send(s);
+            }
+            Msg::Stop => {}
+        }
+    }
+
+    /// Serves accesses that waited for a command, until one starts another command.
+    fn drain_deferred(&mut self) {
+        while !self.cmd_pending {
+            let Some(m) = self.deferred.pop_front() else { break };
+            self.serve(m);
+        }
+    }
+
+    fn read(&mut self, region: Region, off: u64, len: usize) -> u64 {
+        let mut buf = [0xffu8; 8];
+        let len = len.clamp(1, 8);
+        match region {
+            Region::Config => self.config.read(off, &mut buf[..len]),
+            Region::Bar(b) if usize::from(b) == MSIX_BAR => self.msix.read(off, &mut buf[..len]),
+            Region::Bar(b) if usize::from(b) == REG_BAR => {
+                // Registers are 32-bit; any size and alignment is answered from the bytes.
+                for (i, byte) in buf[..len].iter_mut().enumerate() {
+                    let o = off.wrapping_add(i as u64);
+                    let reg = self.read_reg(o & !3, len <= 4 && o & !3 == off & !3);
+                    *byte = reg.to_le_bytes()[(o & 3) as usize];
+                }
+            }
+            // UAR reads return all-ones (CVE-2018-20191: QEMU crashed on them).
+            _ => {}
+        }
+        u64::from_le_bytes(buf)
+    }
+
+    fn read_reg(&mut self, off: u64, side_effects: bool) -> u32 {
+        match off {
+            offset::VERSION => self.cfg.version,
+            offset::DSRLOW => self.regs.dsr_low,
+            offset::DSRHIGH => self.regs.dsr_high,
+            offset::ERR => self.regs.err,
+            offset::ICR => {
+                let v = self.regs.icr;
+                if side_effects {
+                    self.regs.icr = 0;
+                    self.irq.set_intx(false);
+                }
+                v
+            }
+            offset::IMR => self.regs.imr,
+            offset::MACL => self.regs.macl,
+            offset::MACH => self.regs.mach,
+            _ => 0,
+        }
+    }
+
+    fn write(&mut self, region: Region, off: u64, len: usize, value: u64) {
+        let len = len.clamp(1, 8);
+        let bytes = value.to_le_bytes();
+        match region {
+            Region::Config => {
+                self.config.write(off, &bytes[..len]);
+            }
+            Region::Bar(b) if usize::from(b) == MSIX_BAR => {
+                self.msix.write(off, &bytes[..len]);
+                self.fire_unmasked_pending();
+            }
+            Region::Bar(b) if usize::from(b) == REG_BAR => {
+                if len == 4 && off % 4 == 0 {
+                    self.write_reg(off, value as u32);
+                } else if len == 8 && off % 8 == 0 {
+                    self.write_reg(off, value as u32);
+                    self.write_reg(off + 4, (value >> 32) as u32);
+                } else {
+                    log::debug!("ignored {len}-byte register write at {off:#x}");
+                }
+            }
+            Region::Bar(b) if usize::from(b) == UAR_BAR => {
+                if len == 4 && off % 4 == 0 {
+                    self.doorbell(off, value as u32);
+                } else if len == 8 && off % 8 == 0 {
+                    self.doorbell(off, value as u32);
+                    self.doorbell(off + 4, (value >> 32) as u32);
+                } else {
+                    self.stats.bad_doorbells += 1;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn write_reg(&mut self, off: u64, v: u32) {
+        match off {
+            offset::DSRLOW => self.regs.dsr_low = v,
+            offset::DSRHIGH => {
+                self.regs.dsr_high = v;
+                self.load_dsr();
+            }
+            offset::CTL => self.control(v),
+            offset::REQUEST => {
+                if v == 0 {
+                    self.start_command();
+                } else {
+                    log::debug!("REQUEST write of {v:#x} ignored");
+                }
+            }
+            offset::IMR => {
+                self.regs.imr = v;
+            }
+            offset::MACL => self.regs.macl = v,
+            offset::MACH => self.regs.mach = v,
+            _ => log::debug!("write to read-only or unknown register {off:#x} ignored"),
+        }
+    }
+
+    fn load_dsr(&mut self) {
+        let addr = (u64::from(self.regs.dsr_high) << 32) | u64::from(self.regs.dsr_low);
+        // A second DSR load while objects exist (hazard 9) starts from a clean device.
+        if self.dsr.is_some() || self.active {
+            self.reset_objects();
+        }
+        let mem = self.mem.memory();
+        match dsr::load(&*mem, addr, &self.cfg) {
+            Ok(d) => {
+                log::debug!("DSR loaded at {addr:#x}, driver version {}", d.driver_version);
+                self.dsr = Some(d);
+                self.regs.err = err::OK;
+            }
+            Err(e) => {
+                log::warn!("DSR at {addr:#x} rejected: {e}");
+                self.dsr = None;
+                self.regs.err = err::EFAULT;
+            }
+        }
+    }
+
+    fn control(&mut self, v: u32) {
+        match v {
+            ctl::ACTIVATE => {
+                if self.dsr.is_some() {
+                    let was = self.active;
+                    self.active = true;
+                    self.regs.err = err::OK;
+                    if !was {
+                        // There is no link-state caching in the driver: the port is ACTIVE
+                        // from activation, and an event says so.
+                        self.post_event(9, 1);
+                    }
+                } else {
+                    self.regs.err = err::EIO;
+                }
+            }
+            ctl::UNQUIESCE => {
+                self.regs.err = if self.active { err::OK } else { err::EIO };
+            }
+            ctl::RESET => {
+                self.reset();
+                self.regs.err = err::OK;
+            }
+            _ => {
+                log::debug!("unknown CTL value {v:#x}");
+                self.regs.err = err::EINVAL;
+            }
+        }
+    }
+
+    /// Frees every object; the backend and rings are reset; in-flight work is disowned.
+    fn reset_objects(&mut self) {
+        for (_, qp) in self.qps.iter() {
+            qp.shared.dead.store(true, Ordering::Release);
+        }
+        for (_, srq) in self.srqs.iter() {
+            srq.shared.dead.store(true, Ordering::Release);
+        }
+        self.env.backend.reset();
+        self.qps.clear();
+        self.srqs.clear();
+        self.cqs.clear();
+        self.mrs.clear();
+        self.pds.clear();
+        self.ucs.clear();
+        self.uar_owner.clear();
+        self.gids.iter_mut().for_each(|g| *g = None);
+        self.epoch = self.epoch.wrapping_add(1);
+    }
+
+    /// CTL RESET / DEVICE_RESET: back to the power-on state of the register file.
+    pub(crate) fn reset(&mut self) {
+        self.reset_objects();
+        self.dsr = None;
+        self.active = false;
+        self.regs = Regs::power_on();
+        self.irq.set_intx(false);
+    }
+
+    fn teardown(&mut self) {
+        self.reset_objects();
+    }
+
+    // ---- interrupts ----------------------------------------------------------------------
+
+    pub(crate) fn raise(&mut self, vector: u16) {
+        let cause = match vector {
+            0 => IntrCause::RESPONSE,
+            1 => IntrCause::ASYNC,
+            _ => IntrCause::CQ,
+        };
+        if self.regs.imr & (1 << vector) != 0 {
+            return;
+        }
+        if self.config.msix_enabled() {
+            if self.opts.msix_table_in_device
+                && (self.config.msix_function_masked() || self.msix.is_masked(vector))
+            {
+                self.msix.set_pending(vector, true);
+                return;
+            }
+            self.irq.trigger(vector);
+        } else {
+            // MSI/INTx fallback: only vector 0 is handled by the driver, which reads ICR.
+            self.regs.icr |= cause.bits();
+            if !self.config.intx_disabled() {
+                self.irq.set_intx(true);
+            }
+        }
+    }
+
+    fn fire_unmasked_pending(&mut self) {
+        if !self.opts.msix_table_in_device || !self.config.msix_enabled() {
+            return;
+        }
+        for v in 0..3u16 {
+            if self.msix.is_pending(v) && !self.msix.is_masked(v) && !self.config.msix_function_masked()
+            {
+                self.msix.set_pending(v, false);
+                self.irq.trigger(v);
+            }
+        }
+    }
+
+    pub(crate) fn post_event(&mut self, event_type: u32, info: u32) {
+        if !self.active {
+            return;
+        }
+        let mem = self.mem.memory();
+        let Some(d) = self.dsr.as_mut() else { return };
+        match d.post_event(&*mem, event_type, info) {
+            Ok(true) => {
+                self.stats.events += 1;
+                self.raise(1);
+            }
+            Ok(false) => log::debug!("async event ring full; event {event_type} dropped"),
+            Err(e) => log::debug!("async event ring unusable: {e}"),
+        }
+    }
+
+    // ---- commands ------------------------------------------------------------------------
+
+    fn start_command(&mut self) {
+        let Some(d) = self.dsr.as_ref() else {
+            // CVE-2022-1050: REQUEST before a DSR is loaded.
+            self.regs.err = err::EIO;
+            self.raise(0);
+            return;
+        };
+        let mut req = [0u8; CMD_SLOT_SIZE];
+        if self.mem.memory().read_slice(&mut req, d.cmd_slot).is_err() {
+            self.regs.err = err::EFAULT;
+            self.raise(0);
+            return;
+        }
+        let hdr = CmdHdr::from_slice(&req[..16]).copied().unwrap_or_default();
+        self.stats.commands += 1;
+        let job = cmd::prepare(self, hdr.cmd, &req);
+        self.cmd_pending = true;
+        let weak = self.weak.clone();
+        let epoch = self.epoch;
+        self.exec.run(
+            self.env.clone(),
+            move |env: &Env| job.and_then(|work| work(env)),
+            move |r| {
+                let Some(core) = weak.upgrade() else { return };
+                let mut core = core.borrow_mut();
+                let result = match r {
+                    Ok(Ok(finish)) if core.epoch == epoch => finish(&mut core),
+                    Ok(Ok(_)) => Err(CmdError::Reset),
+                    Ok(Err(e)) => Err(e),
+                    Err(panic) => Err(CmdError::Internal(panic)),
+                };
+                core.finish_command(hdr, result);
+            },
+        );
+    }
+
+    fn finish_command(&mut self, hdr: CmdHdr, result: cmd::CmdResult) {
+        let ack = hdr.cmd | RESP_ACK;
+        let (mut bytes, code) = match result {
+            Ok(body) => (body, err::OK),
+            Err(e) => {
+                log::debug!("command {} failed: {e}", hdr.cmd);
+                self.stats.command_errors += 1;
+                (vec![0u8; std::mem::size_of::<RespHdr>()], e.code())
+            }
+        };
+        if bytes.len() < std::mem::size_of::<RespHdr>() {
+            bytes.resize(std::mem::size_of::<RespHdr>(), 0);
+        }
+        let rh = RespHdr {
+            response: hdr.response,
+            ack,
+            err: code.min(255) as u8,
+            reserved: [0; 3],
+        };
+        bytes[..16].copy_from_slice(rh.as_slice());
+        if let Some(d) = self.dsr.as_ref() {
+            if let Err(e) = self.mem.memory().write_slice(&bytes, d.resp_slot) {
+                log::debug!("response slot unwritable: {e}");
+            }
+        }
+        self.regs.err = code;
+        self.cmd_pending = false;
+        self.raise(0);
+        self.drain_deferred();
+    }
+
+    // ---- doorbells -----------------------------------------------------------------------
+
+    /// The user context that owns UAR page `page` (0 = the kernel).
+    fn page_ctx(&self, page: u32) -> Option<u32> {
+        if page == 0 {
+            Some(0)
+        } else {
+            self.uar_owner.get(&page).copied()
+        }
+    }
+
+    fn pd_ctx(&self, pd: u32) -> Option<u32> {
+        self.pds.get(pd).map(|p| p.ctx)
+    }
+
+    fn doorbell(&mut self, off: u64, v: u32) {
+        let page = (off >> 12) as u32;
+        let reg = off & 0xfff;
+        let handle = v & uar::HANDLE_MASK;
+        let Some(ctx) = self.page_ctx(page) else {
+            self.stats.bad_doorbells += 1;
+            return;
+        };
+        if !self.active {
+            self.stats.bad_doorbells += 1;
+            return;
+        }
+        match reg {
+            uar::QP => {
+                let ok = self
+                    .qps
+                    .get(handle)
+                    .is_some_and(|qp| self.pd_ctx(qp.pd) == Some(ctx));
+                let flags = QpDoorbell::from_bits_truncate(v);
+                if !ok || flags.is_empty() {
+                    self.stats.bad_doorbells += 1;
+                    return;
+                }
+                self.schedule_qp(handle);
+            }
+            uar::CQ => {
+                let flags = CqDoorbell::from_bits_truncate(v);
+                let Some(cq) = self.cqs.get_mut(handle).filter(|c| c.ctx == ctx) else {
+                    self.stats.bad_doorbells += 1;
+                    return;
+                };
+                if flags.contains(CqDoorbell::ARM) {
+                    cq.ring.arm = Arm::Any;
+                } else if flags.contains(CqDoorbell::ARM_SOL) {
+                    if cq.ring.arm != Arm::Any {
+                        cq.ring.arm = Arm::Solicited;
+                    }
+                }
+                // POLL is a hint: completions are written as soon as they exist, so there is
+                // nothing to flush.
+            }
+            uar::SRQ => {
+                let ok = self
+                    .srqs
+                    .get(handle)
+                    .is_some_and(|s| self.pd_ctx(s.pd) == Some(ctx));
+                if !ok || !SrqDoorbell::from_bits_truncate(v).contains(SrqDoorbell::RECV) {
+                    self.stats.bad_doorbells += 1;
+                    return;
+                }
+                self.schedule_srq(handle);
+            }
+            _ => self.stats.bad_doorbells += 1,
+        }
+    }
+
+    pub(crate) fn schedule_qp(&mut self, handle: u32) {
+        let epoch = self.epoch;
+        let Some(qp) = self.qps.get_mut(handle) else { return };
+        if qp.sched.busy {
+            qp.sched.again = true;
+            return;
+        }
+        qp.sched.busy = true;
+        qp.sched.again = false;
+        let gen = qp.gen;
+        let shared = qp.shared.clone();
+        let weak = self.weak.clone();
+        self.exec.run(
+            self.env.clone(),
+            move |env: &Env| datapath::drain_qp(&shared, env),
+            move |r| {
+                let Some(core) = weak.upgrade() else { return };
+                let mut core = core.borrow_mut();
+                if core.epoch != epoch {
+                    return;
+                }
+                core.qp_drained(handle, gen, r.unwrap_or(Drained {
+                    ring_error: true,
+                    ..Default::default()
+                }));
+            },
+        );
+    }
+
+    fn qp_drained(&mut self, handle: u32, gen: u32, d: Drained) {
+        let Some(qp) = self.qps.get_mut(handle).filter(|q| q.gen == gen) else { return };
+        qp.sched.busy = false;
+        qp.sched.stalled = d.stalled;
+        let again = std::mem::take(&mut qp.sched.again);
+        if d.ring_error {
+            // Broken ring indices or pages: the QP is unusable; tell the guest (QP_FATAL) and
+            // move it to ERR so everything outstanding flushes.
+            let b = qp.backend();
+            let attrs = rdma_backend::QpAttrs {
+                state: Some(QpState::Err),
+                ..Default::default()
+            };
+            let _ = self.env.backend.modify_qp(b, &attrs);
+            self.post_event(1, handle);
+            return;
+        }
+        if again {
+            self.schedule_qp(handle);
+        }
+    }
+
+    pub(crate) fn schedule_srq(&mut self, handle: u32) {
+        let epoch = self.epoch;
+        let Some(srq) = self.srqs.get_mut(handle) else { return };
+        if srq.sched.busy {
+            srq.sched.again = true;
+            return;
+        }
+        srq.sched.busy = true;
+        srq.sched.again = false;
+        let gen = srq.gen;
+        let shared = srq.shared.clone();
+        let weak = self.weak.clone();
+        self.exec.run(
+            self.env.clone(),
+            move |env: &Env| datapath::drain_srq(&shared, env),
+            move |r| {
+                let Some(core) = weak.upgrade() else { return };
+                let mut core = core.borrow_mut();
+                if core.epoch != epoch {
+                    return;
+                }
+                let d = r.unwrap_or_default();
+                let Some(srq) = core.srqs.get_mut(handle).filter(|s| s.gen == gen) else {
+                    return;
+                };
+                srq.sched.busy = false;
+                srq.sched.stalled = d.stalled;
+                let again = std::mem::take(&mut srq.sched.again);
+                if d.ring_error {
+                    core.post_event(14, handle);
+                } else if again {
+                    core.schedule_srq(handle);
+                }
+            },
+        );
+    }
+
+    // ---- completions ---------------------------------------------------------------------
+
+    fn on_completion(&mut self, c: Completion) {
+        match c {
+            Completion::Wcs(wcs) => self.write_completions(&wcs),
+            Completion::Event(ev) => self.backend_event(ev),
+        }
+    }
+
+    fn live_qp(&self, cookie: u64) -> Option<u32> {
+        let handle = cookie as u32;
+        let gen = (cookie >> 32) as u32;
+        self.qps.get(handle).filter(|q| q.gen == gen).map(|_| handle)
+    }
+
+    fn write_completions(&mut self, wcs: &[WorkCompletion]) {
+        let mem = self.mem.memory();
+        let mut notify: Vec<u32> = Vec::new();
+        let mut overflowed: Vec<u32> = Vec::new();
+        let mut restart: Vec<u32> = Vec::new();
+        for wc in wcs {
+            let Some(qh) = self.live_qp(wc.qp_cookie) else {
+                self.stats.stale_completions += 1;
+                continue;
+            };
+            let qp = self.qps.get(qh).expect("live QP");
+            let cqh = if matches!(wc.opcode, WcOpcode::Recv | WcOpcode::RecvRdmaWithImm) {
+                qp.recv_cq
+            } else {
+                qp.send_cq
+            };
+            if qp.sched.stalled {
+                restart.push(qh);
+            }
+            let Some(cq) = self.cqs.get_mut(cqh) else {
+                self.stats.stale_completions += 1;
+                continue;
+            };
+            let cqe = cq::make_cqe(wc, qh, cq.ctx == 0);
+            match cq.ring.push(&*mem, &cqe, cq::solicited_or_error(wc)) {
+                Pushed::Written { notify: n } => {
+                    self.stats.cqes += 1;
+                    if n && !notify.contains(&cqh) {
+                        notify.push(cqh);
+                    }
+                }
+                Pushed::Overflow => {
+                    self.stats.cq_overflows += 1;
+                    if !overflowed.contains(&cqh) {
+                        overflowed.push(cqh);
+                    }
+                }
+                Pushed::Dropped | Pushed::Broken => self.stats.cq_overflows += 1,
+            }
+        }
+        drop(mem);
+        let mut any = false;
+        for cqh in notify {
+            let mem = self.mem.memory();
+            if let Some(d) = self.dsr.as_mut() {
+                if matches!(d.post_cqne(&*mem, cqh), Ok(true)) {
+                    any = true;
+                }
+            }
+        }
+        if any {
+            self.raise(2);
+        }
+        for cqh in overflowed {
+            // Report a CQ overflow once per CQ (CQ_ERR, info = CQ handle).
+            if self.cqs.get(cqh).is_some() {
+                self.post_event(0, cqh);
+            }
+        }
+        restart.sort_unstable();
+        restart.dedup();
+        for qh in restart {
+            if let Some(qp) = self.qps.get_mut(qh) {
+                qp.sched.stalled = false;
+            }
+            self.schedule_qp(qh);
+        }
+    }
+
+    fn backend_event(&mut self, ev: AsyncEvent) {
+        let (ty, cookie, is_srq) = match ev {
+            AsyncEvent::QpFatal { qp_cookie } => (1, qp_cookie, false),
+            AsyncEvent::QpReqErr { qp_cookie } => (2, qp_cookie, false),
+            AsyncEvent::QpAccessErr { qp_cookie } => (3, qp_cookie, false),
+            AsyncEvent::QpLastWqeReached { qp_cookie } => (16, qp_cookie, false),
+            AsyncEvent::SrqLimitReached { srq_cookie } => (15, srq_cookie, true),
+        };
+        let handle = cookie as u32;
+        let gen = (cookie >> 32) as u32;
+        let live = if is_srq {
+            self.srqs.get(handle).is_some_and(|s| s.gen == gen)
+        } else {
+            self.qps.get(handle).is_some_and(|q| q.gen == gen)
+        };
+        if live {
+            self.post_event(ty, handle);
+        }
+    }
+}
+
+/// The object tables sized from the configuration.
+pub(crate) struct Tables {
+    ucs: HandleTable<Uc>,
+    pds: HandleTable<Pd>,
+    mrs: HandleTable<Mr>,
+    cqs: HandleTable<Cq>,
+    qps: HandleTable<Qp>,
+    srqs: HandleTable<Srq>,
+}
+
+impl Tables {
+    fn new(cfg: &DeviceConfig) -> Tables {
+        Tables {
+            // User contexts are non-zero so CQs with ctx 0 are the kernel's (spec §8).
+            ucs: HandleTable::new(1, cfg.max_uar),
+            pds: HandleTable::new(1, cfg.max_pd.saturating_add(1)),
+            mrs: HandleTable::new(1, cfg.max_mr.saturating_add(1)),
+            cqs: HandleTable::new(1, cfg.max_cq),
+            // QP handles are never 0 and stay below max_qp (spec §0.5).
+            qps: HandleTable::new(1, cfg.max_qp),
+            srqs: HandleTable::new(1, cfg.max_srq),
+        }
+    }
+}

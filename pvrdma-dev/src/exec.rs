@@ -1,0 +1,51 @@
+//! The one place the device meets task-core: run work on the pool, finish on the main loop.
+
+use std::rc::Rc;
+
+use task_core::{MainLoop, Pool, Task, TaskError};
+
+/// Runs device work as task-core tasks.
+pub(crate) struct Exec {
+    main_loop: Rc<MainLoop>,
+    pool: Pool,
+}
+
+impl std::fmt::Debug for Exec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Exec").finish_non_exhaustive()
+    }
+}
+
+impl Exec {
+    pub(crate) fn new(main_loop: Rc<MainLoop>, pool: Pool) -> Self {
+        Exec { main_loop, pool }
+    }
+
+    pub(crate) fn main_loop(&self) -> &Rc<MainLoop> {
+        &self.main_loop
+    }
+
+    /// Runs `work` on a worker; `done` runs on the main loop with its value, or with the panic
+    /// message if the worker panicked.
+    pub(crate) fn run<S, R>(
+        &self,
+        source: std::sync::Arc<S>,
+        work: impl FnOnce(&S) -> R + Send + 'static,
+        done: impl FnOnce(Result<R, String>) + 'static,
+    ) where
+        S: Send + Sync + 'static,
+        R: Send + 'static,
+    {
+        let task: Task<S, R, TaskError> = Task::new(source, move |t| {
+            let r = match t.propagate_error() {
+                Ok(()) => t.take_result().ok_or_else(|| "task produced no result".to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            done(r);
+        });
+        task.run_in_thread(&self.main_loop, &self.pool, move |w| {
+            let r = work(w.source());
+            w.set_result(r);
+        });
+    }
+}
