@@ -1,2 +1,4 @@
 //! The VMware PVRDMA device model.
 #![warn(missing_docs)]
+
+pub mod pdir;
