@@ -337,7 +337,7 @@ mod tests {
     #[test]
     fn load_multi_table() {
         let m = mem();
-        // 513 pages need 2 tables; place pages in non-contiguous order to test the walk.
+        // 513 pages need 2 tables; the last page comes from the second table.
         build(&m, 513, 0x40_0000);
         let pd = PageDir::load(&m, 0x1000, 513).unwrap();
         assert_eq!(pd.len(), 513);
