@@ -9,7 +9,7 @@ use crate::pdir::{self, PageDir, PAGE_SIZE};
 use crate::ring::{self, ProducerRing, RingAddr};
 
 /// Most pages a DSR ring may have (CVE-2023-1544: QEMU read past one page table with more).
-pub const MAX_DSR_RING_PAGES: u32 = 512;
+pub use crate::ring::MAX_DSR_RING_PAGES;
 /// Async events outstanding at once: the quirk ring only ever uses page 1 (spec §5), 512 EQEs.
 pub const MAX_OUTSTANDING_EQES: u32 = 512;
 /// CQ notifications outstanding at once: page 1 only, 1024 CQNEs.
@@ -29,10 +29,10 @@ pub enum DsrError {
     BadRingPages(&'static str, u32),
     /// A ring's page directory is invalid.
     #[error("{0} ring page directory")]
-    RingPdir(&'static str, #[source] pdir::PdirError),
+    RingPdir(&'static str, #[source] pdir::Error),
     /// A ring's indices are invalid.
     #[error("{0} ring")]
-    Ring(&'static str, #[source] ring::RingError),
+    Ring(&'static str, #[source] ring::Error),
     /// Guest memory access failed.
     #[error("guest memory access failed")]
     Memory(#[from] vm_memory::GuestMemoryError),

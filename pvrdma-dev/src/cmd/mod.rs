@@ -33,7 +33,7 @@ pub enum CmdError {
     Busy(&'static str),
     /// A page directory is invalid.
     #[error("bad page directory")]
-    Pdir(#[from] crate::pdir::PdirError),
+    Pdir(#[from] crate::pdir::Error),
     /// The backend refused.
     #[error("backend")]
     Backend(#[from] rdma_backend::Error),

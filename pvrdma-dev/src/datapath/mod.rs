@@ -148,7 +148,7 @@ pub(crate) fn drain_qp(shared: &QpShared, env: &Env) -> Drained {
     let mem = env.mem.memory();
     let mut out = Drained::default();
     if let Some(rq) = &shared.rq {
-        for _ in 0..rq.ring.n() {
+        for _ in 0..rq.ring.ring().n {
             if shared.dead.load(Ordering::Acquire) {
                 return out;
             }
@@ -203,7 +203,7 @@ pub(crate) fn drain_qp(shared: &QpShared, env: &Env) -> Drained {
         }
     }
     let sq = &shared.sq;
-    for _ in 0..sq.ring.n() {
+    for _ in 0..sq.ring.ring().n {
         if shared.dead.load(Ordering::Acquire) {
             return out;
         }
@@ -279,7 +279,7 @@ pub(crate) fn drain_srq(shared: &SrqShared, env: &Env) -> Drained {
     let mem = env.mem.memory();
     let mut out = Drained::default();
     let rq = &shared.rq;
-    for _ in 0..rq.ring.n() {
+    for _ in 0..rq.ring.ring().n {
         if shared.dead.load(Ordering::Acquire) {
             break;
         }
