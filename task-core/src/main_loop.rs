@@ -526,7 +526,13 @@ impl MainLoop {
             let mut closed = false;
             for _ in 0..budget {
                 match src.poll_one() {
-                    Poll::Delivered => n += 1,
+                    Poll::Delivered => {
+                        n += 1;
+                        // Removed by its own callback: deliver nothing more.
+                        if !self.inner.sources.borrow().map.contains_key(&id) {
+                            break;
+                        }
+                    }
                     Poll::Empty => break,
                     Poll::Disconnected => {
                         closed = true;
@@ -652,4 +658,304 @@ fn deadline_after(now: Instant, d: Duration) -> Instant {
     // A huge interval means "practically never".
     now.checked_add(d)
         .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365 * 100))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::thread;
+
+    struct DropCount(Arc<AtomicUsize>);
+    impl Drop for DropCount {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Iterates until `cond` holds; panics after 10 s so a bug cannot hang the suite.
+    fn drive_until(ml: &MainLoop, mut cond: impl FnMut() -> bool) {
+        let end = Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(Instant::now() < end, "condition not reached in 10 s");
+            ml.iterate(Some(Duration::from_millis(20)));
+        }
+    }
+
+    #[test]
+    fn invoke_from_other_threads_runs_on_loop_thread_in_order() {
+        let ml = MainLoop::new();
+        let main_id = thread::current().id();
+        let seen = Rc::new(RefCell::new(Vec::new()));
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let threads: Vec<_> = (0..3)
+            .map(|t| {
+                let h = ml.handle();
+                let tx = tx.clone();
+                thread::spawn(move || {
+                    for i in 0..500u32 {
+                        let tx = tx.clone();
+                        assert!(h.invoke(move || {
+                            assert_eq!(thread::current().id(), main_id);
+                            tx.send((t, i)).unwrap();
+                        }));
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        drop(tx);
+        let s = seen.clone();
+        ml.add_receiver(rx, move |v| s.borrow_mut().push(v));
+        drive_until(&ml, || seen.borrow().len() == 1500);
+        for t in 0..3 {
+            let mine: Vec<u32> = seen
+                .borrow()
+                .iter()
+                .filter(|(x, _)| *x == t)
+                .map(|p| p.1)
+                .collect();
+            assert_eq!(mine, (0..500).collect::<Vec<_>>());
+        }
+    }
+
+    #[test]
+    fn invoke_after_loop_is_gone_drops_the_closure() {
+        let ml = MainLoop::new();
+        let h = ml.handle();
+        drop(ml);
+        let drops = Arc::new(AtomicUsize::new(0));
+        let d = DropCount(drops.clone());
+        assert!(!h.invoke(move || drop(d)));
+        assert_eq!(drops.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn one_shot_timer_fires_once_and_is_dropped_once() {
+        let ml = MainLoop::new();
+        let fired = Rc::new(Cell::new(0));
+        let drops = Arc::new(AtomicUsize::new(0));
+        let (f, d) = (fired.clone(), DropCount(drops.clone()));
+        let id = ml.timeout_add_once(Duration::from_millis(5), move || {
+            let _keep = &d;
+            f.set(f.get() + 1);
+        });
+        assert_eq!(ml.dispatch(), 0, "not due yet");
+        drive_until(&ml, || fired.get() == 1);
+        assert_eq!(drops.load(Ordering::SeqCst), 1);
+        assert!(!ml.cancel_timer(id), "a fired one-shot timer is gone");
+        ml.iterate(Some(Duration::from_millis(15)));
+        assert_eq!(fired.get(), 1);
+    }
+
+    #[test]
+    fn repeating_timer_repeats_until_false() {
+        let ml = MainLoop::new();
+        let fired = Rc::new(Cell::new(0));
+        let f = fired.clone();
+        ml.timeout_add(Duration::from_millis(1), move || {
+            f.set(f.get() + 1);
+            f.get() < 3
+        });
+        drive_until(&ml, || fired.get() == 3);
+        ml.iterate(Some(Duration::from_millis(10)));
+        assert_eq!(fired.get(), 3);
+        assert!(ml.inner.timers.borrow().entries.is_empty());
+    }
+
+    #[test]
+    fn cancelled_timer_never_fires() {
+        let ml = MainLoop::new();
+        let fired = Rc::new(Cell::new(false));
+        let drops = Arc::new(AtomicUsize::new(0));
+        let (f, d) = (fired.clone(), DropCount(drops.clone()));
+        let id = ml.timeout_add(Duration::from_millis(2), move || {
+            let _keep = &d;
+            f.set(true);
+            true
+        });
+        assert!(ml.cancel_timer(id));
+        assert_eq!(drops.load(Ordering::SeqCst), 1, "cancel drops the callback");
+        assert!(!ml.cancel_timer(id));
+        assert_eq!(ml.iterate(Some(Duration::from_millis(10))), 0);
+        assert!(!fired.get());
+    }
+
+    #[test]
+    fn repeating_timer_can_cancel_itself() {
+        let ml = MainLoop::new();
+        let fired = Rc::new(Cell::new(0));
+        let id_cell: Rc<Cell<Option<TimerId>>> = Rc::new(Cell::new(None));
+        let (f, idc, weak) = (fired.clone(), id_cell.clone(), ml.downgrade());
+        let id = ml.timeout_add(Duration::from_millis(1), move || {
+            f.set(f.get() + 1);
+            let ml = weak.upgrade().unwrap();
+            assert!(ml.cancel_timer(idc.get().unwrap()));
+            true // ignored: cancelled
+        });
+        id_cell.set(Some(id));
+        drive_until(&ml, || fired.get() == 1);
+        ml.iterate(Some(Duration::from_millis(10)));
+        assert_eq!(fired.get(), 1);
+    }
+
+    #[test]
+    fn iterate_times_out_when_idle() {
+        let ml = MainLoop::new();
+        assert_eq!(ml.iterate(Some(Duration::from_millis(5))), 0);
+        assert_eq!(ml.dispatch(), 0);
+    }
+
+    #[test]
+    fn iterate_wakes_for_a_timer_without_timeout() {
+        let ml = MainLoop::new();
+        let fired = Rc::new(Cell::new(false));
+        let f = fired.clone();
+        ml.timeout_add_once(Duration::from_millis(3), move || f.set(true));
+        assert_eq!(ml.iterate(None), 1);
+        assert!(fired.get());
+    }
+
+    #[test]
+    fn receiver_delivers_in_order_then_closes_on_disconnect() {
+        let ml = MainLoop::new();
+        let (tx, rx) = crossbeam_channel::bounded(16);
+        let got = Rc::new(RefCell::new(Vec::new()));
+        let closed = Rc::new(Cell::new(0));
+        let (g, c) = (got.clone(), closed.clone());
+        let main_id = thread::current().id();
+        let id = ml.add_receiver_with_close(
+            rx,
+            move |v: u32| {
+                assert_eq!(thread::current().id(), main_id);
+                g.borrow_mut().push(v)
+            },
+            move || c.set(c.get() + 1),
+        );
+        let sender = thread::spawn(move || {
+            for i in 0..2000 {
+                tx.send(i).unwrap();
+            }
+        });
+        drive_until(&ml, || closed.get() == 1);
+        sender.join().unwrap();
+        assert_eq!(*got.borrow(), (0..2000).collect::<Vec<_>>());
+        assert!(!ml.remove_source(id), "removed on disconnect");
+        ml.dispatch();
+        assert_eq!(closed.get(), 1);
+    }
+
+    #[test]
+    fn iterate_blocks_on_a_receiver() {
+        let ml = MainLoop::new();
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let got = Rc::new(Cell::new(0));
+        let g = got.clone();
+        ml.add_receiver(rx, move |v: u32| g.set(v));
+        let t = thread::spawn(move || {
+            thread::sleep(Duration::from_millis(10));
+            tx.send(7).unwrap();
+            thread::sleep(Duration::from_millis(50));
+        });
+        assert!(ml.iterate(None) >= 1);
+        assert_eq!(got.get(), 7);
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn removed_source_gets_no_more_messages_and_no_close() {
+        let ml = MainLoop::new();
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let got = Rc::new(Cell::new(0));
+        let closed = Rc::new(Cell::new(false));
+        let (g, c) = (got.clone(), closed.clone());
+        let weak = ml.downgrade();
+        let id_cell: Rc<Cell<Option<SourceId>>> = Rc::new(Cell::new(None));
+        let idc = id_cell.clone();
+        let id = ml.add_receiver_with_close(
+            rx,
+            move |_: u8| {
+                g.set(g.get() + 1);
+                // Remove itself from its own callback.
+                assert!(weak.upgrade().unwrap().remove_source(idc.get().unwrap()));
+            },
+            move || c.set(true),
+        );
+        id_cell.set(Some(id));
+        tx.send(1).unwrap();
+        tx.send(2).unwrap();
+        ml.dispatch();
+        assert_eq!(got.get(), 1, "nothing is delivered after removal");
+        let after_first = got.get();
+        assert!(
+            tx.send(3).is_err(),
+            "the receiver was dropped with the source"
+        );
+        drop(tx);
+        ml.dispatch();
+        ml.dispatch();
+        assert_eq!(got.get(), after_first);
+        assert!(!closed.get());
+    }
+
+    #[test]
+    fn run_returns_after_stop_from_another_thread_and_from_a_callback() {
+        let ml = MainLoop::new();
+        let h = ml.handle();
+        let t = thread::spawn(move || {
+            thread::sleep(Duration::from_millis(10));
+            h.stop();
+        });
+        ml.run();
+        t.join().unwrap();
+
+        let h = ml.handle();
+        ml.timeout_add_once(Duration::from_millis(1), move || h.stop());
+        ml.run();
+    }
+
+    #[test]
+    fn callbacks_may_reenter_the_loop() {
+        let ml = MainLoop::new();
+        let log = Rc::new(RefCell::new(Vec::new()));
+        let (l, inner) = (log.clone(), ml.clone());
+        ml.timeout_add_once(Duration::ZERO, move || {
+            l.borrow_mut().push("first timer");
+            let l2 = l.clone();
+            inner.timeout_add_once(Duration::ZERO, move || l2.borrow_mut().push("timer"));
+            inner.handle().invoke_with_loop(|ml| {
+                ml.timeout_add_once(Duration::ZERO, || {});
+            });
+            let l3 = l.clone();
+            let (tx, rx) = crossbeam_channel::unbounded();
+            tx.send(()).unwrap();
+            inner.add_receiver(rx, move |()| l3.borrow_mut().push("source"));
+            // Nested dispatch from inside a callback must not panic.
+            inner.dispatch();
+        });
+        drive_until(&ml, || log.borrow().len() >= 3);
+        let mut l = log.borrow().clone();
+        l.sort_unstable();
+        assert_eq!(l, ["first timer", "source", "timer"]);
+    }
+
+    #[test]
+    fn slab_reuses_slots_with_a_new_generation() {
+        let mut s = Slab::default();
+        let a = s.insert(Box::new(|_| {}));
+        assert!(s.contains(a));
+        assert!(s.take(a).is_some());
+        assert!(!s.contains(a));
+        let b = s.insert(Box::new(|_| {}));
+        assert_eq!(a.index(), b.index());
+        assert_ne!(a, b);
+        assert!(
+            s.take(a).is_none(),
+            "a stale id does not take the new entry"
+        );
+        assert!(s.take(b).is_some());
+        assert_eq!(s.live, 0);
+    }
 }

@@ -47,7 +47,7 @@ impl Drop for Job {
 pub struct Pool {
     name: String,
     tx: Option<Sender<Job>>,
-    shutting_down: Arc<AtomicBool>,
+    pub(crate) shutting_down: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
     capacity: usize,
 }
