@@ -205,3 +205,175 @@ fn worker_loop(rx: Receiver<Job>, stop: Arc<AtomicBool>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+    use std::sync::atomic::AtomicUsize;
+    use std::time::{Duration, Instant};
+
+    struct DropCount(Arc<AtomicUsize>);
+    impl Drop for DropCount {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Runs `n` jobs that each wait until all `n` run at once: proves `n` live workers. Returns
+    /// the thread names seen.
+    fn all_threads_serve(pool: &Pool, n: usize) -> HashSet<String> {
+        let arrived = Arc::new(AtomicUsize::new(0));
+        let (tx, rx) = crossbeam_channel::unbounded();
+        for _ in 0..n {
+            let (arrived, tx) = (arrived.clone(), tx.clone());
+            assert!(pool.execute(move || {
+                arrived.fetch_add(1, Ordering::SeqCst);
+                let end = Instant::now() + Duration::from_secs(5);
+                while arrived.load(Ordering::SeqCst) < n && Instant::now() < end {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                let all = arrived.load(Ordering::SeqCst) >= n;
+                tx.send((std::thread::current().name().unwrap().to_owned(), all))
+                    .unwrap();
+            }));
+        }
+        (0..n)
+            .map(|_| {
+                let (name, all) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+                assert!(all, "not all {n} workers ran at once");
+                name
+            })
+            .collect()
+    }
+
+    #[test]
+    fn threads_are_named_and_counted() {
+        let pool = Pool::new("named", 3, 4).unwrap();
+        assert_eq!(pool.threads(), 3);
+        assert_eq!(pool.name(), "named");
+        assert_eq!(pool.queue_capacity(), 4);
+        let names = all_threads_serve(&pool, 3);
+        let want: HashSet<String> = (0..3).map(|i| format!("named-{i}")).collect();
+        assert_eq!(names, want);
+    }
+
+    #[test]
+    fn zero_threads_is_an_error() {
+        assert_eq!(
+            Pool::new("z", 0, 1).unwrap_err().kind(),
+            io::ErrorKind::InvalidInput
+        );
+    }
+
+    #[test]
+    fn panics_are_caught_and_the_pool_keeps_its_size() {
+        let pool = Pool::new("panicky", 2, 8).unwrap();
+        for _ in 0..6 {
+            assert!(pool.execute(|| panic!("job panic")));
+        }
+        let names = all_threads_serve(&pool, 2);
+        assert_eq!(names.len(), 2);
+    }
+
+    #[test]
+    fn try_execute_gives_the_closure_back_when_full() {
+        let pool = Pool::new("full", 1, 2).unwrap();
+        let (started_tx, started_rx) = crossbeam_channel::bounded(1);
+        let (go_tx, go_rx) = crossbeam_channel::bounded::<()>(0);
+        assert!(pool.execute(move || {
+            started_tx.send(()).unwrap();
+            go_rx.recv().unwrap();
+        }));
+        started_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        let ran = Arc::new(AtomicUsize::new(0));
+        for _ in 0..2 {
+            let r = ran.clone();
+            assert!(pool
+                .try_execute(move || {
+                    r.fetch_add(1, Ordering::SeqCst);
+                })
+                .is_ok());
+        }
+        assert_eq!(pool.queued(), 2);
+        let drops = Arc::new(AtomicUsize::new(0));
+        let d = DropCount(drops.clone());
+        let back = pool
+            .try_execute(move || drop(d))
+            .expect_err("queue is full");
+        assert_eq!(
+            drops.load(Ordering::SeqCst),
+            0,
+            "the closure came back intact"
+        );
+        drop(back);
+        assert_eq!(drops.load(Ordering::SeqCst), 1);
+        go_tx.send(()).unwrap();
+        pool.shutdown();
+    }
+
+    #[test]
+    fn shutdown_drops_queued_closures_once_without_running_them() {
+        let pool = Pool::new("shut", 1, 8).unwrap();
+        let (started_tx, started_rx) = crossbeam_channel::bounded(1);
+        let (go_tx, go_rx) = crossbeam_channel::bounded::<()>(0);
+        assert!(pool.execute(move || {
+            started_tx.send(()).unwrap();
+            let _ = go_rx.recv_timeout(Duration::from_secs(5));
+        }));
+        started_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        let drops = Arc::new(AtomicUsize::new(0));
+        let ran = Arc::new(AtomicUsize::new(0));
+        for _ in 0..5 {
+            let (d, r) = (DropCount(drops.clone()), ran.clone());
+            assert!(pool.execute(move || {
+                let _keep = &d;
+                r.fetch_add(1, Ordering::SeqCst);
+            }));
+        }
+        let flag = pool.shutting_down.clone();
+        let (joined_tx, joined_rx) = crossbeam_channel::bounded(1);
+        let t = std::thread::spawn(move || {
+            drop(pool); // Drop is shutdown
+            joined_tx.send(()).unwrap();
+        });
+        while !flag.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        go_tx.send(()).unwrap();
+        joined_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("shutdown hung");
+        t.join().unwrap();
+        assert_eq!(ran.load(Ordering::SeqCst), 0);
+        assert_eq!(drops.load(Ordering::SeqCst), 5);
+    }
+
+    #[test]
+    fn submission_blocks_while_the_queue_is_full() {
+        let pool = Arc::new(Pool::new("bp", 1, 1).unwrap());
+        let (go_tx, go_rx) = crossbeam_channel::bounded::<()>(0);
+        let (started_tx, started_rx) = crossbeam_channel::bounded(1);
+        assert!(pool.execute(move || {
+            started_tx.send(()).unwrap();
+            go_rx.recv().unwrap();
+        }));
+        started_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert!(pool.execute(|| {})); // fills the queue
+        let (sent_tx, sent_rx) = crossbeam_channel::bounded(1);
+        let p = pool.clone();
+        let t = std::thread::spawn(move || {
+            assert!(p.execute(|| {}));
+            sent_tx.send(()).unwrap();
+        });
+        assert!(
+            sent_rx.recv_timeout(Duration::from_millis(50)).is_err(),
+            "submission went through a full queue"
+        );
+        go_tx.send(()).unwrap();
+        sent_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("submission never unblocked");
+        t.join().unwrap();
+    }
+}
