@@ -1,0 +1,379 @@
+//! A fixed-size pool of named worker threads fed by a bounded queue.
+
+use std::fmt;
+use std::io;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+
+use crate::error::panic_message;
+
+/// One unit of work. If it is dropped without running (the pool shut down, or its queue went
+/// away), its closure is called with `cancelled = true` so that the task still reports.
+pub(crate) struct Job {
+    f: Option<Box<dyn FnOnce(bool) + Send>>,
+}
+
+impl Job {
+    pub(crate) fn new(f: impl FnOnce(bool) + Send + 'static) -> Self {
+        Job {
+            f: Some(Box::new(f)),
+        }
+    }
+
+    fn run(mut self) {
+        if let Some(f) = self.f.take() {
+            f(false);
+        }
+    }
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        if let Some(f) = self.f.take() {
+            f(true);
+        }
+    }
+}
+
+/// A fixed-size worker pool. Threads are named `{name}-{i}`.
+///
+/// Submission blocks while the queue is full (back-pressure); [`try_execute`](Self::try_execute)
+/// does not block. A panicking job is caught and the thread keeps serving, so the pool keeps its
+/// size. Dropping the pool is [`shutdown`](Self::shutdown).
+pub struct Pool {
+    name: String,
+    tx: Option<Sender<Job>>,
+    pub(crate) shutting_down: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    capacity: usize,
+}
+
+impl fmt::Debug for Pool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pool")
+            .field("name", &self.name)
+            .field("threads", &self.threads.len())
+            .field("queue_capacity", &self.capacity)
+            .field("queued", &self.queued())
+            .finish()
+    }
+}
+
+impl Pool {
+    /// Starts `threads` workers named `{name}-0` .. `{name}-{threads-1}`, fed by a queue of at most
+    /// `queue_capacity` jobs that no worker has taken yet (0: a submitter waits for a free worker).
+    ///
+    /// Fails if `threads` is 0 or a thread cannot be spawned.
+    pub fn new(name: &str, threads: usize, queue_capacity: usize) -> io::Result<Pool> {
+        if threads == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a pool needs at least one thread",
+            ));
+        }
+        let (tx, rx) = crossbeam_channel::bounded::<Job>(queue_capacity);
+        let shutting_down = Arc::new(AtomicBool::new(false));
+        let mut pool = Pool {
+            name: name.to_owned(),
+            tx: Some(tx),
+            shutting_down: shutting_down.clone(),
+            threads: Vec::with_capacity(threads),
+            capacity: queue_capacity,
+        };
+        for i in 0..threads {
+            let rx = rx.clone();
+            let stop = shutting_down.clone();
+            // On error `pool` is dropped, which stops the threads already started.
+            let handle = std::thread::Builder::new()
+                .name(format!("{name}-{i}"))
+                .spawn(move || worker_loop(rx, stop))?;
+            pool.threads.push(handle);
+        }
+        Ok(pool)
+    }
+
+    /// The name given at creation.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Number of worker threads.
+    pub fn threads(&self) -> usize {
+        self.threads.len()
+    }
+
+    /// Capacity of the queue.
+    pub fn queue_capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Jobs queued and not yet taken by a worker.
+    pub fn queued(&self) -> usize {
+        self.tx.as_ref().map_or(0, Sender::len)
+    }
+
+    /// Queues a job, blocking while the queue is full. After shutdown the job is cancelled at once.
+    pub(crate) fn submit(&self, job: Job) {
+        if let Some(tx) = &self.tx {
+            // On error (cannot happen while we hold a sender and workers run) the job is dropped,
+            // i.e. cancelled.
+            let _ = tx.send(job);
+        }
+    }
+
+    /// Runs a plain closure on a worker, blocking while the queue is full. A panic in `f` is caught
+    /// and logged. Returns `false` (dropping `f`) if the pool is shut down.
+    pub fn execute(&self, f: impl FnOnce() + Send + 'static) -> bool {
+        let Some(tx) = &self.tx else { return false };
+        tx.send(Job::new(move |cancelled| {
+            if !cancelled {
+                f();
+            }
+        }))
+        .is_ok()
+    }
+
+    /// Like [`execute`](Self::execute) but never blocks: gives `f` back if the queue is full or the
+    /// pool is shut down.
+    pub fn try_execute<F: FnOnce() + Send + 'static>(&self, f: F) -> Result<(), F> {
+        let Some(tx) = &self.tx else { return Err(f) };
+        if tx.is_full() {
+            return Err(f);
+        }
+        // A queued job cannot hand `f` back, so `f` waits in a slot that the job empties when it
+        // runs; if the queue filled up meanwhile, `f` is taken back from the slot.
+        let slot = Arc::new(Mutex::new(Some(f)));
+        let job_slot = slot.clone();
+        let job = Job::new(move |cancelled| {
+            let f = job_slot
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take();
+            if let (false, Some(f)) = (cancelled, f) {
+                f();
+            }
+        });
+        match tx.try_send(job) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(job)) | Err(TrySendError::Disconnected(job)) => {
+                // Take `f` back before dropping the job (whose cancel path would drop `f`).
+                let f = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
+                drop(job);
+                Err(f.expect("a job that was not queued cannot have run"))
+            }
+        }
+    }
+
+    /// Stops the pool: jobs still queued are cancelled (a task's completion then runs on the loop
+    /// with [`TaskError::Cancelled`](crate::TaskError::Cancelled)); jobs already running finish (they
+    /// are not interrupted) and the threads are joined.
+    pub fn shutdown(mut self) {
+        self.stop_and_join();
+    }
+
+    fn stop_and_join(&mut self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+        // Workers drain the rest of the queue, cancelling, then see the disconnect.
+        self.tx = None;
+        for t in self.threads.drain(..) {
+            if t.join().is_err() {
+                log::error!("a worker thread of pool {} died", self.name);
+            }
+        }
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
+fn worker_loop(rx: Receiver<Job>, stop: Arc<AtomicBool>) {
+    while let Ok(job) = rx.recv() {
+        if stop.load(Ordering::Relaxed) {
+            drop(job); // cancelled
+            continue;
+        }
+        // Task jobs catch their worker's panic themselves; this catches plain `execute` closures.
+        if let Err(p) = catch_unwind(AssertUnwindSafe(|| job.run())) {
+            log::warn!("a pool job panicked: {}", panic_message(&*p));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+    use std::sync::atomic::AtomicUsize;
+    use std::time::{Duration, Instant};
+
+    struct DropCount(Arc<AtomicUsize>);
+    impl Drop for DropCount {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Runs `n` jobs that each wait until all `n` run at once: proves `n` live workers. Returns
+    /// the thread names seen.
+    fn all_threads_serve(pool: &Pool, n: usize) -> HashSet<String> {
+        let arrived = Arc::new(AtomicUsize::new(0));
+        let (tx, rx) = crossbeam_channel::unbounded();
+        for _ in 0..n {
+            let (arrived, tx) = (arrived.clone(), tx.clone());
+            assert!(pool.execute(move || {
+                arrived.fetch_add(1, Ordering::SeqCst);
+                let end = Instant::now() + Duration::from_secs(5);
+                while arrived.load(Ordering::SeqCst) < n && Instant::now() < end {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                let all = arrived.load(Ordering::SeqCst) >= n;
+                tx.send((std::thread::current().name().unwrap().to_owned(), all))
+                    .unwrap();
+            }));
+        }
+        (0..n)
+            .map(|_| {
+                let (name, all) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+                assert!(all, "not all {n} workers ran at once");
+                name
+            })
+            .collect()
+    }
+
+    #[test]
+    fn threads_are_named_and_counted() {
+        let pool = Pool::new("named", 3, 4).unwrap();
+        assert_eq!(pool.threads(), 3);
+        assert_eq!(pool.name(), "named");
+        assert_eq!(pool.queue_capacity(), 4);
+        let names = all_threads_serve(&pool, 3);
+        let want: HashSet<String> = (0..3).map(|i| format!("named-{i}")).collect();
+        assert_eq!(names, want);
+    }
+
+    #[test]
+    fn zero_threads_is_an_error() {
+        assert_eq!(
+            Pool::new("z", 0, 1).unwrap_err().kind(),
+            io::ErrorKind::InvalidInput
+        );
+    }
+
+    #[test]
+    fn panics_are_caught_and_the_pool_keeps_its_size() {
+        let pool = Pool::new("panicky", 2, 8).unwrap();
+        for _ in 0..6 {
+            assert!(pool.execute(|| panic!("job panic")));
+        }
+        let names = all_threads_serve(&pool, 2);
+        assert_eq!(names.len(), 2);
+    }
+
+    #[test]
+    fn try_execute_gives_the_closure_back_when_full() {
+        let pool = Pool::new("full", 1, 2).unwrap();
+        let (started_tx, started_rx) = crossbeam_channel::bounded(1);
+        let (go_tx, go_rx) = crossbeam_channel::bounded::<()>(0);
+        assert!(pool.execute(move || {
+            started_tx.send(()).unwrap();
+            go_rx.recv().unwrap();
+        }));
+        started_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        let ran = Arc::new(AtomicUsize::new(0));
+        for _ in 0..2 {
+            let r = ran.clone();
+            assert!(pool
+                .try_execute(move || {
+                    r.fetch_add(1, Ordering::SeqCst);
+                })
+                .is_ok());
+        }
+        assert_eq!(pool.queued(), 2);
+        let drops = Arc::new(AtomicUsize::new(0));
+        let d = DropCount(drops.clone());
+        let back = pool
+            .try_execute(move || drop(d))
+            .expect_err("queue is full");
+        assert_eq!(
+            drops.load(Ordering::SeqCst),
+            0,
+            "the closure came back intact"
+        );
+        drop(back);
+        assert_eq!(drops.load(Ordering::SeqCst), 1);
+        go_tx.send(()).unwrap();
+        pool.shutdown();
+    }
+
+    #[test]
+    fn shutdown_drops_queued_closures_once_without_running_them() {
+        let pool = Pool::new("shut", 1, 8).unwrap();
+        let (started_tx, started_rx) = crossbeam_channel::bounded(1);
+        let (go_tx, go_rx) = crossbeam_channel::bounded::<()>(0);
+        assert!(pool.execute(move || {
+            started_tx.send(()).unwrap();
+            let _ = go_rx.recv_timeout(Duration::from_secs(5));
+        }));
+        started_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        let drops = Arc::new(AtomicUsize::new(0));
+        let ran = Arc::new(AtomicUsize::new(0));
+        for _ in 0..5 {
+            let (d, r) = (DropCount(drops.clone()), ran.clone());
+            assert!(pool.execute(move || {
+                let _keep = &d;
+                r.fetch_add(1, Ordering::SeqCst);
+            }));
+        }
+        let flag = pool.shutting_down.clone();
+        let (joined_tx, joined_rx) = crossbeam_channel::bounded(1);
+        let t = std::thread::spawn(move || {
+            drop(pool); // Drop is shutdown
+            joined_tx.send(()).unwrap();
+        });
+        while !flag.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        go_tx.send(()).unwrap();
+        joined_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("shutdown hung");
+        t.join().unwrap();
+        assert_eq!(ran.load(Ordering::SeqCst), 0);
+        assert_eq!(drops.load(Ordering::SeqCst), 5);
+    }
+
+    #[test]
+    fn submission_blocks_while_the_queue_is_full() {
+        let pool = Arc::new(Pool::new("bp", 1, 1).unwrap());
+        let (go_tx, go_rx) = crossbeam_channel::bounded::<()>(0);
+        let (started_tx, started_rx) = crossbeam_channel::bounded(1);
+        assert!(pool.execute(move || {
+            started_tx.send(()).unwrap();
+            go_rx.recv().unwrap();
+        }));
+        started_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert!(pool.execute(|| {})); // fills the queue
+        let (sent_tx, sent_rx) = crossbeam_channel::bounded(1);
+        let p = pool.clone();
+        let t = std::thread::spawn(move || {
+            assert!(p.execute(|| {}));
+            sent_tx.send(()).unwrap();
+        });
+        assert!(
+            sent_rx.recv_timeout(Duration::from_millis(50)).is_err(),
+            "submission went through a full queue"
+        );
+        go_tx.send(()).unwrap();
+        sent_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("submission never unblocked");
+        t.join().unwrap();
+    }
+}
