@@ -17,7 +17,7 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use rdma_backend::{
     AsyncEvent, Backend, CompletionSink, CqId, GuestMem, MrId, PdId, QpId, QpState, QpType,
-    SrqId, WcOpcode, WorkCompletion,
+    WcOpcode, WorkCompletion,
 };
 use vm_memory::{ByteValued, Bytes, GuestAddressSpace};
 
@@ -277,7 +277,13 @@ fn run_main_loop(
     rx: Receiver<Msg>,
 ) {
     let main_loop = Rc::new(task_core::MainLoop::new());
-    let pool = task_core::Pool::new(&format!("{}-worker", opts.name), cfg.workers, 1024);
+    let pool = match task_core::Pool::new(&format!("{}-worker", opts.name), cfg.workers, 1024) {
+        Ok(p) => p,
+        Err(e) => {
+            log::error!("cannot start the worker pool: {e}");
+            return;
+        }
+    };
     let (ctx, crx) = unbounded::<Completion>();
     let sink: Arc<dyn CompletionSink> = Arc::new(Sink { tx: ctx });
     let backend = backend(mem.clone(), sink.clone());
@@ -360,7 +366,6 @@ pub(crate) struct Srq {
 #[derive(Debug)]
 pub(crate) struct Qp {
     pub pd: u32,
-    pub qpn: u32,
     pub gen: u32,
     pub qp_type: QpType,
     pub send_cq: u32,

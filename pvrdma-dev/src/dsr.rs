@@ -1,7 +1,7 @@
 //! The Device Shared Region: loading it on the DSRHIGH write, writing the caps, and the two
 //! device-produced DSR rings (async events and CQ notifications), spec/device-abi.md §2 and §5.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemory};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
 
 use crate::abi::{Caps, Cqne, Dsr, Eqe, DSR_CAPS_OFFSET};
 use crate::config::DeviceConfig;
@@ -183,10 +183,7 @@ fn check_slot<M: GuestMemory>(mem: &M, name: &'static str, addr: u64) -> Result<
     let a = GuestAddress(addr);
     let ok = addr != 0
         && addr % PAGE_SIZE == 0
-        && addr
-            .checked_add(PAGE_SIZE - 1)
-            .is_some_and(|end| mem.address_in_range(a) && mem.address_in_range(GuestAddress(end)))
-        && mem.get_slice(a, PAGE_SIZE as usize).is_ok();
+        && mem.check_range(a, PAGE_SIZE as usize, Permissions::ReadWrite);
     if ok {
         Ok(a)
     } else {

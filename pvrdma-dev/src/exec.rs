@@ -21,10 +21,6 @@ impl Exec {
         Exec { main_loop, pool }
     }
 
-    pub(crate) fn main_loop(&self) -> &Rc<MainLoop> {
-        &self.main_loop
-    }
-
     /// Runs `work` on a worker; `done` runs on the main loop with its value, or with the panic
     /// message if the worker panicked.
     pub(crate) fn run<S, R>(
@@ -36,7 +32,7 @@ impl Exec {
         S: Send + Sync + 'static,
         R: Send + 'static,
     {
-        let task: Task<S, R, TaskError> = Task::new(source, move |t| {
+        let task: Task<S, R, TaskError> = Task::new(source, move |t: &mut task_core::TaskOutcome<S, R, TaskError>| {
             let r = match t.propagate_error() {
                 Ok(()) => t.take_result().ok_or_else(|| "task produced no result".to_string()),
                 Err(e) => Err(e.to_string()),
@@ -44,7 +40,7 @@ impl Exec {
             done(r);
         });
         task.run_in_thread(&self.main_loop, &self.pool, move |w| {
-            let r = work(w.source());
+            let r = work(&**w.source());
             w.set_result(r);
         });
     }

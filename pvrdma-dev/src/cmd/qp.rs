@@ -62,7 +62,7 @@ pub(super) fn create_qp(core: &mut Core, req: CmdCreateQp) -> Result<Work, CmdEr
         4 => QpType::Ud,
         _ => return Err(CmdError::Invalid("QP type")),
     };
-    let cfg = &core.cfg;
+    let cfg = core.cfg.clone();
     let pd_h = req.pd_handle;
     let pd = core.pds.get(pd_h).ok_or(CmdError::NoSuch("PD"))?;
     let pd_ctx = pd.ctx;
@@ -176,7 +176,6 @@ pub(super) fn create_qp(core: &mut Core, req: CmdCreateQp) -> Result<Work, CmdEr
             };
             let inserted = core.qps.insert(Qp {
                 pd: pd_h,
-                qpn,
                 gen,
                 qp_type,
                 send_cq: scq_h,

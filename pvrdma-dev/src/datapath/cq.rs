@@ -1,7 +1,7 @@
 //! CQ rings as the device produces into them (spec §5, §8, §9): CQEs, arming and notification.
 
 use rdma_backend::{WcOpcode, WcStatus, WorkCompletion};
-use vm_memory::GuestMemory;
+use vm_memory::{Address, Bytes, GuestMemory};
 
 use crate::abi::{wc_flags, Cqe, CQE_SIZE};
 use crate::pdir::{PageDir, PAGE_SIZE};
@@ -56,6 +56,22 @@ impl CqRing {
             arm: Arm::Off,
             overflowed: false,
         })
+    }
+
+    /// Pages of the CQ, header included.
+    pub(crate) fn pages(&self) -> usize {
+        self.pdir.len()
+    }
+
+    /// The same pages as a ring of `n` entries (RESIZE_CQ); `None` while CQEs are unpolled.
+    pub(crate) fn resized<M: GuestMemory + ?Sized>(&self, mem: &M, n: u32) -> Option<CqRing> {
+        if self.ring.outstanding(mem).ok()? != 0 {
+            return None;
+        }
+        // Both indices restart at 0 for the new size.
+        let st = self.ring.ring().addr;
+        mem.write_slice(&[0u8; 8], st).ok()?;
+        CqRing::new(self.pdir.clone(), n)
     }
 
     /// Writes one CQE: element first, then the producer index with release ordering.

@@ -11,7 +11,7 @@ use rdma_backend::{
     Backend, CompletionSink, CqId, Error as BackendError, GuestMem, QpId, QpType, SrqId,
     WcStatus, WorkCompletion,
 };
-use vm_memory::{GuestAddressSpace, GuestMemory};
+use vm_memory::{Address, GuestAddressSpace, GuestMemory};
 
 use crate::abi::{RqWqeHdr, SqWqeHdr, WireSge, RQ_WQE_HDR_SIZE, SGE_SIZE, SQ_WQE_HDR_SIZE};
 use crate::pdir::{PageDir, PAGE_SIZE};
