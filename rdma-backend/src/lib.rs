@@ -612,8 +612,14 @@ pub trait Backend: Send + Sync {
     fn destroy_cq(&self, cq: CqId) -> Result<()>;
 
     /// Creates a shared receive queue.
-    fn create_srq(&self, pd: PdId, max_wr: u32, max_sge: u32, limit: u32, cookie: u64)
-        -> Result<SrqId>;
+    fn create_srq(
+        &self,
+        pd: PdId,
+        max_wr: u32,
+        max_sge: u32,
+        limit: u32,
+        cookie: u64,
+    ) -> Result<SrqId>;
     /// Arms the SRQ limit event (`limit` 0 disarms).
     fn modify_srq(&self, srq: SrqId, limit: u32) -> Result<()>;
     /// Destroys an SRQ; fails with [`Error::Busy`] while QPs use it.

@@ -99,7 +99,10 @@ impl Timer {
                     q = match q.heap.peek() {
                         Some(e) => {
                             let d = e.0.at.saturating_duration_since(now);
-                            self.cv.wait_timeout(q, d).unwrap_or_else(|e| e.into_inner()).0
+                            self.cv
+                                .wait_timeout(q, d)
+                                .unwrap_or_else(|e| e.into_inner())
+                                .0
                         }
                         None => self.cv.wait(q).unwrap_or_else(|e| e.into_inner()),
                     };

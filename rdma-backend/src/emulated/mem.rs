@@ -37,9 +37,9 @@ impl Mr {
         };
         match &self.kind {
             MrKind::Dma => true,
-            MrKind::User { iova, length, .. } => {
-                iova.checked_add(*length).is_some_and(|mr_end| addr >= *iova && end <= mr_end)
-            }
+            MrKind::User { iova, length, .. } => iova
+                .checked_add(*length)
+                .is_some_and(|mr_end| addr >= *iova && end <= mr_end),
         }
     }
 

@@ -782,10 +782,8 @@ impl Backend for EmulatedBackend {
         {
             // Keep the generations so keys from before the reset stay stale.
             let mut t = write(&self.mrs);
-            t.free.clear();
-            for (i, s) in t.slots.iter_mut().enumerate().rev() {
+            for s in t.slots.iter_mut() {
                 s.mr = None;
-                let _ = i;
             }
             t.free = (0..t.slots.len() as u32).rev().collect();
         }

@@ -21,8 +21,8 @@ use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
 use super::mem::{atomic_at, atomic_target, copy, write_bytes, Fault, Segs};
 use super::{lock, EmulatedBackend};
 use crate::{
-    Access, AddressVector, AsyncEvent, CqId, PdId, QpState, QpType, RecvWr, SendOp, SendWr,
-    SrqId, WcOpcode, WcStatus, WorkCompletion,
+    Access, AddressVector, AsyncEvent, CqId, PdId, QpState, QpType, RecvWr, SendOp, SendWr, SrqId,
+    WcOpcode, WcStatus, WorkCompletion,
 };
 
 /// Token of a timer entry that only flushes a QP that went to ERR as a responder.
@@ -152,7 +152,14 @@ impl Qp {
     fn remote_access(&self) -> Access {
         Access::from_bits_retain(self.access.load(Ordering::Acquire))
     }
-    fn wc(&self, cq: CqId, wr_id: u64, status: WcStatus, opcode: WcOpcode, len: u64) -> WorkCompletion {
+    fn wc(
+        &self,
+        cq: CqId,
+        wr_id: u64,
+        status: WcStatus,
+        opcode: WcOpcode,
+        len: u64,
+    ) -> WorkCompletion {
         WorkCompletion {
             cq,
             qp_cookie: self.cookie,
@@ -228,7 +235,15 @@ fn flush_sq(be: &EmulatedBackend, qp: &Qp, sq: &mut Sq) {
     let wcs: Vec<WorkCompletion> = sq
         .pending
         .drain(..)
-        .map(|wr| qp.wc(qp.send_cq, wr.wr_id, WcStatus::WrFlushErr, send_opcode(&wr.op), 0))
+        .map(|wr| {
+            qp.wc(
+                qp.send_cq,
+                wr.wr_id,
+                WcStatus::WrFlushErr,
+                send_opcode(&wr.op),
+                0,
+            )
+        })
         .collect();
     sq.stall = None;
     sq.token += 1;
@@ -256,7 +271,15 @@ fn flush_rq(be: &EmulatedBackend, qp: &Qp, rq: &mut Rq) {
     let wcs: Vec<WorkCompletion> = rq
         .wqes
         .drain(..)
-        .map(|wr| qp.wc(qp.recv_cq, wr.wr_id, WcStatus::WrFlushErr, WcOpcode::Recv, 0))
+        .map(|wr| {
+            qp.wc(
+                qp.recv_cq,
+                wr.wr_id,
+                WcStatus::WrFlushErr,
+                WcOpcode::Recv,
+                0,
+            )
+        })
         .collect();
     be.sink.complete(&wcs);
 }
@@ -316,7 +339,13 @@ pub(crate) fn drive(be: &EmulatedBackend, qp: &Arc<Qp>, sq: &mut Sq, mut trigger
                     sq.token += 1;
                 }
                 if wr.signaled || qp.sig_all {
-                    let wc = qp.wc(qp.send_cq, wr.wr_id, WcStatus::Success, send_opcode(&wr.op), len);
+                    let wc = qp.wc(
+                        qp.send_cq,
+                        wr.wr_id,
+                        WcStatus::Success,
+                        send_opcode(&wr.op),
+                        len,
+                    );
                     be.sink.complete(std::slice::from_ref(&wc));
                 }
             }
@@ -406,7 +435,12 @@ pub(crate) fn kick(waiters: Vec<Weak<Qp>>) {
 
 /// Takes one receive for `qp` (rq locked), from its SRQ or its own queue; registers `waiter`
 /// for a kick when there is none.
-fn take_recv(be: &EmulatedBackend, qp: &Qp, rq: &mut Rq, waiter: Option<&Arc<Qp>>) -> Option<RecvWr> {
+fn take_recv(
+    be: &EmulatedBackend,
+    qp: &Qp,
+    rq: &mut Rq,
+    waiter: Option<&Arc<Qp>>,
+) -> Option<RecvWr> {
     match &qp.srq {
         None => {
             let w = rq.wqes.pop_front();
@@ -508,7 +542,18 @@ fn execute_rc(be: &EmulatedBackend, qp: &Arc<Qp>, sq: &mut Sq, wr: &SendWr) -> O
             remote_addr,
             rkey,
             imm,
-        } => rc_write(qp, &mem, &local, &tb, &tqp, &tmem, remote_addr, rkey, imm, wr.solicited),
+        } => rc_write(
+            qp,
+            &mem,
+            &local,
+            &tb,
+            &tqp,
+            &tmem,
+            remote_addr,
+            rkey,
+            imm,
+            wr.solicited,
+        ),
         SendOp::RdmaRead { remote_addr, rkey } => {
             rc_read(&mem, &local, &tb, &tqp, &tmem, remote_addr, rkey)
         }
@@ -517,11 +562,18 @@ fn execute_rc(be: &EmulatedBackend, qp: &Arc<Qp>, sq: &mut Sq, wr: &SendWr) -> O
             rkey,
             compare,
             swap,
-        } => rc_atomic(&mem, &local, &tb, &tqp, &tmem, remote_addr, rkey, |a| {
-            match a.compare_exchange(compare, swap, Ordering::SeqCst, Ordering::SeqCst) {
+        } => rc_atomic(
+            &mem,
+            &local,
+            &tb,
+            &tqp,
+            &tmem,
+            remote_addr,
+            rkey,
+            |a| match a.compare_exchange(compare, swap, Ordering::SeqCst, Ordering::SeqCst) {
                 Ok(v) | Err(v) => v,
-            }
-        }),
+            },
+        ),
         SendOp::FetchAdd {
             remote_addr,
             rkey,
@@ -583,7 +635,13 @@ fn rc_send(
         }
         Err(Fault::Dst) => return fail(&mut rq, WcStatus::LocProtErr, WcStatus::RemOpErr),
     }
-    let mut wc = tqp.wc(tqp.recv_cq, rwr.wr_id, WcStatus::Success, WcOpcode::Recv, len);
+    let mut wc = tqp.wc(
+        tqp.recv_cq,
+        rwr.wr_id,
+        WcStatus::Success,
+        WcOpcode::Recv,
+        len,
+    );
     wc.imm_data = imm;
     wc.src_qp = qp.qpn;
     wc.solicited = solicited;
@@ -678,7 +736,13 @@ fn rc_write(
             return Err(Resp::LocalFault);
         }
         Err(Fault::Dst) => {
-            let wc = tqp.wc(tqp.recv_cq, rwr.wr_id, WcStatus::LocProtErr, WcOpcode::RecvRdmaWithImm, 0);
+            let wc = tqp.wc(
+                tqp.recv_cq,
+                rwr.wr_id,
+                WcStatus::LocProtErr,
+                WcOpcode::RecvRdmaWithImm,
+                0,
+            );
             tb.sink.complete(std::slice::from_ref(&wc));
             responder_err(tb, tqp, &mut rq, None);
             return Err(Resp::Nak(WcStatus::RemOpErr));
