@@ -22,6 +22,7 @@ use std::sync::Arc;
 
 use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
+pub mod conformance;
 pub mod emulated;
 
 /// Guest memory as the device and backends see it: swapped atomically when the VMM maps or unmaps.

@@ -1,1 +1,0 @@
-//! Software RDMA fabric (being written).

@@ -1,0 +1,250 @@
+//! Memory regions and the copy engine.
+//!
+//! Every guest access goes through vm-memory volatile slices, clamped to one guest memory region
+//! at a time; nothing here creates a Rust reference into guest memory. Copies move whole
+//! guest-physically contiguous runs (one `memmove` per run), so an MR over contiguous pages is
+//! copied in one piece and a scattered one page by page.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use vm_memory::{
+    Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, VolatileMemory,
+    VolatileSlice,
+};
+
+use crate::{Access, MrKind, PdId, MAX_SGE};
+
+/// Page size of user MR page lists.
+pub(crate) const PAGE: u64 = 4096;
+
+/// A registered memory region.
+#[derive(Debug)]
+pub(crate) struct Mr {
+    /// Owning protection domain.
+    pub pd: PdId,
+    /// Access rights.
+    pub access: Access,
+    /// Address translation.
+    pub kind: MrKind,
+}
+
+impl Mr {
+    /// Whether `[addr, addr + len)` lies within the MR.
+    pub fn contains(&self, addr: u64, len: u64) -> bool {
+        let Some(end) = addr.checked_add(len) else {
+            return false;
+        };
+        match &self.kind {
+            MrKind::Dma => true,
+            MrKind::User { iova, length, .. } => iova
+                .checked_add(*length)
+                .is_some_and(|mr_end| addr >= *iova && end <= mr_end),
+        }
+    }
+
+    /// The guest-physical run that holds MR address `a`, at most `max` bytes long (pages that
+    /// are guest-physically adjacent are merged into one run).
+    fn run(&self, a: u64, max: u64) -> Option<(u64, u64)> {
+        match &self.kind {
+            MrKind::Dma => Some((a, max)),
+            MrKind::User { iova, pages, .. } => {
+                let base = iova & !(PAGE - 1);
+                let idx = usize::try_from(a.checked_sub(base)? >> 12).ok()?;
+                let first = pages.get(idx)?.raw_value();
+                let off = a & (PAGE - 1);
+                let mut len = (PAGE - off).min(max);
+                let mut k = 1usize;
+                while len < max {
+                    match pages.get(idx + k) {
+                        Some(p) if Some(p.raw_value()) == first.checked_add(k as u64 * PAGE) => {
+                            len = (len + PAGE).min(max);
+                            k += 1;
+                        }
+                        _ => break,
+                    }
+                }
+                Some((first.checked_add(off)?, len))
+            }
+        }
+    }
+}
+
+/// One validated piece of a scatter/gather list.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Seg {
+    mr: Option<Arc<Mr>>,
+    addr: u64,
+    len: u64,
+}
+
+/// A validated scatter/gather list (inline, no allocation).
+#[derive(Debug)]
+pub(crate) struct Segs {
+    n: usize,
+    total: u64,
+    segs: [Seg; MAX_SGE],
+}
+
+impl Segs {
+    /// An empty list.
+    pub fn new() -> Self {
+        Segs {
+            n: 0,
+            total: 0,
+            segs: Default::default(),
+        }
+    }
+
+    /// Appends a piece; `false` when full.
+    pub fn push(&mut self, mr: Arc<Mr>, addr: u64, len: u64) -> bool {
+        if self.n >= MAX_SGE {
+            return false;
+        }
+        self.segs[self.n] = Seg {
+            mr: Some(mr),
+            addr,
+            len,
+        };
+        self.n += 1;
+        self.total = self.total.saturating_add(len);
+        true
+    }
+
+    /// Total length in bytes.
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
+    /// A cursor at the start of the list.
+    pub fn cursor(&self) -> Cursor<'_> {
+        Cursor {
+            segs: &self.segs[..self.n],
+            i: 0,
+            off: 0,
+        }
+    }
+}
+
+/// A position within a [`Segs`].
+#[derive(Debug)]
+pub(crate) struct Cursor<'a> {
+    segs: &'a [Seg],
+    i: usize,
+    off: u64,
+}
+
+impl Cursor<'_> {
+    /// The next guest-physical run (at most `max` bytes), advancing past it. `Err` when the list
+    /// is exhausted or an MR page list is too short.
+    fn next_run(&mut self, max: u64) -> Result<(u64, u64), ()> {
+        loop {
+            let seg = self.segs.get(self.i).ok_or(())?;
+            if self.off >= seg.len {
+                self.i += 1;
+                self.off = 0;
+                continue;
+            }
+            let mr = seg.mr.as_ref().ok_or(())?;
+            let want = (seg.len - self.off).min(max);
+            let (gpa, n) = mr.run(seg.addr + self.off, want).ok_or(())?;
+            self.off += n;
+            return Ok((gpa, n));
+        }
+    }
+}
+
+/// Which side of a copy faulted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fault {
+    /// The source.
+    Src,
+    /// The destination.
+    Dst,
+}
+
+/// A volatile slice of at most `n` bytes at `gpa`, clamped to the end of its region.
+fn slice_at(mem: &GuestMemoryMmap, gpa: u64, n: u64) -> Option<VolatileSlice<'_, ()>> {
+    let (region, off) = mem.to_region_addr(GuestAddress(gpa))?;
+    let avail = region.len().checked_sub(off.raw_value())?;
+    let take = usize::try_from(n.min(avail)).ok()?;
+    if take == 0 {
+        return None;
+    }
+    region.get_slice(off, take).ok()
+}
+
+/// Copies `len` bytes from `src` (in `smem`) to `dst` (in `dmem`).
+pub(crate) fn copy(
+    smem: &GuestMemoryMmap,
+    src: &mut Cursor<'_>,
+    dmem: &GuestMemoryMmap,
+    dst: &mut Cursor<'_>,
+    len: u64,
+) -> Result<(), Fault> {
+    let (mut left, mut sa, mut sl, mut da, mut dl) = (len, 0u64, 0u64, 0u64, 0u64);
+    while left > 0 {
+        if sl == 0 {
+            (sa, sl) = src.next_run(left).map_err(|()| Fault::Src)?;
+        }
+        if dl == 0 {
+            (da, dl) = dst.next_run(left).map_err(|()| Fault::Dst)?;
+        }
+        let want = sl.min(dl);
+        let s = slice_at(smem, sa, want).ok_or(Fault::Src)?;
+        let d = slice_at(dmem, da, want).ok_or(Fault::Dst)?;
+        let n = s.len().min(d.len());
+        s.copy_to_volatile_slice(d);
+        let n = n as u64;
+        sa += n;
+        sl -= n;
+        da += n;
+        dl -= n;
+        left -= n;
+    }
+    Ok(())
+}
+
+/// Writes `buf` at the cursor.
+pub(crate) fn write_bytes(mem: &GuestMemoryMmap, dst: &mut Cursor<'_>, buf: &[u8]) -> bool {
+    let mut done = 0usize;
+    while done < buf.len() {
+        let Ok((gpa, n)) = dst.next_run((buf.len() - done) as u64) else {
+            return false;
+        };
+        let (mut gpa, mut n) = (gpa, n);
+        while n > 0 {
+            let Some(s) = slice_at(mem, gpa, n) else {
+                return false;
+            };
+            let k = s.len();
+            s.copy_from(&buf[done..done + k]);
+            done += k;
+            gpa += k as u64;
+            n -= k as u64;
+        }
+    }
+    true
+}
+
+/// Runs `f` on the 8-byte aligned atomic at `gpa`; `None` when it is not in guest memory or not
+/// aligned.
+pub(crate) fn atomic_at(
+    mem: &GuestMemoryMmap,
+    gpa: u64,
+    f: impl FnOnce(&AtomicU64) -> u64,
+) -> Option<u64> {
+    let s = slice_at(mem, gpa, 8)?;
+    if s.len() != 8 {
+        return None;
+    }
+    let a = s.get_atomic_ref::<AtomicU64>(0).ok()?;
+    Some(f(a))
+}
+
+/// The single guest-physical address of an 8-byte remote atomic target in `segs`.
+pub(crate) fn atomic_target(segs: &Segs) -> Option<u64> {
+    let mut c = segs.cursor();
+    let (gpa, n) = c.next_run(8).ok()?;
+    (n == 8).then_some(gpa)
+}

@@ -1,0 +1,796 @@
+//! A software RDMA fabric.
+//!
+//! [`EmulatedBackend`]s attach to a shared [`Fabric`] and reach each other by GID (the entries
+//! each one registers with [`Backend::add_gid`]); traffic to a backend's own GID loops back to
+//! its own QPs. Work executes synchronously in the thread that posts it (the device's data-path
+//! worker): a SEND copies straight from the sender's buffers into the responder's receive
+//! buffers. Only a WR that has to wait (RNR, or an unreachable responder) is retried later, from
+//! the fabric's timer thread or from the `post_recv` that makes it possible.
+//!
+//! # Error completions (as a hardware HCA reports them)
+//! | Cause | Requester | Responder |
+//! |---|---|---|
+//! | bad lkey / range / rights in a send WR | `LocProtErr`, QP → ERR | — |
+//! | receive buffer too small (RC) | `RemInvReqErr`, QP → ERR | receive `LocLenErr`, QP → ERR |
+//! | bad lkey in the receive WR (RC) | `RemOpErr`, QP → ERR | receive `LocProtErr`, QP → ERR |
+//! | bad rkey / range / MR rights / QP access (RDMA, atomics) | `RemAccessErr`, QP → ERR | QP → ERR, `QpAccessErr` event |
+//! | misaligned atomic | `RemInvReqErr`, QP → ERR | QP → ERR, `QpReqErr` event |
+//! | no receive posted (RC) | retried; `RnrRetryExcErr` when exhausted | — |
+//! | responder missing / not in RTR+ | retried; `RetryExcErr` when exhausted | — |
+//! | UD: bad lkey / too long for the path MTU | `LocProtErr` / `LocLenErr`, QP → SQE | — |
+//! | UD: qkey mismatch, no receive, no such QP | success (datagram dropped) | nothing |
+//! | UD: receive buffer too small | success | receive `LocLenErr` |
+//!
+//! Every other outstanding WR of a QP that went to ERR completes with `WrFlushErr`, and so does
+//! every WR posted to it later. Posting a send to a QP in RESET, INIT or RTR, or a receive to a
+//! QP in RESET, fails with [`Error::Invalid`] (IB returns `EINVAL` from `post_send`).
+//!
+//! The transport-retry delay is `4.096 µs × 2^timeout`, capped at 100 ms (and 100 ms for the
+//! "infinite" encoding 0); RNR delays follow the IB table unscaled.
+
+mod fabric;
+mod mem;
+mod qp;
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
+
+pub use fabric::Fabric;
+use mem::{Mr, Segs};
+use qp::{drive, kick, Qp, Rq, Sq, Srq, SrqQ, Trigger};
+
+use crate::{
+    Access, Backend, CompletionSink, CqId, Error, Gid, GidType, GuestMem, MrId, MrKeys, MrKind,
+    PdId, QpAttrs, QpId, QpInit, QpState, QpType, RecvWr, Result, SendWr, Sge, SrqId, WcOpcode,
+    WcStatus, WorkCompletion, MAX_SGE,
+};
+
+/// GID table entries per backend (the device reports a smaller `gid_tbl_len`).
+pub const MAX_GIDS: u32 = 128;
+/// MRs per backend: the MR slot must fit in 23 bits of a key.
+const MAX_MRS: usize = 1 << 20;
+/// Work requests per queue: bounds what a guest can make the backend buffer.
+pub const MAX_WR: u32 = 1 << 16;
+/// QPs per backend.
+const MAX_QPS: usize = 1 << 16;
+/// Objects (PDs, CQs, SRQs) per kind per backend.
+const MAX_OBJECTS: usize = 1 << 16;
+/// Preallocated slots of a queue (it grows up to its depth only when really used).
+const PREALLOC_WR: u32 = 1024;
+/// Bit that marks an rkey (lkeys and rkeys of one MR differ).
+const RKEY_BIT: u32 = 0x8000_0000;
+
+/// Locks a mutex, ignoring poisoning (state is kept consistent at every unlock point).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|e| e.into_inner())
+}
+
+#[derive(Debug, Default)]
+struct MrSlot {
+    gen: u8,
+    mr: Option<Arc<Mr>>,
+}
+
+#[derive(Debug, Default)]
+struct MrTable {
+    slots: Vec<MrSlot>,
+    free: Vec<u32>,
+}
+
+/// Control-plane state (one command at a time).
+#[derive(Debug, Default)]
+struct Ctl {
+    next_pd: u32,
+    /// PD → references (MRs, QPs, SRQs).
+    pds: HashMap<u32, u32>,
+    next_cq: u32,
+    /// CQ → references (QPs).
+    cqs: HashMap<u32, u32>,
+    next_srq: u32,
+    /// SRQ → (object, references).
+    srqs: HashMap<u32, (Arc<Srq>, u32)>,
+    /// MR → PD.
+    mr_pd: HashMap<u32, PdId>,
+    next_qpn: u32,
+}
+
+fn alloc_id<V>(next: &mut u32, map: &HashMap<u32, V>) -> Result<u32> {
+    if map.len() >= MAX_OBJECTS {
+        return Err(Error::Exhausted("objects"));
+    }
+    loop {
+        *next = next.wrapping_add(1).max(1);
+        if !map.contains_key(next) {
+            return Ok(*next);
+        }
+    }
+}
+
+/// A software RDMA device attached to a [`Fabric`].
+pub struct EmulatedBackend {
+    id: u64,
+    me: Weak<EmulatedBackend>,
+    fabric: Arc<Fabric>,
+    mem: GuestMem,
+    sink: Arc<dyn CompletionSink>,
+    gids: RwLock<Vec<Option<(Gid, GidType)>>>,
+    mrs: RwLock<MrTable>,
+    qps: RwLock<HashMap<u32, Arc<Qp>>>,
+    ctl: Mutex<Ctl>,
+}
+
+impl fmt::Debug for EmulatedBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EmulatedBackend")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EmulatedBackend {
+    /// A new device on `fabric` over guest memory `mem`, delivering completions to `sink`.
+    ///
+    /// The sink is called with QP locks held: it must not call back into the backend.
+    pub fn new(
+        fabric: &Arc<Fabric>,
+        mem: GuestMem,
+        sink: Arc<dyn CompletionSink>,
+    ) -> Arc<EmulatedBackend> {
+        Arc::new_cyclic(|me| EmulatedBackend {
+            id: fabric.new_backend_id(),
+            me: me.clone(),
+            fabric: fabric.clone(),
+            mem,
+            sink,
+            gids: RwLock::new(vec![None; MAX_GIDS as usize]),
+            mrs: RwLock::new(MrTable::default()),
+            qps: RwLock::new(HashMap::new()),
+            ctl: Mutex::new(Ctl {
+                next_qpn: 1,
+                ..Ctl::default()
+            }),
+        })
+    }
+
+    /// The fabric this device is attached to.
+    pub fn fabric(&self) -> &Arc<Fabric> {
+        &self.fabric
+    }
+
+    pub(crate) fn gid(&self, index: u8) -> Option<Gid> {
+        read(&self.gids)
+            .get(usize::from(index))
+            .copied()
+            .flatten()
+            .map(|(g, _)| g)
+    }
+
+    pub(crate) fn qp_by_qpn(&self, qpn: u32) -> Option<Arc<Qp>> {
+        read(&self.qps).get(&qpn).cloned()
+    }
+
+    fn qp(&self, id: QpId) -> Result<Arc<Qp>> {
+        self.qp_by_qpn(id.0).ok_or(Error::NoSuchObject("QP"))
+    }
+
+    fn mr_by_key(&self, key: u32, remote: bool) -> Option<Arc<Mr>> {
+        if (key & RKEY_BIT != 0) != remote {
+            return None;
+        }
+        let slot = ((key & !RKEY_BIT) >> 8) as usize;
+        let t = read(&self.mrs);
+        let s = t.slots.get(slot)?;
+        if s.gen != key as u8 {
+            return None;
+        }
+        s.mr.clone()
+    }
+
+    /// Validates local SGEs: the lkey exists, belongs to `pd`, grants `need`, covers the range.
+    pub(crate) fn resolve_local(&self, sges: &[Sge], pd: PdId, need: Access) -> Option<Segs> {
+        let mut segs = Segs::new();
+        for s in sges {
+            if s.length == 0 {
+                continue;
+            }
+            let mr = self.mr_by_key(s.lkey, false)?;
+            if mr.pd != pd || !mr.access.contains(need) || !mr.contains(s.addr, s.length.into()) {
+                return None;
+            }
+            segs.push(mr, s.addr, s.length.into());
+        }
+        Some(segs)
+    }
+
+    /// Validates a remote range: the rkey exists, belongs to `pd`, grants `need`, covers it.
+    pub(crate) fn resolve_remote(
+        &self,
+        rkey: u32,
+        addr: u64,
+        len: u64,
+        pd: PdId,
+        need: Access,
+    ) -> Option<Segs> {
+        let mr = self.mr_by_key(rkey, true)?;
+        if mr.pd != pd || !mr.access.contains(need) || !mr.contains(addr, len) {
+            return None;
+        }
+        let mut segs = Segs::new();
+        segs.push(mr, addr, len);
+        Some(segs)
+    }
+
+    fn destroy_qp_inner(&self, qp: &Arc<Qp>) {
+        {
+            let mut sq = lock(&qp.sq);
+            let mut rq = lock(&qp.rq);
+            qp.dead.store(true, Ordering::Release);
+            sq.pending.clear();
+            sq.stall = None;
+            sq.token += 1;
+            rq.wqes.clear();
+            rq.waiters.clear();
+        }
+        let mut ctl = lock(&self.ctl);
+        for cq in [qp.send_cq, qp.recv_cq] {
+            if let Some(r) = ctl.cqs.get_mut(&cq.0) {
+                *r = r.saturating_sub(1);
+            }
+        }
+        if let Some(r) = ctl.pds.get_mut(&qp.pd.0) {
+            *r = r.saturating_sub(1);
+        }
+        if let Some(srq) = &qp.srq {
+            if let Some((_, r)) = ctl.srqs.get_mut(&srq.id.0) {
+                *r = r.saturating_sub(1);
+            }
+        }
+    }
+
+    fn clear_gids(&self) {
+        let mut g = write(&self.gids);
+        for e in g.iter_mut() {
+            if let Some((gid, _)) = e.take() {
+                self.fabric.unregister(&gid, self.id);
+            }
+        }
+    }
+}
+
+impl Drop for EmulatedBackend {
+    fn drop(&mut self) {
+        self.clear_gids();
+    }
+}
+
+/// Whether IB allows `from → to`.
+fn transition_ok(from: QpState, to: QpState) -> bool {
+    use QpState::*;
+    matches!(
+        (from, to),
+        (_, Reset)
+            | (_, Err)
+            | (Reset, Init)
+            | (Init, Init)
+            | (Init, Rtr)
+            | (Rtr, Rts)
+            | (Rts, Rts)
+            | (Rts, Sqd)
+            | (Sqd, Sqd)
+            | (Sqd, Rts)
+            | (Sqe, Rts)
+    )
+}
+
+impl Backend for EmulatedBackend {
+    fn name(&self) -> &'static str {
+        "emulated"
+    }
+
+    fn add_gid(&self, index: u32, gid: Gid, ty: GidType) -> Result<()> {
+        let mut g = write(&self.gids);
+        let slot = g
+            .get_mut(index as usize)
+            .ok_or(Error::Invalid("GID index"))?;
+        if let Some((old, _)) = slot.take() {
+            self.fabric.unregister(&old, self.id);
+        }
+        if !self.fabric.register(gid, self.id, self.me.clone()) {
+            log::warn!("GID {gid:?} is already owned by another device on the fabric");
+        }
+        *slot = Some((gid, ty));
+        Ok(())
+    }
+
+    fn del_gid(&self, index: u32) -> Result<()> {
+        let mut g = write(&self.gids);
+        let slot = g
+            .get_mut(index as usize)
+            .ok_or(Error::Invalid("GID index"))?;
+        if let Some((old, _)) = slot.take() {
+            self.fabric.unregister(&old, self.id);
+        }
+        Ok(())
+    }
+
+    fn create_pd(&self) -> Result<PdId> {
+        let mut ctl = lock(&self.ctl);
+        let Ctl { next_pd, pds, .. } = &mut *ctl;
+        let id = alloc_id(next_pd, pds)?;
+        pds.insert(id, 0);
+        Ok(PdId(id))
+    }
+
+    fn destroy_pd(&self, pd: PdId) -> Result<()> {
+        let mut ctl = lock(&self.ctl);
+        match ctl.pds.get(&pd.0) {
+            None => Err(Error::NoSuchObject("PD")),
+            Some(&r) if r > 0 => Err(Error::Busy("PD")),
+            Some(_) => {
+                ctl.pds.remove(&pd.0);
+                Ok(())
+            }
+        }
+    }
+
+    fn create_mr(&self, pd: PdId, kind: MrKind, access: Access) -> Result<MrKeys> {
+        if let MrKind::User {
+            iova,
+            length,
+            pages,
+        } = &kind
+        {
+            let end = iova
+                .checked_add(*length)
+                .ok_or(Error::Invalid("MR wraps around"))?;
+            let first = iova & !(mem::PAGE - 1);
+            let npages = end.div_ceil(mem::PAGE) - first / mem::PAGE;
+            if (pages.len() as u64) < npages {
+                return Err(Error::Invalid("MR page list too short"));
+            }
+        }
+        // IB: remote write/atomic need local write.
+        if access.intersects(Access::REMOTE_WRITE | Access::REMOTE_ATOMIC)
+            && !access.contains(Access::LOCAL_WRITE)
+        {
+            return Err(Error::Invalid("remote write access without local write"));
+        }
+        let mut ctl = lock(&self.ctl);
+        let refs = ctl.pds.get_mut(&pd.0).ok_or(Error::NoSuchObject("PD"))?;
+        let mut t = write(&self.mrs);
+        let slot = match t.free.pop() {
+            Some(s) => s as usize,
+            None if t.slots.len() < MAX_MRS => {
+                t.slots.push(MrSlot::default());
+                t.slots.len() - 1
+            }
+            None => return Err(Error::Exhausted("MRs")),
+        };
+        let s = &mut t.slots[slot];
+        s.gen = s.gen.wrapping_add(1).max(1);
+        s.mr = Some(Arc::new(Mr { pd, access, kind }));
+        let lkey = ((slot as u32) << 8) | u32::from(s.gen);
+        *refs += 1;
+        ctl.mr_pd.insert(slot as u32, pd);
+        Ok(MrKeys {
+            id: MrId(slot as u32),
+            lkey,
+            rkey: lkey | RKEY_BIT,
+        })
+    }
+
+    fn destroy_mr(&self, mr: MrId) -> Result<()> {
+        let mut ctl = lock(&self.ctl);
+        let pd = ctl.mr_pd.remove(&mr.0).ok_or(Error::NoSuchObject("MR"))?;
+        let mut t = write(&self.mrs);
+        if let Some(s) = t.slots.get_mut(mr.0 as usize) {
+            s.mr = None;
+        }
+        t.free.push(mr.0);
+        if let Some(r) = ctl.pds.get_mut(&pd.0) {
+            *r = r.saturating_sub(1);
+        }
+        Ok(())
+    }
+
+    fn create_cq(&self, cqe: u32, _cookie: u64) -> Result<CqId> {
+        if cqe == 0 {
+            return Err(Error::Invalid("CQ size 0"));
+        }
+        let mut ctl = lock(&self.ctl);
+        let Ctl { next_cq, cqs, .. } = &mut *ctl;
+        let id = alloc_id(next_cq, cqs)?;
+        cqs.insert(id, 0);
+        Ok(CqId(id))
+    }
+
+    fn destroy_cq(&self, cq: CqId) -> Result<()> {
+        let mut ctl = lock(&self.ctl);
+        match ctl.cqs.get(&cq.0) {
+            None => Err(Error::NoSuchObject("CQ")),
+            Some(&r) if r > 0 => Err(Error::Busy("CQ")),
+            Some(_) => {
+                ctl.cqs.remove(&cq.0);
+                Ok(())
+            }
+        }
+    }
+
+    fn create_srq(
+        &self,
+        pd: PdId,
+        max_wr: u32,
+        max_sge: u32,
+        limit: u32,
+        cookie: u64,
+    ) -> Result<SrqId> {
+        if max_wr == 0 || max_wr > MAX_WR || max_sge as usize > MAX_SGE || limit > max_wr {
+            return Err(Error::Invalid("SRQ size"));
+        }
+        let mut ctl = lock(&self.ctl);
+        let Ctl {
+            next_srq,
+            srqs,
+            pds,
+            ..
+        } = &mut *ctl;
+        let refs = pds.get_mut(&pd.0).ok_or(Error::NoSuchObject("PD"))?;
+        let id = alloc_id(next_srq, srqs)?;
+        *refs += 1;
+        let srq = Arc::new(Srq {
+            id: SrqId(id),
+            pd,
+            cookie,
+            max_wr,
+            max_sge,
+            q: Mutex::new(SrqQ {
+                wqes: VecDeque::with_capacity(max_wr.min(PREALLOC_WR) as usize),
+                limit,
+                waiters: Vec::new(),
+            }),
+        });
+        srqs.insert(id, (srq, 0));
+        Ok(SrqId(id))
+    }
+
+    fn modify_srq(&self, srq: SrqId, limit: u32) -> Result<()> {
+        let s = lock(&self.ctl)
+            .srqs
+            .get(&srq.0)
+            .map(|(s, _)| s.clone())
+            .ok_or(Error::NoSuchObject("SRQ"))?;
+        if limit > s.max_wr {
+            return Err(Error::Invalid("SRQ limit above its size"));
+        }
+        lock(&s.q).limit = limit;
+        Ok(())
+    }
+
+    fn destroy_srq(&self, srq: SrqId) -> Result<()> {
+        let mut ctl = lock(&self.ctl);
+        let (s, refs) = ctl.srqs.get(&srq.0).ok_or(Error::NoSuchObject("SRQ"))?;
+        if *refs > 0 {
+            return Err(Error::Busy("SRQ"));
+        }
+        let pd = s.pd;
+        ctl.srqs.remove(&srq.0);
+        if let Some(r) = ctl.pds.get_mut(&pd.0) {
+            *r = r.saturating_sub(1);
+        }
+        Ok(())
+    }
+
+    fn post_srq_recv(&self, srq: SrqId, wr: &RecvWr) -> Result<()> {
+        let s = lock(&self.ctl)
+            .srqs
+            .get(&srq.0)
+            .map(|(s, _)| s.clone())
+            .ok_or(Error::NoSuchObject("SRQ"))?;
+        if wr.sges.as_slice().len() > s.max_sge as usize {
+            return Err(Error::Invalid("too many SGEs"));
+        }
+        let mut q = lock(&s.q);
+        if q.wqes.len() >= s.max_wr as usize {
+            return Err(Error::QueueFull);
+        }
+        q.wqes.push_back(*wr);
+        let waiters = std::mem::take(&mut q.waiters);
+        drop(q);
+        kick(waiters);
+        Ok(())
+    }
+
+    fn create_qp(&self, init: &QpInit) -> Result<(QpId, u32)> {
+        if init.max_send_wr > MAX_WR
+            || init.max_recv_wr > MAX_WR
+            || init.max_send_sge as usize > MAX_SGE
+            || init.max_recv_sge as usize > MAX_SGE
+        {
+            return Err(Error::Invalid("QP size"));
+        }
+        let mut ctl = lock(&self.ctl);
+        if !ctl.pds.contains_key(&init.pd.0) {
+            return Err(Error::NoSuchObject("PD"));
+        }
+        if !ctl.cqs.contains_key(&init.send_cq.0) || !ctl.cqs.contains_key(&init.recv_cq.0) {
+            return Err(Error::NoSuchObject("CQ"));
+        }
+        let srq = match init.srq {
+            Some(id) => Some(
+                ctl.srqs
+                    .get(&id.0)
+                    .map(|(s, _)| s.clone())
+                    .ok_or(Error::NoSuchObject("SRQ"))?,
+            ),
+            None => None,
+        };
+        let mut qps = write(&self.qps);
+        let qpn = if init.qp_type == QpType::Gsi {
+            if qps.contains_key(&1) {
+                return Err(Error::Busy("GSI QP"));
+            }
+            1
+        } else {
+            if qps.len() >= MAX_QPS {
+                return Err(Error::Exhausted("QPs"));
+            }
+            loop {
+                ctl.next_qpn = (ctl.next_qpn + 1) & 0xff_ffff;
+                if ctl.next_qpn < 2 {
+                    ctl.next_qpn = 2;
+                }
+                if !qps.contains_key(&ctl.next_qpn) {
+                    break ctl.next_qpn;
+                }
+            }
+        };
+        let qp = Arc::new(Qp {
+            qpn,
+            ty: init.qp_type,
+            pd: init.pd,
+            send_cq: init.send_cq,
+            recv_cq: init.recv_cq,
+            srq: srq.clone(),
+            sig_all: init.sq_sig_all,
+            cookie: init.cookie,
+            max_send_wr: init.max_send_wr,
+            max_recv_wr: init.max_recv_wr,
+            max_send_sge: init.max_send_sge,
+            max_recv_sge: init.max_recv_sge,
+            backend: self.me.clone(),
+            state: AtomicU8::new(QpState::Reset as u8),
+            access: AtomicU32::new(0),
+            dead: AtomicBool::new(false),
+            sq: Mutex::new(Sq {
+                pending: VecDeque::with_capacity(init.max_send_wr.min(PREALLOC_WR) as usize),
+                stall: None,
+                token: 1,
+                path_mtu: 0,
+                dest_qpn: 0,
+                ah: None,
+                rnr_retry: 0,
+                retry_cnt: 0,
+                timeout: 0,
+                qkey: 0,
+                remote: Weak::new(),
+            }),
+            rq: Mutex::new(Rq {
+                wqes: VecDeque::with_capacity(init.max_recv_wr.min(PREALLOC_WR) as usize),
+                waiters: Vec::new(),
+                qkey: 0,
+                min_rnr_timer: 0,
+            }),
+        });
+        qps.insert(qpn, qp);
+        *ctl.pds.entry(init.pd.0).or_default() += 1;
+        *ctl.cqs.entry(init.send_cq.0).or_default() += 1;
+        *ctl.cqs.entry(init.recv_cq.0).or_default() += 1;
+        if let Some(s) = srq {
+            if let Some((_, r)) = ctl.srqs.get_mut(&s.id.0) {
+                *r += 1;
+            }
+        }
+        Ok((QpId(qpn), qpn))
+    }
+
+    fn modify_qp(&self, id: QpId, attrs: &QpAttrs) -> Result<()> {
+        let qp = self.qp(id)?;
+        if attrs.path_mtu.is_some_and(|m| !(1..=5).contains(&m))
+            || attrs.min_rnr_timer.is_some_and(|t| t > 31)
+            || attrs.timeout.is_some_and(|t| t > 31)
+            || attrs.rnr_retry.is_some_and(|r| r > 7)
+            || attrs.retry_cnt.is_some_and(|r| r > 7)
+        {
+            return Err(Error::Invalid("QP attribute out of range"));
+        }
+        let mut sq = lock(&qp.sq);
+        let mut rq = lock(&qp.rq);
+        if qp.is_dead() {
+            return Err(Error::NoSuchObject("QP"));
+        }
+        let from = qp.state();
+        if let Some(to) = attrs.state {
+            if !transition_ok(from, to) {
+                return Err(Error::BadTransition { from, to });
+            }
+        }
+        if let Some(m) = attrs.path_mtu {
+            sq.path_mtu = m;
+        }
+        if let Some(q) = attrs.qkey {
+            sq.qkey = q;
+            rq.qkey = q;
+        }
+        if let Some(d) = attrs.dest_qp_num {
+            sq.dest_qpn = d & 0xff_ffff;
+            sq.remote = Weak::new();
+        }
+        if let Some(av) = attrs.ah {
+            sq.ah = Some(av);
+            sq.remote = Weak::new();
+        }
+        if let Some(a) = attrs.access {
+            qp.access.store(a.bits(), Ordering::Release);
+        }
+        if let Some(t) = attrs.min_rnr_timer {
+            rq.min_rnr_timer = t;
+        }
+        if let Some(t) = attrs.timeout {
+            sq.timeout = t;
+        }
+        if let Some(r) = attrs.retry_cnt {
+            sq.retry_cnt = r;
+        }
+        if let Some(r) = attrs.rnr_retry {
+            sq.rnr_retry = r;
+        }
+        let Some(to) = attrs.state else {
+            return Ok(());
+        };
+        qp.set_state(to);
+        match to {
+            QpState::Reset => {
+                sq.pending.clear();
+                sq.stall = None;
+                sq.token += 1;
+                sq.remote = Weak::new();
+                rq.wqes.clear();
+                rq.waiters.clear();
+            }
+            QpState::Err => {
+                drop(rq);
+                qp::to_err_locked_sq(self, &qp, &mut sq);
+            }
+            QpState::Rts if from != QpState::Rts => {
+                drop(rq);
+                drive(self, &qp, &mut sq, Trigger::Post);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn query_qp_state(&self, qp: QpId) -> Result<QpState> {
+        Ok(self.qp(qp)?.state())
+    }
+
+    fn destroy_qp(&self, id: QpId) -> Result<()> {
+        let qp = write(&self.qps)
+            .remove(&id.0)
+            .ok_or(Error::NoSuchObject("QP"))?;
+        self.destroy_qp_inner(&qp);
+        Ok(())
+    }
+
+    fn post_send(&self, id: QpId, wr: &SendWr) -> Result<()> {
+        let qp = self.qp(id)?;
+        let mut sq = lock(&qp.sq);
+        if qp.is_dead() {
+            return Err(Error::NoSuchObject("QP"));
+        }
+        match qp.state() {
+            QpState::Reset | QpState::Init | QpState::Rtr => {
+                return Err(Error::Invalid("QP is not ready to send"))
+            }
+            QpState::Err | QpState::Sqe => {
+                drive(self, &qp, &mut sq, Trigger::Post);
+                let wc = WorkCompletion {
+                    cq: qp.send_cq,
+                    qp_cookie: qp.cookie,
+                    wr_id: wr.wr_id,
+                    status: WcStatus::WrFlushErr,
+                    opcode: qp::send_opcode(&wr.op),
+                    byte_len: 0,
+                    imm_data: None,
+                    src_qp: 0,
+                    grh: false,
+                    solicited: false,
+                };
+                self.sink.complete(std::slice::from_ref(&wc));
+                return Ok(());
+            }
+            QpState::Rts | QpState::Sqd => {}
+        }
+        if sq.pending.len() >= qp.max_send_wr.max(1) as usize {
+            return Err(Error::QueueFull);
+        }
+        sq.pending.push_back(*wr);
+        drive(self, &qp, &mut sq, Trigger::Post);
+        Ok(())
+    }
+
+    fn post_recv(&self, id: QpId, wr: &RecvWr) -> Result<()> {
+        let qp = self.qp(id)?;
+        if qp.srq.is_some() {
+            return Err(Error::Invalid("the QP receives from an SRQ"));
+        }
+        if wr.sges.as_slice().len() > qp.max_recv_sge.max(1) as usize {
+            return Err(Error::Invalid("too many SGEs"));
+        }
+        let mut rq = lock(&qp.rq);
+        if qp.is_dead() {
+            return Err(Error::NoSuchObject("QP"));
+        }
+        match qp.state() {
+            QpState::Reset => return Err(Error::Invalid("QP is in RESET")),
+            QpState::Err => {
+                let wc = WorkCompletion {
+                    cq: qp.recv_cq,
+                    qp_cookie: qp.cookie,
+                    wr_id: wr.wr_id,
+                    status: WcStatus::WrFlushErr,
+                    opcode: WcOpcode::Recv,
+                    byte_len: 0,
+                    imm_data: None,
+                    src_qp: 0,
+                    grh: false,
+                    solicited: false,
+                };
+                self.sink.complete(std::slice::from_ref(&wc));
+                return Ok(());
+            }
+            _ => {}
+        }
+        if rq.wqes.len() >= qp.max_recv_wr.max(1) as usize {
+            return Err(Error::QueueFull);
+        }
+        rq.wqes.push_back(*wr);
+        if rq.waiters.is_empty() {
+            return Ok(());
+        }
+        let waiters = std::mem::take(&mut rq.waiters);
+        drop(rq);
+        kick(waiters);
+        Ok(())
+    }
+
+    fn reset(&self) {
+        let qps: Vec<Arc<Qp>> = write(&self.qps).drain().map(|(_, q)| q).collect();
+        for qp in &qps {
+            self.destroy_qp_inner(qp);
+        }
+        {
+            // Keep the generations so keys from before the reset stay stale.
+            let mut t = write(&self.mrs);
+            for s in t.slots.iter_mut() {
+                s.mr = None;
+            }
+            t.free = (0..t.slots.len() as u32).rev().collect();
+        }
+        *lock(&self.ctl) = Ctl {
+            next_qpn: 1,
+            ..Ctl::default()
+        };
+        self.clear_gids();
+    }
+}

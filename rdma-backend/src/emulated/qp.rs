@@ -1,0 +1,920 @@
+//! Queue pairs, SRQs and the data path.
+//!
+//! # Locking
+//! Each QP has two locks: `sq` (send side: pending WRs, path attributes, retry state) and `rq`
+//! (receive side: posted receives, RNR waiters, qkey). The only nesting is
+//! `sender.sq → responder.rq → srq.q`, never the other way, so two QPs sending to each other
+//! cannot deadlock, and a QP sending to itself takes its own `sq` then its own `rq`. Completions
+//! are handed to the sink while the lock of the queue they belong to is held: that keeps the
+//! completions of one queue in order and makes `destroy_qp` (which takes both locks and marks
+//! the QP dead) a barrier after which nothing of that QP is delivered. The sink must therefore
+//! never call back into the backend. Object tables (`qps`, `mrs`) are `RwLock`s held only for a
+//! lookup, never across a copy.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
+
+use super::mem::{atomic_at, atomic_target, copy, write_bytes, Fault, Segs};
+use super::{lock, EmulatedBackend};
+use crate::{
+    Access, AddressVector, AsyncEvent, CqId, PdId, QpState, QpType, RecvWr, SendOp, SendWr, SrqId,
+    WcOpcode, WcStatus, WorkCompletion,
+};
+
+/// Token of a timer entry that only flushes a QP that went to ERR as a responder.
+pub(crate) const FLUSH_TOKEN: u64 = 0;
+
+/// Largest transport-retry delay the emulation waits (IB `timeout` 0 means "infinite").
+const MAX_TIMEOUT_DELAY: Duration = Duration::from_millis(100);
+
+/// RNR NAK timer, IB encoding (o9-?? table 45) → microseconds.
+const RNR_US: [u32; 32] = [
+    655_360, 10, 20, 30, 40, 60, 80, 120, 160, 240, 320, 480, 640, 960, 1280, 1920, 2560, 3840,
+    5120, 7680, 10_240, 15_360, 20_480, 30_720, 40_960, 61_440, 81_920, 122_880, 163_840, 245_760,
+    327_680, 491_520,
+];
+
+/// The send-side state of a QP.
+#[derive(Debug)]
+pub(crate) struct Sq {
+    /// WRs posted and not yet completed, in order.
+    pub pending: VecDeque<SendWr>,
+    /// The head WR is waiting for a retry.
+    pub stall: Option<Stall>,
+    /// Identifies the current timer entry; bumped to make older ones stale.
+    pub token: u64,
+    pub path_mtu: u8,
+    pub dest_qpn: u32,
+    pub ah: Option<AddressVector>,
+    pub rnr_retry: u8,
+    pub retry_cnt: u8,
+    pub timeout: u8,
+    pub qkey: u32,
+    /// Cached RC responder.
+    pub remote: Weak<Qp>,
+}
+
+/// Why the head WR waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StallKind {
+    /// The responder had no receive posted.
+    Rnr,
+    /// The responder is unreachable or not ready (the packet was dropped).
+    Timeout,
+}
+
+/// Retry state of the head WR.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Stall {
+    kind: StallKind,
+    /// Retries left (`None`: infinite).
+    left: Option<u8>,
+}
+
+/// The receive-side state of a QP.
+#[derive(Debug)]
+pub(crate) struct Rq {
+    pub wqes: VecDeque<RecvWr>,
+    /// Senders waiting (RNR) for a receive here.
+    pub waiters: Vec<Weak<Qp>>,
+    pub qkey: u32,
+    pub min_rnr_timer: u8,
+}
+
+/// A shared receive queue.
+#[derive(Debug)]
+pub(crate) struct Srq {
+    pub id: SrqId,
+    pub pd: PdId,
+    pub cookie: u64,
+    pub max_wr: u32,
+    pub max_sge: u32,
+    pub q: Mutex<SrqQ>,
+}
+
+/// The queue of an SRQ.
+#[derive(Debug)]
+pub(crate) struct SrqQ {
+    pub wqes: VecDeque<RecvWr>,
+    pub limit: u32,
+    pub waiters: Vec<Weak<Qp>>,
+}
+
+/// A queue pair.
+#[derive(Debug)]
+pub(crate) struct Qp {
+    pub qpn: u32,
+    pub ty: QpType,
+    pub pd: PdId,
+    pub send_cq: CqId,
+    pub recv_cq: CqId,
+    pub srq: Option<Arc<Srq>>,
+    pub sig_all: bool,
+    pub cookie: u64,
+    pub max_send_wr: u32,
+    pub max_recv_wr: u32,
+    pub max_send_sge: u32,
+    pub max_recv_sge: u32,
+    pub backend: Weak<EmulatedBackend>,
+    pub state: AtomicU8,
+    /// Remote access rights (bits of [`Access`]).
+    pub access: AtomicU32,
+    /// Set (under both locks) by destroy: nothing of the QP is delivered afterwards.
+    pub dead: AtomicBool,
+    pub sq: Mutex<Sq>,
+    pub rq: Mutex<Rq>,
+}
+
+pub(crate) fn state_from(v: u8) -> QpState {
+    QpState::from_u32(u32::from(v)).unwrap_or(QpState::Err)
+}
+
+impl Qp {
+    pub fn state(&self) -> QpState {
+        state_from(self.state.load(Ordering::Acquire))
+    }
+    pub fn set_state(&self, s: QpState) {
+        self.state.store(s as u8, Ordering::Release);
+    }
+    pub fn is_dead(&self) -> bool {
+        self.dead.load(Ordering::Acquire)
+    }
+    fn can_receive(&self) -> bool {
+        matches!(
+            self.state(),
+            QpState::Rtr | QpState::Rts | QpState::Sqd | QpState::Sqe
+        )
+    }
+    fn remote_access(&self) -> Access {
+        Access::from_bits_retain(self.access.load(Ordering::Acquire))
+    }
+    fn wc(
+        &self,
+        cq: CqId,
+        wr_id: u64,
+        status: WcStatus,
+        opcode: WcOpcode,
+        len: u64,
+    ) -> WorkCompletion {
+        WorkCompletion {
+            cq,
+            qp_cookie: self.cookie,
+            wr_id,
+            status,
+            opcode,
+            byte_len: u32::try_from(len).unwrap_or(u32::MAX),
+            imm_data: None,
+            src_qp: 0,
+            grh: false,
+            solicited: false,
+        }
+    }
+}
+
+/// The completion opcode of a send WR.
+pub(crate) fn send_opcode(op: &SendOp) -> WcOpcode {
+    match op {
+        SendOp::Send { .. } => WcOpcode::Send,
+        SendOp::RdmaWrite { .. } => WcOpcode::RdmaWrite,
+        SendOp::RdmaRead { .. } => WcOpcode::RdmaRead,
+        SendOp::CmpSwap { .. } => WcOpcode::CompSwap,
+        SendOp::FetchAdd { .. } => WcOpcode::FetchAdd,
+    }
+}
+
+/// Path MTU in bytes from the IB encoding (default 1024).
+fn mtu_bytes(enc: u8) -> u64 {
+    match enc {
+        1..=5 => 128u64 << enc,
+        _ => 1024,
+    }
+}
+
+/// What triggered a run of the send queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Trigger {
+    /// A post or a state change.
+    Post,
+    /// A receive was posted where the head WR waits (RNR).
+    Kick,
+    /// The retry timer fired with this token.
+    Timer(u64),
+}
+
+/// The result of executing one send WR.
+enum Outcome {
+    /// Completed; the completion is delivered if signaled.
+    Done(u64),
+    /// Completed with an error: the QP leaves RTS.
+    Error(WcStatus),
+    /// Must be retried later.
+    Stall(StallKind, Duration),
+}
+
+/// Errors of the responder side of an RC operation.
+enum Resp {
+    /// No receive posted (RNR NAK with this timer).
+    Rnr(u8),
+    /// Dropped: the responder is not there or not ready.
+    Dropped,
+    /// NAK: the requester completes with this status.
+    Nak(WcStatus),
+    /// The requester's own memory faulted.
+    LocalFault,
+}
+
+/// Flushes the pending send WRs with `WrFlushErr` (sq locked).
+fn flush_sq(be: &EmulatedBackend, qp: &Qp, sq: &mut Sq) {
+    if sq.pending.is_empty() {
+        return;
+    }
+    let wcs: Vec<WorkCompletion> = sq
+        .pending
+        .drain(..)
+        .map(|wr| {
+            qp.wc(
+                qp.send_cq,
+                wr.wr_id,
+                WcStatus::WrFlushErr,
+                send_opcode(&wr.op),
+                0,
+            )
+        })
+        .collect();
+    sq.stall = None;
+    sq.token += 1;
+    if !qp.is_dead() {
+        be.sink.complete(&wcs);
+    }
+}
+
+/// Flushes the posted receives with `WrFlushErr` (rq locked). A QP on an SRQ gets the
+/// last-WQE-reached event instead.
+fn flush_rq(be: &EmulatedBackend, qp: &Qp, rq: &mut Rq) {
+    if qp.is_dead() {
+        rq.wqes.clear();
+        return;
+    }
+    if qp.srq.is_some() {
+        be.sink.event(AsyncEvent::QpLastWqeReached {
+            qp_cookie: qp.cookie,
+        });
+        return;
+    }
+    if rq.wqes.is_empty() {
+        return;
+    }
+    let wcs: Vec<WorkCompletion> = rq
+        .wqes
+        .drain(..)
+        .map(|wr| {
+            qp.wc(
+                qp.recv_cq,
+                wr.wr_id,
+                WcStatus::WrFlushErr,
+                WcOpcode::Recv,
+                0,
+            )
+        })
+        .collect();
+    be.sink.complete(&wcs);
+}
+
+/// Moves a QP to ERR from its send side (sq locked): flushes both queues.
+pub(crate) fn to_err_locked_sq(be: &EmulatedBackend, qp: &Qp, sq: &mut Sq) {
+    qp.set_state(QpState::Err);
+    flush_sq(be, qp, sq);
+    let mut rq = lock(&qp.rq);
+    flush_rq(be, qp, &mut rq);
+}
+
+/// Moves a responder QP to ERR (its rq locked): flushes its receives now and its send queue
+/// from the timer thread (its `sq` may not be taken here).
+fn responder_err(be: &EmulatedBackend, qp: &Arc<Qp>, rq: &mut Rq, ev: Option<AsyncEvent>) {
+    if qp.state() == QpState::Err || qp.is_dead() {
+        return;
+    }
+    qp.set_state(QpState::Err);
+    if let Some(ev) = ev {
+        be.sink.event(ev);
+    }
+    flush_rq(be, qp, rq);
+    be.fabric
+        .schedule(Instant::now(), Arc::downgrade(qp), FLUSH_TOKEN);
+}
+
+/// Runs the send queue of `qp` (its `sq` locked by the caller).
+pub(crate) fn drive(be: &EmulatedBackend, qp: &Arc<Qp>, sq: &mut Sq, mut trigger: Trigger) {
+    if qp.is_dead() {
+        return;
+    }
+    match qp.state() {
+        QpState::Err | QpState::Sqe => return flush_sq(be, qp, sq),
+        QpState::Rts => {}
+        _ => return,
+    }
+    if let Some(st) = sq.stall {
+        let go = match trigger {
+            Trigger::Timer(t) => t == sq.token,
+            Trigger::Kick => st.kind == StallKind::Rnr,
+            Trigger::Post => false,
+        };
+        if !go {
+            return;
+        }
+    }
+    while let Some(wr) = sq.pending.front().copied() {
+        let outcome = match qp.ty {
+            QpType::Rc => execute_rc(be, qp, sq, &wr),
+            QpType::Ud | QpType::Gsi => execute_ud(be, qp, sq, &wr),
+        };
+        match outcome {
+            Outcome::Done(len) => {
+                sq.pending.pop_front();
+                if sq.stall.take().is_some() {
+                    sq.token += 1;
+                }
+                if wr.signaled || qp.sig_all {
+                    let wc = qp.wc(
+                        qp.send_cq,
+                        wr.wr_id,
+                        WcStatus::Success,
+                        send_opcode(&wr.op),
+                        len,
+                    );
+                    be.sink.complete(std::slice::from_ref(&wc));
+                }
+            }
+            Outcome::Error(status) => {
+                sq.pending.pop_front();
+                sq.stall = None;
+                sq.token += 1;
+                let wc = qp.wc(qp.send_cq, wr.wr_id, status, send_opcode(&wr.op), 0);
+                be.sink.complete(std::slice::from_ref(&wc));
+                if qp.ty == QpType::Rc {
+                    to_err_locked_sq(be, qp, sq);
+                } else {
+                    qp.set_state(QpState::Sqe);
+                    flush_sq(be, qp, sq);
+                }
+                return;
+            }
+            Outcome::Stall(kind, delay) => {
+                let fresh = match (sq.stall, trigger) {
+                    (None, _) => true,
+                    (Some(st), _) if st.kind != kind => true,
+                    (Some(_), Trigger::Timer(_)) => false,
+                    // A kick that found no receive again: keep waiting for the timer.
+                    (Some(_), _) => return,
+                };
+                let left = if fresh {
+                    match kind {
+                        StallKind::Rnr if sq.rnr_retry >= 7 => None,
+                        StallKind::Rnr => Some(sq.rnr_retry),
+                        StallKind::Timeout => Some(sq.retry_cnt.min(7)),
+                    }
+                } else {
+                    sq.stall.and_then(|s| s.left)
+                };
+                if left == Some(0) {
+                    let status = match kind {
+                        StallKind::Rnr => WcStatus::RnrRetryExcErr,
+                        StallKind::Timeout => WcStatus::RetryExcErr,
+                    };
+                    sq.pending.pop_front();
+                    sq.stall = None;
+                    sq.token += 1;
+                    let wc = qp.wc(qp.send_cq, wr.wr_id, status, send_opcode(&wr.op), 0);
+                    be.sink.complete(std::slice::from_ref(&wc));
+                    return to_err_locked_sq(be, qp, sq);
+                }
+                sq.stall = Some(Stall {
+                    kind,
+                    left: left.map(|l| l - 1),
+                });
+                sq.token += 1;
+                be.fabric
+                    .schedule(Instant::now() + delay, Arc::downgrade(qp), sq.token);
+                return;
+            }
+        }
+        trigger = Trigger::Post;
+    }
+}
+
+/// Timer callback: retries the head WR, or flushes a QP that went to ERR as a responder.
+pub(crate) fn on_timer(qp: &Arc<Qp>, token: u64) {
+    let Some(be) = qp.backend.upgrade() else {
+        return;
+    };
+    let mut sq = lock(&qp.sq);
+    if token == FLUSH_TOKEN {
+        if qp.state() == QpState::Err && !qp.is_dead() {
+            flush_sq(&be, qp, &mut sq);
+        }
+        return;
+    }
+    drive(&be, qp, &mut sq, Trigger::Timer(token));
+}
+
+/// Lets senders waiting for a receive retry now.
+pub(crate) fn kick(waiters: Vec<Weak<Qp>>) {
+    for w in waiters {
+        let Some(qp) = w.upgrade() else { continue };
+        let Some(be) = qp.backend.upgrade() else {
+            continue;
+        };
+        let mut sq = lock(&qp.sq);
+        drive(&be, &qp, &mut sq, Trigger::Kick);
+    }
+}
+
+/// Takes one receive for `qp` (rq locked), from its SRQ or its own queue; registers `waiter`
+/// for a kick when there is none.
+fn take_recv(
+    be: &EmulatedBackend,
+    qp: &Qp,
+    rq: &mut Rq,
+    waiter: Option<&Arc<Qp>>,
+) -> Option<RecvWr> {
+    match &qp.srq {
+        None => {
+            let w = rq.wqes.pop_front();
+            if w.is_none() {
+                if let Some(s) = waiter {
+                    rq.waiters.push(Arc::downgrade(s));
+                }
+            }
+            w
+        }
+        Some(srq) => {
+            let mut q = lock(&srq.q);
+            let Some(w) = q.wqes.pop_front() else {
+                if let Some(s) = waiter {
+                    q.waiters.push(Arc::downgrade(s));
+                }
+                return None;
+            };
+            if q.limit > 0 && (q.wqes.len() as u64) < u64::from(q.limit) {
+                q.limit = 0;
+                be.sink.event(AsyncEvent::SrqLimitReached {
+                    srq_cookie: srq.cookie,
+                });
+            }
+            Some(w)
+        }
+    }
+}
+
+/// Puts a receive back at the head of its queue (the sender faulted before any effect).
+fn untake_recv(qp: &Qp, rq: &mut Rq, w: RecvWr) {
+    match &qp.srq {
+        None => rq.wqes.push_front(w),
+        Some(srq) => lock(&srq.q).wqes.push_front(w),
+    }
+}
+
+/// Resolves the RC responder of `sq`.
+fn rc_target(be: &EmulatedBackend, sq: &mut Sq) -> Option<(Arc<EmulatedBackend>, Arc<Qp>)> {
+    if let Some(t) = sq.remote.upgrade() {
+        if !t.is_dead() {
+            if let Some(tb) = t.backend.upgrade() {
+                return Some((tb, t));
+            }
+        }
+    }
+    let tb = match &sq.ah {
+        Some(av) => be.fabric.lookup(&av.dgid)?,
+        None => be.me.upgrade()?,
+    };
+    let t = tb.qp_by_qpn(sq.dest_qpn)?;
+    if t.ty != QpType::Rc {
+        return None;
+    }
+    sq.remote = Arc::downgrade(&t);
+    Some((tb, t))
+}
+
+fn timeout_delay(enc: u8) -> Duration {
+    if enc == 0 || enc >= 32 {
+        return MAX_TIMEOUT_DELAY;
+    }
+    Duration::from_nanos(4096u64 << enc).min(MAX_TIMEOUT_DELAY)
+}
+
+fn rnr_delay(enc: u8) -> Duration {
+    Duration::from_micros(u64::from(RNR_US[usize::from(enc & 31)]))
+}
+
+/// Executes one RC send WR.
+fn execute_rc(be: &EmulatedBackend, qp: &Arc<Qp>, sq: &mut Sq, wr: &SendWr) -> Outcome {
+    if wr.sges.as_slice().len() > qp.max_send_sge as usize {
+        return Outcome::Error(WcStatus::LocLenErr);
+    }
+    let needs_write = matches!(
+        wr.op,
+        SendOp::RdmaRead { .. } | SendOp::CmpSwap { .. } | SendOp::FetchAdd { .. }
+    );
+    let need = if needs_write {
+        Access::LOCAL_WRITE
+    } else {
+        Access::empty()
+    };
+    let Some(local) = be.resolve_local(wr.sges.as_slice(), qp.pd, need) else {
+        return Outcome::Error(WcStatus::LocProtErr);
+    };
+    let stall_timeout = Outcome::Stall(StallKind::Timeout, timeout_delay(sq.timeout));
+    let Some((tb, tqp)) = rc_target(be, sq) else {
+        return stall_timeout;
+    };
+    if !tqp.can_receive() || tqp.is_dead() {
+        return stall_timeout;
+    }
+    let mem = be.mem.memory();
+    let tmem = tb.mem.memory();
+    let res = match wr.op {
+        SendOp::Send { imm } => rc_send(be, qp, &mem, &local, &tb, &tqp, &tmem, imm, wr.solicited),
+        SendOp::RdmaWrite {
+            remote_addr,
+            rkey,
+            imm,
+        } => rc_write(
+            qp,
+            &mem,
+            &local,
+            &tb,
+            &tqp,
+            &tmem,
+            remote_addr,
+            rkey,
+            imm,
+            wr.solicited,
+        ),
+        SendOp::RdmaRead { remote_addr, rkey } => {
+            rc_read(&mem, &local, &tb, &tqp, &tmem, remote_addr, rkey)
+        }
+        SendOp::CmpSwap {
+            remote_addr,
+            rkey,
+            compare,
+            swap,
+        } => rc_atomic(
+            &mem,
+            &local,
+            &tb,
+            &tqp,
+            &tmem,
+            remote_addr,
+            rkey,
+            |a| match a.compare_exchange(compare, swap, Ordering::SeqCst, Ordering::SeqCst) {
+                Ok(v) | Err(v) => v,
+            },
+        ),
+        SendOp::FetchAdd {
+            remote_addr,
+            rkey,
+            add,
+        } => rc_atomic(&mem, &local, &tb, &tqp, &tmem, remote_addr, rkey, |a| {
+            a.fetch_add(add, Ordering::SeqCst)
+        }),
+    };
+    match res {
+        Ok(len) => Outcome::Done(len),
+        Err(Resp::Rnr(t)) => Outcome::Stall(StallKind::Rnr, rnr_delay(t)),
+        Err(Resp::Dropped) => stall_timeout,
+        Err(Resp::Nak(s)) => Outcome::Error(s),
+        Err(Resp::LocalFault) => Outcome::Error(WcStatus::LocProtErr),
+    }
+}
+
+/// RC SEND at the responder.
+#[allow(clippy::too_many_arguments)]
+fn rc_send(
+    _be: &EmulatedBackend,
+    qp: &Arc<Qp>,
+    mem: &GuestMemoryMmap,
+    src: &Segs,
+    tb: &EmulatedBackend,
+    tqp: &Arc<Qp>,
+    tmem: &GuestMemoryMmap,
+    imm: Option<u32>,
+    solicited: bool,
+) -> Result<u64, Resp> {
+    let len = src.total();
+    let mut rq = lock(&tqp.rq);
+    if tqp.is_dead() || !tqp.can_receive() {
+        return Err(Resp::Dropped);
+    }
+    let Some(rwr) = take_recv(tb, tqp, &mut rq, Some(qp)) else {
+        return Err(Resp::Rnr(rq.min_rnr_timer));
+    };
+    let fail = |rq: &mut Rq, status: WcStatus, nak: WcStatus| {
+        let wc = tqp.wc(tqp.recv_cq, rwr.wr_id, status, WcOpcode::Recv, 0);
+        tb.sink.complete(std::slice::from_ref(&wc));
+        responder_err(tb, tqp, rq, None);
+        Err(Resp::Nak(nak))
+    };
+    if rwr.sges.as_slice().len() > tqp.max_recv_sge as usize {
+        return fail(&mut rq, WcStatus::LocLenErr, WcStatus::RemInvReqErr);
+    }
+    let Some(dst) = tb.resolve_local(rwr.sges.as_slice(), tqp.pd, Access::LOCAL_WRITE) else {
+        return fail(&mut rq, WcStatus::LocProtErr, WcStatus::RemOpErr);
+    };
+    if dst.total() < len {
+        return fail(&mut rq, WcStatus::LocLenErr, WcStatus::RemInvReqErr);
+    }
+    match copy(mem, &mut src.cursor(), tmem, &mut dst.cursor(), len) {
+        Ok(()) => {}
+        Err(Fault::Src) => {
+            untake_recv(tqp, &mut rq, rwr);
+            return Err(Resp::LocalFault);
+        }
+        Err(Fault::Dst) => return fail(&mut rq, WcStatus::LocProtErr, WcStatus::RemOpErr),
+    }
+    let mut wc = tqp.wc(
+        tqp.recv_cq,
+        rwr.wr_id,
+        WcStatus::Success,
+        WcOpcode::Recv,
+        len,
+    );
+    wc.imm_data = imm;
+    wc.src_qp = qp.qpn;
+    wc.solicited = solicited;
+    tb.sink.complete(std::slice::from_ref(&wc));
+    Ok(len)
+}
+
+/// Checks an incoming RDMA/atomic request against the responder QP and its MR.
+fn remote_check(
+    tb: &EmulatedBackend,
+    tqp: &Arc<Qp>,
+    right: Access,
+    rkey: u32,
+    addr: u64,
+    len: u64,
+) -> Result<Segs, Resp> {
+    let ok = tqp.remote_access().contains(right);
+    let segs = if ok {
+        tb.resolve_remote(rkey, addr, len, tqp.pd, right)
+    } else {
+        None
+    };
+    match segs {
+        Some(s) => Ok(s),
+        None => {
+            let mut rq = lock(&tqp.rq);
+            responder_err(
+                tb,
+                tqp,
+                &mut rq,
+                Some(AsyncEvent::QpAccessErr {
+                    qp_cookie: tqp.cookie,
+                }),
+            );
+            Err(Resp::Nak(WcStatus::RemAccessErr))
+        }
+    }
+}
+
+/// A fault in the responder's memory during an operation: remote operational error.
+fn remote_fault(tb: &EmulatedBackend, tqp: &Arc<Qp>) -> Resp {
+    let mut rq = lock(&tqp.rq);
+    responder_err(
+        tb,
+        tqp,
+        &mut rq,
+        Some(AsyncEvent::QpFatal {
+            qp_cookie: tqp.cookie,
+        }),
+    );
+    Resp::Nak(WcStatus::RemOpErr)
+}
+
+/// RDMA WRITE (with or without immediate).
+#[allow(clippy::too_many_arguments)]
+fn rc_write(
+    qp: &Arc<Qp>,
+    mem: &GuestMemoryMmap,
+    src: &Segs,
+    tb: &EmulatedBackend,
+    tqp: &Arc<Qp>,
+    tmem: &GuestMemoryMmap,
+    addr: u64,
+    rkey: u32,
+    imm: Option<u32>,
+    solicited: bool,
+) -> Result<u64, Resp> {
+    let len = src.total();
+    let dst = if len > 0 {
+        remote_check(tb, tqp, Access::REMOTE_WRITE, rkey, addr, len)?
+    } else {
+        Segs::new()
+    };
+    let Some(imm) = imm else {
+        return match copy(mem, &mut src.cursor(), tmem, &mut dst.cursor(), len) {
+            Ok(()) => Ok(len),
+            Err(Fault::Src) => Err(Resp::LocalFault),
+            Err(Fault::Dst) => Err(remote_fault(tb, tqp)),
+        };
+    };
+    let mut rq = lock(&tqp.rq);
+    if tqp.is_dead() || !tqp.can_receive() {
+        return Err(Resp::Dropped);
+    }
+    let Some(rwr) = take_recv(tb, tqp, &mut rq, Some(qp)) else {
+        return Err(Resp::Rnr(rq.min_rnr_timer));
+    };
+    match copy(mem, &mut src.cursor(), tmem, &mut dst.cursor(), len) {
+        Ok(()) => {}
+        Err(Fault::Src) => {
+            untake_recv(tqp, &mut rq, rwr);
+            return Err(Resp::LocalFault);
+        }
+        Err(Fault::Dst) => {
+            let wc = tqp.wc(
+                tqp.recv_cq,
+                rwr.wr_id,
+                WcStatus::LocProtErr,
+                WcOpcode::RecvRdmaWithImm,
+                0,
+            );
+            tb.sink.complete(std::slice::from_ref(&wc));
+            responder_err(tb, tqp, &mut rq, None);
+            return Err(Resp::Nak(WcStatus::RemOpErr));
+        }
+    }
+    let mut wc = tqp.wc(
+        tqp.recv_cq,
+        rwr.wr_id,
+        WcStatus::Success,
+        WcOpcode::RecvRdmaWithImm,
+        len,
+    );
+    wc.imm_data = Some(imm);
+    wc.src_qp = qp.qpn;
+    wc.solicited = solicited;
+    tb.sink.complete(std::slice::from_ref(&wc));
+    Ok(len)
+}
+
+/// RDMA READ.
+fn rc_read(
+    mem: &GuestMemoryMmap,
+    dst: &Segs,
+    tb: &EmulatedBackend,
+    tqp: &Arc<Qp>,
+    tmem: &GuestMemoryMmap,
+    addr: u64,
+    rkey: u32,
+) -> Result<u64, Resp> {
+    let len = dst.total();
+    let src = if len > 0 {
+        remote_check(tb, tqp, Access::REMOTE_READ, rkey, addr, len)?
+    } else {
+        Segs::new()
+    };
+    match copy(tmem, &mut src.cursor(), mem, &mut dst.cursor(), len) {
+        Ok(()) => Ok(len),
+        Err(Fault::Dst) => Err(Resp::LocalFault),
+        Err(Fault::Src) => Err(remote_fault(tb, tqp)),
+    }
+}
+
+/// Atomics: `f` runs on the remote 8 bytes and returns the original value.
+#[allow(clippy::too_many_arguments)]
+fn rc_atomic(
+    mem: &GuestMemoryMmap,
+    dst: &Segs,
+    tb: &EmulatedBackend,
+    tqp: &Arc<Qp>,
+    tmem: &GuestMemoryMmap,
+    addr: u64,
+    rkey: u32,
+    f: impl FnOnce(&std::sync::atomic::AtomicU64) -> u64,
+) -> Result<u64, Resp> {
+    if dst.total() < 8 {
+        return Err(Resp::Nak(WcStatus::LocLenErr));
+    }
+    if addr % 8 != 0 {
+        let mut rq = lock(&tqp.rq);
+        responder_err(
+            tb,
+            tqp,
+            &mut rq,
+            Some(AsyncEvent::QpReqErr {
+                qp_cookie: tqp.cookie,
+            }),
+        );
+        return Err(Resp::Nak(WcStatus::RemInvReqErr));
+    }
+    let target = remote_check(tb, tqp, Access::REMOTE_ATOMIC, rkey, addr, 8)?;
+    let Some(gpa) = atomic_target(&target) else {
+        return Err(remote_fault(tb, tqp));
+    };
+    let Some(orig) = atomic_at(tmem, gpa, f) else {
+        return Err(remote_fault(tb, tqp));
+    };
+    if !write_bytes(mem, &mut dst.cursor(), &orig.to_ne_bytes()) {
+        return Err(Resp::LocalFault);
+    }
+    Ok(8)
+}
+
+/// Builds the 40-byte IPv6-style GRH of a UD datagram.
+fn grh(av: &AddressVector, sgid: &[u8; 16], len: u64) -> [u8; 40] {
+    let mut g = [0u8; 40];
+    let tc = av.traffic_class;
+    let fl = av.flow_label & 0xf_ffff;
+    g[0] = 0x60 | (tc >> 4);
+    g[1] = (tc << 4) | ((fl >> 16) as u8 & 0xf);
+    g[2..4].copy_from_slice(&(fl as u16).to_be_bytes());
+    g[4..6].copy_from_slice(&u16::try_from(len).unwrap_or(u16::MAX).to_be_bytes());
+    g[6] = 0x1b;
+    g[7] = av.hop_limit;
+    g[8..24].copy_from_slice(sgid);
+    g[24..40].copy_from_slice(&av.dgid.0);
+    g
+}
+
+/// Executes one UD/GSI send WR. The send completes locally whether or not it is delivered.
+fn execute_ud(be: &EmulatedBackend, qp: &Arc<Qp>, sq: &mut Sq, wr: &SendWr) -> Outcome {
+    let (SendOp::Send { imm }, Some(ud)) = (wr.op, wr.ud) else {
+        return Outcome::Error(WcStatus::LocQpOpErr);
+    };
+    if wr.sges.as_slice().len() > qp.max_send_sge as usize {
+        return Outcome::Error(WcStatus::LocLenErr);
+    }
+    let Some(src) = be.resolve_local(wr.sges.as_slice(), qp.pd, Access::empty()) else {
+        return Outcome::Error(WcStatus::LocProtErr);
+    };
+    let len = src.total();
+    if len > mtu_bytes(sq.path_mtu) {
+        return Outcome::Error(WcStatus::LocLenErr);
+    }
+    let Some(sgid) = be.gid(ud.av.sgid_index) else {
+        return Outcome::Error(WcStatus::LocQpOpErr);
+    };
+    let qkey = if ud.remote_qkey & 0x8000_0000 != 0 {
+        sq.qkey
+    } else {
+        ud.remote_qkey
+    };
+    let Some(tb) = be.fabric.lookup(&ud.av.dgid) else {
+        return Outcome::Done(len);
+    };
+    let Some(tqp) = tb.qp_by_qpn(ud.remote_qpn) else {
+        return Outcome::Done(len);
+    };
+    if tqp.ty == QpType::Rc {
+        return Outcome::Done(len);
+    }
+    let mut rq = lock(&tqp.rq);
+    if tqp.is_dead() || !tqp.can_receive() || rq.qkey != qkey {
+        return Outcome::Done(len);
+    }
+    let Some(rwr) = take_recv(&tb, &tqp, &mut rq, None) else {
+        return Outcome::Done(len);
+    };
+    let mut wc = tqp.wc(tqp.recv_cq, rwr.wr_id, WcStatus::Success, WcOpcode::Recv, 0);
+    let dst = if rwr.sges.as_slice().len() > tqp.max_recv_sge as usize {
+        None
+    } else {
+        tb.resolve_local(rwr.sges.as_slice(), tqp.pd, Access::LOCAL_WRITE)
+    };
+    let mem = be.mem.memory();
+    let tmem = tb.mem.memory();
+    match dst {
+        None => wc.status = WcStatus::LocProtErr,
+        Some(dst) if dst.total() < 40 + len => wc.status = WcStatus::LocLenErr,
+        Some(dst) => {
+            let mut c = dst.cursor();
+            let header = grh(&ud.av, &sgid.0, len);
+            let res = if write_bytes(&tmem, &mut c, &header) {
+                copy(&mem, &mut src.cursor(), &tmem, &mut c, len)
+            } else {
+                Err(Fault::Dst)
+            };
+            match res {
+                Ok(()) => {
+                    wc.byte_len = (40 + len) as u32;
+                    wc.imm_data = imm;
+                    wc.src_qp = qp.qpn;
+                    wc.grh = true;
+                    wc.solicited = wr.solicited;
+                }
+                Err(Fault::Src) => {
+                    untake_recv(&tqp, &mut rq, rwr);
+                    return Outcome::Error(WcStatus::LocProtErr);
+                }
+                Err(Fault::Dst) => wc.status = WcStatus::LocProtErr,
+            }
+        }
+    }
+    tb.sink.complete(std::slice::from_ref(&wc));
+    Outcome::Done(len)
+}
