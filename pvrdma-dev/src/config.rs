@@ -88,24 +88,63 @@ pub enum ConfigError {
 impl DeviceConfig {
     /// Checks the limits the real driver depends on.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |c: bool, m| if c { Err(ConfigError::Invalid(m)) } else { Ok(()) };
-        bad(!(17..=20).contains(&self.version), "version must be 17..=20")?;
-        bad(self.max_qp < 2 || self.max_qp > MAX_QP_LIMIT, "max_qp must be 2..=65535")?;
-        bad(self.max_uar < 2 || !self.max_uar.is_power_of_two(), "max_uar: a power of two >= 2")?;
-        bad(self.max_sge == 0 || self.max_sge as usize > MAX_SGE, "max_sge must be 1..=16")?;
+        let bad = |c: bool, m| {
+            if c {
+                Err(ConfigError::Invalid(m))
+            } else {
+                Ok(())
+            }
+        };
+        bad(
+            !(17..=20).contains(&self.version),
+            "version must be 17..=20",
+        )?;
+        bad(
+            self.max_qp < 2 || self.max_qp > MAX_QP_LIMIT,
+            "max_qp must be 2..=65535",
+        )?;
+        bad(
+            self.max_uar < 2 || !self.max_uar.is_power_of_two(),
+            "max_uar: a power of two >= 2",
+        )?;
+        bad(
+            self.max_sge == 0 || self.max_sge as usize > MAX_SGE,
+            "max_sge must be 1..=16",
+        )?;
         bad(
             self.max_srq_sge == 0 || self.max_srq_sge as usize > MAX_SGE,
             "max_srq_sge must be 1..=16",
         )?;
-        bad(!self.max_qp_wr.is_power_of_two(), "max_qp_wr must be a power of two")?;
+        bad(
+            !self.max_qp_wr.is_power_of_two(),
+            "max_qp_wr must be a power of two",
+        )?;
         bad(self.max_qp_wr > 1 << 16, "max_qp_wr must be at most 65536")?;
-        bad(!self.max_cqe.is_power_of_two() || self.max_cqe > 1 << 20, "max_cqe: power of two <= 2^20")?;
-        bad(self.max_srq_wr > 1 << 16 || !self.max_srq_wr.is_power_of_two(), "max_srq_wr")?;
-        bad(self.gid_tbl_len == 0 || self.gid_tbl_len > 256, "gid_tbl_len must be 1..=256")?;
-        bad(self.max_cq == 0 || self.max_cq > 1 << 16, "max_cq must be 1..=65536")?;
-        bad(self.max_pd == 0 || self.max_mr == 0, "max_pd and max_mr must be non-zero")?;
+        bad(
+            !self.max_cqe.is_power_of_two() || self.max_cqe > 1 << 20,
+            "max_cqe: power of two <= 2^20",
+        )?;
+        bad(
+            self.max_srq_wr > 1 << 16 || !self.max_srq_wr.is_power_of_two(),
+            "max_srq_wr",
+        )?;
+        bad(
+            self.gid_tbl_len == 0 || self.gid_tbl_len > 256,
+            "gid_tbl_len must be 1..=256",
+        )?;
+        bad(
+            self.max_cq == 0 || self.max_cq > 1 << 16,
+            "max_cq must be 1..=65536",
+        )?;
+        bad(
+            self.max_pd == 0 || self.max_mr == 0,
+            "max_pd and max_mr must be non-zero",
+        )?;
         bad(self.max_srq > 1 << 16, "max_srq must be at most 65536")?;
-        bad(self.workers == 0 || self.workers > 64, "workers must be 1..=64")?;
+        bad(
+            self.workers == 0 || self.workers > 64,
+            "workers must be 1..=64",
+        )?;
         Ok(())
     }
 

@@ -212,12 +212,22 @@ impl DeviceHandle {
     }
 
     /// Writes without waiting (a posted write); ordering with later accesses is kept.
-    pub fn write_posted(&self, region: Region, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+    pub fn write_posted(
+        &self,
+        region: Region,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), DeviceError> {
         self.send_write(region, offset, data, None)
     }
 
-    fn send_write(&self, region: Region, offset: u64, data: &[u8], done: Option<Sender<()>>)
-        -> Result<(), DeviceError> {
+    fn send_write(
+        &self,
+        region: Region,
+        offset: u64,
+        data: &[u8],
+        done: Option<Sender<()>>,
+    ) -> Result<(), DeviceError> {
         let len = data.len().min(8);
         let mut b = [0u8; 8];
         b[..len].copy_from_slice(&data[..len]);
@@ -247,14 +257,18 @@ impl DeviceHandle {
     /// Function-level reset (vfio-user DEVICE_RESET): everything back to power-on.
     pub fn reset(&self) -> Result<(), DeviceError> {
         let (done, rx) = bounded(1);
-        self.tx.send(Msg::Reset { done }).map_err(|_| DeviceError::Stopped)?;
+        self.tx
+            .send(Msg::Reset { done })
+            .map_err(|_| DeviceError::Stopped)?;
         rx.recv().map_err(|_| DeviceError::Stopped)
     }
 
     /// Current counters.
     pub fn stats(&self) -> Result<DeviceStats, DeviceError> {
         let (reply, rx) = bounded(1);
-        self.tx.send(Msg::Stats { reply }).map_err(|_| DeviceError::Stopped)?;
+        self.tx
+            .send(Msg::Stats { reply })
+            .map_err(|_| DeviceError::Stopped)?;
         rx.recv().map_err(|_| DeviceError::Stopped)
     }
 
@@ -441,7 +455,9 @@ pub(crate) struct Core {
 
 impl std::fmt::Debug for Core {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Core").field("active", &self.active).finish_non_exhaustive()
+        f.debug_struct("Core")
+            .field("active", &self.active)
+            .finish_non_exhaustive()
     }
 }
 
@@ -553,7 +569,9 @@ impl Core {
     /// Serves accesses that waited for a command, until one starts another command.
     fn drain_deferred(&mut self) {
         while !self.cmd_pending {
-            let Some(m) = self.deferred.pop_front() else { break };
+            let Some(m) = self.deferred.pop_front() else {
+                break;
+            };
             self.serve(m);
         }
     }
@@ -667,7 +685,10 @@ impl Core {
         let mem = self.mem.memory();
         match dsr::load(&*mem, addr, &self.cfg) {
             Ok(d) => {
-                log::debug!("DSR loaded at {addr:#x}, driver version {}", d.driver_version);
+                log::debug!(
+                    "DSR loaded at {addr:#x}, driver version {}",
+                    d.driver_version
+                );
                 self.dsr = Some(d);
                 self.regs.err = err::OK;
             }
@@ -775,7 +796,9 @@ impl Core {
             return;
         }
         for v in 0..3u16 {
-            if self.msix.is_pending(v) && !self.msix.is_masked(v) && !self.config.msix_function_masked()
+            if self.msix.is_pending(v)
+                && !self.msix.is_masked(v)
+                && !self.config.msix_function_masked()
             {
                 self.msix.set_pending(v, false);
                 self.irq.trigger(v);
@@ -941,7 +964,9 @@ impl Core {
 
     pub(crate) fn schedule_qp(&mut self, handle: u32) {
         let epoch = self.epoch;
-        let Some(qp) = self.qps.get_mut(handle) else { return };
+        let Some(qp) = self.qps.get_mut(handle) else {
+            return;
+        };
         if qp.sched.busy {
             qp.sched.again = true;
             return;
@@ -960,16 +985,22 @@ impl Core {
                 if core.epoch != epoch {
                     return;
                 }
-                core.qp_drained(handle, gen, r.unwrap_or(Drained {
-                    ring_error: true,
-                    ..Default::default()
-                }));
+                core.qp_drained(
+                    handle,
+                    gen,
+                    r.unwrap_or(Drained {
+                        ring_error: true,
+                        ..Default::default()
+                    }),
+                );
             },
         );
     }
 
     fn qp_drained(&mut self, handle: u32, gen: u32, d: Drained) {
-        let Some(qp) = self.qps.get_mut(handle).filter(|q| q.gen == gen) else { return };
+        let Some(qp) = self.qps.get_mut(handle).filter(|q| q.gen == gen) else {
+            return;
+        };
         qp.sched.busy = false;
         qp.sched.stalled = d.stalled;
         let again = std::mem::take(&mut qp.sched.again);
@@ -992,7 +1023,9 @@ impl Core {
 
     pub(crate) fn schedule_srq(&mut self, handle: u32) {
         let epoch = self.epoch;
-        let Some(srq) = self.srqs.get_mut(handle) else { return };
+        let Some(srq) = self.srqs.get_mut(handle) else {
+            return;
+        };
         if srq.sched.busy {
             srq.sched.again = true;
             return;
@@ -1039,7 +1072,10 @@ impl Core {
     fn live_qp(&self, cookie: u64) -> Option<u32> {
         let handle = cookie as u32;
         let gen = (cookie >> 32) as u32;
-        self.qps.get(handle).filter(|q| q.gen == gen).map(|_| handle)
+        self.qps
+            .get(handle)
+            .filter(|q| q.gen == gen)
+            .map(|_| handle)
     }
 
     fn write_completions(&mut self, wcs: &[WorkCompletion]) {

@@ -108,9 +108,12 @@ impl EventRing {
         if !(2..=MAX_DSR_RING_PAGES).contains(&num_pages) {
             return Err(DsrError::BadRingPages(name, num_pages));
         }
-        let pdir = PageDir::load(mem, pdir_dma, num_pages).map_err(|e| DsrError::RingPdir(name, e))?;
+        let pdir =
+            PageDir::load(mem, pdir_dma, num_pages).map_err(|e| DsrError::RingPdir(name, e))?;
         let n = ring::dsr_ring_elems(num_pages, elem_size).map_err(|e| DsrError::Ring(name, e))?;
-        let state = pdir.page(0).ok_or(DsrError::BadRingPages(name, num_pages))?;
+        let state = pdir
+            .page(0)
+            .ok_or(DsrError::BadRingPages(name, num_pages))?;
         // The device produces into the rx half of the ring state (@8).
         let ring = ProducerRing::new_quirk(RingAddr {
             addr: state.unchecked_add(8),
@@ -128,12 +131,19 @@ impl EventRing {
 
     /// Writes one element and publishes it; `Ok(false)` when the ring is full (dropped).
     fn push<M: GuestMemory>(&mut self, mem: &M, bytes: &[u8]) -> Result<bool> {
-        let outstanding = self.ring.outstanding(mem).map_err(|e| DsrError::Ring("event", e))?;
+        let outstanding = self
+            .ring
+            .outstanding(mem)
+            .map_err(|e| DsrError::Ring("event", e))?;
         if outstanding >= self.cap {
             self.dropped += 1;
             return Ok(false);
         }
-        let Some(slot) = self.ring.free_slot(mem).map_err(|e| DsrError::Ring("event", e))? else {
+        let Some(slot) = self
+            .ring
+            .free_slot(mem)
+            .map_err(|e| DsrError::Ring("event", e))?
+        else {
             self.dropped += 1;
             return Ok(false);
         };
@@ -141,7 +151,9 @@ impl EventRing {
         self.pdir
             .write_at(mem, off, bytes)
             .map_err(|e| DsrError::RingPdir("event", e))?;
-        self.ring.produce(mem).map_err(|e| DsrError::Ring("event", e))?;
+        self.ring
+            .produce(mem)
+            .map_err(|e| DsrError::Ring("event", e))?;
         Ok(true)
     }
 }
@@ -167,9 +179,15 @@ pub struct LoadedDsr {
 
 impl LoadedDsr {
     /// Posts an async event (`ib_event_type` numbering, handle or port in `info`).
-    pub fn post_event<M: GuestMemory>(&mut self, mem: &M, event_type: u32, info: u32) -> Result<bool> {
+    pub fn post_event<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        event_type: u32,
+        info: u32,
+    ) -> Result<bool> {
         let e = Eqe { event_type, info };
-        self.async_ring.push(mem, vm_memory::ByteValued::as_slice(&e))
+        self.async_ring
+            .push(mem, vm_memory::ByteValued::as_slice(&e))
     }
 
     /// Posts a CQ notification for `cq_handle`.

@@ -32,13 +32,18 @@ impl Exec {
         S: Send + Sync + 'static,
         R: Send + 'static,
     {
-        let task: Task<S, R, TaskError> = Task::new(source, move |t: &mut task_core::TaskOutcome<S, R, TaskError>| {
-            let r = match t.propagate_error() {
-                Ok(()) => t.take_result().ok_or_else(|| "task produced no result".to_string()),
-                Err(e) => Err(e.to_string()),
-            };
-            done(r);
-        });
+        let task: Task<S, R, TaskError> = Task::new(
+            source,
+            move |t: &mut task_core::TaskOutcome<S, R, TaskError>| {
+                let r = match t.propagate_error() {
+                    Ok(()) => t
+                        .take_result()
+                        .ok_or_else(|| "task produced no result".to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                done(r);
+            },
+        );
         task.run_in_thread(&self.main_loop, &self.pool, move |w| {
             let r = work(&**w.source());
             w.set_result(r);

@@ -41,7 +41,9 @@ impl<T> HandleTable<T> {
         let handle = match self.free.pop() {
             Some(Reverse(h)) => h,
             None => {
-                let next = self.first.checked_add(u32::try_from(self.slots.len()).ok()?)?;
+                let next = self
+                    .first
+                    .checked_add(u32::try_from(self.slots.len()).ok()?)?;
                 if next >= self.limit {
                     return None;
                 }
@@ -60,7 +62,9 @@ impl<T> HandleTable<T> {
         if let Some(Reverse(h)) = self.free.peek() {
             return Some(*h);
         }
-        let next = self.first.checked_add(u32::try_from(self.slots.len()).ok()?)?;
+        let next = self
+            .first
+            .checked_add(u32::try_from(self.slots.len()).ok()?)?;
         (next < self.limit).then_some(next)
     }
 

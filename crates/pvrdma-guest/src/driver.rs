@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use pvrdma_dev::abi::{self, *};
 use pvrdma_dev::regs::{ctl, offset, uar};
 use pvrdma_dev::{rq_wqe_size, sq_wqe_size, Region};
-use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
+use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::mem::{GuestPdir, PageAlloc, PAGE};
 use crate::transport::Transport;
@@ -107,7 +107,9 @@ impl DsrRing {
         let mut out = Vec::new();
         for _ in 0..4096 {
             let tail: u32 = mem.load(st, Ordering::Acquire).unwrap_or(0);
-            let head: u32 = mem.load(st.unchecked_add(4), Ordering::Acquire).unwrap_or(0);
+            let head: u32 = mem
+                .load(st.unchecked_add(4), Ordering::Acquire)
+                .unwrap_or(0);
             if !idx::valid(tail, self.n) || !idx::valid(head, self.n) || tail == head {
                 break;
             }
@@ -115,7 +117,11 @@ impl DsrRing {
             let off = PAGE + u64::from(idx::slot(head, self.n)) * self.elem;
             self.pdir.read(mem, off, &mut b);
             out.push(b);
-            let _ = mem.store(idx::inc(head, self.n), st.unchecked_add(4), Ordering::Release);
+            let _ = mem.store(
+                idx::inc(head, self.n),
+                st.unchecked_add(4),
+                Ordering::Release,
+            );
         }
         out
     }
@@ -143,7 +149,9 @@ pub struct Driver {
 
 impl std::fmt::Debug for Driver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Driver").field("version", &self.version).finish_non_exhaustive()
+        f.debug_struct("Driver")
+            .field("version", &self.version)
+            .finish_non_exhaustive()
     }
 }
 
@@ -520,7 +528,8 @@ impl Driver {
             return Err(GuestError::Timeout(cmd));
         }
         let mut resp = vec![0u8; RESP_SLOT_SIZE];
-        mem.read_slice(&mut resp, self.resp_slot).expect("resp slot");
+        mem.read_slice(&mut resp, self.resp_slot)
+            .expect("resp slot");
         let ack = u32::from_le_bytes([resp[8], resp[9], resp[10], resp[11]]);
         if ack != cmd | RESP_ACK {
             return Err(GuestError::BadAck { cmd, got: ack });
@@ -679,7 +688,14 @@ impl Driver {
     }
 
     /// Registers an MR over an existing page list.
-    pub fn reg_mr_pdir(&self, pd: u32, iova: u64, len: u64, access: u32, pdir: GuestPdir) -> Result<Mr> {
+    pub fn reg_mr_pdir(
+        &self,
+        pd: u32,
+        iova: u64,
+        len: u64,
+        access: u32,
+        pdir: GuestPdir,
+    ) -> Result<Mr> {
         let r: RespCreateMr = self.cmd(
             cmd::CREATE_MR,
             CmdCreateMr {
@@ -841,10 +857,13 @@ impl Driver {
 
     /// Moves `qp` to RESET and zeroes its rings as the driver does.
     pub fn reset_qp(&self, qp: &mut Qp) -> Result<()> {
-        self.modify_qp(qp, Modify {
-            mask: qp_mask::STATE,
-            attrs: QpAttr::default(),
-        })?;
+        self.modify_qp(
+            qp,
+            Modify {
+                mask: qp_mask::STATE,
+                attrs: QpAttr::default(),
+            },
+        )?;
         let st = qp.pdir.pages[0];
         self.mem().write_slice(&[0u8; 16], st).expect("ring state");
         qp.sq.prod = 0;
@@ -881,7 +900,14 @@ impl Driver {
     }
 
     /// CREATE_SRQ (provider layout: header page + WQE pages).
-    pub fn create_srq(&self, ctx: Ctx, pd: u32, max_wr: u32, max_sge: u32, limit: u32) -> Result<Srq> {
+    pub fn create_srq(
+        &self,
+        ctx: Ctx,
+        pd: u32,
+        max_wr: u32,
+        max_sge: u32,
+        limit: u32,
+    ) -> Result<Srq> {
         let wqe = rq_wqe_size(max_sge);
         let npages = 1 + (u64::from(max_wr) * u64::from(wqe)).div_ceil(PAGE) as usize;
         let pages = self.alloc.scattered(self.mem(), npages);
@@ -960,14 +986,19 @@ impl Driver {
 
     /// Writes a doorbell on `ctx`'s UAR page.
     pub fn doorbell(&self, ctx: Ctx, reg: u64, v: u32) {
-        self.t
-            .write(Region::Bar(2), u64::from(ctx.uar) * PAGE + reg, &v.to_le_bytes());
+        self.t.write(
+            Region::Bar(2),
+            u64::from(ctx.uar) * PAGE + reg,
+            &v.to_le_bytes(),
+        );
     }
 
     fn wq_push(&self, pdir: &GuestPdir, wq: &mut Wq, bytes: &[u8]) -> bool {
         let mem = self.mem();
         let st = pdir.pages[0].unchecked_add(wq.state);
-        let head: u32 = mem.load(st.unchecked_add(4), Ordering::Acquire).unwrap_or(0);
+        let head: u32 = mem
+            .load(st.unchecked_add(4), Ordering::Acquire)
+            .unwrap_or(0);
         // has_space: tail != head ^ N
         if wq.prod == head ^ wq.n {
             return false;
@@ -975,7 +1006,8 @@ impl Driver {
         let off = wq.base + u64::from(idx::slot(wq.prod, wq.n)) * u64::from(wq.wqe_size);
         pdir.write(mem, off, bytes);
         wq.prod = idx::inc(wq.prod, wq.n);
-        mem.store(wq.prod, st, Ordering::Release).expect("prod_tail");
+        mem.store(wq.prod, st, Ordering::Release)
+            .expect("prod_tail");
         true
     }
 
@@ -1082,7 +1114,8 @@ impl Driver {
         let mut c = Cqe::default();
         cq.pdir.read(mem, off, c.as_mut_slice());
         cq.cons = idx::inc(cq.cons, cq.n);
-        mem.store(cq.cons, st.unchecked_add(4), Ordering::Release).ok()?;
+        mem.store(cq.cons, st.unchecked_add(4), Ordering::Release)
+            .ok()?;
         Some(c)
     }
 

@@ -11,5 +11,5 @@ pub mod kernel;
 pub mod mem;
 pub mod transport;
 
-pub use driver::{Ctx, Cq, Driver, GuestError, Modify, Mr, Qp, QpKind, SendWqe, Srq, UdAddr};
+pub use driver::{Cq, Ctx, Driver, GuestError, Modify, Mr, Qp, QpKind, SendWqe, Srq, UdAddr};
 pub use transport::{InProcess, IrqRecorder, Transport};

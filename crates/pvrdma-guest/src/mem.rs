@@ -3,7 +3,7 @@
 
 use std::sync::Mutex;
 
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 /// Page size of the guest.
 pub const PAGE: u64 = 4096;
@@ -51,7 +51,8 @@ impl PageAlloc {
             }
         };
         let addr = GuestAddress(a);
-        mem.write_slice(&[0u8; PAGE as usize], addr).expect("zero page");
+        mem.write_slice(&[0u8; PAGE as usize], addr)
+            .expect("zero page");
         addr
     }
 
@@ -66,7 +67,8 @@ impl PageAlloc {
         };
         let zero = vec![0u8; PAGE as usize];
         for i in 0..n {
-            mem.write_slice(&zero, GuestAddress(a + i * PAGE)).expect("zero page");
+            mem.write_slice(&zero, GuestAddress(a + i * PAGE))
+                .expect("zero page");
         }
         GuestAddress(a)
     }
@@ -76,7 +78,10 @@ impl PageAlloc {
         let mut pages: Vec<GuestAddress> = (0..n).map(|_| self.page(mem)).collect();
         let mut g = self.inner.lock().expect("allocator lock");
         for i in (1..pages.len()).rev() {
-            g.seed = g.seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            g.seed = g
+                .seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             let j = (g.seed >> 33) as usize % (i + 1);
             pages.swap(i, j);
         }
@@ -110,9 +115,11 @@ impl GuestPdir {
         let mut tables = Vec::with_capacity(ntables);
         for t in 0..ntables {
             let tp = alloc.page(mem);
-            mem.write_obj(tp.0, dir.unchecked_add(8 * t as u64)).expect("dir entry");
+            mem.write_obj(tp.0, dir.unchecked_add(8 * t as u64))
+                .expect("dir entry");
             for (i, p) in pages.iter().skip(t * 512).take(512).enumerate() {
-                mem.write_obj(p.0, tp.unchecked_add(8 * i as u64)).expect("table entry");
+                mem.write_obj(p.0, tp.unchecked_add(8 * i as u64))
+                    .expect("table entry");
             }
             tables.push(tp);
         }

@@ -45,7 +45,9 @@ impl IrqRecorder {
     /// Waits for the count of `vector` to exceed `seen`.
     pub fn wait(&self, vector: u16, seen: u64, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
-        let Ok(mut g) = self.counts.lock() else { return false };
+        let Ok(mut g) = self.counts.lock() else {
+            return false;
+        };
         loop {
             if g.get(usize::from(vector)).copied().unwrap_or(0) > seen {
                 return true;
@@ -122,7 +124,11 @@ impl InProcess {
     }
 
     /// A device with the backend `factory` builds.
-    pub fn with_backend(cfg: DeviceConfig, ram: usize, factory: pvrdma_dev::BackendFactory) -> InProcess {
+    pub fn with_backend(
+        cfg: DeviceConfig,
+        ram: usize,
+        factory: pvrdma_dev::BackendFactory,
+    ) -> InProcess {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), ram)])
             .expect("anonymous guest RAM mapping");
         let irq = Arc::new(IrqRecorder::default());

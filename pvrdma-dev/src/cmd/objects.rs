@@ -69,7 +69,11 @@ pub(super) fn create_uc(core: &mut Core, req: CmdCreateUc) -> Result<Work, CmdEr
         req.pfn64 & 0xffff_ffff
     };
     // The DSR's UAR PFN is BAR2's first page (the kernel's); contexts get the pages after it.
-    let base = core.dsr.as_ref().map(|d| d.uar_pfn).ok_or(CmdError::Reset)?;
+    let base = core
+        .dsr
+        .as_ref()
+        .map(|d| d.uar_pfn)
+        .ok_or(CmdError::Reset)?;
     let index = pfn
         .checked_sub(base)
         .filter(|i| (1..u64::from(core.cfg.max_uar)).contains(i))
@@ -388,4 +392,3 @@ pub(super) fn destroy_bind(core: &mut Core, req: CmdDestroyBind) -> Result<Work,
         }) as Finish)
     }))
 }
-

@@ -8,8 +8,8 @@ use vm_memory::GuestAddressSpace;
 
 use super::{main_loop_only, resp, CmdError, Finish, Work};
 use crate::abi::*;
-use crate::datapath::{pages_for, rq_wqe_size, sq_wqe_size, QpShared, SrqShared, WorkQueue};
 use crate::datapath::Env;
+use crate::datapath::{pages_for, rq_wqe_size, sq_wqe_size, QpShared, SrqShared, WorkQueue};
 use crate::device::{cookie, Core, Qp, Sched, Srq};
 use crate::pdir::{PageDir, PAGE_SIZE};
 
@@ -67,15 +67,24 @@ pub(super) fn create_qp(core: &mut Core, req: CmdCreateQp) -> Result<Work, CmdEr
     let pd = core.pds.get(pd_h).ok_or(CmdError::NoSuch("PD"))?;
     let pd_ctx = pd.ctx;
     let pd_b = pd.backend;
-    let scq = core.cqs.get(req.send_cq_handle).ok_or(CmdError::NoSuch("send CQ"))?;
-    let rcq = core.cqs.get(req.recv_cq_handle).ok_or(CmdError::NoSuch("recv CQ"))?;
+    let scq = core
+        .cqs
+        .get(req.send_cq_handle)
+        .ok_or(CmdError::NoSuch("send CQ"))?;
+    let rcq = core
+        .cqs
+        .get(req.recv_cq_handle)
+        .ok_or(CmdError::NoSuch("recv CQ"))?;
     if scq.ctx != pd_ctx || rcq.ctx != pd_ctx {
         return Err(CmdError::Invalid("CQ of another context"));
     }
     let (scq_b, rcq_b) = (scq.backend, rcq.backend);
     let is_srq = req.is_srq != 0;
     let srq_b = if is_srq {
-        let srq = core.srqs.get(req.srq_handle).ok_or(CmdError::NoSuch("SRQ"))?;
+        let srq = core
+            .srqs
+            .get(req.srq_handle)
+            .ok_or(CmdError::NoSuch("SRQ"))?;
         if srq.pd != pd_h && core.pds.get(srq.pd).map(|p| p.ctx) != Some(pd_ctx) {
             return Err(CmdError::Invalid("SRQ of another context"));
         }
@@ -133,8 +142,15 @@ pub(super) fn create_qp(core: &mut Core, req: CmdCreateQp) -> Result<Work, CmdEr
             let mem = env.mem.memory();
             PageDir::load(&*mem, pdir_dma, u32::from(total_chunks))?
         };
-        let sq = WorkQueue::new(&pdir, 0, init.max_send_wr, PAGE_SIZE, sq_wqe, init.max_send_sge)
-            .ok_or(CmdError::Invalid("send queue"))?;
+        let sq = WorkQueue::new(
+            &pdir,
+            0,
+            init.max_send_wr,
+            PAGE_SIZE,
+            sq_wqe,
+            init.max_send_sge,
+        )
+        .ok_or(CmdError::Invalid("send queue"))?;
         let rq = if is_srq {
             None
         } else {
@@ -526,7 +542,11 @@ pub(super) fn modify_srq(core: &mut Core, req: CmdModifySrq) -> Result<Work, Cmd
 }
 
 pub(super) fn query_srq(core: &mut Core, req: CmdQuerySrq) -> Result<Work, CmdError> {
-    let attrs = core.srqs.get(req.srq_handle).ok_or(CmdError::NoSuch("SRQ"))?.attrs;
+    let attrs = core
+        .srqs
+        .get(req.srq_handle)
+        .ok_or(CmdError::NoSuch("SRQ"))?
+        .attrs;
     main_loop_only(move |_| Ok(resp(&RespQuerySrq { hdr: hdr(), attrs })))
 }
 

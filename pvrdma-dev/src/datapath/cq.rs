@@ -75,8 +75,12 @@ impl CqRing {
     }
 
     /// Writes one CQE: element first, then the producer index with release ordering.
-    pub(crate) fn push<M: GuestMemory>(&mut self, mem: &M, cqe: &Cqe, solicited_or_error: bool)
-        -> Pushed {
+    pub(crate) fn push<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        cqe: &Cqe,
+        solicited_or_error: bool,
+    ) -> Pushed {
         if self.overflowed {
             return Pushed::Dropped;
         }

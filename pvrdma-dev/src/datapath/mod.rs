@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use rdma_backend::{
-    Backend, CompletionSink, CqId, Error as BackendError, GuestMem, QpId, QpType, SrqId,
-    WcStatus, WorkCompletion,
+    Backend, CompletionSink, CqId, Error as BackendError, GuestMem, QpId, QpType, SrqId, WcStatus,
+    WorkCompletion,
 };
 use vm_memory::{Address, GuestAddressSpace, GuestMemory};
 
@@ -43,8 +43,14 @@ pub(crate) struct WorkQueue {
 }
 
 impl WorkQueue {
-    pub(crate) fn new(pdir: &PageDir, state_off: u64, n: u32, base: u64, wqe_size: u32, max_sge: u32)
-        -> Option<WorkQueue> {
+    pub(crate) fn new(
+        pdir: &PageDir,
+        state_off: u64,
+        n: u32,
+        base: u64,
+        wqe_size: u32,
+        max_sge: u32,
+    ) -> Option<WorkQueue> {
         let state = pdir.page(0)?;
         let ring = ConsumerRing::new(RingAddr {
             addr: state.unchecked_add(state_off),
@@ -98,7 +104,9 @@ pub(crate) struct Env {
 
 impl std::fmt::Debug for Env {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Env").field("backend", &self.backend.name()).finish()
+        f.debug_struct("Env")
+            .field("backend", &self.backend.name())
+            .finish()
     }
 }
 
@@ -122,7 +130,9 @@ fn read_sges<M: GuestMemory>(
 ) -> Option<[WireSge; rdma_backend::MAX_SGE]> {
     let mut sges = [WireSge::default(); rdma_backend::MAX_SGE];
     for (i, s) in sges.iter_mut().enumerate().take(num_sge) {
-        *s = pdir.read_obj(mem, off + (i as u64) * u64::from(SGE_SIZE)).ok()?;
+        *s = pdir
+            .read_obj(mem, off + (i as u64) * u64::from(SGE_SIZE))
+            .ok()?;
     }
     Some(sges)
 }
@@ -168,9 +178,9 @@ pub(crate) fn drain_qp(shared: &QpShared, env: &Env) -> Drained {
                     return out;
                 }
             };
-            let posted = match wqe::checked_num_sge(hdr.num_sge, rq.max_sge)
-                .and_then(|n| read_sges(&shared.pdir, &*mem, off + u64::from(RQ_WQE_HDR_SIZE), n).map(|s| (n, s)))
-            {
+            let posted = match wqe::checked_num_sge(hdr.num_sge, rq.max_sge).and_then(|n| {
+                read_sges(&shared.pdir, &*mem, off + u64::from(RQ_WQE_HDR_SIZE), n).map(|s| (n, s))
+            }) {
                 Some((n, sges)) => {
                     let wr = wqe::parse_recv(&hdr, &sges[..n]);
                     env.backend.post_recv(shared.backend_qp, &wr)
@@ -182,7 +192,8 @@ pub(crate) fn drain_qp(shared: &QpShared, env: &Env) -> Drained {
                         status: WcStatus::LocLenErr,
                         opcode: rdma_backend::WcOpcode::Recv,
                     };
-                    env.sink.complete(&[error_wc(shared, shared.send_cq, hdr.wr_id, e)]);
+                    env.sink
+                        .complete(&[error_wc(shared, shared.send_cq, hdr.wr_id, e)]);
                     move_to_error(shared, env);
                     Ok(())
                 }
@@ -239,7 +250,8 @@ pub(crate) fn drain_qp(shared: &QpShared, env: &Env) -> Drained {
         let posted = match parsed {
             Ok(wr) => env.backend.post_send(shared.backend_qp, &wr),
             Err(e) => {
-                env.sink.complete(&[error_wc(shared, shared.send_cq, hdr.wr_id, e)]);
+                env.sink
+                    .complete(&[error_wc(shared, shared.send_cq, hdr.wr_id, e)]);
                 if shared.qp_type == QpType::Rc {
                     move_to_error(shared, env);
                 }
@@ -309,7 +321,10 @@ pub(crate) fn drain_srq(shared: &SrqShared, env: &Env) -> Drained {
             out.ring_error = true;
             break;
         };
-        match env.backend.post_srq_recv(shared.backend_srq, &wqe::parse_recv(&hdr, &sges[..n])) {
+        match env
+            .backend
+            .post_srq_recv(shared.backend_srq, &wqe::parse_recv(&hdr, &sges[..n]))
+        {
             Ok(()) => {}
             Err(BackendError::QueueFull) => {
                 out.stalled = true;

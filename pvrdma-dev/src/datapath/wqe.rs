@@ -168,7 +168,12 @@ mod tests {
         assert!(w.signaled);
         assert_eq!(w.sges.as_slice().len(), 1);
         let w = parse_send(&hdr(wr_opcode::SEND_WITH_IMM, 0), &s, QpType::Rc, false).unwrap();
-        assert_eq!(w.op, SendOp::Send { imm: Some(0x1234_5678) });
+        assert_eq!(
+            w.op,
+            SendOp::Send {
+                imm: Some(0x1234_5678)
+            }
+        );
         assert!(!w.signaled, "unsignaled without sq_sig_all");
         let w = parse_send(&hdr(wr_opcode::SEND, 0), &s, QpType::Rc, true).unwrap();
         assert!(w.signaled, "sq_sig_all signals everything");
