@@ -26,3 +26,99 @@ pub fn probed_on(fabric: &Arc<Fabric>, mac: [u8; 6]) -> (Arc<InProcess>, Driver)
     let drv = Driver::probe(t.clone() as Arc<dyn Transport>).expect("probe");
     (t, drv)
 }
+
+use std::time::Duration;
+
+use pvrdma_dev::abi::{wr_opcode, Cqe};
+use pvrdma_guest::driver::rc_connect_attrs;
+use pvrdma_guest::{Cq, Ctx, Qp, QpKind};
+
+/// Generous wait for completions (debug builds on a loaded 2-core machine).
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// Remote access for test MRs and QPs: local write, remote write/read/atomic.
+pub const ALL_ACCESS: u32 = 1 | 2 | 4 | 8;
+
+/// Two connected RC QPs on one device, each with its own CQ, in user context `ctx`.
+pub struct RcPair {
+    pub ctx: Ctx,
+    pub pd: u32,
+    pub cq_a: Cq,
+    pub cq_b: Cq,
+    pub a: Qp,
+    pub b: Qp,
+    pub gid: [u8; 16],
+}
+
+/// The default GID of `mac`.
+pub fn gid_of(mac: [u8; 6]) -> [u8; 16] {
+    rdma_backend::Gid::from_mac(mac).0
+}
+
+/// A user context, GID 0 bound, and two RC QPs connected to each other (loopback).
+pub fn rc_pair(drv: &Driver, mac: [u8; 6], depth: u32, sge: u32) -> RcPair {
+    let gid = gid_of(mac);
+    let _ = drv.create_bind(0, gid, 1);
+    let ctx = drv
+        .create_uc(1 + drv.irqs(0) as u32 % 100)
+        .expect("create_uc");
+    let pd = drv.create_pd(ctx).expect("pd");
+    let cq_a = drv
+        .create_cq(ctx, 4 * depth.next_power_of_two())
+        .expect("cq a");
+    let cq_b = drv
+        .create_cq(ctx, 4 * depth.next_power_of_two())
+        .expect("cq b");
+    let caps = (depth, depth, sge, sge);
+    let a = drv
+        .create_qp(ctx, QpKind::Rc, pd, &cq_a, &cq_a, None, caps, false)
+        .expect("qp a");
+    let b = drv
+        .create_qp(ctx, QpKind::Rc, pd, &cq_b, &cq_b, None, caps, false)
+        .expect("qp b");
+    for m in rc_connect_attrs(b.qpn, gid, ALL_ACCESS) {
+        drv.modify_qp(&a, m).expect("modify a");
+    }
+    for m in rc_connect_attrs(a.qpn, gid, ALL_ACCESS) {
+        drv.modify_qp(&b, m).expect("modify b");
+    }
+    RcPair {
+        ctx,
+        pd,
+        cq_a,
+        cq_b,
+        a,
+        b,
+        gid,
+    }
+}
+
+/// A signaled SEND of one SGE.
+pub fn send(wr_id: u64, sge: pvrdma_dev::abi::WireSge) -> pvrdma_guest::SendWqe {
+    pvrdma_guest::SendWqe {
+        wr_id,
+        opcode: wr_opcode::SEND,
+        flags: 2,
+        sges: vec![sge],
+        ..Default::default()
+    }
+}
+
+/// Deterministic test bytes.
+pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| {
+            (i as u32)
+                .wrapping_mul(2654435761)
+                .rotate_left(seed as u32 % 31) as u8
+                ^ seed
+        })
+        .collect()
+}
+
+/// Waits for exactly one CQE.
+pub fn one(drv: &Driver, cq: &mut Cq) -> Cqe {
+    let v = drv.wait_cqes(cq, 1, WAIT);
+    assert_eq!(v.len(), 1, "expected a CQE on CQ {}", cq.handle);
+    v[0]
+}
