@@ -1479,7 +1479,6 @@ pub fn no_completion_after_destroy(f: &Factory<'_>) {
         assert_eq!(d.sink.len(), n, "completions after destroy_qp returned");
         stop.store(true, Ordering::Relaxed);
     });
-    assert!(d.sink.len() > 10, "the posting thread made progress");
 }
 
 /// Two QPs send to each other from two threads at once (with RNR waits on both sides): every
