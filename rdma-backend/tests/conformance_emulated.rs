@@ -46,5 +46,6 @@ cases!(
     destroy_busy,
     two_devices,
     no_completion_after_destroy,
+    bidirectional_stress,
     device_reset,
 );

@@ -433,6 +433,15 @@ pub(crate) fn kick(waiters: Vec<Weak<Qp>>) {
     }
 }
 
+/// Registers `qp` to be kicked once (every RNR retry would otherwise add it again).
+fn add_waiter(list: &mut Vec<Weak<Qp>>, qp: &Arc<Qp>) {
+    let me = Arc::downgrade(qp);
+    if !list.iter().any(|w| w.ptr_eq(&me)) {
+        list.retain(|w| w.strong_count() > 0);
+        list.push(me);
+    }
+}
+
 /// Takes one receive for `qp` (rq locked), from its SRQ or its own queue; registers `waiter`
 /// for a kick when there is none.
 fn take_recv(
@@ -446,7 +455,7 @@ fn take_recv(
             let w = rq.wqes.pop_front();
             if w.is_none() {
                 if let Some(s) = waiter {
-                    rq.waiters.push(Arc::downgrade(s));
+                    add_waiter(&mut rq.waiters, s);
                 }
             }
             w
@@ -455,7 +464,7 @@ fn take_recv(
             let mut q = lock(&srq.q);
             let Some(w) = q.wqes.pop_front() else {
                 if let Some(s) = waiter {
-                    q.waiters.push(Arc::downgrade(s));
+                    add_waiter(&mut q.waiters, s);
                 }
                 return None;
             };
