@@ -671,8 +671,8 @@ mod tests {
                 });
             let (go_rx, started_tx) = (go_rx.clone(), started_tx.clone());
             task.run_in_thread(&ml, &pool, move |w| {
-                started_tx.send(()).unwrap();
                 if i == 0 {
+                    started_tx.send(()).unwrap();
                     let _ = go_rx.recv();
                     w.set_result(Tracked(c.clone(), 10));
                 }
