@@ -1,0 +1,6 @@
+//! `pvrdma demo`.
+
+/// Runs the in-process demo.
+pub fn run(_args: &[String]) -> Result<(), String> {
+    Err("demo: not yet".into())
+}
