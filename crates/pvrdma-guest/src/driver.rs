@@ -1122,7 +1122,7 @@ impl Driver {
     /// Polls until `n` CQEs arrived or `timeout` passed; rings POLL when the CQ looks empty.
     pub fn wait_cqes(&self, cq: &mut Cq, n: usize, timeout: Duration) -> Vec<Cqe> {
         let deadline = Instant::now() + timeout;
-        let mut out = Vec::with_capacity(n);
+        let mut out = Vec::with_capacity(n.min(1024));
         let mut spins = 0u32;
         while out.len() < n {
             match self.poll_cq(cq) {

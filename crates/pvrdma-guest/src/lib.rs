@@ -9,6 +9,7 @@
 pub mod driver;
 pub mod kernel;
 pub mod mem;
+pub mod perf;
 pub mod transport;
 
 pub use driver::{Cq, Ctx, Driver, GuestError, Modify, Mr, Qp, QpKind, SendWqe, Srq, UdAddr};
