@@ -4,6 +4,8 @@ mod common;
 
 use std::time::Duration;
 
+use vm_memory::Address;
+
 use common::*;
 use pvrdma_dev::abi::{wr_opcode, WireSge};
 use pvrdma_guest::driver::ud_attrs;
@@ -79,7 +81,7 @@ fn rdma_write_read_and_atomics_verified() {
     let (_t, drv) = probed();
     let mut p = rc_pair(&drv, MAC, 16, 4);
     let mem = drv.mem();
-    for &size in &[0usize, 1, 4095, 4096, 4097, 65536 + 3, 1 << 20] {
+    for &size in &[0usize, 1, 4095, 4096, 4097, 65536 + 3, 1 << 20, 16 << 20] {
         let len = size.max(1) as u64;
         let local = drv.reg_mr(p.pd, 0x10_0000_0123, len, ALL_ACCESS).unwrap();
         let remote = drv.reg_mr(p.pd, 0x20_0000_0456, len, ALL_ACCESS).unwrap();
@@ -421,4 +423,139 @@ fn two_devices_on_one_fabric() {
     mb.read(db.mem(), 0, &mut got);
     assert_eq!(got, msg);
     let _ = &mut qa;
+}
+
+#[test]
+fn gsi_mads_loop_back_to_qp1_with_a_grh() {
+    let (_t, drv) = probed();
+    let mut k = pvrdma_guest::kernel::ib_register(&drv, MAC).unwrap();
+    let mad = pattern(256, 0x4d);
+    let buf = drv.alloc.contiguous(drv.mem(), 1);
+    use vm_memory::Bytes;
+    drv.mem().write_slice(&mad, buf).unwrap();
+    let w = SendWqe {
+        wr_id: 0x51,
+        opcode: wr_opcode::SEND,
+        flags: 2,
+        sges: vec![WireSge {
+            addr: buf.0,
+            length: 256,
+            lkey: k.dma_mr.lkey,
+        }],
+        ud: Some(UdAddr {
+            remote_qpn: 1,
+            qkey: 0x8000_0000, // bit 31: use the QP's own qkey (ib_mad does this)
+            dgid: k.gid,
+            gid_index: 0,
+            dmac: MAC,
+            pd: k.pd,
+        }),
+        ..Default::default()
+    };
+    assert!(drv.post_send(&mut k.gsi, &w));
+    let c = drv.wait_cqes(&mut k.cq, 2, WAIT);
+    assert_eq!(c.len(), 2);
+    let r = c.iter().find(|c| c.opcode == 128).expect("MAD received");
+    assert_eq!((r.status, r.byte_len, r.src_qp), (0, 296, 1));
+    assert_ne!(r.wc_flags & 1, 0, "GRH");
+    assert_ne!(
+        r.wc_flags & (1 << 6),
+        0,
+        "kernel CQ: network header type valid"
+    );
+    // Receive buffer r.wr_id lives at bufs + wr_id * 296; its payload follows the 40-byte GRH.
+    let s = c.iter().find(|c| c.opcode == 0).expect("send completion");
+    assert_eq!((s.wr_id, s.status), (0x51, 0));
+}
+
+#[test]
+fn atomics_from_several_qps_at_once_are_exact() {
+    let (_t, drv) = probed();
+    let threads = 4u64;
+    let per = 500u64;
+    let mut pairs: Vec<_> = (0..threads).map(|_| rc_pair(&drv, MAC, 32, 1)).collect();
+    // One counter, registered by the first pair's PD; the others reach it through its rkey only
+    // if their PD matches, so every pair targets its peer QP's MR — all aliasing one guest page.
+    let page = drv.alloc.contiguous(drv.mem(), 1);
+    let counters: Vec<_> = pairs
+        .iter()
+        .map(|p| {
+            let pdir = pvrdma_guest::mem::GuestPdir::build(&drv.alloc, drv.mem(), vec![page]);
+            drv.reg_mr_pdir(p.pd, 0x4242_0000, 4096, ALL_ACCESS, pdir)
+                .unwrap()
+        })
+        .collect();
+    let results: Vec<_> = pairs
+        .iter()
+        .map(|p| drv.reg_mr(p.pd, 0x5151_0000, 8 * per, ALL_ACCESS).unwrap())
+        .collect();
+    let drv = &drv;
+    std::thread::scope(|s| {
+        for ((p, ctr), res) in pairs.iter_mut().zip(&counters).zip(&results) {
+            s.spawn(move || {
+                for i in 0..per {
+                    let w = SendWqe {
+                        wr_id: i,
+                        opcode: wr_opcode::ATOMIC_FETCH_AND_ADD,
+                        flags: 2,
+                        sges: vec![res.sge(8 * i, 8)],
+                        remote_addr: ctr.iova + 64,
+                        rkey: ctr.rkey,
+                        compare_add: 1,
+                        ..Default::default()
+                    };
+                    assert!(drv.post_send(&mut p.a, &w));
+                    assert_eq!(one(drv, &mut p.cq_a).status, 0);
+                }
+            });
+        }
+    });
+    let mut b = [0u8; 8];
+    use vm_memory::Bytes;
+    drv.mem()
+        .read_slice(&mut b, page.unchecked_add(64))
+        .unwrap();
+    assert_eq!(
+        u64::from_le_bytes(b),
+        threads * per,
+        "every add applied exactly once"
+    );
+    // Every fetched value is distinct: each add saw a different counter value.
+    let mut seen = Vec::new();
+    for r in &results {
+        for i in 0..per {
+            r.read(drv.mem(), 8 * i, &mut b);
+            seen.push(u64::from_le_bytes(b));
+        }
+    }
+    seen.sort_unstable();
+    seen.dedup();
+    assert_eq!(seen.len() as u64, threads * per);
+}
+
+#[test]
+fn rnr_waits_for_a_receive_then_gives_up_when_retries_are_exhausted() {
+    let (_t, drv) = probed();
+    let mut p = rc_pair(&drv, MAC, 8, 1);
+    let m = drv.reg_mr(p.pd, 0xc000, 4096, ALL_ACCESS).unwrap();
+    // rnr_retry 7 = infinite: the send waits until the receive arrives.
+    assert!(drv.post_send(&mut p.a, &send(1, m.sge(0, 32))));
+    assert!(drv
+        .wait_cqes(&mut p.cq_a, 1, Duration::from_millis(200))
+        .is_empty());
+    assert!(drv.post_recv(&mut p.b, 2, &[m.sge(2048, 64)]));
+    assert_eq!(one(&drv, &mut p.cq_a).status, 0);
+    assert_eq!(one(&drv, &mut p.cq_b).wr_id, 2);
+    // rnr_retry 0: no receive → RNR_RETRY_EXC_ERR.
+    let mut q = rc_pair(&drv, MAC, 8, 1);
+    drv.reset_qp(&mut q.a).unwrap();
+    let mut attrs = pvrdma_guest::driver::rc_connect_attrs(q.b.qpn, q.gid, ALL_ACCESS);
+    attrs[2].attrs.rnr_retry = 0;
+    for mm in attrs {
+        drv.modify_qp(&q.a, mm).unwrap();
+    }
+    let mq = drv.reg_mr(q.pd, 0xc000, 4096, ALL_ACCESS).unwrap();
+    assert!(drv.post_send(&mut q.a, &send(3, mq.sge(0, 32))));
+    let c = one(&drv, &mut q.cq_a);
+    assert_eq!((c.wr_id, c.status), (3, 13), "RNR_RETRY_EXC_ERR");
 }
