@@ -115,20 +115,48 @@ pub struct DeviceStats {
 }
 
 enum Completion {
-    Wcs(Vec<WorkCompletion>),
+    Wc(WorkCompletion),
     Event(AsyncEvent),
 }
 
+/// Where backends deliver completions. Producers append to one shared queue under a short lock
+/// (so completions keep the order they were produced in, whatever the thread) and wake the main
+/// loop only when the queue goes from empty to non-empty: under load the loop takes hundreds of
+/// completions per wake-up instead of one message each.
 struct Sink {
-    tx: Sender<Completion>,
+    pending: std::sync::Mutex<Vec<Completion>>,
+    wake: Sender<()>,
+}
+
+impl Sink {
+    fn push(&self, items: impl Iterator<Item = Completion>) {
+        let was_empty = {
+            let Ok(mut g) = self.pending.lock() else {
+                return;
+            };
+            let was_empty = g.is_empty();
+            g.extend(items);
+            was_empty
+        };
+        if was_empty {
+            let _ = self.wake.send(());
+        }
+    }
+
+    /// Takes everything queued, leaving `spare` (emptied) in its place to reuse its allocation.
+    fn take(&self, spare: &mut Vec<Completion>) {
+        if let Ok(mut g) = self.pending.lock() {
+            std::mem::swap(&mut *g, spare);
+        }
+    }
 }
 
 impl CompletionSink for Sink {
     fn complete(&self, wcs: &[WorkCompletion]) {
-        let _ = self.tx.send(Completion::Wcs(wcs.to_vec()));
+        self.push(wcs.iter().copied().map(Completion::Wc));
     }
     fn event(&self, ev: AsyncEvent) {
-        let _ = self.tx.send(Completion::Event(ev));
+        self.push(std::iter::once(Completion::Event(ev)));
     }
 }
 
@@ -298,8 +326,12 @@ fn run_main_loop(
             return;
         }
     };
-    let (ctx, crx) = unbounded::<Completion>();
-    let sink: Arc<dyn CompletionSink> = Arc::new(Sink { tx: ctx });
+    let (wake, crx) = unbounded::<()>();
+    let device_sink = Arc::new(Sink {
+        pending: std::sync::Mutex::new(Vec::new()),
+        wake,
+    });
+    let sink: Arc<dyn CompletionSink> = device_sink.clone();
     let backend = backend(mem.clone(), sink.clone());
     let env = Arc::new(Env {
         mem: mem.clone(),
@@ -327,7 +359,14 @@ fn run_main_loop(
         c.borrow_mut().on_msg(msg);
     });
     let c = core.clone();
-    main_loop.add_receiver(crx, move |comp| c.borrow_mut().on_completion(comp));
+    let mut batch = Vec::new();
+    main_loop.add_receiver(crx, move |()| {
+        device_sink.take(&mut batch);
+        if !batch.is_empty() {
+            c.borrow_mut().on_completions(&batch);
+            batch.clear();
+        }
+    });
     main_loop.run();
     core.borrow_mut().teardown();
 }
@@ -1060,10 +1099,27 @@ impl Core {
 
     // ---- completions ---------------------------------------------------------------------
 
-    fn on_completion(&mut self, c: Completion) {
-        match c {
-            Completion::Wcs(wcs) => self.write_completions(&wcs),
-            Completion::Event(ev) => self.backend_event(ev),
+    fn on_completions(&mut self, batch: &[Completion]) {
+        // Runs of work completions are written together (one notification per armed CQ per
+        // run); events keep their place in the order.
+        let mut i = 0;
+        while i < batch.len() {
+            match batch[i] {
+                Completion::Event(ev) => {
+                    self.backend_event(ev);
+                    i += 1;
+                }
+                Completion::Wc(_) => {
+                    let start = i;
+                    while i < batch.len() && matches!(batch[i], Completion::Wc(_)) {
+                        i += 1;
+                    }
+                    self.write_completions(batch[start..i].iter().filter_map(|c| match c {
+                        Completion::Wc(w) => Some(w),
+                        Completion::Event(_) => None,
+                    }));
+                }
+            }
         }
     }
 
@@ -1076,7 +1132,7 @@ impl Core {
             .map(|_| handle)
     }
 
-    fn write_completions(&mut self, wcs: &[WorkCompletion]) {
+    fn write_completions<'a>(&mut self, wcs: impl Iterator<Item = &'a WorkCompletion>) {
         let mem = self.mem.memory();
         let mut notify: Vec<u32> = Vec::new();
         let mut overflowed: Vec<u32> = Vec::new();
