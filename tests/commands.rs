@@ -311,3 +311,21 @@ fn reset_and_reactivation() {
     let k = pvrdma_guest::kernel::ib_register(&drv2, MAC).expect("registration after reset");
     assert_eq!(k.gsi.qpn, 1);
 }
+
+#[test]
+fn mr_page_lists_are_bounded_by_a_device_budget() {
+    let cfg = pvrdma_dev::DeviceConfig {
+        max_mr_pages: 64,
+        ..Default::default()
+    };
+    let (_t, drv) = probed_with(&rdma_backend::emulated::Fabric::new(), cfg);
+    let pd = drv.create_pd(Ctx::KERNEL).unwrap();
+    let a = drv.reg_mr(pd, 0x10000, 48 * 4096, ALL_ACCESS).unwrap();
+    // 48 + 32 > 64: refused, though each alone is fine.
+    assert_ne!(err_of(drv.reg_mr(pd, 0x20000, 32 * 4096, ALL_ACCESS)), 0);
+    let b = drv.reg_mr(pd, 0x20000, 16 * 4096, ALL_ACCESS).unwrap();
+    drv.destroy_mr(a).unwrap();
+    let c = drv.reg_mr(pd, 0x30000, 32 * 4096, ALL_ACCESS).unwrap();
+    drv.destroy_mr(b).unwrap();
+    drv.destroy_mr(c).unwrap();
+}

@@ -29,6 +29,11 @@ pub struct DeviceConfig {
     pub max_mr: u32,
     /// Bytes per MR.
     pub max_mr_size: u64,
+    /// 4 KiB pages all user MRs together may list. Each listed page costs the device 8 bytes of
+    /// host memory, and a guest can list the same page many times, so this bounds what MR
+    /// registration can make the device allocate (default 2^22 pages: 16 GiB of registrations,
+    /// 32 MiB of page lists).
+    pub max_mr_pages: u64,
     /// PDs.
     pub max_pd: u32,
     /// Address handles (driver-side only; advertised).
@@ -63,6 +68,7 @@ impl Default for DeviceConfig {
             max_cqe: 65536,
             max_mr: 4096,
             max_mr_size: 1 << 40,
+            max_mr_pages: 1 << 22,
             max_pd: 1024,
             max_ah: 1024,
             max_srq: 1024,

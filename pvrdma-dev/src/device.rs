@@ -395,6 +395,8 @@ pub(crate) struct Pd {
 pub(crate) struct Mr {
     pub pd: u32,
     pub backend: MrId,
+    /// Pages its page list holds (counted against `max_mr_pages`).
+    pub pages: u64,
 }
 
 #[derive(Debug)]
@@ -489,6 +491,8 @@ pub(crate) struct Core {
     pub qps: HandleTable<Qp>,
     pub srqs: HandleTable<Srq>,
     pub gids: Vec<Option<([u8; 16], u8)>>,
+    /// Pages listed by all user MRs (bounded by `max_mr_pages`).
+    pub mr_pages: u64,
     pub stats: DeviceStats,
 }
 
@@ -535,6 +539,7 @@ impl Core {
             qps: tables.qps,
             srqs: tables.srqs,
             gids: vec![None; cfg.gid_tbl_len as usize],
+            mr_pages: 0,
             stats: DeviceStats::default(),
             cfg,
             opts,
@@ -786,6 +791,7 @@ impl Core {
         self.ucs.clear();
         self.uar_owner.clear();
         self.gids.iter_mut().for_each(|g| *g = None);
+        self.mr_pages = 0;
         self.epoch = self.epoch.wrapping_add(1);
     }
 

@@ -22,6 +22,11 @@ pub fn probed_on(fabric: &Arc<Fabric>, mac: [u8; 6]) -> (Arc<InProcess>, Driver)
         mac,
         ..DeviceConfig::default()
     };
+    probed_with(fabric, cfg)
+}
+
+/// A device with configuration `cfg` on `fabric`, probed.
+pub fn probed_with(fabric: &Arc<Fabric>, cfg: DeviceConfig) -> (Arc<InProcess>, Driver) {
     let t = Arc::new(InProcess::new(cfg, DEFAULT_RAM, fabric));
     let drv = Driver::probe(t.clone() as Arc<dyn Transport>).expect("probe");
     (t, drv)

@@ -200,6 +200,9 @@ pub(super) fn create_mr(core: &mut Core, req: CmdCreateMr) -> Result<Work, CmdEr
             if u64::from(req.nchunks) != need || req.nchunks > MAX_PAGES {
                 return Err(CmdError::Invalid("MR nchunks"));
             }
+            if core.mr_pages + need > core.cfg.max_mr_pages {
+                return Err(CmdError::Exhausted("MR page-list budget"));
+            }
             Plan::User {
                 npages: req.nchunks,
             }
@@ -207,6 +210,10 @@ pub(super) fn create_mr(core: &mut Core, req: CmdCreateMr) -> Result<Work, CmdEr
         _ => return Err(CmdError::Invalid("MR flags")),
     };
     let (start, length, pdir_dma) = (req.start, req.length, req.pdir_dma);
+    let pages = match plan {
+        Plan::Dma => 0,
+        Plan::User { npages } => u64::from(npages),
+    };
     Ok(Box::new(move |env: &Env| {
         let kind = match plan {
             Plan::Dma => MrKind::Dma,
@@ -223,13 +230,19 @@ pub(super) fn create_mr(core: &mut Core, req: CmdCreateMr) -> Result<Work, CmdEr
         let keys = env.backend.create_mr(pd, kind, access)?;
         let b = env.backend.clone();
         Ok(Box::new(move |core: &mut Core| {
+            if core.mr_pages + pages > core.cfg.max_mr_pages {
+                let _ = b.destroy_mr(keys.id);
+                return Err(CmdError::Exhausted("MR page-list budget"));
+            }
             let Some(h) = core.mrs.insert(Mr {
                 pd: pd_h,
                 backend: keys.id,
+                pages,
             }) else {
                 let _ = b.destroy_mr(keys.id);
                 return Err(CmdError::Exhausted("MRs"));
             };
+            core.mr_pages += pages;
             if let Some(p) = core.pds.get_mut(pd_h) {
                 p.refs += 1;
             }
@@ -251,6 +264,7 @@ pub(super) fn destroy_mr(core: &mut Core, req: CmdDestroyMr) -> Result<Work, Cmd
         env.backend.destroy_mr(b)?;
         Ok(Box::new(move |core: &mut Core| {
             if let Some(mr) = core.mrs.remove(h) {
+                core.mr_pages = core.mr_pages.saturating_sub(mr.pages);
                 if let Some(p) = core.pds.get_mut(mr.pd) {
                     p.refs = p.refs.saturating_sub(1);
                 }
