@@ -939,10 +939,8 @@ impl Core {
                 };
                 if flags.contains(CqDoorbell::ARM) {
                     cq.ring.arm = Arm::Any;
-                } else if flags.contains(CqDoorbell::ARM_SOL) {
-                    if cq.ring.arm != Arm::Any {
-                        cq.ring.arm = Arm::Solicited;
-                    }
+                } else if flags.contains(CqDoorbell::ARM_SOL) && cq.ring.arm != Arm::Any {
+                    cq.ring.arm = Arm::Solicited;
                 }
                 // POLL is a hint: completions are written as soon as they exist, so there is
                 // nothing to flush.

@@ -386,7 +386,7 @@ pub fn pci_enable(t: &dyn Transport) -> (u16, u16) {
     cfg_write(t, 0x18, BAR2_ADDR & 0xffff_ffff, 4);
     cfg_write(t, 0x1c, BAR2_ADDR >> 32, 4);
     cfg_write(t, 0x04, 0x6, 2); // MEM | bus master
-    let mut cap = cfg_read(t, 0x34, 1) as u64;
+    let mut cap = cfg_read(t, 0x34, 1);
     for _ in 0..48 {
         if cap == 0 || cap >= 256 {
             break;

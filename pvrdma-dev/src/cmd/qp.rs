@@ -383,7 +383,10 @@ pub(super) fn modify_qp(core: &mut Core, req: CmdModifyQp) -> Result<Work, CmdEr
             drop(mem);
             // WQEs posted before the QP could take them (receives before INIT, sends before
             // RTS) wait in the rings; a transition that enables them starts a drain.
-            if matches!(attrs.state, Some(QpState::Init | QpState::Rtr | QpState::Rts)) {
+            if matches!(
+                attrs.state,
+                Some(QpState::Init | QpState::Rtr | QpState::Rts)
+            ) {
                 core.schedule_qp(h);
             }
             Ok(resp(&hdr()))
