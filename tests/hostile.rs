@@ -1641,3 +1641,51 @@ fn dsr_rings_cap_outstanding_entries() {
 
 #[allow(dead_code)]
 fn _uses(_: abi::Cqe) {}
+
+/// A doorbell written past the end of BAR2 (offset 2^44 + x) must not alias the kernel's UAR
+/// page 0; zero-length accesses change nothing.
+#[test]
+fn uar_offsets_past_bar2_do_not_alias_page_0() {
+    let (t, drv) = probed();
+    let gid = gid_of(MAC);
+    drv.create_bind(0, gid, 1).unwrap();
+    let pd = drv.create_pd(Ctx::KERNEL).unwrap();
+    let mut cq_a = drv.create_cq(Ctx::KERNEL, 16).unwrap();
+    let cq_b = drv.create_cq(Ctx::KERNEL, 16).unwrap();
+    let caps = (4, 4, 1, 1);
+    let mut a = drv
+        .create_qp(Ctx::KERNEL, QpKind::Rc, pd, &cq_a, &cq_a, None, caps, false)
+        .unwrap();
+    let mut b = drv
+        .create_qp(Ctx::KERNEL, QpKind::Rc, pd, &cq_b, &cq_b, None, caps, false)
+        .unwrap();
+    for m in rc_connect_attrs(b.qpn, gid, ALL_ACCESS) {
+        drv.modify_qp(&a, m).unwrap();
+    }
+    for m in rc_connect_attrs(a.qpn, gid, ALL_ACCESS) {
+        drv.modify_qp(&b, m).unwrap();
+    }
+    let m = drv.reg_mr(pd, 0x1000, 4096, ALL_ACCESS).unwrap();
+    assert!(drv.post_recv(&mut b, 1, &[m.sge(2048, 64)]));
+    assert!(drv.push_send(&mut a, &send(1, m.sge(0, 8))));
+    let tr = drv.transport();
+    let bad0 = stats(&t).bad_doorbells;
+    let v = (a.handle | (1 << 30)).to_le_bytes();
+    for off in [1u64 << 44, (1 << 44) + (1 << 32) * 4096, u64::MAX - 3] {
+        tr.write(Region::Bar(2), off, &v);
+    }
+    tr.write(Region::Bar(2), 0, &[]);
+    assert!(
+        drv.wait_cqes(&mut cq_a, 1, SHORT).is_empty(),
+        "aliased doorbell rang page 0"
+    );
+    assert_eq!(stats(&t).bad_doorbells, bad0 + 3);
+    drv.ring_sq(&a);
+    assert_eq!(one(&drv, &mut cq_a).status, 0);
+    // Zero-length config write: the command register keeps MEM | bus master.
+    tr.write(Region::Config, 4, &[]);
+    let mut c = [0u8; 2];
+    tr.read(Region::Config, 4, &mut c);
+    assert_eq!(c[0] & 0x6, 0x6);
+    assert_device_healthy(&drv);
+}
