@@ -504,6 +504,13 @@ impl std::fmt::Debug for Core {
     }
 }
 
+/// Whether an access of `len` bytes at `off` lies inside a BAR of `size` bytes. UAR accesses
+/// outside BAR2 must not alias a UAR page: `off >> 12` truncated to 32 bits would map
+/// offset 2^44 onto the kernel's page 0.
+fn access_in_bar(off: u64, len: usize, size: u64) -> bool {
+    off.checked_add(len as u64).is_some_and(|end| end <= size)
+}
+
 /// Splits a cookie into handle and generation.
 pub(crate) fn cookie(handle: u32, gen: u32) -> u64 {
     (u64::from(gen) << 32) | u64::from(handle)
@@ -622,7 +629,11 @@ impl Core {
 
     fn read(&mut self, region: Region, off: u64, len: usize) -> u64 {
         let mut buf = [0xffu8; 8];
-        let len = len.clamp(1, 8);
+        if len == 0 {
+            // A zero-length read touches nothing (an ICR read would otherwise clear it).
+            return u64::from_le_bytes(buf);
+        }
+        let len = len.min(8);
         match region {
             Region::Config => self.config.read(off, &mut buf[..len]),
             Region::Bar(b) if usize::from(b) == MSIX_BAR => self.msix.read(off, &mut buf[..len]),
@@ -662,7 +673,11 @@ impl Core {
     }
 
     fn write(&mut self, region: Region, off: u64, len: usize, value: u64) {
-        let len = len.clamp(1, 8);
+        if len == 0 {
+            // A zero-length write is not a one-byte write of 0.
+            return;
+        }
+        let len = len.min(8);
         let bytes = value.to_le_bytes();
         match region {
             Region::Config => {
@@ -683,7 +698,9 @@ impl Core {
                 }
             }
             Region::Bar(b) if usize::from(b) == UAR_BAR => {
-                if len == 4 && off % 4 == 0 {
+                if !access_in_bar(off, len, self.config.bar_size(UAR_BAR)) {
+                    self.stats.bad_doorbells += 1;
+                } else if len == 4 && off % 4 == 0 {
                     self.doorbell(off, value as u32);
                 } else if len == 8 && off % 8 == 0 {
                     self.doorbell(off, value as u32);
@@ -1250,5 +1267,60 @@ impl Tables {
             qps: HandleTable::new(1, cfg.max_qp),
             srqs: HandleTable::new(1, cfg.max_srq),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdma_backend::emulated::{EmulatedBackend, Fabric};
+    use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+
+    struct NoIrq;
+    impl InterruptSink for NoIrq {
+        fn trigger(&self, _vector: u16) {}
+    }
+
+    fn spawn() -> DeviceHandle {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let fabric = Fabric::new();
+        DeviceHandle::spawn(
+            DeviceConfig::default(),
+            DeviceOptions::default(),
+            GuestMemoryAtomic::new(mem),
+            Arc::new(NoIrq),
+            Box::new(move |mem: GuestMem, sink: Arc<dyn CompletionSink>| {
+                EmulatedBackend::new(&fabric, mem, sink) as Arc<dyn Backend>
+            }),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn uar_accesses_outside_the_bar_are_rejected() {
+        let size = DeviceConfig::default().uar_bar_size();
+        assert!(access_in_bar(0, 4, size));
+        assert!(access_in_bar(size - 4, 4, size));
+        assert!(!access_in_bar(size - 2, 4, size));
+        assert!(!access_in_bar(size, 4, size));
+        assert!(
+            !access_in_bar(1 << 44, 4, size),
+            "2^44 must not alias page 0"
+        );
+        assert!(!access_in_bar(u64::MAX - 1, 4, size));
+    }
+
+    #[test]
+    fn zero_length_accesses_change_nothing() {
+        let d = spawn();
+        d.write(Region::Config, 4, &[0x06, 0x00]).unwrap();
+        d.write(Region::Config, 4, &[]).unwrap();
+        let mut b = [0u8; 2];
+        d.read(Region::Config, 4, &mut b).unwrap();
+        assert_eq!(b, [0x06, 0x00], "a zero-length write is not a write of 0");
+        d.write32(Region::Bar(1), offset::IMR, 0x5).unwrap();
+        d.read(Region::Bar(1), offset::IMR, &mut []).unwrap();
+        assert_eq!(d.read32(Region::Bar(1), offset::IMR).unwrap(), 0x5);
+        d.shutdown();
     }
 }
