@@ -32,6 +32,10 @@ use crate::pci::{ConfigSpace, MsixTable, MSIX_BAR, REG_BAR, UAR_BAR};
 use crate::regs::{ctl, err, offset, uar, CqDoorbell, IntrCause, QpDoorbell, SrqDoorbell};
 use crate::resources::HandleTable;
 
+/// Accesses that may wait behind one running command. Transports wait for every read and for
+/// non-posted writes, so only posted writes queue here; the bound keeps a flood of them finite.
+const MAX_DEFERRED: usize = 65536;
+
 /// How the device raises interrupts; implemented by whoever embeds it.
 pub trait InterruptSink: Send + Sync {
     /// Signals MSI-X `vector`.
@@ -566,6 +570,15 @@ impl Core {
 
     fn on_msg(&mut self, msg: Msg) {
         if self.cmd_pending {
+            if self.deferred.len() >= MAX_DEFERRED {
+                // Only posted writes can pile up here (every other access waits for its
+                // answer); a guest that posts this many while one command runs loses them.
+                log::warn!("{MAX_DEFERRED} accesses wait for a command; dropping one");
+                if let Msg::Read { reply, .. } = msg {
+                    let _ = reply.send(u64::MAX);
+                }
+                return;
+            }
             self.deferred.push_back(msg);
             return;
         }
@@ -1111,9 +1124,14 @@ impl Core {
                 srq.sched.busy = false;
                 srq.sched.stalled = d.stalled;
                 let again = std::mem::take(&mut srq.sched.again);
-                if d.ring_error {
+                if d.ring_error || d.malformed > 0 {
+                    // SRQ_ERR: the guest's SRQ ring or one of its WQEs is unusable.
                     core.post_event(14, handle);
-                } else if again {
+                }
+                if d.ring_error {
+                    return;
+                }
+                if again {
                     core.schedule_srq(handle);
                 }
             },

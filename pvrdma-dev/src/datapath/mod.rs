@@ -119,6 +119,8 @@ pub(crate) struct Drained {
     pub stalled: bool,
     /// The guest's ring indices were invalid: the queue is in error.
     pub ring_error: bool,
+    /// Malformed WQEs skipped (SRQ: there is no QP yet to complete them against).
+    pub malformed: u32,
 }
 
 /// Reads the SGEs of a WQE, bounded by `max_sge` (the QP's own maximum).
@@ -309,8 +311,9 @@ pub(crate) fn drain_srq(shared: &SrqShared, env: &Env) -> Drained {
             break;
         };
         let Some(n) = wqe::checked_num_sge(hdr.num_sge, rq.max_sge) else {
-            // Nothing to complete against (no QP yet): skip the WQE.
+            // There is no QP yet to complete it against: skip the WQE and report SRQ_ERR.
             log::debug!("SRQ WQE with {} SGEs skipped", hdr.num_sge);
+            out.malformed += 1;
             if rq.ring.advance(&*mem).is_err() {
                 out.ring_error = true;
                 break;
