@@ -10,6 +10,7 @@ pub mod driver;
 pub mod kernel;
 pub mod mem;
 pub mod transport;
+pub mod vfio;
 
 pub use driver::{Cq, Ctx, Driver, GuestError, Modify, Mr, Qp, QpKind, SendWqe, Srq, UdAddr};
 pub use transport::{InProcess, IrqRecorder, Transport};
