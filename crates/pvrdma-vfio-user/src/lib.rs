@@ -110,12 +110,43 @@ pub fn listen_fd_from_env() -> Option<OwnedFd> {
     Some(unsafe { OwnedFd::from_raw_fd(3) })
 }
 
+#[derive(Debug, Clone)]
+enum Wake {
+    Path(PathBuf),
+    Addr(SocketAddr),
+}
+
+/// Binds a listening socket at `path` so that the path appears only once the socket listens:
+/// bound and listening under a temporary name in the same directory, then renamed. A client
+/// that sees the path never gets ECONNREFUSED.
+fn bind_atomically(path: &Path) -> Result<UnixListener> {
+    let listen_err = |source| Error::Listen {
+        path: path.to_path_buf(),
+        source,
+    };
+    if path.exists() {
+        return Err(listen_err(std::io::Error::from(
+            std::io::ErrorKind::AlreadyExists,
+        )));
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp).map_err(listen_err)?;
+    if let Err(e) = std::fs::rename(&tmp, path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(listen_err(e));
+    }
+    Ok(listener)
+}
+
 /// Asks a running server to stop.
 #[derive(Debug, Clone)]
 pub struct Stopper {
     stop: Arc<AtomicBool>,
-    /// The listening socket's address, to wake its accept().
-    addr: SocketAddr,
+    /// Where to connect to wake the server's accept().
+    wake: Wake,
     current: Arc<Mutex<Option<DeviceHandle>>>,
 }
 
@@ -125,7 +156,11 @@ impl Stopper {
     pub fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
         // Wake the accept() with a connection that closes at once.
-        if let Err(e) = UnixStream::connect_addr(&self.addr) {
+        let r = match &self.wake {
+            Wake::Path(p) => UnixStream::connect(p),
+            Wake::Addr(a) => UnixStream::connect_addr(a),
+        };
+        if let Err(e) = r {
             log::debug!("cannot wake the server: {e}");
         }
     }
@@ -167,18 +202,18 @@ impl Server {
             .map_err(|e| Error::Device(pvrdma_dev::DeviceError::Config(e)))?;
         let regions = regions::server_regions(opts.device.max_uar);
         let irqs = regions::server_irqs();
-        let (listener, path) = match opts.listen_fd {
-            Some(fd) => (UnixListener::from(fd), None),
+        let (listener, path, addr) = match opts.listen_fd {
+            Some(fd) => {
+                let listener = UnixListener::from(fd);
+                let addr = listener.local_addr().map_err(Error::Socket)?;
+                (listener, None, Wake::Addr(addr))
+            }
             None => {
-                let listener =
-                    UnixListener::bind(&opts.socket).map_err(|source| Error::Listen {
-                        path: opts.socket.clone(),
-                        source,
-                    })?;
-                (listener, Some(opts.socket))
+                let listener = bind_atomically(&opts.socket)?;
+                let wake = Wake::Path(opts.socket.clone());
+                (listener, Some(opts.socket), wake)
             }
         };
-        let addr = listener.local_addr().map_err(Error::Socket)?;
         let server = vfio_user::Server::from_owned_fd(OwnedFd::from(listener), true, irqs, regions);
         Ok(Server {
             server,
@@ -187,7 +222,7 @@ impl Server {
             fabric: Fabric::new(),
             stopper: Stopper {
                 stop: Arc::new(AtomicBool::new(false)),
-                addr,
+                wake: addr,
                 current: Arc::new(Mutex::new(None)),
             },
             clients: AtomicU64::new(0),
@@ -219,6 +254,7 @@ impl Server {
             }
             conn.shutdown();
             match r {
+                Ok(()) if self.stopper.stopping() => log::debug!("woken to stop"),
                 Ok(()) => log::info!("client disconnected"),
                 Err(e) if self.stopper.stopping() => log::debug!("stopping: {e}"),
                 Err(vfio_user::Error::SocketAccept(e)) => {
