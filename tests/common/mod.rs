@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use pvrdma_dev::DeviceConfig;
 use pvrdma_guest::transport::DEFAULT_RAM;
+use pvrdma_guest::vfio::{ServeProcess, VfioUser};
 use pvrdma_guest::{Driver, InProcess, Transport};
 use rdma_backend::emulated::Fabric;
 
@@ -30,6 +31,30 @@ pub fn probed_with(fabric: &Arc<Fabric>, cfg: DeviceConfig) -> (Arc<InProcess>, 
     let t = Arc::new(InProcess::new(cfg, DEFAULT_RAM, fabric));
     let drv = Driver::probe(t.clone() as Arc<dyn Transport>).expect("probe");
     (t, drv)
+}
+
+/// A `pvrdma serve` process (this package's binary) for a device with [`MAC`].
+pub fn serve_process() -> ServeProcess {
+    ServeProcess::spawn(
+        std::path::Path::new(env!("CARGO_BIN_EXE_pvrdma")),
+        &["--mac", "00:50:56:12:34:56", "--workers", "2"],
+    )
+    .expect("pvrdma serve starts")
+}
+
+/// A vfio-user client of `server`, probed like the Linux driver does.
+pub fn probed_over(server: &ServeProcess) -> (Arc<VfioUser>, Driver) {
+    let t = Arc::new(VfioUser::connect(server.socket()).expect("vfio-user connect"));
+    let drv = Driver::probe(t.clone() as Arc<dyn Transport>).expect("probe over vfio-user");
+    (t, drv)
+}
+
+/// Like [`probed`], but the device runs in a `pvrdma serve` process and the harness reaches it
+/// over vfio-user. Keep the process alive as long as the driver.
+pub fn probed_vfio() -> (ServeProcess, Arc<VfioUser>, Driver) {
+    let server = serve_process();
+    let (t, drv) = probed_over(&server);
+    (server, t, drv)
 }
 
 use std::time::Duration;

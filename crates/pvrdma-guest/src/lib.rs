@@ -11,6 +11,7 @@ pub mod kernel;
 pub mod mem;
 pub mod perf;
 pub mod transport;
+pub mod vfio;
 
 pub use driver::{Cq, Ctx, Driver, GuestError, Modify, Mr, Qp, QpKind, SendWqe, Srq, UdAddr};
 pub use transport::{InProcess, IrqRecorder, Transport};

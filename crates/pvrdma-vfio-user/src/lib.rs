@@ -1,4 +1,379 @@
-//! Transports for the pvrdma device: vfio-user server and rust-vmm adapter.
+//! The pvrdma device as a vfio-user server: the standalone backend process behind
+//! `pvrdma serve`, which QEMU (>= 10.1, `-device vfio-user-pci`) connects to.
+//!
+//! # Threads
+//! ```text
+//!  server thread (vfio_user::Server::run)          device main loop (pvrdma-dev, owns all state)
+//!    REGION_READ/WRITE ── DeviceHandle::read/write ──▶ registers, doorbells, config space
+//!    DEVICE_RESET ─────── DeviceHandle::reset ───────▶ back to power-on
+//!    DMA_MAP/UNMAP ────── GuestMemoryAtomic::replace   (workers take snapshots)
+//!    SET_IRQS ─────────── EventfdIrqs ◀─────────────── InterruptSink::trigger / set_intx
+//! ```
+//! The server thread serves one client at a time, one message at a time; every write is
+//! non-posted (answered after the device handled it). When the client disconnects, its device is
+//! shut down and the next client gets a fresh one (new device, empty guest memory). One emulated
+//! RDMA fabric is shared by every device of the process.
+//!
+//! Guest mistakes (accesses outside a region, unknown regions or interrupt indexes) are logged
+//! and answered, never turned into protocol errors. Client mistakes in DMA_MAP/UNMAP (overlaps,
+//! splitting a map) are refused with an error reply.
 #![warn(missing_docs)]
 
+pub mod conn;
+pub mod dma;
+pub mod irq;
+pub mod regions;
 pub mod vmm;
+
+use std::os::fd::OwnedFd;
+use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use pvrdma_dev::{DeviceConfig, DeviceHandle};
+use rdma_backend::emulated::Fabric;
+
+pub use conn::Connection;
+
+/// Errors of the server.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The socket could not be created.
+    #[error("cannot listen on {path}")]
+    Listen {
+        /// The socket path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The listening socket is unusable.
+    #[error("the listening socket is unusable")]
+    Socket(#[source] std::io::Error),
+    /// The device configuration is invalid or its thread cannot start.
+    #[error("cannot start the device")]
+    Device(#[source] pvrdma_dev::DeviceError),
+    /// A thread could not be started.
+    #[error("cannot start the server thread")]
+    Spawn(#[source] std::io::Error),
+    /// Signal handlers could not be installed.
+    #[error("cannot install the SIGINT/SIGTERM handlers")]
+    Signals(#[source] std::io::Error),
+    /// The server thread panicked.
+    #[error("the server thread panicked")]
+    Panicked,
+}
+
+/// Result of this crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Where to listen and what device to serve.
+#[derive(Debug)]
+pub struct ServeOptions {
+    /// Socket path to create (must not exist; removed when the server is dropped). Ignored
+    /// when `listen_fd` is set.
+    pub socket: PathBuf,
+    /// An already listening socket (e.g. inherited through `LISTEN_FDS`).
+    pub listen_fd: Option<OwnedFd>,
+    /// The device each client gets.
+    pub device: DeviceConfig,
+}
+
+impl ServeOptions {
+    /// A default device on `socket`.
+    pub fn new(socket: impl Into<PathBuf>) -> ServeOptions {
+        ServeOptions {
+            socket: socket.into(),
+            listen_fd: None,
+            device: DeviceConfig::default(),
+        }
+    }
+}
+
+/// The inherited listening socket of socket activation (`LISTEN_PID` = this process,
+/// `LISTEN_FDS` >= 1: fd 3), if any. The variables are removed so children do not see them.
+pub fn listen_fd_from_env() -> Option<OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let pid: u32 = std::env::var("LISTEN_PID").ok()?.parse().ok()?;
+    let n: u32 = std::env::var("LISTEN_FDS").ok()?.parse().ok()?;
+    if pid != std::process::id() || n < 1 {
+        return None;
+    }
+    std::env::remove_var("LISTEN_PID");
+    std::env::remove_var("LISTEN_FDS");
+    std::env::remove_var("LISTEN_FDNAMES");
+    // SAFETY: by the socket-activation protocol fd 3 is an open socket handed to this process
+    // (LISTEN_PID matched); nothing else in the process owns it, and the variables are removed
+    // above so it is taken only once.
+    Some(unsafe { OwnedFd::from_raw_fd(3) })
+}
+
+#[derive(Debug, Clone)]
+enum Wake {
+    Path(PathBuf),
+    Addr(SocketAddr),
+}
+
+/// Binds a listening socket at `path` so that the path appears only once the socket listens:
+/// bound and listening under a temporary name in the same directory, then renamed. A client
+/// that sees the path never gets ECONNREFUSED.
+fn bind_atomically(path: &Path) -> Result<UnixListener> {
+    let listen_err = |source| Error::Listen {
+        path: path.to_path_buf(),
+        source,
+    };
+    if path.exists() {
+        return Err(listen_err(std::io::Error::from(
+            std::io::ErrorKind::AlreadyExists,
+        )));
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp).map_err(listen_err)?;
+    if let Err(e) = std::fs::rename(&tmp, path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(listen_err(e));
+    }
+    Ok(listener)
+}
+
+/// Asks a running server to stop.
+#[derive(Debug, Clone)]
+pub struct Stopper {
+    stop: Arc<AtomicBool>,
+    /// Where to connect to wake the server's accept().
+    wake: Wake,
+    current: Arc<Mutex<Option<DeviceHandle>>>,
+}
+
+impl Stopper {
+    /// Stops accepting clients. The server thread returns once no client is connected (a
+    /// connected client keeps it in its message loop until it disconnects).
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the accept() with a connection that closes at once.
+        let r = match &self.wake {
+            Wake::Path(p) => UnixStream::connect(p),
+            Wake::Addr(a) => UnixStream::connect_addr(a),
+        };
+        if let Err(e) = r {
+            log::debug!("cannot wake the server: {e}");
+        }
+    }
+
+    /// Whether stop was asked.
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    /// The device of the connected client, if one is connected.
+    pub fn current_device(&self) -> Option<DeviceHandle> {
+        self.current.lock().ok().and_then(|g| g.clone())
+    }
+}
+
+/// A bound server, not yet running.
+pub struct Server {
+    server: vfio_user::Server,
+    path: Option<PathBuf>,
+    device: DeviceConfig,
+    fabric: Arc<Fabric>,
+    stopper: Stopper,
+    clients: AtomicU64,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// Listens on `opts.socket` (or `opts.listen_fd`).
+    pub fn bind(opts: ServeOptions) -> Result<Server> {
+        opts.device
+            .validate()
+            .map_err(|e| Error::Device(pvrdma_dev::DeviceError::Config(e)))?;
+        let regions = regions::server_regions(opts.device.max_uar);
+        let irqs = regions::server_irqs();
+        let (listener, path, addr) = match opts.listen_fd {
+            Some(fd) => {
+                let listener = UnixListener::from(fd);
+                let addr = listener.local_addr().map_err(Error::Socket)?;
+                (listener, None, Wake::Addr(addr))
+            }
+            None => {
+                let listener = bind_atomically(&opts.socket)?;
+                let wake = Wake::Path(opts.socket.clone());
+                (listener, Some(opts.socket), wake)
+            }
+        };
+        let server = vfio_user::Server::from_owned_fd(OwnedFd::from(listener), true, irqs, regions);
+        Ok(Server {
+            server,
+            path,
+            device: opts.device,
+            fabric: Fabric::new(),
+            stopper: Stopper {
+                stop: Arc::new(AtomicBool::new(false)),
+                wake: addr,
+                current: Arc::new(Mutex::new(None)),
+            },
+            clients: AtomicU64::new(0),
+        })
+    }
+
+    /// A handle that stops [`Server::run`].
+    pub fn stopper(&self) -> Stopper {
+        self.stopper.clone()
+    }
+
+    /// The socket path, if the server created one.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// Serves clients one after the other, each with a fresh device, until stopped.
+    pub fn run(&self) -> Result<()> {
+        while !self.stopper.stopping() {
+            let n = self.clients.fetch_add(1, Ordering::Relaxed);
+            let mut conn = Connection::new(&self.device, format!("pvrdma{n}"), &self.fabric)
+                .map_err(Error::Device)?;
+            if let Ok(mut g) = self.stopper.current.lock() {
+                *g = Some(conn.device().clone());
+            }
+            let r = self.server.run(&mut conn);
+            if let Ok(mut g) = self.stopper.current.lock() {
+                *g = None;
+            }
+            conn.shutdown();
+            match r {
+                Ok(()) if self.stopper.stopping() => log::debug!("woken to stop"),
+                Ok(()) => log::info!("client disconnected"),
+                Err(e) if self.stopper.stopping() => log::debug!("stopping: {e}"),
+                Err(vfio_user::Error::SocketAccept(e)) => {
+                    log::error!("accept failed: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => log::warn!("client connection ended: {e}"),
+            }
+        }
+        log::info!("server stopped");
+        Ok(())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(p) = &self.path {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// A server running on its own thread.
+#[derive(Debug)]
+pub struct RunningServer {
+    stopper: Stopper,
+    path: Option<PathBuf>,
+    thread: Option<JoinHandle<Result<()>>>,
+}
+
+impl RunningServer {
+    /// Binds and starts serving on a thread named `pvrdma-vfio-user`.
+    pub fn spawn(opts: ServeOptions) -> Result<RunningServer> {
+        let server = Server::bind(opts)?;
+        let stopper = server.stopper();
+        let path = server.path().map(Path::to_path_buf);
+        let thread = std::thread::Builder::new()
+            .name("pvrdma-vfio-user".into())
+            .spawn(move || server.run())
+            .map_err(Error::Spawn)?;
+        Ok(RunningServer {
+            stopper,
+            path,
+            thread: Some(thread),
+        })
+    }
+
+    /// The stop handle.
+    pub fn stopper(&self) -> &Stopper {
+        &self.stopper
+    }
+
+    /// Whether the server thread has ended (by itself: an error).
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    /// Stops the server. If a client is still connected after `grace`, its device is shut down
+    /// and the server thread is left to end when that client disconnects; the socket file is
+    /// removed either way.
+    pub fn stop(mut self, grace: Duration) -> Result<()> {
+        self.stopper.stop();
+        let deadline = Instant::now() + grace;
+        let t = self.thread.take();
+        while t.as_ref().is_some_and(|t| !t.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let r = match t {
+            Some(t) if t.is_finished() => t.join().map_err(|_| Error::Panicked)?,
+            Some(_) => {
+                log::warn!("a client is still connected: shutting its device down");
+                if let Some(d) = self.stopper.current_device() {
+                    d.shutdown();
+                }
+                Ok(())
+            }
+            None => Ok(()),
+        };
+        if let Some(p) = &self.path {
+            let _ = std::fs::remove_file(p);
+        }
+        r
+    }
+}
+
+/// Serves until SIGINT or SIGTERM (then returns `Ok`), or until the server fails.
+pub fn serve(opts: ServeOptions) -> Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).map_err(Error::Signals)?;
+    let running = RunningServer::spawn(opts)?;
+    let (tx, rx) = std::sync::mpsc::channel::<Option<i32>>();
+    let sig_handle = signals.handle();
+    let stx = tx.clone();
+    let sig_thread = std::thread::Builder::new()
+        .name("pvrdma-signals".into())
+        .spawn(move || {
+            if let Some(s) = signals.forever().next() {
+                let _ = stx.send(Some(s));
+            }
+        })
+        .map_err(Error::Spawn)?;
+    loop {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(Some(sig)) => {
+                log::info!("signal {sig}: stopping");
+                break;
+            }
+            Ok(None) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                if running.is_finished() {
+                    break;
+                }
+            }
+        }
+    }
+    drop(tx);
+    sig_handle.close();
+    let _ = sig_thread.join();
+    running.stop(Duration::from_millis(500))
+}

@@ -1,0 +1,195 @@
+//! One client connection: a fresh device, its guest memory and interrupts, and the
+//! `vfio_user::ServerBackend` that forwards the client's messages to it.
+
+use std::fs::File;
+use std::io;
+use std::sync::Arc;
+
+use pvrdma_dev::{DeviceConfig, DeviceHandle, DeviceOptions, Region};
+use rdma_backend::emulated::{EmulatedBackend, Fabric};
+use rdma_backend::{Backend, CompletionSink, GuestMem};
+use vfio_user::{DmaMapFlags, DmaUnmapFlags, ServerBackend};
+use vm_memory::GuestMemoryMmap;
+
+use crate::dma::DmaMaps;
+use crate::irq::EventfdIrqs;
+use crate::regions::region_of;
+
+/// The device of one connection and what the client gave it.
+#[derive(Debug)]
+pub struct Connection {
+    device: DeviceHandle,
+    irqs: Arc<EventfdIrqs>,
+    dma: DmaMaps,
+    uar_bar_size: u64,
+}
+
+impl Connection {
+    /// Starts a device with empty guest memory and no interrupts assigned.
+    pub fn new(
+        cfg: &DeviceConfig,
+        name: String,
+        fabric: &Arc<Fabric>,
+    ) -> Result<Connection, pvrdma_dev::DeviceError> {
+        let mem = GuestMem::new(GuestMemoryMmap::new());
+        let irqs = Arc::new(EventfdIrqs::default());
+        let fabric = fabric.clone();
+        let device = DeviceHandle::spawn(
+            cfg.clone(),
+            DeviceOptions {
+                // QEMU emulates the MSI-X table and PBA itself.
+                msix_table_in_device: false,
+                name,
+            },
+            mem.clone(),
+            irqs.clone(),
+            Box::new(move |mem: GuestMem, sink: Arc<dyn CompletionSink>| {
+                EmulatedBackend::new(&fabric, mem, sink) as Arc<dyn Backend>
+            }),
+        )?;
+        Ok(Connection {
+            device,
+            irqs,
+            dma: DmaMaps::new(mem),
+            uar_bar_size: pvrdma_dev::pci::uar_bar_size(cfg.max_uar),
+        })
+    }
+
+    /// The device.
+    pub fn device(&self) -> &DeviceHandle {
+        &self.device
+    }
+
+    /// Stops the device and drops the client's eventfds.
+    pub fn shutdown(&self) {
+        self.device.shutdown();
+        self.irqs.clear();
+    }
+
+    /// Checks an access against the region; `None` (logged) if it is outside.
+    fn target(&self, index: u32, offset: u64, len: usize, what: &str) -> Option<Region> {
+        let Some((region, size)) = region_of(index, self.uar_bar_size) else {
+            log::warn!("{what} of region {index}, which the device does not have: ignored");
+            return None;
+        };
+        if offset.checked_add(len as u64).is_none_or(|end| end > size) {
+            log::warn!(
+                "{what} of {len} bytes at {offset:#x} is outside region {index} \
+                 ({size:#x} bytes): ignored"
+            );
+            return None;
+        }
+        Some(region)
+    }
+}
+
+/// Splits `[offset, offset + len)` into naturally aligned pieces of at most `max` bytes (the
+/// device takes accesses of 1..=8 bytes; QEMU reads the whole config space at once).
+fn chunks(offset: u64, len: usize, max: usize) -> impl Iterator<Item = (u64, usize)> {
+    let mut at = 0usize;
+    std::iter::from_fn(move || {
+        if at >= len {
+            return None;
+        }
+        let o = offset + at as u64;
+        let mut n = max;
+        while n > 1 && (o % n as u64 != 0 || n > len - at) {
+            n /= 2;
+        }
+        let piece = (o, n);
+        at += n;
+        Some(piece)
+    })
+}
+
+fn max_access(region: Region) -> usize {
+    match region {
+        Region::Config => 4,
+        Region::Bar(_) => 8,
+    }
+}
+
+impl ServerBackend for Connection {
+    fn region_read(&mut self, index: u32, offset: u64, data: &mut [u8]) -> io::Result<()> {
+        data.fill(0xff);
+        let Some(region) = self.target(index, offset, data.len(), "read") else {
+            return Ok(());
+        };
+        for (o, n) in chunks(offset, data.len(), max_access(region)) {
+            let at = (o - offset) as usize;
+            if self.device.read(region, o, &mut data[at..at + n]).is_err() {
+                log::error!("the device has stopped; read answered with all-ones");
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn region_write(&mut self, index: u32, offset: u64, data: &[u8]) -> io::Result<()> {
+        let Some(region) = self.target(index, offset, data.len(), "write") else {
+            return Ok(());
+        };
+        for (o, n) in chunks(offset, data.len(), max_access(region)) {
+            let at = (o - offset) as usize;
+            // Non-posted: returns once the device has handled the write, so the client's reply
+            // (QEMU with x-no-posted-writes waits for it) orders it before the guest's next step.
+            if self.device.write(region, o, &data[at..at + n]).is_err() {
+                log::error!("the device has stopped; write dropped");
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn dma_map(
+        &mut self,
+        flags: DmaMapFlags,
+        offset: u64,
+        address: u64,
+        size: u64,
+        fd: Option<File>,
+    ) -> io::Result<()> {
+        self.dma.map(flags, offset, address, size, fd)
+    }
+
+    fn dma_unmap(&mut self, flags: DmaUnmapFlags, address: u64, size: u64) -> io::Result<()> {
+        self.dma.unmap(flags, address, size)
+    }
+
+    fn reset(&mut self) -> io::Result<()> {
+        log::info!("DEVICE_RESET");
+        if self.device.reset().is_err() {
+            log::error!("the device has stopped; reset ignored");
+        }
+        Ok(())
+    }
+
+    fn set_irqs(
+        &mut self,
+        index: u32,
+        flags: u32,
+        start: u32,
+        count: u32,
+        fds: Vec<File>,
+    ) -> io::Result<()> {
+        self.irqs.set_irqs(index, flags, start, count, fds);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chunks;
+
+    #[test]
+    fn chunking() {
+        let v: Vec<_> = chunks(0, 256, 4).collect();
+        assert_eq!(v.len(), 64);
+        assert_eq!(chunks(2, 4, 8).collect::<Vec<_>>(), vec![(2, 2), (4, 2)]);
+        assert_eq!(chunks(8, 8, 8).collect::<Vec<_>>(), vec![(8, 8)]);
+        assert_eq!(
+            chunks(1, 7, 8).collect::<Vec<_>>(),
+            vec![(1, 1), (2, 2), (4, 4)]
+        );
+    }
+}
