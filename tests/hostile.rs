@@ -295,7 +295,7 @@ fn cve_2018_20123_start_stop_and_failures_leak_nothing() {
 /// CVE-2018-20124: SQ and RQ WQEs with num_sge > 4 complete in error; nothing overflows.
 #[test]
 fn cve_2018_20124_num_sge_above_max_sge() {
-    let (_t, drv) = probed();
+    let (_t, drv) = probed_local();
     let mut p = rc_pair(&drv, MAC, 8, 4);
     let m = drv.reg_mr(p.pd, 0x1000, 4096, ALL_ACCESS).unwrap();
     let mut w = send(1, m.sge(0, 8));
@@ -321,7 +321,7 @@ fn cve_2018_20124_num_sge_above_max_sge() {
 /// CVE-2018-20125: CREATE_CQ/CREATE_QP with 0 or huge page counts are refused.
 #[test]
 fn cve_2018_20125_zero_or_huge_page_counts() {
-    let (t, drv) = probed();
+    let (t, drv) = probed_local();
     let pd = drv.create_pd(Ctx::KERNEL).unwrap();
     let good = cq_pdir(&drv, 64);
     for n in [0u32, 1, 0x1_0000, u32::MAX] {
@@ -357,7 +357,7 @@ fn cve_2018_20125_zero_or_huge_page_counts() {
 /// PD it referenced can still be destroyed).
 #[test]
 fn cve_2018_20126_ring_creation_failing_midway_leaks_nothing() {
-    let (t, drv) = probed();
+    let (t, drv) = probed_local();
     let pd = drv.create_pd(Ctx::KERNEL).unwrap();
     let cq = drv.create_cq(Ctx::KERNEL, 16).unwrap();
     let qpd = pages(&drv, 3);
@@ -381,7 +381,7 @@ fn cve_2018_20126_ring_creation_failing_midway_leaks_nothing() {
 /// CVE-2018-20191: BAR2 reads are answered with all-ones.
 #[test]
 fn cve_2018_20191_uar_reads_return_all_ones() {
-    let (_t, drv) = probed();
+    let (_t, drv) = probed_local();
     let tr = drv.transport();
     for off in [
         0u64,
@@ -410,7 +410,7 @@ fn cve_2018_20191_uar_reads_return_all_ones() {
 /// the QP, and the device keeps serving other QPs.
 #[test]
 fn cve_2018_20216_ring_indices_out_of_range() {
-    let (t, drv) = probed();
+    let (t, drv) = probed_local();
     let _ = drv.events();
     for (state_off, bell, bad) in [
         (0u64, 1u32 << 30, 16u32), // SQ prod_tail = 2N
@@ -463,7 +463,7 @@ fn cve_2018_20216_ring_indices_out_of_range() {
 /// CVE-2021-3582 and hazard 6 (first half): MR length vs nchunks, computed in 64 bits.
 #[test]
 fn cve_2021_3582_mr_length_exceeds_nchunks() {
-    let (t, drv) = probed();
+    let (t, drv) = probed_local();
     let pd = drv.create_pd(Ctx::KERNEL).unwrap();
     let pdir = pages(&drv, 2);
     let mr = |start: u64, length: u64, nchunks: u32| {
@@ -592,7 +592,7 @@ fn cve_2022_1050_request_without_dsr() {
 /// (incl. 255) complete in error and the ring moves on.
 #[test]
 fn hazard_01_bad_num_sge_and_gid_index_do_not_loop() {
-    let (_t, drv) = probed();
+    let (_t, drv) = probed_local();
     let gid = gid_of(MAC);
     drv.create_bind(0, gid, 1).unwrap();
     let ctx = drv.create_uc(3).unwrap();
@@ -674,7 +674,7 @@ fn hazard_01_bad_num_sge_and_gid_index_do_not_loop() {
 /// Hazard 2: ring sizes that are 0, not a power of two, or larger than the pages supplied.
 #[test]
 fn hazard_02_ring_sizes() {
-    let (t, drv) = probed();
+    let (t, drv) = probed_local();
     let ctx = drv.create_uc(5).unwrap();
     let pd = drv.create_pd(ctx).unwrap();
     let p = cq_pdir(&drv, 64);
@@ -736,7 +736,7 @@ fn hazard_02_ring_sizes() {
 /// SGEs would cross the page): error CQE; a good WQE in the last slot works.
 #[test]
 fn hazard_03_wqe_in_last_slot_of_a_page() {
-    let (_t, drv) = probed();
+    let (_t, drv) = probed_local();
     // max_send_sge 1 → 128-byte WQEs, 32 per page; depth 32 = exactly one page.
     let mut p = rc_pair(&drv, MAC, 32, 1);
     let m = drv.reg_mr(p.pd, 0x3000, 8192, ALL_ACCESS).unwrap();
@@ -772,7 +772,7 @@ fn hazard_03_wqe_in_last_slot_of_a_page() {
 /// Hazard 4: huge max_send_sge / max_recv_sge / SRQ max_sge at create time.
 #[test]
 fn hazard_04_huge_sge_counts() {
-    let (_t, drv) = probed();
+    let (_t, drv) = probed_local();
     let pd = drv.create_pd(Ctx::KERNEL).unwrap();
     let cq = drv.create_cq(Ctx::KERNEL, 16).unwrap();
     let qpd = pages(&drv, 3);
@@ -816,7 +816,7 @@ fn hazard_04_huge_sge_counts() {
 /// RAM or 0; a directory entry 0.
 #[test]
 fn hazard_05_page_directory_entries() {
-    let (t, drv) = probed();
+    let (t, drv) = probed_local();
     let mem = drv.mem();
     for (what, bad) in [
         ("zero", 0u64),
@@ -854,7 +854,7 @@ fn hazard_05_page_directory_entries() {
 /// Hazard 6: CREATE_MR with nchunks > 262144 (past the directory page) and the 32-bit overflow.
 #[test]
 fn hazard_06_mr_nchunks_beyond_directory() {
-    let (_t, drv) = probed();
+    let (_t, drv) = probed_local();
     let pd = drv.create_pd(Ctx::KERNEL).unwrap();
     let pdir = pages(&drv, 1);
     for (length, nchunks) in [
@@ -885,7 +885,7 @@ fn hazard_06_mr_nchunks_beyond_directory() {
 /// limits the driver indexes with; free everything and reuse.
 #[test]
 fn hazard_07_and_13_exhaust_every_table_then_reuse() {
-    let (t, drv) = probed();
+    let (t, drv) = probed_local();
     let caps = &drv.caps;
     // UCs.
     let mut ucs = Vec::new();
@@ -1048,7 +1048,7 @@ fn hazard_07_and_13_exhaust_every_table_then_reuse() {
 /// Hazard 8: DESTROY_PD/CQ/SRQ while in use fail with EBUSY; in order they succeed.
 #[test]
 fn hazard_08_destroy_in_use_is_ebusy() {
-    let (t, drv) = probed();
+    let (t, drv) = probed_local();
     let ctx = drv.create_uc(9).unwrap();
     let pd = drv.create_pd(ctx).unwrap();
     let cq = drv.create_cq(ctx, 16).unwrap();
@@ -1096,7 +1096,7 @@ fn hazard_08_destroy_in_use_is_ebusy() {
 /// Hazard 9: a second DSRHIGH write while objects exist starts from a clean device.
 #[test]
 fn hazard_09_dsr_reload_while_objects_exist() {
-    let (t, drv) = probed();
+    let (t, drv) = probed_local();
     let mut p = rc_pair(&drv, MAC, 8, 1);
     let m = drv.reg_mr(p.pd, 0x1000, 4096, ALL_ACCESS).unwrap();
     for i in 0..8 {
@@ -1113,7 +1113,7 @@ fn hazard_09_dsr_reload_while_objects_exist() {
 /// Hazard 9 (second half): CTL RESET with WQEs outstanding, then a fresh probe works.
 #[test]
 fn hazard_09_reset_with_wqes_outstanding() {
-    let (t, drv) = probed();
+    let (t, drv) = probed_local();
     let mut p = rc_pair(&drv, MAC, 64, 1);
     let m = drv.reg_mr(p.pd, 0x1000, 1 << 20, ALL_ACCESS).unwrap();
     for i in 0..64 {
@@ -1130,7 +1130,7 @@ fn hazard_09_reset_with_wqes_outstanding() {
 /// Hazard 10: GSI sends with odd SGE counts or > 256 bytes, and a GSI receive buffer < 296 B.
 #[test]
 fn hazard_10_gsi_odd_sges() {
-    let (_t, drv) = probed();
+    let (_t, drv) = probed_local();
     let mut k = ib_register(&drv, MAC).unwrap();
     let bufs = drv.alloc.contiguous(drv.mem(), 4);
     let sge = |off: u64, len: u32| WireSge {
@@ -1175,7 +1175,7 @@ fn hazard_10_gsi_odd_sges() {
 /// Hazard 11: QUERY_PKEY index 1; QUERY_PORT port 0 and 2.
 #[test]
 fn hazard_11_query_pkey_and_port_bounds() {
-    let (_t, drv) = probed();
+    let (_t, drv) = probed_local();
     assert_eq!(err_of(drv.query_pkey(1, 1)), err::EINVAL);
     assert_eq!(err_of(drv.query_pkey(1, 255)), err::EINVAL);
     assert_eq!(err_of(drv.query_pkey(0, 0)), err::EINVAL);
@@ -1189,7 +1189,7 @@ fn hazard_11_query_pkey_and_port_bounds() {
 /// Hazard 12: command codes 7 (bad args), 21, 0xffffffff; REQUEST with a non-zero value.
 #[test]
 fn hazard_12_unknown_commands_and_request_values() {
-    let (_t, drv) = probed();
+    let (_t, drv) = probed_local();
     let cq = drv.create_cq(Ctx::KERNEL, 16).unwrap();
     let resize = |h: u32, cqe: u32| {
         raw(
@@ -1344,7 +1344,7 @@ fn dsr_outside_guest_ram() {
 /// ignored; the right doorbell still works.
 #[test]
 fn doorbells_unknown_foreign_and_garbage() {
-    let (t, drv) = probed();
+    let (t, drv) = probed_local();
     let mut p = rc_pair(&drv, MAC, 8, 1);
     let m = drv.reg_mr(p.pd, 0x1000, 4096, ALL_ACCESS).unwrap();
     let other = drv.create_uc(200).unwrap();
@@ -1403,7 +1403,7 @@ fn doorbells_unknown_foreign_and_garbage() {
 /// Arming a destroyed CQ is ignored (no notification, no crash).
 #[test]
 fn cq_arm_of_destroyed_cq() {
-    let (t, drv) = probed();
+    let (t, drv) = probed_local();
     let cq = drv.create_cq(Ctx::KERNEL, 16).unwrap();
     let (h, ctx) = (cq.handle, cq.ctx);
     drv.destroy_cq(cq).unwrap();
@@ -1420,7 +1420,7 @@ fn cq_arm_of_destroyed_cq() {
 /// CQ overflow: CQ_ERR (type 0, info = CQ handle), and the device keeps serving.
 #[test]
 fn cq_overflow_posts_cq_err() {
-    let (t, drv) = probed();
+    let (t, drv) = probed_local();
     let mut p = rc_pair(&drv, MAC, 16, 1);
     let m = drv.reg_mr(p.pd, 0x1000, 4096, ALL_ACCESS).unwrap();
     let small = drv.create_cq(p.ctx, 4).unwrap();
@@ -1473,7 +1473,7 @@ fn cq_overflow_posts_cq_err() {
 /// even when its handle is reused at once.
 #[test]
 fn destroyed_qp_completions_never_surface() {
-    let (t, drv) = probed();
+    let (t, drv) = probed_local();
     for _ in 0..3 {
         let mut p = rc_pair(&drv, MAC, 64, 1);
         let m = drv.reg_mr(p.pd, 0x1000, 1 << 20, ALL_ACCESS).unwrap();
@@ -1558,7 +1558,7 @@ fn fatal_qp(drv: &Driver) -> Qp {
 /// driver's index formulas; none is lost while the guest keeps up.
 #[test]
 fn dsr_rings_wrap_without_loss_when_consumed() {
-    let (_t, drv) = probed();
+    let (_t, drv) = probed_local();
     assert_eq!(drv.events(), vec![(9, 1)]);
     let qp = fatal_qp(&drv);
     let mut got = 0usize;
@@ -1607,7 +1607,7 @@ fn dsr_rings_wrap_without_loss_when_consumed() {
 /// CQNEs (the driver cannot detect an overrun of its non-power-of-two rings).
 #[test]
 fn dsr_rings_cap_outstanding_entries() {
-    let (t, drv) = probed();
+    let (t, drv) = probed_local();
     let qp = fatal_qp(&drv);
     // Doorbells rung while a drain runs coalesce, so wait for each event before the next ring.
     for i in 0..600u64 {
@@ -1652,7 +1652,7 @@ fn _uses(_: abi::Cqe) {}
 /// page 0; zero-length accesses change nothing.
 #[test]
 fn uar_offsets_past_bar2_do_not_alias_page_0() {
-    let (t, drv) = probed();
+    let (t, drv) = probed_local();
     let gid = gid_of(MAC);
     drv.create_bind(0, gid, 1).unwrap();
     let pd = drv.create_pd(Ctx::KERNEL).unwrap();

@@ -12,8 +12,52 @@ use rdma_backend::emulated::Fabric;
 /// MAC of the test device (its default GID derives from it).
 pub const MAC: [u8; 6] = [0x00, 0x50, 0x56, 0x12, 0x34, 0x56];
 
-/// A device on its own fabric, probed like the Linux driver does.
-pub fn probed() -> (Arc<InProcess>, Driver) {
+/// The device under test, in this process or in a `pvrdma serve` process over vfio-user.
+pub enum Dev {
+    /// In-process transport.
+    Local(Arc<InProcess>),
+    /// A `pvrdma serve` child process and the vfio-user client connected to it.
+    Remote(ServeProcess, Arc<VfioUser>),
+}
+
+impl Dev {
+    /// The transport, for a second probe after a reset.
+    pub fn transport(&self) -> Arc<dyn Transport> {
+        match self {
+            Dev::Local(t) => t.clone(),
+            Dev::Remote(_, t) => t.clone(),
+        }
+    }
+
+    /// Device counters (in-process only: the server process keeps its own).
+    pub fn stats(&self) -> Option<pvrdma_dev::DeviceStats> {
+        match self {
+            Dev::Local(t) => t.device().stats().ok(),
+            Dev::Remote(..) => None,
+        }
+    }
+}
+
+/// Whether the suite runs over vfio-user against a real `pvrdma serve` process
+/// (`PVRDMA_TRANSPORT=vfio-user`; `scripts/test` runs the suite both ways).
+pub fn over_vfio_user() -> bool {
+    std::env::var("PVRDMA_TRANSPORT").is_ok_and(|v| v == "vfio-user")
+}
+
+/// A device probed like the Linux driver does, over the transport the run selects.
+pub fn probed() -> (Dev, Driver) {
+    if over_vfio_user() {
+        let (server, t, drv) = probed_vfio();
+        (Dev::Remote(server, t), drv)
+    } else {
+        let (t, drv) = probed_local();
+        (Dev::Local(t), drv)
+    }
+}
+
+/// A device on its own fabric in this process, probed (tests that need the device's counters or
+/// custom configurations).
+pub fn probed_local() -> (Arc<InProcess>, Driver) {
     probed_on(&Fabric::new(), MAC)
 }
 
