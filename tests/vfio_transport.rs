@@ -145,6 +145,44 @@ fn device_reset_with_work_in_flight_then_probe_again() {
     assert_eq!(one(&drv, &mut p.cq_b).status, 0);
 }
 
+#[test]
+fn dma_unmap_while_transfers_use_the_range() {
+    let (server, t, drv) = probed_vfio();
+    let mut p = rc_pair(&drv, MAC, 64, 1);
+    let size = 1 << 20;
+    let local = drv.reg_mr(p.pd, 0x10_0000_0000, size, ALL_ACCESS).unwrap();
+    let remote = drv.reg_mr(p.pd, 0x20_0000_0000, size, ALL_ACCESS).unwrap();
+    for i in 0..32u64 {
+        let w = SendWqe {
+            wr_id: i,
+            opcode: wr_opcode::RDMA_WRITE,
+            flags: 2,
+            sges: vec![local.sge(0, size as u32)],
+            remote_addr: remote.iova,
+            rkey: remote.rkey,
+            ..Default::default()
+        };
+        assert!(drv.post_send(&mut p.a, &w));
+    }
+    // Pull all guest RAM out from under the transfers: the unmap is answered once no work uses
+    // it, the device does not crash, and after a remap and reset it serves a new driver.
+    let ram = pvrdma_guest::vfio::DEFAULT_RAM as u64;
+    t.with_client(|c| c.dma_unmap(0, ram))
+        .expect("DMA_UNMAP answered");
+    let fd = std::os::fd::AsRawFd::as_raw_fd(t.ram_file());
+    t.with_client(|c| c.dma_map(0, 0, ram, fd))
+        .expect("DMA_MAP again");
+    t.reset();
+    drop(drv);
+    let drv = Driver::probe(t.clone() as Arc<dyn Transport>).expect("probe after unmap");
+    let mut p = rc_pair(&drv, MAC, 8, 1);
+    let m = drv.reg_mr(p.pd, 0x9000, 4096, ALL_ACCESS).unwrap();
+    assert!(drv.post_recv(&mut p.b, 1, &[m.sge(2048, 64)]));
+    assert!(drv.post_send(&mut p.a, &send(2, m.sge(0, 64))));
+    assert_eq!(one(&drv, &mut p.cq_b).status, 0);
+    drop(server);
+}
+
 // ---- a raw vfio-user client, for messages `vfio_user::Client` cannot send -------------------
 
 const HDR: usize = 16;

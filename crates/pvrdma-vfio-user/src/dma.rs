@@ -4,8 +4,11 @@
 //! their iova into the `GuestMemoryAtomic<GuestMemoryMmap>` the device shares. Maps without an fd
 //! (QEMU sends them for ROM, VGA and PAM ranges while firmware boots) and read-only maps are
 //! recorded but not reachable by the device. Overlapping maps are refused. An unmap removes every
-//! map inside its range; the device's workers hold `GuestMemoryAtomic` snapshots, so a transfer
-//! in flight keeps the old mapping alive until it finishes, and later accesses miss.
+//! map inside its range, then waits until no work of the device still uses it: the device's
+//! workers and main loop reach memory through short-lived `GuestMemoryAtomic` snapshots, each of
+//! which holds the regions it saw, so the unmap is answered only after the last snapshot that can
+//! see the range is gone (at most [`UNMAP_DRAIN_TIMEOUT`]; later accesses to the range miss and
+//! complete in error).
 
 use std::fs::File;
 use std::io;
@@ -20,6 +23,11 @@ use vm_memory::{
 /// Most maps one client may hold; QEMU uses a few dozen while firmware boots. The cap bounds the
 /// server's bookkeeping against a client that never unmaps.
 pub const MAX_DMA_MAPS: usize = 4096;
+
+/// Longest an unmap waits for in-flight work to drop the range. A transfer holds a snapshot only
+/// while it copies (milliseconds even for 16 MiB); the bound keeps a stuck worker from hanging the
+/// protocol.
+pub const UNMAP_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Map {
@@ -152,28 +160,47 @@ impl DmaMaps {
         }
         self.maps = keep;
         let mut mem = (*self.mem.memory()).clone();
-        let mut changed = false;
+        let mut removed = Vec::new();
         for m in gone.iter().filter(|m| m.mapped) {
             match mem.remove_region(GuestAddress(m.iova), m.size) {
-                Ok((new, _region)) => {
+                Ok((new, region)) => {
                     mem = new;
-                    changed = true;
+                    removed.push(region);
                 }
                 Err(e) => log::warn!("DMA_UNMAP {:#x}+{:#x}: {e}", m.iova, m.size),
             }
         }
-        if changed {
+        if !removed.is_empty() {
             self.replace(mem);
+            wait_unused(&removed, UNMAP_DRAIN_TIMEOUT);
         }
         log::debug!("DMA_UNMAP {iova:#x}+{size:#x}: {} maps removed", gone.len());
         Ok(())
     }
 
     fn replace(&self, new: GuestMemoryMmap) {
+        // Our own `memory()` guard above is gone by now; only the device's may remain.
         match self.mem.lock() {
             Ok(g) => g.replace(new),
             Err(e) => e.into_inner().replace(new),
         }
+    }
+}
+
+/// Waits until nobody but us holds `regions` (every snapshot that could reach them is dropped).
+fn wait_unused(regions: &[Arc<GuestRegionMmap>], timeout: std::time::Duration) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut pause = std::time::Duration::from_micros(20);
+    loop {
+        if regions.iter().all(|r| Arc::strong_count(r) == 1) {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            log::warn!("DMA_UNMAP: in-flight work still holds the range after {timeout:?}");
+            return false;
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(std::time::Duration::from_millis(5));
     }
 }
 
@@ -238,5 +265,42 @@ mod tests {
         d.map(rw, 0, 0x100000, 0x10000, Some(f)).unwrap();
         d.unmap(DmaUnmapFlags::UNMAP_ALL, 0, 0).unwrap();
         assert_eq!(mem.memory().num_regions(), 0);
+    }
+
+    #[test]
+    fn unmap_waits_for_in_flight_work_to_drop_the_range() {
+        let mem = GuestMem::new(GuestMemoryMmap::new());
+        let mut d = DmaMaps::new(mem.clone());
+        d.map(
+            DmaMapFlags::READ_WRITE,
+            0,
+            0x100000,
+            0x10000,
+            Some(shm(0x10000)),
+        )
+        .unwrap();
+        // A "transfer" holds a snapshot for 200 ms.
+        let snap = mem.memory();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let holder = std::thread::spawn(move || {
+            let s = snap;
+            tx.send(()).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            s.write_obj(1u32, GuestAddress(0x100000)).unwrap();
+            drop(s);
+        });
+        rx.recv().unwrap();
+        let t0 = std::time::Instant::now();
+        d.unmap(DmaUnmapFlags::empty(), 0x100000, 0x10000).unwrap();
+        assert!(
+            t0.elapsed() >= std::time::Duration::from_millis(150),
+            "unmap answered while the range was still in use"
+        );
+        holder.join().unwrap();
+        assert_eq!(mem.memory().num_regions(), 0);
+        assert!(mem
+            .memory()
+            .read_obj::<u32>(GuestAddress(0x100000))
+            .is_err());
     }
 }
