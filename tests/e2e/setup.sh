@@ -235,6 +235,7 @@ for m in vmxnet3 ib_core ib_uverbs rdma_ucm rdma_cm ib_cm iw_cm ib_umad rdma_rxe
     done
 done
 cp /usr/src/vmw_pvrdma-e2e/vmw_pvrdma.ko "usr/$M/extra/"
+strip --strip-debug "usr/$M/extra/vmw_pvrdma.ko"   # $CACHE/vmw_pvrdma.ko keeps the debug info
 for f in modules.order modules.builtin modules.builtin.modinfo; do cp "/lib/modules/$KV/$f" "usr/$M/" 2>/dev/null || true; done
 depmod -b "$S" "$KV"
 # init and a few files
