@@ -3,10 +3,13 @@
 . /e2e-lib.sh
 
 pci_present() { lspci -nn | tee /tmp/lspci; grep -q '15ad:0820' /tmp/lspci; }
+# "vmw_pvrdma 0000:00:10.1: device version 18, driver version 20", then "paired device to eth0";
+# any "failed"/"error"/"timeout" line from the device instance fails (module-taint lines are ignored).
 dmesg_probe() {
     dmesg | grep -i pvrdma
-    dmesg | grep -q 'vmw_pvrdma' || return 1
-    if dmesg | grep -Ei 'vmw_pvrdma.*(fail|error|timeout|needs RoCE)'; then return 1; fi
+    dmesg | grep -q 'vmw_pvrdma 0000:00:10.1: device version' || return 1
+    dmesg | grep -q 'vmw_pvrdma 0000:00:10.1: paired device to eth0' || return 1
+    if dmesg | grep -Ei 'vmw_pvrdma 0000:.*(fail|error|timeout|needs RoCE)'; then return 1; fi
     return 0
 }
 bound() { [ -e /sys/bus/pci/drivers/vmw_pvrdma ] && ls /sys/bus/pci/drivers/vmw_pvrdma | grep -q '0000:00:10.1'; }
