@@ -355,7 +355,8 @@ fn srq_receives_are_shared() {
             &cq,
             &cq,
             Some(&srq),
-            (16, 0, 1, 1),
+            // As the provider sends it: no receive queue, so no receive SGEs.
+            (16, 0, 1, 0),
             false,
         )
         .unwrap();

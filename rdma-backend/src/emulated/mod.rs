@@ -566,7 +566,13 @@ impl Backend for EmulatedBackend {
             max_send_wr: init.max_send_wr,
             max_recv_wr: init.max_recv_wr,
             max_send_sge: init.max_send_sge,
-            max_recv_sge: init.max_recv_sge,
+            // With an SRQ the receives are the SRQ's, whose own SGE limit was checked when they
+            // were posted; the QP's receive limits (0 from the provider) do not apply.
+            max_recv_sge: if init.srq.is_some() {
+                MAX_SGE as u32
+            } else {
+                init.max_recv_sge
+            },
             backend: self.me.clone(),
             state: AtomicU8::new(QpState::Reset as u8),
             access: AtomicU32::new(0),
