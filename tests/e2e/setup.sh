@@ -201,6 +201,8 @@ for b in ibv_devinfo ibv_devices ibv_rc_pingpong ibv_uc_pingpong ibv_ud_pingpong
     put_with_libs "$p"
 done
 for l in /usr/lib/x86_64-linux-gnu/libibverbs/*.so; do put_with_libs "$l"; done
+# glibc dlopens libgcc_s for pthread_exit/cancellation (rping's threads); ldd does not list it
+put_with_libs /usr/lib/x86_64-linux-gnu/libgcc_s.so.1
 mkdir -p etc/libibverbs.d
 cp /etc/libibverbs.d/*.driver etc/libibverbs.d/
 [ -e /usr/share/misc/pci.ids ] && put /usr/share/misc/pci.ids || true
