@@ -560,3 +560,47 @@ fn rnr_waits_for_a_receive_then_gives_up_when_retries_are_exhausted() {
     let c = one(&drv, &mut q.cq_a);
     assert_eq!((c.wr_id, c.status), (3, 13), "RNR_RETRY_EXC_ERR");
 }
+
+#[test]
+fn a_wqe_slot_is_free_once_its_work_is_visible() {
+    // ib_write_lat with a send queue of depth 1: the next WQE is posted as soon as the peer's
+    // data arrives, so the slot must be given back before the work completes (as an HCA does
+    // when it fetches a WQE).
+    let (_t, drv) = probed();
+    let mut p = rc_pair(&drv, MAC, 1, 1);
+    let local = drv.reg_mr(p.pd, 0x1000, 4096, ALL_ACCESS).unwrap();
+    let remote = drv.reg_mr(p.pd, 0x9000, 4096, ALL_ACCESS).unwrap();
+    let mem = drv.mem();
+    for i in 1..=200u64 {
+        local.write(mem, 0, &i.to_le_bytes());
+        let w = SendWqe {
+            wr_id: i,
+            opcode: wr_opcode::RDMA_WRITE,
+            flags: if i % 50 == 0 { 2 } else { 0 },
+            sges: vec![local.sge(0, 8)],
+            remote_addr: remote.iova,
+            rkey: remote.rkey,
+            ..Default::default()
+        };
+        assert!(
+            drv.post_send(&mut p.a, &w),
+            "SQ slot still busy at write {i}"
+        );
+        let deadline = std::time::Instant::now() + WAIT;
+        let mut b = [0u8; 8];
+        loop {
+            remote.read(mem, 0, &mut b);
+            if u64::from_le_bytes(b) == i {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "write {i} never arrived"
+            );
+            std::hint::spin_loop();
+        }
+        if i % 50 == 0 {
+            assert_eq!(one(&drv, &mut p.cq_a).wr_id, i);
+        }
+    }
+}

@@ -177,6 +177,7 @@ pub(super) fn create_qp(core: &mut Core, req: CmdCreateQp) -> Result<Work, CmdEr
             rq,
             sq_sig_all: init.sq_sig_all,
             dead: AtomicBool::new(false),
+            pending: Default::default(),
         });
         let b = env.backend.clone();
         Ok(Box::new(move |core: &mut Core| {
@@ -494,6 +495,7 @@ pub(super) fn create_srq(core: &mut Core, req: CmdCreateSrq) -> Result<Work, Cmd
             pdir,
             rq,
             dead: AtomicBool::new(false),
+            pending: Default::default(),
         });
         let b = env.backend.clone();
         Ok(Box::new(move |core: &mut Core| {

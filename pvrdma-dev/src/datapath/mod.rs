@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use rdma_backend::{
-    Backend, CompletionSink, CqId, Error as BackendError, GuestMem, QpId, QpType, SrqId, WcStatus,
-    WorkCompletion,
+    Backend, CompletionSink, CqId, Error as BackendError, GuestMem, QpId, QpType, RecvWr, SendWr,
+    SrqId, WcStatus, WorkCompletion,
 };
 use vm_memory::{Address, GuestAddressSpace, GuestMemory};
 
@@ -84,6 +84,8 @@ pub(crate) struct QpShared {
     pub sq_sig_all: bool,
     /// Set on the main loop before the QP is destroyed or the device reset: workers stop.
     pub dead: AtomicBool,
+    /// WRs fetched but not yet taken by the backend (only its one worker touches it).
+    pub pending: std::sync::Mutex<Pending>,
 }
 
 /// What an SRQ's worker needs.
@@ -93,6 +95,8 @@ pub(crate) struct SrqShared {
     pub pdir: PageDir,
     pub rq: WorkQueue,
     pub dead: AtomicBool,
+    /// A receive fetched but not yet taken by the backend.
+    pub pending: std::sync::Mutex<Option<RecvWr>>,
 }
 
 /// Everything a data-path worker touches besides the queue itself.
@@ -124,7 +128,7 @@ pub(crate) struct Drained {
 }
 
 /// Reads the SGEs of a WQE, bounded by `max_sge` (the QP's own maximum).
-fn read_sges<M: GuestMemory>(
+fn read_sges<M: GuestMemory + ?Sized>(
     pdir: &PageDir,
     mem: &M,
     off: u64,
@@ -154,13 +158,74 @@ fn error_wc(shared: &QpShared, cq: CqId, wr_id: u64, e: wqe::WqeError) -> WorkCo
     }
 }
 
+/// A WR fetched from a ring (its slot already given back) that the backend could not take yet.
+#[derive(Debug, Default)]
+pub(crate) struct Pending {
+    send: Option<SendWr>,
+    recv: Option<RecvWr>,
+}
+
+/// What became of one post.
+enum Posted {
+    /// Taken (or completed in error) by the backend.
+    Done,
+    /// Not taken: keep it for the next pass (queue full, or the QP not yet in a state that
+    /// accepts it; a QP state change starts a new pass).
+    Later,
+    /// The QP is gone.
+    Gone,
+}
+
+fn posted(r: rdma_backend::Result<()>) -> Posted {
+    match r {
+        Ok(()) => Posted::Done,
+        Err(BackendError::NoSuchObject(_)) => Posted::Gone,
+        Err(_) => Posted::Later,
+    }
+}
+
+/// Reads the receive WQE in `slot` (header and SGEs) into local memory.
+fn fetch_recv<M: GuestMemory + ?Sized>(
+    pdir: &PageDir,
+    mem: &M,
+    rq: &WorkQueue,
+    slot: u32,
+) -> Option<Result<RecvWr, u64>> {
+    let off = rq.wqe_offset(slot);
+    let hdr: RqWqeHdr = pdir.read_obj(mem, off).ok()?;
+    let Some(n) = wqe::checked_num_sge(hdr.num_sge, rq.max_sge) else {
+        return Some(Err(hdr.wr_id));
+    };
+    let sges = read_sges(pdir, mem, off + u64::from(RQ_WQE_HDR_SIZE), n)?;
+    Some(Ok(wqe::parse_recv(&hdr, &sges[..n])))
+}
+
 /// Drains a QP's receive queue, then its send queue, into the backend. Bounded: at most one
 /// ring's worth of WQEs per queue per pass, so a guest that keeps producing cannot pin a worker.
+///
+/// A WQE is copied out of the ring and its slot given back (`cons_head` advanced) before the
+/// backend executes it, as an HCA fetches WQEs: the guest may reuse the slot as soon as the work
+/// is under way (perftest's latency tests with a queue depth of 1 depend on it). A WR the backend
+/// cannot take yet is kept in [`Pending`] and posted first on the next pass.
 pub(crate) fn drain_qp(shared: &QpShared, env: &Env) -> Drained {
     let mem = env.mem.memory();
     let mut out = Drained::default();
+    let Ok(mut pending) = shared.pending.lock() else {
+        out.ring_error = true;
+        return out;
+    };
     if let Some(rq) = &shared.rq {
-        for _ in 0..rq.ring.ring().n {
+        if let Some(wr) = pending.recv.take() {
+            match posted(env.backend.post_recv(shared.backend_qp, &wr)) {
+                Posted::Done => {}
+                Posted::Later => {
+                    pending.recv = Some(wr);
+                    out.stalled = true;
+                }
+                Posted::Gone => return out,
+            }
+        }
+        while !out.stalled && out.consumed < rq.ring.ring().n {
             if shared.dead.load(Ordering::Acquire) {
                 return out;
             }
@@ -172,22 +237,25 @@ pub(crate) fn drain_qp(shared: &QpShared, env: &Env) -> Drained {
                     return out;
                 }
             };
-            let off = rq.wqe_offset(slot);
-            let hdr: RqWqeHdr = match shared.pdir.read_obj(&*mem, off) {
-                Ok(h) => h,
-                Err(_) => {
-                    out.ring_error = true;
-                    return out;
-                }
+            let Some(fetched) = fetch_recv(&shared.pdir, &*mem, rq, slot) else {
+                out.ring_error = true;
+                return out;
             };
-            let posted = match wqe::checked_num_sge(hdr.num_sge, rq.max_sge).and_then(|n| {
-                read_sges(&shared.pdir, &*mem, off + u64::from(RQ_WQE_HDR_SIZE), n).map(|s| (n, s))
-            }) {
-                Some((n, sges)) => {
-                    let wr = wqe::parse_recv(&hdr, &sges[..n]);
-                    env.backend.post_recv(shared.backend_qp, &wr)
-                }
-                None => {
+            if rq.ring.advance(&*mem).is_err() {
+                out.ring_error = true;
+                return out;
+            }
+            out.consumed += 1;
+            match fetched {
+                Ok(wr) => match posted(env.backend.post_recv(shared.backend_qp, &wr)) {
+                    Posted::Done => {}
+                    Posted::Later => {
+                        pending.recv = Some(wr);
+                        out.stalled = true;
+                    }
+                    Posted::Gone => return out,
+                },
+                Err(wr_id) => {
                     // A malformed receive cannot be posted; it completes in error and the QP
                     // moves to ERR, which flushes the rest (IB: local QP operation error).
                     let e = wqe::WqeError {
@@ -195,28 +263,26 @@ pub(crate) fn drain_qp(shared: &QpShared, env: &Env) -> Drained {
                         opcode: rdma_backend::WcOpcode::Recv,
                     };
                     env.sink
-                        .complete(&[error_wc(shared, shared.send_cq, hdr.wr_id, e)]);
+                        .complete(&[error_wc(shared, shared.send_cq, wr_id, e)]);
                     move_to_error(shared, env);
-                    Ok(())
                 }
-            };
-            match posted {
-                Ok(()) => {}
-                Err(BackendError::QueueFull) => {
-                    out.stalled = true;
-                    break;
-                }
-                Err(_) => return out,
             }
-            if rq.ring.advance(&*mem).is_err() {
-                out.ring_error = true;
-                return out;
-            }
-            out.consumed += 1;
         }
     }
     let sq = &shared.sq;
-    for _ in 0..sq.ring.ring().n {
+    if let Some(wr) = pending.send.take() {
+        match posted(env.backend.post_send(shared.backend_qp, &wr)) {
+            Posted::Done => {}
+            Posted::Later => {
+                pending.send = Some(wr);
+                out.stalled = true;
+                return out;
+            }
+            Posted::Gone => return out,
+        }
+    }
+    let mut sent = 0;
+    while sent < sq.ring.ring().n {
         if shared.dead.load(Ordering::Acquire) {
             return out;
         }
@@ -229,12 +295,9 @@ pub(crate) fn drain_qp(shared: &QpShared, env: &Env) -> Drained {
             }
         };
         let off = sq.wqe_offset(slot);
-        let hdr: SqWqeHdr = match shared.pdir.read_obj(&*mem, off) {
-            Ok(h) => h,
-            Err(_) => {
-                out.ring_error = true;
-                return out;
-            }
+        let Ok(hdr) = shared.pdir.read_obj::<SqWqeHdr, _>(&*mem, off) else {
+            out.ring_error = true;
+            return out;
         };
         let parsed = match wqe::checked_num_sge(hdr.num_sge, sq.max_sge) {
             None => Err(wqe::WqeError {
@@ -249,31 +312,31 @@ pub(crate) fn drain_qp(shared: &QpShared, env: &Env) -> Drained {
                 Some(sges) => wqe::parse_send(&hdr, &sges[..n], shared.qp_type, shared.sq_sig_all),
             },
         };
-        let posted = match parsed {
-            Ok(wr) => env.backend.post_send(shared.backend_qp, &wr),
-            Err(e) => {
-                env.sink
-                    .complete(&[error_wc(shared, shared.send_cq, hdr.wr_id, e)]);
-                if shared.qp_type == QpType::Rc {
-                    move_to_error(shared, env);
-                }
-                Ok(())
-            }
-        };
-        match posted {
-            Ok(()) => {}
-            Err(BackendError::QueueFull) => {
-                out.stalled = true;
-                break;
-            }
-            Err(_) => return out,
-        }
         // cons_head advances for every WQE, signaled or not, failed or not (spec §7).
         if sq.ring.advance(&*mem).is_err() {
             out.ring_error = true;
             return out;
         }
         out.consumed += 1;
+        sent += 1;
+        match parsed {
+            Ok(wr) => match posted(env.backend.post_send(shared.backend_qp, &wr)) {
+                Posted::Done => {}
+                Posted::Later => {
+                    pending.send = Some(wr);
+                    out.stalled = true;
+                    return out;
+                }
+                Posted::Gone => return out,
+            },
+            Err(e) => {
+                env.sink
+                    .complete(&[error_wc(shared, shared.send_cq, hdr.wr_id, e)]);
+                if shared.qp_type == QpType::Rc {
+                    move_to_error(shared, env);
+                }
+            }
+        }
     }
     out
 }
@@ -288,12 +351,27 @@ fn move_to_error(shared: &QpShared, env: &Env) {
     }
 }
 
-/// Drains an SRQ into the backend.
+/// Drains an SRQ into the backend (fetch, give the slot back, post; see [`drain_qp`]).
 pub(crate) fn drain_srq(shared: &SrqShared, env: &Env) -> Drained {
     let mem = env.mem.memory();
     let mut out = Drained::default();
+    let Ok(mut pending) = shared.pending.lock() else {
+        out.ring_error = true;
+        return out;
+    };
+    if let Some(wr) = pending.take() {
+        match posted(env.backend.post_srq_recv(shared.backend_srq, &wr)) {
+            Posted::Done => {}
+            Posted::Later => {
+                *pending = Some(wr);
+                out.stalled = true;
+                return out;
+            }
+            Posted::Gone => return out,
+        }
+    }
     let rq = &shared.rq;
-    for _ in 0..rq.ring.ring().n {
+    while out.consumed < rq.ring.ring().n {
         if shared.dead.load(Ordering::Acquire) {
             break;
         }
@@ -305,41 +383,31 @@ pub(crate) fn drain_srq(shared: &SrqShared, env: &Env) -> Drained {
                 break;
             }
         };
-        let off = rq.wqe_offset(slot);
-        let Ok(hdr) = shared.pdir.read_obj::<RqWqeHdr, _>(&*mem, off) else {
+        let Some(fetched) = fetch_recv(&shared.pdir, &*mem, rq, slot) else {
             out.ring_error = true;
             break;
         };
-        let Some(n) = wqe::checked_num_sge(hdr.num_sge, rq.max_sge) else {
-            // There is no QP yet to complete it against: skip the WQE and report SRQ_ERR.
-            log::debug!("SRQ WQE with {} SGEs skipped", hdr.num_sge);
-            out.malformed += 1;
-            if rq.ring.advance(&*mem).is_err() {
-                out.ring_error = true;
-                break;
-            }
-            continue;
-        };
-        let Some(sges) = read_sges(&shared.pdir, &*mem, off + u64::from(RQ_WQE_HDR_SIZE), n) else {
-            out.ring_error = true;
-            break;
-        };
-        match env
-            .backend
-            .post_srq_recv(shared.backend_srq, &wqe::parse_recv(&hdr, &sges[..n]))
-        {
-            Ok(()) => {}
-            Err(BackendError::QueueFull) => {
-                out.stalled = true;
-                break;
-            }
-            Err(_) => break,
-        }
         if rq.ring.advance(&*mem).is_err() {
             out.ring_error = true;
             break;
         }
         out.consumed += 1;
+        match fetched {
+            Ok(wr) => match posted(env.backend.post_srq_recv(shared.backend_srq, &wr)) {
+                Posted::Done => {}
+                Posted::Later => {
+                    *pending = Some(wr);
+                    out.stalled = true;
+                    break;
+                }
+                Posted::Gone => break,
+            },
+            Err(n) => {
+                // There is no QP yet to complete it against: skip the WQE and report SRQ_ERR.
+                log::debug!("SRQ WQE {n:#x} with too many SGEs skipped");
+                out.malformed += 1;
+            }
+        }
     }
     out
 }
