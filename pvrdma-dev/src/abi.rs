@@ -400,6 +400,46 @@ pub const SGE_SIZE: u32 = 16;
 /// Size of one CQE.
 pub const CQE_SIZE: u32 = 64;
 
+/// IB QP attribute mask bits (`ib_qp_attr_mask`), as MODIFY_QP's `attr_mask` carries them.
+pub mod qp_attr_mask {
+    /// `qp_state`.
+    pub const STATE: u32 = 1 << 0;
+    /// `cur_qp_state`.
+    pub const CUR_STATE: u32 = 1 << 1;
+    /// `qp_access_flags`.
+    pub const ACCESS_FLAGS: u32 = 1 << 3;
+    /// `pkey_index`.
+    pub const PKEY_INDEX: u32 = 1 << 4;
+    /// `port_num`.
+    pub const PORT: u32 = 1 << 5;
+    /// `qkey`.
+    pub const QKEY: u32 = 1 << 6;
+    /// `ah_attr`.
+    pub const AV: u32 = 1 << 7;
+    /// `path_mtu`.
+    pub const PATH_MTU: u32 = 1 << 8;
+    /// `timeout`.
+    pub const TIMEOUT: u32 = 1 << 9;
+    /// `retry_cnt`.
+    pub const RETRY_CNT: u32 = 1 << 10;
+    /// `rnr_retry`.
+    pub const RNR_RETRY: u32 = 1 << 11;
+    /// `rq_psn`.
+    pub const RQ_PSN: u32 = 1 << 12;
+    /// `max_rd_atomic`.
+    pub const MAX_QP_RD_ATOMIC: u32 = 1 << 13;
+    /// `min_rnr_timer`.
+    pub const MIN_RNR_TIMER: u32 = 1 << 15;
+    /// `sq_psn`.
+    pub const SQ_PSN: u32 = 1 << 16;
+    /// `max_dest_rd_atomic`.
+    pub const MAX_DEST_RD_ATOMIC: u32 = 1 << 17;
+    /// `dest_qp_num`.
+    pub const DEST_QPN: u32 = 1 << 20;
+    /// Every bit the driver passes (`IB_QP_STATE` … `IB_QP_DEST_QPN`).
+    pub const ALL: u32 = (1 << 21) - 1;
+}
+
 /// Send opcodes as they appear in the WQE (spec §7).
 pub mod wr_opcode {
     /// RDMA WRITE.

@@ -331,41 +331,8 @@ pub struct Modify {
     pub attrs: QpAttr,
 }
 
-/// IB attribute mask bits used by the harness.
-pub mod qp_mask {
-    /// State.
-    pub const STATE: u32 = 1 << 0;
-    /// Access flags.
-    pub const ACCESS_FLAGS: u32 = 1 << 3;
-    /// P_Key index.
-    pub const PKEY_INDEX: u32 = 1 << 4;
-    /// Port.
-    pub const PORT: u32 = 1 << 5;
-    /// Q_Key.
-    pub const QKEY: u32 = 1 << 6;
-    /// Address vector.
-    pub const AV: u32 = 1 << 7;
-    /// Path MTU.
-    pub const PATH_MTU: u32 = 1 << 8;
-    /// Timeout.
-    pub const TIMEOUT: u32 = 1 << 9;
-    /// Retry count.
-    pub const RETRY_CNT: u32 = 1 << 10;
-    /// RNR retry.
-    pub const RNR_RETRY: u32 = 1 << 11;
-    /// RQ PSN.
-    pub const RQ_PSN: u32 = 1 << 12;
-    /// Max RD atomic.
-    pub const MAX_QP_RD_ATOMIC: u32 = 1 << 13;
-    /// Min RNR timer.
-    pub const MIN_RNR_TIMER: u32 = 1 << 15;
-    /// SQ PSN.
-    pub const SQ_PSN: u32 = 1 << 16;
-    /// Max dest RD atomic.
-    pub const MAX_DEST_RD_ATOMIC: u32 = 1 << 17;
-    /// Destination QPN.
-    pub const DEST_QPN: u32 = 1 << 20;
-}
+/// IB attribute mask bits (the device's own definitions).
+pub use pvrdma_dev::abi::qp_attr_mask as qp_mask;
 
 fn cfg_read(t: &dyn Transport, off: u64, len: usize) -> u64 {
     let mut b = [0u8; 8];

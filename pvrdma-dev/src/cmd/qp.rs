@@ -13,27 +13,7 @@ use crate::datapath::{pages_for, rq_wqe_size, sq_wqe_size, QpShared, SrqShared, 
 use crate::device::{cookie, Core, Qp, Sched, Srq};
 use crate::pdir::{PageDir, PAGE_SIZE};
 
-/// IB QP attribute mask bits (`ib_qp_attr_mask`).
-mod mask {
-    pub const STATE: u32 = 1 << 0;
-    pub const CUR_STATE: u32 = 1 << 1;
-    pub const ACCESS_FLAGS: u32 = 1 << 3;
-    pub const PKEY_INDEX: u32 = 1 << 4;
-    pub const PORT: u32 = 1 << 5;
-    pub const QKEY: u32 = 1 << 6;
-    pub const AV: u32 = 1 << 7;
-    pub const PATH_MTU: u32 = 1 << 8;
-    pub const TIMEOUT: u32 = 1 << 9;
-    pub const RETRY_CNT: u32 = 1 << 10;
-    pub const RNR_RETRY: u32 = 1 << 11;
-    pub const RQ_PSN: u32 = 1 << 12;
-    pub const MAX_QP_RD_ATOMIC: u32 = 1 << 13;
-    pub const MIN_RNR_TIMER: u32 = 1 << 15;
-    pub const SQ_PSN: u32 = 1 << 16;
-    pub const MAX_DEST_RD_ATOMIC: u32 = 1 << 17;
-    pub const DEST_QPN: u32 = 1 << 20;
-    pub const ALL: u32 = (1 << 21) - 1;
-}
+use crate::abi::qp_attr_mask as mask;
 
 /// IB SRQ attribute mask bits.
 const SRQ_MAX_WR: u32 = 1 << 0;
