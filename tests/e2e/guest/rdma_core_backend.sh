@@ -13,9 +13,9 @@ modprobe crc32_generic 2>/dev/null || say "no crc32_generic module (fine on kern
 check modprobe-rdma_rxe modprobe rdma_rxe
 check rdma-link-add rdma link add rxe0 type rxe netdev eth0
 check rxe0-active wait_dev_active rxe0 30
-check gid-1 ip -6 addr add fe80::1:1/64 dev eth0 nodad
-check gid-2 ip -6 addr add fe80::1:2/64 dev eth0 nodad
-sleep 1
+check gid-1 ip -6 addr add fe80::1:1/64 dev eth0
+check gid-2 ip -6 addr add fe80::1:2/64 dev eth0
+sleep 3
 ibv_devinfo -v -d rxe0 | grep -E 'state|GID|active_mtu'
 ulimit -l unlimited 2>/dev/null || true
 check conformance env PVRDMA_IBDEV=rxe0 RUST_BACKTRACE=1 RUST_LOG=warn "$BIN" --nocapture --test-threads=1
