@@ -23,6 +23,26 @@ pub const UNSUPPORTED: &[(&str, &str)] = &[
         "two_devices",
         "includes a GSI exchange (refused, see gsi_send)",
     ),
+    (
+        "rc_opcodes",
+        "RDMA WRITE/READ into an MR on shuffled (host-non-contiguous) pages: no host rkey",
+    ),
+    (
+        "rc_16mib",
+        "RDMA WRITE into an MR on shuffled (host-non-contiguous) pages: no host rkey",
+    ),
+    (
+        "ud_send_grh",
+        "RoCE v2 puts the IPv6 header in the GRH slot (rxe: flow label 0, next header UDP)",
+    ),
+    (
+        "access_errors",
+        "rxe answers a QP without remote-write rights with RemInvReqErr, not RemAccessErr",
+    ),
+    (
+        "recv_too_small",
+        "rxe completes a too-small receive with LocQpOpErr, not LocLenErr",
+    ),
 ];
 
 fn config() -> Option<Config> {

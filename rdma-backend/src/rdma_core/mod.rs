@@ -28,9 +28,9 @@ use std::thread::JoinHandle;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::{
-    Access, AsyncEvent, Backend, CompletionSink, CqId, Error, Gid, GidType, GuestMem, MrId,
-    MrKeys, MrKind, PdId, QpAttrs, QpId, QpInit, QpState, QpType, RecvWr, Result, SendOp, SendWr,
-    Sge, SrqId, WcOpcode, WcStatus, WorkCompletion,
+    Access, AsyncEvent, Backend, CompletionSink, CqId, Error, Gid, GidType, GuestMem, MrId, MrKeys,
+    MrKind, PdId, QpAttrs, QpId, QpInit, QpState, QpType, RecvWr, Result, SendOp, SendWr, Sge,
+    SrqId, WcOpcode, WcStatus, WorkCompletion,
 };
 use verbs::{consts, ibv_qp_state as S, ibv_wr_opcode as Op, QpMask};
 
@@ -120,6 +120,9 @@ struct Pending {
     /// Bounce buffer and where its content goes (guest-physical runs) on success.
     bounce: Option<Bounce>,
     _ah: Option<Arc<verbs::Ah>>,
+    /// The WR failed the backend's checks: it was posted to a QP moved to ERR, and its flush
+    /// completion is reported with this status instead.
+    failed: Option<WcStatus>,
 }
 
 struct Bounce {
@@ -371,7 +374,12 @@ impl Shared {
         } else {
             lock(&qp.pending).take(w.wr_id)
         }?;
-        let status = wc_status(w.status);
+        let mut status = wc_status(w.status);
+        if let Some(f) = p.failed {
+            if status == WcStatus::WrFlushErr {
+                status = f;
+            }
+        }
         if status == WcStatus::Success {
             if let Some(b) = &p.bounce {
                 let m = self.mem.memory();
@@ -399,6 +407,12 @@ impl Shared {
         } else {
             p.opcode
         };
+        // RC completions carry no source QP on the host; the guest expects the connected peer.
+        let src_qp = if recv && qp.ty == QpType::Rc {
+            lock(&qp.attrs).dest_qp_num.unwrap_or(w.src_qp)
+        } else {
+            w.src_qp
+        };
         Some(WorkCompletion {
             cq,
             qp_cookie: qp.cookie,
@@ -407,7 +421,7 @@ impl Shared {
             opcode,
             byte_len: w.byte_len,
             imm_data: w.imm,
-            src_qp: w.src_qp,
+            src_qp,
             grh: w.grh,
             solicited: false,
         })
@@ -647,14 +661,8 @@ impl Backend for RdmaCoreBackend {
                 continue;
             };
             let len = r.len() as usize;
-            let mr = verbs::Mr::register(
-                &pd,
-                host as usize,
-                len,
-                None,
-                Access::LOCAL_WRITE.bits(),
-            )
-            .map_err(|e| Error::Host(format!("registering guest RAM: {e}")))?;
+            let mr = verbs::Mr::register(&pd, host as usize, len, None, Access::LOCAL_WRITE.bits())
+                .map_err(|e| Error::Host(format!("registering guest RAM: {e}")))?;
             ram.push(RamMr {
                 host: host as usize,
                 len,
@@ -690,10 +698,18 @@ impl Backend for RdmaCoreBackend {
         let s = &self.s;
         let mut t = lock(&s.t);
         let pde = t.pds.get(&pd.0).ok_or(Error::NoSuchObject("PD"))?;
-        let remote = access
-            .intersects(Access::REMOTE_WRITE | Access::REMOTE_READ | Access::REMOTE_ATOMIC);
+        let remote =
+            access.intersects(Access::REMOTE_WRITE | Access::REMOTE_READ | Access::REMOTE_ATOMIC);
         let mut remote_mr = None;
-        if let (true, MrKind::User { iova, length, pages }) = (remote, &kind) {
+        if let (
+            true,
+            MrKind::User {
+                iova,
+                length,
+                pages,
+            },
+        ) = (remote, &kind)
+        {
             if pages.is_empty() || *length == 0 {
                 return Err(Error::Invalid("MR length"));
             }
@@ -706,8 +722,14 @@ impl Backend for RdmaCoreBackend {
             let hvas = hvas.ok_or(Error::Invalid("MR page outside guest memory"))?;
             if hvas.windows(2).all(|w| w[1] == w[0] + 0x1000) {
                 let start = hvas[0] + (*iova & 0xfff) as usize;
-                let mr = verbs::Mr::register(&pde.pd, start, *length as usize, Some(*iova), access.bits() & 0xf)
-                    .map_err(host)?;
+                let mr = verbs::Mr::register(
+                    &pde.pd,
+                    start,
+                    *length as usize,
+                    Some(*iova),
+                    access.bits() & 0xf,
+                )
+                .map_err(host)?;
                 remote_mr = Some(mr);
             } else {
                 log::warn!(
@@ -835,7 +857,11 @@ impl Backend for RdmaCoreBackend {
     fn post_srq_recv(&self, srq: SrqId, wr: &RecvWr) -> Result<()> {
         let s = &self.s;
         let t = lock(&s.t);
-        let e = t.srqs.get(&srq.0).ok_or(Error::NoSuchObject("SRQ"))?.clone();
+        let e = t
+            .srqs
+            .get(&srq.0)
+            .ok_or(Error::NoSuchObject("SRQ"))?
+            .clone();
         let prep = s.prepare(&t, e.pd, wr.sges.as_slice(), true, false, s.info.max_sge);
         drop(t);
         let (mut sges, bounce) = prep.unwrap_or_else(|| (vec![poison_sge()], None));
@@ -846,6 +872,7 @@ impl Backend for RdmaCoreBackend {
             signaled: true,
             bounce,
             _ah: None,
+            failed: None,
         });
         if let Err(rc) = e.srq.post_recv(slot | WR_RECV | WR_SRQ, &mut sges) {
             pend.take(slot);
@@ -859,25 +886,52 @@ impl Backend for RdmaCoreBackend {
         let ud = match init.qp_type {
             QpType::Rc => false,
             QpType::Ud => true,
-            QpType::Gsi => {
-                return Err(Error::Unsupported(
-                    "GSI QP (QP1): the host's QP1 is the host kernel's; see docs/rdma-core-backend.md",
-                ))
-            }
+            QpType::Gsi => return Err(Error::Unsupported(
+                "GSI QP (QP1): the host's QP1 is the host kernel's; see docs/rdma-core-backend.md",
+            )),
         };
         let mut t = lock(&s.t);
-        let pd = t.pds.get(&init.pd.0).ok_or(Error::NoSuchObject("PD"))?.pd.clone();
-        let scq = t.cqs.get(&init.send_cq.0).ok_or(Error::NoSuchObject("CQ"))?.cq.clone();
-        let rcq = t.cqs.get(&init.recv_cq.0).ok_or(Error::NoSuchObject("CQ"))?.cq.clone();
+        let pd = t
+            .pds
+            .get(&init.pd.0)
+            .ok_or(Error::NoSuchObject("PD"))?
+            .pd
+            .clone();
+        let scq = t
+            .cqs
+            .get(&init.send_cq.0)
+            .ok_or(Error::NoSuchObject("CQ"))?
+            .cq
+            .clone();
+        let rcq = t
+            .cqs
+            .get(&init.recv_cq.0)
+            .ok_or(Error::NoSuchObject("CQ"))?
+            .cq
+            .clone();
         let srq = match init.srq {
-            Some(id) => Some(t.srqs.get(&id.0).ok_or(Error::NoSuchObject("SRQ"))?.srq.clone()),
+            Some(id) => Some(
+                t.srqs
+                    .get(&id.0)
+                    .ok_or(Error::NoSuchObject("SRQ"))?
+                    .srq
+                    .clone(),
+            ),
             None => None,
         };
         let caps = verbs::QpCaps {
             max_send_wr: init.max_send_wr.clamp(1, s.info.max_qp_wr),
-            max_recv_wr: if srq.is_some() { 0 } else { init.max_recv_wr.clamp(1, s.info.max_qp_wr) },
+            max_recv_wr: if srq.is_some() {
+                0
+            } else {
+                init.max_recv_wr.clamp(1, s.info.max_qp_wr)
+            },
             max_send_sge: init.max_send_sge.clamp(1, s.info.max_sge),
-            max_recv_sge: if srq.is_some() { 0 } else { init.max_recv_sge.clamp(1, s.info.max_sge) },
+            max_recv_sge: if srq.is_some() {
+                0
+            } else {
+                init.max_recv_sge.clamp(1, s.info.max_sge)
+            },
         };
         let qp = verbs::Qp::new(&pd, &scq, &rcq, srq.as_ref(), ud, caps).map_err(host)?;
         let qpn = qp.qp_num;
@@ -959,15 +1013,31 @@ impl Backend for RdmaCoreBackend {
                 set!(IBV_QP_QKEY, qkey, sh.qkey.unwrap_or(0));
             }
             if attrs.access.is_some() && !ud {
-                set!(IBV_QP_ACCESS_FLAGS, access, sh.access.map_or(0, |a| a.bits() & 0xf));
+                set!(
+                    IBV_QP_ACCESS_FLAGS,
+                    access,
+                    sh.access.map_or(0, |a| a.bits() & 0xf)
+                );
             }
         }
         if entering(QpState::Rtr) && !ud {
-            set!(IBV_QP_PATH_MTU, path_mtu, u32::from(sh.path_mtu.unwrap_or(3)));
+            set!(
+                IBV_QP_PATH_MTU,
+                path_mtu,
+                u32::from(sh.path_mtu.unwrap_or(3))
+            );
             set!(IBV_QP_DEST_QPN, dest_qp_num, sh.dest_qp_num.unwrap_or(0));
             set!(IBV_QP_RQ_PSN, rq_psn, sh.rq_psn.unwrap_or(0));
-            set!(IBV_QP_MAX_DEST_RD_ATOMIC, max_dest_rd_atomic, sh.max_dest_rd_atomic.unwrap_or(0));
-            set!(IBV_QP_MIN_RNR_TIMER, min_rnr_timer, sh.min_rnr_timer.unwrap_or(0));
+            set!(
+                IBV_QP_MAX_DEST_RD_ATOMIC,
+                max_dest_rd_atomic,
+                sh.max_dest_rd_atomic.unwrap_or(0)
+            );
+            set!(
+                IBV_QP_MIN_RNR_TIMER,
+                min_rnr_timer,
+                sh.min_rnr_timer.unwrap_or(0)
+            );
             // No path given: loop back to our own GID 0 (a real guest always gives one).
             let av = sh.ah.unwrap_or_else(|| crate::AddressVector {
                 dgid: read(&s.gids)[0].map(|g| g.0).unwrap_or_default(),
@@ -983,14 +1053,19 @@ impl Backend for RdmaCoreBackend {
                 set!(IBV_QP_TIMEOUT, timeout, sh.timeout.unwrap_or(14));
                 set!(IBV_QP_RETRY_CNT, retry_cnt, sh.retry_cnt.unwrap_or(7));
                 set!(IBV_QP_RNR_RETRY, rnr_retry, sh.rnr_retry.unwrap_or(7));
-                set!(IBV_QP_MAX_QP_RD_ATOMIC, max_rd_atomic, sh.max_rd_atomic.unwrap_or(0));
+                set!(
+                    IBV_QP_MAX_QP_RD_ATOMIC,
+                    max_rd_atomic,
+                    sh.max_rd_atomic.unwrap_or(0)
+                );
             }
         }
         h.mask = mask;
         if to == QpState::Reset {
             // The host drops queued work silently; so do we.
             let mut p = lock(&e.pending);
-            e.qp.modify(&h).map_err(|rc| Error::Host(format!("ibv_modify_qp: errno {rc}")))?;
+            e.qp.modify(&h)
+                .map_err(|rc| Error::Host(format!("ibv_modify_qp: errno {rc}")))?;
             p.clear();
             *sh = QpAttrs::default();
             return Ok(());
@@ -1040,7 +1115,11 @@ impl Backend for RdmaCoreBackend {
         let (opcode, hop, need_write, copy_in) = match wr.op {
             SendOp::Send { imm } => (
                 WcOpcode::Send,
-                if imm.is_some() { Op::IBV_WR_SEND_WITH_IMM } else { Op::IBV_WR_SEND },
+                if imm.is_some() {
+                    Op::IBV_WR_SEND_WITH_IMM
+                } else {
+                    Op::IBV_WR_SEND
+                },
                 false,
                 true,
             ),
@@ -1055,12 +1134,27 @@ impl Backend for RdmaCoreBackend {
                 true,
             ),
             SendOp::RdmaRead { .. } => (WcOpcode::RdmaRead, Op::IBV_WR_RDMA_READ, true, false),
-            SendOp::CmpSwap { .. } => (WcOpcode::CompSwap, Op::IBV_WR_ATOMIC_CMP_AND_SWP, true, false),
-            SendOp::FetchAdd { .. } => (WcOpcode::FetchAdd, Op::IBV_WR_ATOMIC_FETCH_AND_ADD, true, false),
+            SendOp::CmpSwap { .. } => (
+                WcOpcode::CompSwap,
+                Op::IBV_WR_ATOMIC_CMP_AND_SWP,
+                true,
+                false,
+            ),
+            SendOp::FetchAdd { .. } => (
+                WcOpcode::FetchAdd,
+                Op::IBV_WR_ATOMIC_FETCH_AND_ADD,
+                true,
+                false,
+            ),
         };
         let mut op = verbs::HostSend {
             opcode: hop,
-            flags: consts::SEND_SIGNALED | if wr.solicited { consts::SEND_SOLICITED } else { 0 },
+            flags: consts::SEND_SIGNALED
+                | if wr.solicited {
+                    consts::SEND_SOLICITED
+                } else {
+                    0
+                },
             imm: 0,
             remote_addr: 0,
             rkey: 0,
@@ -1070,22 +1164,43 @@ impl Backend for RdmaCoreBackend {
         };
         match wr.op {
             SendOp::Send { imm } => op.imm = imm.unwrap_or(0),
-            SendOp::RdmaWrite { remote_addr, rkey, imm } => {
-                (op.remote_addr, op.rkey, op.imm) = (remote_addr, rkey, imm.unwrap_or(0))
+            SendOp::RdmaWrite {
+                remote_addr,
+                rkey,
+                imm,
+            } => (op.remote_addr, op.rkey, op.imm) = (remote_addr, rkey, imm.unwrap_or(0)),
+            SendOp::RdmaRead { remote_addr, rkey } => {
+                (op.remote_addr, op.rkey) = (remote_addr, rkey)
             }
-            SendOp::RdmaRead { remote_addr, rkey } => (op.remote_addr, op.rkey) = (remote_addr, rkey),
-            SendOp::CmpSwap { remote_addr, rkey, compare, swap } => {
-                (op.remote_addr, op.rkey, op.compare_add, op.swap) = (remote_addr, rkey, compare, swap)
+            SendOp::CmpSwap {
+                remote_addr,
+                rkey,
+                compare,
+                swap,
+            } => {
+                (op.remote_addr, op.rkey, op.compare_add, op.swap) =
+                    (remote_addr, rkey, compare, swap)
             }
-            SendOp::FetchAdd { remote_addr, rkey, add } => {
-                (op.remote_addr, op.rkey, op.compare_add) = (remote_addr, rkey, add)
-            }
+            SendOp::FetchAdd {
+                remote_addr,
+                rkey,
+                add,
+            } => (op.remote_addr, op.rkey, op.compare_add) = (remote_addr, rkey, add),
         }
         let t = lock(&s.t);
-        let prep = s.prepare(&t, e.pd, wr.sges.as_slice(), need_write, copy_in, e.max_send_sge);
+        let prep = s.prepare(
+            &t,
+            e.pd,
+            wr.sges.as_slice(),
+            need_write,
+            copy_in,
+            e.max_send_sge,
+        );
         let mut ah = None;
         if e.ty != QpType::Rc {
-            let d = wr.ud.ok_or(Error::Invalid("UD send without a destination"))?;
+            let d = wr
+                .ud
+                .ok_or(Error::Invalid("UD send without a destination"))?;
             let pde = t.pds.get(&e.pd.0).ok_or(Error::NoSuchObject("PD"))?;
             let av = s.host_av(&d.av);
             let mut cache = lock(&pde.ahs);
@@ -1106,22 +1221,28 @@ impl Backend for RdmaCoreBackend {
             ah = Some(a);
         }
         drop(t);
-        let (mut sges, bounce) = match prep {
-            Some(p) => p,
+        let mut pend = lock(&e.pending);
+        let (mut sges, bounce, failed) = match prep {
+            Some((s, b)) => (s, b, None),
             None => {
-                // Fails on the host with a local protection error, in order.
-                op.opcode = Op::IBV_WR_SEND;
-                op.ud = op.ud.take();
-                (vec![poison_sge()], None)
+                // A local protection error, as an HCA reports it: the QP goes to ERR, this WR
+                // completes (in order, after the earlier ones) with LocProtErr, later ones flush.
+                e.qp.modify(&verbs::HostQpAttr {
+                    mask: QpMask::IBV_QP_STATE.0,
+                    state: S::IBV_QPS_ERR,
+                    ..Default::default()
+                })
+                .map_err(|rc| Error::Host(format!("ibv_modify_qp to ERR: errno {rc}")))?;
+                (vec![poison_sge()], None, Some(WcStatus::LocProtErr))
             }
         };
-        let mut pend = lock(&e.pending);
         let slot = pend.put(Pending {
             wr_id: wr.wr_id,
             opcode,
             signaled: wr.signaled,
             bounce,
             _ah: ah,
+            failed,
         });
         if let Err(rc) = e.qp.post_send(slot, &mut sges, &op) {
             pend.take(slot);
@@ -1147,6 +1268,7 @@ impl Backend for RdmaCoreBackend {
             signaled: true,
             bounce,
             _ah: None,
+            failed: None,
         });
         if let Err(rc) = e.qp.post_recv(slot | WR_RECV, &mut sges) {
             pend.take(slot);
@@ -1218,6 +1340,7 @@ mod tests {
             signaled: true,
             bounce: None,
             _ah: None,
+            failed: None,
         };
         let a = s.put(p());
         assert_eq!(s.take(a | WR_RECV).map(|p| p.wr_id), Some(7));

@@ -43,7 +43,9 @@ pub fn libibverbs_available() -> VResult<()> {
             "unknown error".to_string()
         } else {
             // SAFETY: non-NULL dlerror result is a NUL-terminated string.
-            unsafe { CStr::from_ptr(msg) }.to_string_lossy().into_owned()
+            unsafe { CStr::from_ptr(msg) }
+                .to_string_lossy()
+                .into_owned()
         };
         return Err(format!("libibverbs.so.1 cannot be loaded ({msg})"));
     }
@@ -159,7 +161,10 @@ impl Context {
         // SAFETY: valid context and out pointer.
         let rc = unsafe { sys::ibv_query_port(self.ctx, port, &mut pa) };
         if rc != 0 {
-            return Err(rc_err(&format!("ibv_query_port({}, {port})", self.name), rc));
+            return Err(rc_err(
+                &format!("ibv_query_port({}, {port})", self.name),
+                rc,
+            ));
         }
         // SAFETY: as above.
         let mut da: sys::ibv_device_attr = unsafe { std::mem::zeroed() };
@@ -217,9 +222,7 @@ impl Context {
                 T::IBV_EVENT_QP_FATAL => AsyncEv::QpFatal((*ev.element.qp).qp_num),
                 T::IBV_EVENT_QP_REQ_ERR => AsyncEv::QpReqErr((*ev.element.qp).qp_num),
                 T::IBV_EVENT_QP_ACCESS_ERR => AsyncEv::QpAccessErr((*ev.element.qp).qp_num),
-                T::IBV_EVENT_QP_LAST_WQE_REACHED => {
-                    AsyncEv::QpLastWqe((*ev.element.qp).qp_num)
-                }
+                T::IBV_EVENT_QP_LAST_WQE_REACHED => AsyncEv::QpLastWqe((*ev.element.qp).qp_num),
                 T::IBV_EVENT_SRQ_LIMIT_REACHED => AsyncEv::SrqLimit(ev.element.srq as usize),
                 _ => AsyncEv::Other,
             }
@@ -562,7 +565,11 @@ impl Srq {
         };
         // SAFETY: valid SRQ and attributes.
         let rc = unsafe {
-            sys::ibv_modify_srq(self.srq, &mut a, sys::ibv_srq_attr_mask::IBV_SRQ_LIMIT.0 as i32)
+            sys::ibv_modify_srq(
+                self.srq,
+                &mut a,
+                sys::ibv_srq_attr_mask::IBV_SRQ_LIMIT.0 as i32,
+            )
         };
         if rc != 0 {
             return Err(rc_err("ibv_modify_srq", rc));
@@ -806,9 +813,8 @@ impl Qp {
         let (mut a, mut i): (sys::ibv_qp_attr, sys::ibv_qp_init_attr) =
             unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
         // SAFETY: valid QP and out pointers.
-        let rc = unsafe {
-            sys::ibv_query_qp(self.qp, &mut a, QpMask::IBV_QP_STATE.0 as i32, &mut i)
-        };
+        let rc =
+            unsafe { sys::ibv_query_qp(self.qp, &mut a, QpMask::IBV_QP_STATE.0 as i32, &mut i) };
         if rc != 0 {
             return Err(rc_err("ibv_query_qp", rc));
         }
@@ -861,7 +867,8 @@ impl Qp {
         wr.send_flags = op.flags;
         wr.imm_data_invalidated_rkey_union.imm_data = op.imm;
         match op.opcode {
-            ibv_wr_opcode::IBV_WR_ATOMIC_CMP_AND_SWP | ibv_wr_opcode::IBV_WR_ATOMIC_FETCH_AND_ADD => {
+            ibv_wr_opcode::IBV_WR_ATOMIC_CMP_AND_SWP
+            | ibv_wr_opcode::IBV_WR_ATOMIC_FETCH_AND_ADD => {
                 wr.wr.atomic = sys::atomic_t {
                     remote_addr: op.remote_addr,
                     compare_add: op.compare_add,
