@@ -517,7 +517,7 @@ impl Shared {
             buf.as_ptr() as usize,
             buf.len(),
             None,
-            (Access::LOCAL_WRITE.bits()) as u32,
+            Access::LOCAL_WRITE.bits(),
         )
         .map_err(|e| log::warn!("rdma-core: bounce buffer: {e}"))
         .ok()?;

@@ -499,9 +499,10 @@ impl Cq {
                 status: w.status,
                 opcode: w.opcode,
                 byte_len: w.byte_len,
-                // SAFETY: with IBV_WC_WITH_IMM the union holds the immediate data.
+                // SAFETY: every bit pattern of the union is a valid u32; it is the immediate
+                // data when IBV_WC_WITH_IMM is set.
                 imm: (flags & sys::ibv_wc_flags::IBV_WC_WITH_IMM.0 != 0)
-                    .then(|| unsafe { w.imm_data_invalidated_rkey_union.imm_data }),
+                    .then_some(unsafe { w.imm_data_invalidated_rkey_union.imm_data }),
                 qp_num: w.qp_num,
                 src_qp: w.src_qp,
                 grh: flags & sys::ibv_wc_flags::IBV_WC_GRH.0 != 0,
@@ -934,7 +935,7 @@ pub mod consts {
     /// IBV_SEND_SOLICITED.
     pub const SEND_SOLICITED: u32 = sys::ibv_send_flags::IBV_SEND_SOLICITED.0;
     /// RoCE v1 GID type.
-    pub const GID_ROCE_V1: u32 = sys::IBV_GID_TYPE_ROCE_V1 as u32;
+    pub const GID_ROCE_V1: u32 = sys::IBV_GID_TYPE_ROCE_V1;
     /// RoCE v2 GID type.
-    pub const GID_ROCE_V2: u32 = sys::IBV_GID_TYPE_ROCE_V2 as u32;
+    pub const GID_ROCE_V2: u32 = sys::IBV_GID_TYPE_ROCE_V2;
 }
