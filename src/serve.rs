@@ -17,8 +17,11 @@ the next client is accepted. A stale socket file at PATH is removed. With socket
 \n\
 options:\n\
 \x20 --socket PATH        UNIX socket to listen on\n\
-\x20 --backend emulated   RDMA backend (only `emulated`: a software fabric shared by the\n\
-\x20                      devices of this process)\n\
+\x20 --backend emulated   RDMA backend: `emulated` (a software fabric shared by the devices of\n\
+\x20                      this process) or `rdma-core` (a host RDMA device through libibverbs;\n\
+\x20                      only in binaries built with the `rdma-core` feature)\n\
+\x20 --ibdev NAME         host RDMA device of `rdma-core` (default rxe0)\n\
+\x20 --ibport N           its port (default 1)\n\
 \x20 --mac MAC            MAC of the paired vmxnet3, xx:xx:xx:xx:xx:xx (default 00:50:56:00:00:01)\n\
 \x20 --max-qp N           QPs advertised and enforced (default 1024)\n\
 \x20 --max-cq N           CQs (default 1024)\n\
@@ -51,6 +54,9 @@ fn parse_num<T: std::str::FromStr>(opt: &str, v: &str) -> Result<T, String> {
 struct Args {
     socket: Option<PathBuf>,
     device: DeviceConfig,
+    backend: String,
+    ibdev: String,
+    ibport: u8,
     help: bool,
 }
 
@@ -58,6 +64,9 @@ fn parse(args: &[String]) -> Result<Args, String> {
     let mut out = Args {
         socket: None,
         device: DeviceConfig::default(),
+        backend: "emulated".into(),
+        ibdev: "rxe0".into(),
+        ibport: 1,
         help: false,
     };
     let mut it = args.iter();
@@ -80,10 +89,16 @@ fn parse(args: &[String]) -> Result<Args, String> {
             "--socket" => out.socket = Some(PathBuf::from(value()?)),
             "--backend" => {
                 let b = value()?;
-                if b != "emulated" {
-                    return Err(format!("backend `{b}` is not available (only `emulated`)"));
+                if !matches!(b.as_str(), "emulated" | "rdma-core") {
+                    return Err(format!(
+                        "unknown backend `{b}` (backends: {})",
+                        available_backends()
+                    ));
                 }
+                out.backend = b;
             }
+            "--ibdev" => out.ibdev = value()?,
+            "--ibport" => out.ibport = parse_num(opt, &value()?)?,
             "--mac" => out.device.mac = parse_mac(&value()?)?,
             "--max-qp" => out.device.max_qp = parse_num(opt, &value()?)?,
             "--max-cq" => out.device.max_cq = parse_num(opt, &value()?)?,
@@ -93,6 +108,52 @@ fn parse(args: &[String]) -> Result<Args, String> {
         }
     }
     Ok(out)
+}
+
+/// The backends this binary can offer here, for messages.
+fn available_backends() -> String {
+    #[cfg(feature = "rdma-core")]
+    let rc = match rdma_backend::rdma_core::available() {
+        Ok(()) => "rdma-core".to_string(),
+        Err(e) => format!("rdma-core unavailable here: {e}"),
+    };
+    #[cfg(not(feature = "rdma-core"))]
+    let rc = "rdma-core not built in (build with --features rdma-core)".to_string();
+    format!("emulated; {rc}")
+}
+
+/// The backend choice for the server; checks that rdma-core can run here.
+fn backend_choice(a: &Args) -> Result<pvrdma_vfio_user::BackendChoice, String> {
+    if a.backend == "emulated" {
+        return Ok(pvrdma_vfio_user::BackendChoice::Emulated);
+    }
+    #[cfg(feature = "rdma-core")]
+    {
+        use rdma_backend::rdma_core;
+        rdma_core::available().map_err(|e| {
+            format!("--backend rdma-core: {e}; install rdma-core (libibverbs1) or use --backend emulated")
+        })?;
+        let cfg = rdma_core::Config {
+            ibdev: a.ibdev.clone(),
+            port: a.ibport,
+        };
+        // Open the device once now, so a wrong name fails here rather than at the first client.
+        struct NoSink;
+        impl rdma_backend::CompletionSink for NoSink {
+            fn complete(&self, _: &[rdma_backend::WorkCompletion]) {}
+            fn event(&self, _: rdma_backend::AsyncEvent) {}
+        }
+        let mem = rdma_backend::GuestMem::new(vm_memory::GuestMemoryMmap::new());
+        rdma_core::RdmaCoreBackend::new(cfg.clone(), mem, std::sync::Arc::new(NoSink))
+            .map_err(|e| format!("--backend rdma-core: {e}"))?;
+        Ok(pvrdma_vfio_user::BackendChoice::RdmaCore(cfg))
+    }
+    #[cfg(not(feature = "rdma-core"))]
+    Err(format!(
+        "--backend rdma-core: not built into this binary (build with --features rdma-core); \
+         backends: {}",
+        available_backends()
+    ))
 }
 
 /// Removes `path` if it is a socket nobody listens on.
@@ -128,10 +189,12 @@ pub fn run(args: &[String]) -> Result<(), String> {
         (None, None) => return Err(format!("--socket is required\n\n{HELP}")),
     };
     a.device.validate().map_err(|e| e.to_string())?;
+    let backend = backend_choice(&a)?;
     let opts = ServeOptions {
         socket,
         listen_fd,
         device: a.device,
+        backend,
     };
     log::info!("serving on {}", opts.socket.display());
     serve(opts).map_err(|e| {
@@ -179,7 +242,23 @@ mod tests {
             (64, 32, 16)
         );
         assert_eq!(a.device.workers, 1);
-        assert!(parse(&args(&["--backend", "rdma-core"])).is_err());
+        assert!(parse(&args(&["--backend", "nope"])).is_err());
+        let a = parse(&args(&[
+            "--backend",
+            "rdma-core",
+            "--ibdev",
+            "x",
+            "--ibport",
+            "2",
+        ]))
+        .unwrap();
+        assert_eq!((a.ibdev.as_str(), a.ibport), ("x", 2));
+        // Without the feature, or without libibverbs (this host), rdma-core is refused clearly.
+        if cfg!(not(feature = "rdma-core"))
+            || !std::path::Path::new("/usr/lib/x86_64-linux-gnu/libibverbs.so.1").exists()
+        {
+            assert!(backend_choice(&a).unwrap_err().contains("rdma-core"));
+        }
         assert!(parse(&args(&["--mac", "00:11"])).is_err());
         assert!(parse(&args(&["--max-qp"])).is_err());
         assert!(parse(&args(&["--bogus"])).is_err());

@@ -24,6 +24,8 @@ use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
 pub mod conformance;
 pub mod emulated;
+#[cfg(feature = "rdma-core")]
+pub mod rdma_core;
 
 /// Guest memory as the device and backends see it: swapped atomically when the VMM maps or unmaps.
 pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap>;

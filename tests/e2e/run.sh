@@ -2,7 +2,7 @@
 # Boot the e2e guest under QEMU (TCG) with TEST_SCRIPT as /test.sh and check the result.
 #
 #   tests/e2e/run.sh TEST_SCRIPT [--socket PATH] [--server-cmd CMD] [--timeout SECS] [--name NAME]
-#                    [--append KERNEL_ARGS] [--qemu-arg ARG]...
+#                    [--append KERNEL_ARGS] [--qemu-arg ARG]... [--add FILE]...
 #
 #   --socket PATH      add the PVRDMA device: -device vfio-user-pci on PATH (unix socket) at 00:10.1
 #   --server-cmd CMD   start CMD (bash -c) before QEMU, wait for --socket to appear, and after the
@@ -12,6 +12,7 @@
 #   --name NAME        log name (default: TEST_SCRIPT's basename without .sh)
 #   --append ARGS      extra kernel command line (e.g. e2e.noload)
 #   --qemu-arg ARG     extra QEMU argument (repeatable)
+#   --add FILE         put FILE into the guest as /add/BASENAME (repeatable; e.g. a test binary)
 #
 # Logs: $PVRDMA_E2E_LOGS (default <repo>/target/e2e-logs)/NAME.console.log and NAME.server.log.
 # Fails on: timeout, missing "E2E-DONE rc=" marker, non-zero rc, server not exiting 0.
@@ -29,9 +30,9 @@ SOCKET_WAIT=${PVRDMA_E2E_SOCKET_WAIT:-30}
 
 log() { printf '[e2e-run %3ds] %s\n' "$SECONDS" "$*" >&2; }
 die() { log "FAIL: $*"; exit 1; }
-usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
-TEST=""; SOCKET=""; SERVER_CMD=""; NAME=""; APPEND=""; QEMU_EXTRA=()
+TEST=""; SOCKET=""; SERVER_CMD=""; NAME=""; APPEND=""; QEMU_EXTRA=(); ADD=()
 while [ $# -gt 0 ]; do
     case $1 in
         --socket) SOCKET=$2; shift 2 ;;
@@ -40,6 +41,7 @@ while [ $# -gt 0 ]; do
         --name) NAME=$2; shift 2 ;;
         --append) APPEND=$2; shift 2 ;;
         --qemu-arg) QEMU_EXTRA+=("$2"); shift 2 ;;
+        --add) [ -f "$2" ] || die "--add: no such file: $2"; ADD+=("$2"); shift 2 ;;
         -h|--help) usage ;;
         -*) log "unknown option $1"; usage ;;
         *) [ -z "$TEST" ] || usage; TEST=$1; shift ;;
@@ -76,6 +78,10 @@ trap 'exit 130' INT TERM
 mkdir -p "$WORK/extra"
 cp "$TEST" "$WORK/extra/test.sh"; chmod 755 "$WORK/extra/test.sh"
 [ -f "$HERE/guest/lib.sh" ] && cp "$HERE/guest/lib.sh" "$WORK/extra/e2e-lib.sh"
+if [ ${#ADD[@]} -gt 0 ]; then
+    mkdir -p "$WORK/extra/add"
+    for f in "${ADD[@]}"; do cp "$f" "$WORK/extra/add/"; done
+fi
 (cd "$WORK/extra" && find . -mindepth 1 | cpio -o -H newc --quiet -R 0:0 | gzip -1) >"$WORK/extra.cpio.gz"
 cat "$CACHE/initrd.img" "$WORK/extra.cpio.gz" >"$WORK/initrd.img"
 cp "$CACHE/vmlinuz" "$WORK/vmlinuz"

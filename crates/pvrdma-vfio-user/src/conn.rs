@@ -30,10 +30,12 @@ impl Connection {
         cfg: &DeviceConfig,
         name: String,
         fabric: &Arc<Fabric>,
+        backend: &crate::BackendChoice,
     ) -> Result<Connection, pvrdma_dev::DeviceError> {
         let mem = GuestMem::new(GuestMemoryMmap::new());
         let irqs = Arc::new(EventfdIrqs::default());
         let fabric = fabric.clone();
+        let backend = backend.clone();
         let device = DeviceHandle::spawn(
             cfg.clone(),
             DeviceOptions {
@@ -43,9 +45,21 @@ impl Connection {
             },
             mem.clone(),
             irqs.clone(),
-            Box::new(move |mem: GuestMem, sink: Arc<dyn CompletionSink>| {
-                EmulatedBackend::new(&fabric, mem, sink) as Arc<dyn Backend>
-            }),
+            Box::new(
+                move |mem: GuestMem, sink: Arc<dyn CompletionSink>| match &backend {
+                    crate::BackendChoice::Emulated => {
+                        EmulatedBackend::new(&fabric, mem, sink) as Arc<dyn Backend>
+                    }
+                    #[cfg(feature = "rdma-core")]
+                    crate::BackendChoice::RdmaCore(cfg) => {
+                        // `pvrdma serve` opened the device once at start, so this fails only if
+                        // the host device went away meanwhile.
+                        rdma_backend::rdma_core::RdmaCoreBackend::new(cfg.clone(), mem, sink)
+                            .unwrap_or_else(|e| panic!("rdma-core backend on {}: {e}", cfg.ibdev))
+                            as Arc<dyn Backend>
+                    }
+                },
+            ),
         )?;
         Ok(Connection {
             device,

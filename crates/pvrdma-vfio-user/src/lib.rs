@@ -80,6 +80,19 @@ pub struct ServeOptions {
     pub listen_fd: Option<OwnedFd>,
     /// The device each client gets.
     pub device: DeviceConfig,
+    /// The RDMA backend of each device.
+    pub backend: BackendChoice,
+}
+
+/// Which RDMA backend the served devices use.
+#[derive(Debug, Clone, Default)]
+pub enum BackendChoice {
+    /// The software fabric shared by the devices of this process.
+    #[default]
+    Emulated,
+    /// A host RDMA device through libibverbs.
+    #[cfg(feature = "rdma-core")]
+    RdmaCore(rdma_backend::rdma_core::Config),
 }
 
 impl ServeOptions {
@@ -89,6 +102,7 @@ impl ServeOptions {
             socket: socket.into(),
             listen_fd: None,
             device: DeviceConfig::default(),
+            backend: BackendChoice::default(),
         }
     }
 }
@@ -182,6 +196,7 @@ pub struct Server {
     server: vfio_user::Server,
     path: Option<PathBuf>,
     device: DeviceConfig,
+    backend: BackendChoice,
     fabric: Arc<Fabric>,
     stopper: Stopper,
     clients: AtomicU64,
@@ -220,6 +235,7 @@ impl Server {
             server,
             path,
             device: opts.device,
+            backend: opts.backend,
             fabric: Fabric::new(),
             stopper: Stopper {
                 stop: Arc::new(AtomicBool::new(false)),
@@ -244,8 +260,13 @@ impl Server {
     pub fn run(&self) -> Result<()> {
         while !self.stopper.stopping() {
             let n = self.clients.fetch_add(1, Ordering::Relaxed);
-            let mut conn = Connection::new(&self.device, format!("pvrdma{n}"), &self.fabric)
-                .map_err(Error::Device)?;
+            let mut conn = Connection::new(
+                &self.device,
+                format!("pvrdma{n}"),
+                &self.fabric,
+                &self.backend,
+            )
+            .map_err(Error::Device)?;
             if let Ok(mut g) = self.stopper.current.lock() {
                 *g = Some(conn.device().clone());
             }

@@ -1,0 +1,1350 @@
+//! The `rdma-core` backend: guest verbs carried by a host RDMA device through libibverbs.
+//!
+//! libibverbs is loaded at run time (`rdma-mummy-sys`), so a binary built with this feature runs
+//! on a host without rdma-core; [`available`] says whether this backend can be offered.
+//! The approach (see `docs/rdma-core-backend.md`):
+//! - Every guest RAM region is registered once per PD (`ibv_reg_mr`, local write only). Guest
+//!   SGEs are checked against the guest MR (key, PD, bounds, access) here and translated
+//!   (iova → guest-physical page → host virtual address) into host SGEs of that registration.
+//!   When a WR needs more host SGEs than the device allows, it goes through a registered bounce
+//!   buffer (copied in at post, out at completion).
+//! - Remote access (rkeys): a guest MR whose pages are contiguous in the host mapping gets its own
+//!   `ibv_reg_mr_iova` registration with the guest's iova and access, whose rkey is the guest's
+//!   rkey. Other MRs get an rkey that no host MR has: remote operations naming it fail with a
+//!   remote access error (documented limitation).
+//! - A guest SGE that fails the checks is posted as a host WR with an invalid lkey, so the host
+//!   completes it with a local protection error in order and moves the QP to ERR.
+//! - One thread waits on the completion channel and the async-event fd and feeds the sink.
+//! - The GSI QP (QP1) is refused: user space cannot own the host's QP1.
+#![allow(clippy::missing_docs_in_private_items)]
+
+mod verbs;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::thread::JoinHandle;
+
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::{
+    Access, AsyncEvent, Backend, CompletionSink, CqId, Error, Gid, GidType, GuestMem, MrId, MrKeys,
+    MrKind, PdId, QpAttrs, QpId, QpInit, QpState, QpType, RecvWr, Result, SendOp, SendWr, Sge,
+    SrqId, WcOpcode, WcStatus, WorkCompletion,
+};
+use verbs::{consts, ibv_qp_state as S, ibv_wr_opcode as Op, QpMask};
+
+pub use verbs::device_names;
+
+/// Whether the rdma-core backend can run here (libibverbs loads); the error says why not.
+pub fn available() -> std::result::Result<(), String> {
+    verbs::libibverbs_available()
+}
+
+/// GID table entries the guest may set (the PVRDMA device exposes at most this many).
+const MAX_GIDS: usize = 128;
+/// Guest lkeys/rkeys the backend invents carry this tag in the top byte, so that they never equal
+/// a key of the host device (rxe and mlx keys stay below it) and a guest lkey is not a host rkey.
+const KEY_TAG: u32 = 0x8000_0000;
+/// Host lkey used to make the host fail a WR with a local protection error.
+const POISON_LKEY: u32 = 0;
+/// Host work request ids: bit 63 marks receives, bit 62 SRQ receives; the low 32 bits index the
+/// pending-WR slab.
+const WR_RECV: u64 = 1 << 63;
+const WR_SRQ: u64 = 1 << 62;
+
+fn host(e: String) -> Error {
+    Error::Host(e)
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+fn read<T>(m: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(|e| e.into_inner())
+}
+fn write<T>(m: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Where the backend runs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Host device name (`rxe0`, `mlx5_0`).
+    pub ibdev: String,
+    /// Host port (1-based).
+    pub port: u8,
+}
+
+struct RamMr {
+    host: usize,
+    len: usize,
+    mr: verbs::Mr,
+}
+
+struct PdEntry {
+    // Drop order: registrations before the PD.
+    ram: Vec<RamMr>,
+    ahs: Mutex<HashMap<verbs::HostAv, Arc<verbs::Ah>>>,
+    pd: Arc<verbs::Pd>,
+    users: u32,
+}
+
+struct MrEntry {
+    pd: PdId,
+    kind: MrKind,
+    access: Access,
+    lkey: u32,
+    _remote: Option<verbs::Mr>,
+}
+
+struct CqEntry {
+    cq: Arc<verbs::Cq>,
+    cookie: u64,
+    users: u32,
+}
+
+struct SrqEntry {
+    srq: Arc<verbs::Srq>,
+    pd: PdId,
+    cookie: u64,
+    users: AtomicU32,
+    pending: Mutex<Slab>,
+}
+
+/// A WR the host holds.
+struct Pending {
+    wr_id: u64,
+    opcode: WcOpcode,
+    signaled: bool,
+    /// Bounce buffer and where its content goes (guest-physical runs) on success.
+    bounce: Option<Bounce>,
+    _ah: Option<Arc<verbs::Ah>>,
+    /// The WR failed the backend's checks: it was posted to a QP moved to ERR, and its flush
+    /// completion is reported with this status instead.
+    failed: Option<WcStatus>,
+}
+
+struct Bounce {
+    _mr: verbs::Mr,
+    buf: Vec<u8>,
+    copy_out: Vec<(u64, usize)>,
+}
+
+#[derive(Default)]
+struct Slab {
+    slots: Vec<Option<Pending>>,
+    free: Vec<u32>,
+}
+
+impl Slab {
+    fn put(&mut self, p: Pending) -> u64 {
+        if let Some(i) = self.free.pop() {
+            self.slots[i as usize] = Some(p);
+            u64::from(i)
+        } else {
+            self.slots.push(Some(p));
+            (self.slots.len() - 1) as u64
+        }
+    }
+    fn take(&mut self, i: u64) -> Option<Pending> {
+        let i = (i & 0xffff_ffff) as usize;
+        let p = self.slots.get_mut(i)?.take();
+        if p.is_some() {
+            self.free.push(i as u32);
+        }
+        p
+    }
+    fn clear(&mut self) {
+        self.slots.clear();
+        self.free.clear();
+    }
+}
+
+struct QpEntry {
+    qp: verbs::Qp,
+    ty: QpType,
+    pd: PdId,
+    send_cq: CqId,
+    recv_cq: CqId,
+    srq: Option<SrqId>,
+    cookie: u64,
+    max_send_sge: u32,
+    max_recv_sge: u32,
+    /// Attributes the guest has set so far (the host needs some again on later transitions).
+    attrs: Mutex<QpAttrs>,
+    /// Serialises posts with the slab.
+    pending: Mutex<Slab>,
+}
+
+#[derive(Default)]
+struct Tables {
+    next: u32,
+    pds: HashMap<u32, PdEntry>,
+    mrs: HashMap<u32, MrEntry>,
+    /// Guest lkey → MR id.
+    lkeys: HashMap<u32, u32>,
+    cqs: HashMap<u32, CqEntry>,
+    srqs: HashMap<u32, Arc<SrqEntry>>,
+    /// QP id → host QP number.
+    qp_ids: HashMap<u32, u32>,
+}
+
+struct Shared {
+    ctx: Arc<verbs::Context>,
+    ch: Arc<verbs::Channel>,
+    cfg: Config,
+    info: verbs::PortInfo,
+    mem: GuestMem,
+    sink: Arc<dyn CompletionSink>,
+    t: Mutex<Tables>,
+    /// Host QP number → QP; the completion thread delivers only for QPs in here.
+    qps: RwLock<HashMap<u32, Arc<QpEntry>>>,
+    /// Guest GID index → (GID, type, host GID index).
+    gids: RwLock<Vec<Option<(Gid, GidType, u8)>>>,
+    key_gen: AtomicU32,
+    stop: AtomicBool,
+}
+
+/// The rdma-core backend of one device.
+pub struct RdmaCoreBackend {
+    s: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for RdmaCoreBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RdmaCoreBackend")
+            .field("ibdev", &self.s.cfg.ibdev)
+            .field("port", &self.s.cfg.port)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RdmaCoreBackend {
+    /// Opens `cfg.ibdev` and starts the completion thread.
+    pub fn new(
+        cfg: Config,
+        mem: GuestMem,
+        sink: Arc<dyn CompletionSink>,
+    ) -> Result<Arc<RdmaCoreBackend>> {
+        let ctx = verbs::Context::open(&cfg.ibdev).map_err(host)?;
+        let info = ctx.port_info(cfg.port).map_err(host)?;
+        if info.state != 4 {
+            log::warn!(
+                "rdma-core: {} port {} is not ACTIVE (state {}), active MTU code {}",
+                cfg.ibdev,
+                cfg.port,
+                info.state,
+                info.active_mtu
+            );
+        }
+        let ch = verbs::Channel::new(&ctx).map_err(host)?;
+        let s = Arc::new(Shared {
+            ctx,
+            ch,
+            cfg,
+            info,
+            mem,
+            sink,
+            t: Mutex::new(Tables::default()),
+            qps: RwLock::new(HashMap::new()),
+            gids: RwLock::new(vec![None; MAX_GIDS]),
+            key_gen: AtomicU32::new(1),
+            stop: AtomicBool::new(false),
+        });
+        let s2 = s.clone();
+        let th = std::thread::Builder::new()
+            .name(format!("rdma-core-cq-{}", s.cfg.ibdev))
+            .spawn(move || completion_thread(&s2))
+            .map_err(|e| Error::Host(format!("spawning the completion thread: {e}")))?;
+        Ok(Arc::new(RdmaCoreBackend {
+            s,
+            thread: Mutex::new(Some(th)),
+        }))
+    }
+}
+
+impl Drop for RdmaCoreBackend {
+    fn drop(&mut self) {
+        self.s.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = lock(&self.thread).take() {
+            let _ = t.join();
+        }
+        self.reset();
+    }
+}
+
+fn completion_thread(s: &Shared) {
+    let fds = [s.ch.fd(), s.ctx.async_fd()];
+    let mut wcs = Vec::with_capacity(64);
+    let mut out = Vec::with_capacity(64);
+    while !s.stop.load(Ordering::Relaxed) {
+        verbs::poll_fds(&fds, 50);
+        while let Some(ev) = s.ctx.next_async_event() {
+            s.async_event(ev);
+        }
+        while let Some(cq_addr) = s.ch.next_event() {
+            let cq = {
+                let t = lock(&s.t);
+                t.cqs
+                    .iter()
+                    .find(|(_, c)| c.cq.addr() == cq_addr)
+                    .map(|(id, c)| (CqId(*id), c.cq.clone()))
+            };
+            let Some((cq_id, cq)) = cq else { continue };
+            if let Err(e) = cq.arm() {
+                log::warn!("rdma-core: {e}");
+            }
+            loop {
+                wcs.clear();
+                cq.poll(&mut wcs, 32);
+                if wcs.is_empty() {
+                    break;
+                }
+                let qps = read(&s.qps);
+                out.clear();
+                for w in &wcs {
+                    if let Some(wc) = s.translate(cq_id, &qps, w) {
+                        out.push(wc);
+                    }
+                }
+                if !out.is_empty() {
+                    s.sink.complete(&out);
+                }
+            }
+        }
+    }
+}
+
+fn wc_status(s: u32) -> WcStatus {
+    match s {
+        0 => WcStatus::Success,
+        1 => WcStatus::LocLenErr,
+        2 => WcStatus::LocQpOpErr,
+        4 => WcStatus::LocProtErr,
+        5 => WcStatus::WrFlushErr,
+        7 => WcStatus::BadRespErr,
+        8 => WcStatus::LocAccessErr,
+        9 => WcStatus::RemInvReqErr,
+        10 => WcStatus::RemAccessErr,
+        11 => WcStatus::RemOpErr,
+        12 => WcStatus::RetryExcErr,
+        13 => WcStatus::RnrRetryExcErr,
+        19 => WcStatus::FatalErr,
+        _ => WcStatus::GeneralErr,
+    }
+}
+
+impl Shared {
+    fn async_event(&self, ev: verbs::AsyncEv) {
+        use verbs::AsyncEv as E;
+        let qp_cookie = |n: u32| read(&self.qps).get(&n).map(|q| q.cookie);
+        let ev = match ev {
+            E::QpFatal(n) => qp_cookie(n).map(|c| AsyncEvent::QpFatal { qp_cookie: c }),
+            E::QpReqErr(n) => qp_cookie(n).map(|c| AsyncEvent::QpReqErr { qp_cookie: c }),
+            E::QpAccessErr(n) => qp_cookie(n).map(|c| AsyncEvent::QpAccessErr { qp_cookie: c }),
+            E::QpLastWqe(n) => qp_cookie(n).map(|c| AsyncEvent::QpLastWqeReached { qp_cookie: c }),
+            E::SrqLimit(a) => lock(&self.t)
+                .srqs
+                .values()
+                .find(|s| s.srq.addr() == a)
+                .map(|s| AsyncEvent::SrqLimitReached {
+                    srq_cookie: s.cookie,
+                }),
+            E::Other => None,
+        };
+        if let Some(ev) = ev {
+            self.sink.event(ev);
+        }
+    }
+
+    fn translate(
+        &self,
+        cq: CqId,
+        qps: &HashMap<u32, Arc<QpEntry>>,
+        w: &verbs::HostWc,
+    ) -> Option<WorkCompletion> {
+        let qp = qps.get(&w.qp_num)?;
+        let recv = w.wr_id & WR_RECV != 0;
+        let p = if w.wr_id & WR_SRQ != 0 {
+            let srq = lock(&self.t).srqs.get(&qp.srq?.0)?.clone();
+            let p = lock(&srq.pending).take(w.wr_id);
+            p
+        } else {
+            lock(&qp.pending).take(w.wr_id)
+        }?;
+        let mut status = wc_status(w.status);
+        if let Some(f) = p.failed {
+            if status == WcStatus::WrFlushErr {
+                status = f;
+            }
+        }
+        if status == WcStatus::Success {
+            if let Some(b) = &p.bounce {
+                let m = self.mem.memory();
+                let mut at = 0usize;
+                let limit = if recv {
+                    w.byte_len as usize
+                } else {
+                    b.buf.len()
+                };
+                for &(gpa, n) in &b.copy_out {
+                    if at >= limit {
+                        break;
+                    }
+                    let n = n.min(limit - at);
+                    let _ = m.write_slice(&b.buf[at..at + n], GuestAddress(gpa));
+                    at += n;
+                }
+            }
+            if !p.signaled && !recv {
+                return None;
+            }
+        }
+        let opcode = if recv && status == WcStatus::Success && w.opcode == 129 {
+            WcOpcode::RecvRdmaWithImm
+        } else {
+            p.opcode
+        };
+        // RC completions carry no source QP on the host; the guest expects the connected peer.
+        let src_qp = if recv && qp.ty == QpType::Rc {
+            lock(&qp.attrs).dest_qp_num.unwrap_or(w.src_qp)
+        } else {
+            w.src_qp
+        };
+        Some(WorkCompletion {
+            cq,
+            qp_cookie: qp.cookie,
+            wr_id: p.wr_id,
+            status,
+            opcode,
+            byte_len: w.byte_len,
+            imm_data: w.imm,
+            src_qp,
+            grh: w.grh,
+            solicited: false,
+        })
+    }
+
+    /// Translates guest SGEs to host SGEs of the PD's RAM registration; `None` when a check
+    /// fails (the caller poisons the WR). `need_write`: the MR must grant local write.
+    fn host_sges(
+        &self,
+        t: &Tables,
+        pd: PdId,
+        sges: &[Sge],
+        need_write: bool,
+    ) -> Option<Vec<(u64, usize, usize, u32)>> {
+        let pde = t.pds.get(&pd.0)?;
+        let m = self.mem.memory();
+        let mut out: Vec<(u64, usize, usize, u32)> = Vec::new();
+        for s in sges {
+            if s.length == 0 {
+                continue;
+            }
+            let mr = t.mrs.get(t.lkeys.get(&s.lkey)?)?;
+            if mr.pd != pd || (need_write && !mr.access.contains(Access::LOCAL_WRITE)) {
+                return None;
+            }
+            let mut a = s.addr;
+            let end = s.addr.checked_add(u64::from(s.length))?;
+            if let MrKind::User { iova, length, .. } = &mr.kind {
+                if a < *iova || end > iova.checked_add(*length)? {
+                    return None;
+                }
+            }
+            while a < end {
+                let n = (0x1000 - (a & 0xfff)).min(end - a);
+                let gpa = match &mr.kind {
+                    MrKind::Dma => a,
+                    MrKind::User { iova, pages, .. } => {
+                        let i = ((a - (iova & !0xfff)) >> 12) as usize;
+                        pages.get(i)?.0 + (a & 0xfff)
+                    }
+                };
+                let hva = m.get_host_address(GuestAddress(gpa)).ok()? as usize;
+                let reg = pde
+                    .ram
+                    .iter()
+                    .find(|r| hva >= r.host && hva + n as usize <= r.host + r.len)?;
+                match out.last_mut() {
+                    Some(l) if l.1 + l.2 == hva && l.3 == reg.mr.lkey => l.2 += n as usize,
+                    _ => out.push((gpa, hva, n as usize, reg.mr.lkey)),
+                }
+                a += n;
+            }
+        }
+        Some(out)
+    }
+
+    /// Host SGEs for a WR, or a bounce buffer when there are too many runs. `copy_in`: the data
+    /// goes out of guest memory (SEND/WRITE).
+    fn prepare(
+        &self,
+        t: &Tables,
+        pd: PdId,
+        sges: &[Sge],
+        need_write: bool,
+        copy_in: bool,
+        max_sge: u32,
+    ) -> Option<(Vec<verbs::HostSge>, Option<Bounce>)> {
+        let runs = self.host_sges(t, pd, sges, need_write)?;
+        if runs.len() <= max_sge as usize {
+            let v = runs
+                .iter()
+                .map(|&(_, hva, n, lkey)| verbs::HostSge {
+                    addr: hva as u64,
+                    length: n as u32,
+                    lkey,
+                })
+                .collect();
+            return Some((v, None));
+        }
+        let total: usize = runs.iter().map(|r| r.2).sum();
+        let mut buf = vec![0u8; total];
+        if copy_in {
+            let m = self.mem.memory();
+            let mut at = 0;
+            for &(gpa, _, n, _) in &runs {
+                m.read_slice(&mut buf[at..at + n], GuestAddress(gpa)).ok()?;
+                at += n;
+            }
+        }
+        let pde = t.pds.get(&pd.0)?;
+        let mr = verbs::Mr::register(
+            &pde.pd,
+            buf.as_ptr() as usize,
+            buf.len(),
+            None,
+            Access::LOCAL_WRITE.bits(),
+        )
+        .map_err(|e| log::warn!("rdma-core: bounce buffer: {e}"))
+        .ok()?;
+        let sge = verbs::HostSge {
+            addr: buf.as_ptr() as u64,
+            length: total as u32,
+            lkey: mr.lkey,
+        };
+        let copy_out = if copy_in {
+            Vec::new()
+        } else {
+            runs.iter().map(|r| (r.0, r.2)).collect()
+        };
+        Some((
+            vec![sge],
+            Some(Bounce {
+                _mr: mr,
+                buf,
+                copy_out,
+            }),
+        ))
+    }
+
+    fn host_gid_index(&self, guest_index: u8) -> u8 {
+        read(&self.gids)
+            .get(usize::from(guest_index))
+            .and_then(|g| g.map(|g| g.2))
+            .unwrap_or(0)
+    }
+
+    fn host_av(&self, av: &crate::AddressVector) -> verbs::HostAv {
+        verbs::HostAv {
+            dgid: av.dgid.0,
+            sgid_index: self.host_gid_index(av.sgid_index),
+            hop_limit: av.hop_limit,
+            traffic_class: av.traffic_class,
+            flow_label: av.flow_label,
+            sl: av.sl,
+            port: self.cfg.port,
+        }
+    }
+}
+
+fn qp_state_from_host(s: u32) -> QpState {
+    match s {
+        S::IBV_QPS_RESET => QpState::Reset,
+        S::IBV_QPS_INIT => QpState::Init,
+        S::IBV_QPS_RTR => QpState::Rtr,
+        S::IBV_QPS_RTS => QpState::Rts,
+        S::IBV_QPS_SQD => QpState::Sqd,
+        S::IBV_QPS_SQE => QpState::Sqe,
+        _ => QpState::Err,
+    }
+}
+
+/// The transitions IB allows (`ib_modify_qp_is_ok`, without the attribute rules).
+fn transition_ok(from: QpState, to: QpState) -> bool {
+    use QpState::*;
+    matches!(
+        (from, to),
+        (_, Reset)
+            | (_, Err)
+            | (Reset, Init)
+            | (Init, Init)
+            | (Init, Rtr)
+            | (Rtr, Rts)
+            | (Rts, Rts)
+            | (Rts, Sqd)
+            | (Sqd, Rts)
+            | (Sqd, Sqd)
+            | (Sqe, Rts)
+    )
+}
+
+fn merge(into: &mut QpAttrs, a: &QpAttrs) {
+    macro_rules! m {
+        ($($f:ident),*) => { $( if a.$f.is_some() { into.$f = a.$f; } )* };
+    }
+    m!(
+        path_mtu,
+        qkey,
+        rq_psn,
+        sq_psn,
+        dest_qp_num,
+        access,
+        pkey_index,
+        max_rd_atomic,
+        max_dest_rd_atomic,
+        min_rnr_timer,
+        timeout,
+        retry_cnt,
+        rnr_retry,
+        port_num,
+        ah
+    );
+}
+
+impl Backend for RdmaCoreBackend {
+    fn name(&self) -> &'static str {
+        "rdma-core"
+    }
+
+    fn add_gid(&self, index: u32, gid: Gid, ty: GidType) -> Result<()> {
+        let i = index as usize;
+        if i >= MAX_GIDS {
+            return Err(Error::Invalid("GID index"));
+        }
+        let want = match ty {
+            GidType::RoceV1 => consts::GID_ROCE_V1,
+            GidType::RoceV2 => consts::GID_ROCE_V2,
+        };
+        let s = &self.s;
+        let found = (0..s.info.gid_tbl_len.min(256))
+            .find(|&h| s.ctx.gid(s.cfg.port, h) == Some((gid.0, want)));
+        let Some(h) = found else {
+            return Err(Error::Host(format!(
+                "GID {gid:?} ({ty:?}) is not in the GID table of {} port {}: give the host \
+                 netdev the guest's address",
+                s.cfg.ibdev, s.cfg.port
+            )));
+        };
+        write(&s.gids)[i] = Some((gid, ty, h as u8));
+        Ok(())
+    }
+
+    fn del_gid(&self, index: u32) -> Result<()> {
+        let mut g = write(&self.s.gids);
+        let slot = g
+            .get_mut(index as usize)
+            .ok_or(Error::Invalid("GID index"))?;
+        *slot = None;
+        Ok(())
+    }
+
+    fn create_pd(&self) -> Result<PdId> {
+        let s = &self.s;
+        let pd = verbs::Pd::new(&s.ctx).map_err(host)?;
+        let mut ram = Vec::new();
+        for r in s.mem.memory().iter() {
+            let Some(host) = r.get_host_address(vm_memory::MemoryRegionAddress(0)).ok() else {
+                continue;
+            };
+            let len = r.len() as usize;
+            let mr = verbs::Mr::register(&pd, host as usize, len, None, Access::LOCAL_WRITE.bits())
+                .map_err(|e| Error::Host(format!("registering guest RAM: {e}")))?;
+            ram.push(RamMr {
+                host: host as usize,
+                len,
+                mr,
+            });
+        }
+        let mut t = lock(&s.t);
+        t.next += 1;
+        let id = t.next;
+        t.pds.insert(
+            id,
+            PdEntry {
+                ram,
+                ahs: Mutex::new(HashMap::new()),
+                pd,
+                users: 0,
+            },
+        );
+        Ok(PdId(id))
+    }
+
+    fn destroy_pd(&self, pd: PdId) -> Result<()> {
+        let mut t = lock(&self.s.t);
+        let e = t.pds.get(&pd.0).ok_or(Error::NoSuchObject("PD"))?;
+        if e.users > 0 {
+            return Err(Error::Busy("PD"));
+        }
+        t.pds.remove(&pd.0);
+        Ok(())
+    }
+
+    fn create_mr(&self, pd: PdId, kind: MrKind, access: Access) -> Result<MrKeys> {
+        let s = &self.s;
+        let mut t = lock(&s.t);
+        let pde = t.pds.get(&pd.0).ok_or(Error::NoSuchObject("PD"))?;
+        let remote =
+            access.intersects(Access::REMOTE_WRITE | Access::REMOTE_READ | Access::REMOTE_ATOMIC);
+        let mut remote_mr = None;
+        if let (
+            true,
+            MrKind::User {
+                iova,
+                length,
+                pages,
+            },
+        ) = (remote, &kind)
+        {
+            if pages.is_empty() || *length == 0 {
+                return Err(Error::Invalid("MR length"));
+            }
+            // Host-contiguous pages: one host registration with the guest's iova.
+            let m = s.mem.memory();
+            let hvas: Option<Vec<usize>> = pages
+                .iter()
+                .map(|p| m.get_host_address(*p).ok().map(|h| h as usize))
+                .collect();
+            let hvas = hvas.ok_or(Error::Invalid("MR page outside guest memory"))?;
+            if hvas.windows(2).all(|w| w[1] == w[0] + 0x1000) {
+                let start = hvas[0] + (*iova & 0xfff) as usize;
+                let mr = verbs::Mr::register(
+                    &pde.pd,
+                    start,
+                    *length as usize,
+                    Some(*iova),
+                    access.bits() & 0xf,
+                )
+                .map_err(host)?;
+                remote_mr = Some(mr);
+            } else {
+                log::warn!(
+                    "rdma-core: MR at iova {iova:#x} ({} pages) is not contiguous in the host \
+                     mapping: remote access to it is not possible (its rkey matches no host MR)",
+                    pages.len()
+                );
+            }
+        }
+        t.next += 1;
+        let id = t.next;
+        let gen = s.key_gen.fetch_add(1, Ordering::Relaxed) & 0x7f;
+        let lkey = KEY_TAG | ((id & 0xff_ffff) << 7) | gen;
+        let rkey = remote_mr.as_ref().map_or(lkey ^ 0x4000_0000, |m| m.rkey);
+        t.lkeys.insert(lkey, id);
+        t.pds.get_mut(&pd.0).expect("checked").users += 1;
+        t.mrs.insert(
+            id,
+            MrEntry {
+                pd,
+                kind,
+                access,
+                lkey,
+                _remote: remote_mr,
+            },
+        );
+        Ok(MrKeys {
+            id: MrId(id),
+            lkey,
+            rkey,
+        })
+    }
+
+    fn destroy_mr(&self, mr: MrId) -> Result<()> {
+        let mut t = lock(&self.s.t);
+        let e = t.mrs.remove(&mr.0).ok_or(Error::NoSuchObject("MR"))?;
+        t.lkeys.remove(&e.lkey);
+        if let Some(p) = t.pds.get_mut(&e.pd.0) {
+            p.users -= 1;
+        }
+        Ok(())
+    }
+
+    fn create_cq(&self, cqe: u32, cookie: u64) -> Result<CqId> {
+        let s = &self.s;
+        // Every host send is signaled (see post_send), so leave room beyond the guest's depth.
+        let n = cqe.saturating_mul(2).clamp(64, s.info.max_cqe);
+        let cq = verbs::Cq::new(&s.ctx, &s.ch, n).map_err(host)?;
+        let mut t = lock(&s.t);
+        t.next += 1;
+        let id = t.next;
+        t.cqs.insert(
+            id,
+            CqEntry {
+                cq,
+                cookie,
+                users: 0,
+            },
+        );
+        let _ = cookie;
+        Ok(CqId(id))
+    }
+
+    fn destroy_cq(&self, cq: CqId) -> Result<()> {
+        let mut t = lock(&self.s.t);
+        let e = t.cqs.get(&cq.0).ok_or(Error::NoSuchObject("CQ"))?;
+        if e.users > 0 {
+            return Err(Error::Busy("CQ"));
+        }
+        let _ = e.cookie;
+        t.cqs.remove(&cq.0);
+        Ok(())
+    }
+
+    fn create_srq(
+        &self,
+        pd: PdId,
+        max_wr: u32,
+        max_sge: u32,
+        limit: u32,
+        cookie: u64,
+    ) -> Result<SrqId> {
+        let mut t = lock(&self.s.t);
+        let pde = t.pds.get_mut(&pd.0).ok_or(Error::NoSuchObject("PD"))?;
+        let srq = verbs::Srq::new(&pde.pd, max_wr.max(1), max_sge.max(1), limit).map_err(host)?;
+        pde.users += 1;
+        t.next += 1;
+        let id = t.next;
+        t.srqs.insert(
+            id,
+            Arc::new(SrqEntry {
+                srq,
+                pd,
+                cookie,
+                users: AtomicU32::new(0),
+                pending: Mutex::new(Slab::default()),
+            }),
+        );
+        Ok(SrqId(id))
+    }
+
+    fn modify_srq(&self, srq: SrqId, limit: u32) -> Result<()> {
+        let e = lock(&self.s.t)
+            .srqs
+            .get(&srq.0)
+            .cloned()
+            .ok_or(Error::NoSuchObject("SRQ"))?;
+        e.srq.set_limit(limit).map_err(host)
+    }
+
+    fn destroy_srq(&self, srq: SrqId) -> Result<()> {
+        let mut t = lock(&self.s.t);
+        let e = t.srqs.get(&srq.0).ok_or(Error::NoSuchObject("SRQ"))?;
+        if e.users.load(Ordering::Relaxed) > 0 {
+            return Err(Error::Busy("SRQ"));
+        }
+        let pd = e.pd;
+        t.srqs.remove(&srq.0);
+        if let Some(p) = t.pds.get_mut(&pd.0) {
+            p.users -= 1;
+        }
+        Ok(())
+    }
+
+    fn post_srq_recv(&self, srq: SrqId, wr: &RecvWr) -> Result<()> {
+        let s = &self.s;
+        let t = lock(&s.t);
+        let e = t
+            .srqs
+            .get(&srq.0)
+            .ok_or(Error::NoSuchObject("SRQ"))?
+            .clone();
+        let prep = s.prepare(&t, e.pd, wr.sges.as_slice(), true, false, s.info.max_sge);
+        drop(t);
+        let (mut sges, bounce) = prep.unwrap_or_else(|| (vec![poison_sge()], None));
+        let mut pend = lock(&e.pending);
+        let slot = pend.put(Pending {
+            wr_id: wr.wr_id,
+            opcode: WcOpcode::Recv,
+            signaled: true,
+            bounce,
+            _ah: None,
+            failed: None,
+        });
+        if let Err(rc) = e.srq.post_recv(slot | WR_RECV | WR_SRQ, &mut sges) {
+            pend.take(slot);
+            return Err(post_err(rc));
+        }
+        Ok(())
+    }
+
+    fn create_qp(&self, init: &QpInit) -> Result<(QpId, u32)> {
+        let s = &self.s;
+        let ud = match init.qp_type {
+            QpType::Rc => false,
+            QpType::Ud => true,
+            QpType::Gsi => return Err(Error::Unsupported(
+                "GSI QP (QP1): the host's QP1 is the host kernel's; see docs/rdma-core-backend.md",
+            )),
+        };
+        let mut t = lock(&s.t);
+        let pd = t
+            .pds
+            .get(&init.pd.0)
+            .ok_or(Error::NoSuchObject("PD"))?
+            .pd
+            .clone();
+        let scq = t
+            .cqs
+            .get(&init.send_cq.0)
+            .ok_or(Error::NoSuchObject("CQ"))?
+            .cq
+            .clone();
+        let rcq = t
+            .cqs
+            .get(&init.recv_cq.0)
+            .ok_or(Error::NoSuchObject("CQ"))?
+            .cq
+            .clone();
+        let srq = match init.srq {
+            Some(id) => Some(
+                t.srqs
+                    .get(&id.0)
+                    .ok_or(Error::NoSuchObject("SRQ"))?
+                    .srq
+                    .clone(),
+            ),
+            None => None,
+        };
+        let caps = verbs::QpCaps {
+            max_send_wr: init.max_send_wr.clamp(1, s.info.max_qp_wr),
+            max_recv_wr: if srq.is_some() {
+                0
+            } else {
+                init.max_recv_wr.clamp(1, s.info.max_qp_wr)
+            },
+            max_send_sge: init.max_send_sge.clamp(1, s.info.max_sge),
+            max_recv_sge: if srq.is_some() {
+                0
+            } else {
+                init.max_recv_sge.clamp(1, s.info.max_sge)
+            },
+        };
+        let qp = verbs::Qp::new(&pd, &scq, &rcq, srq.as_ref(), ud, caps).map_err(host)?;
+        let qpn = qp.qp_num;
+        t.pds.get_mut(&init.pd.0).expect("checked").users += 1;
+        t.cqs.get_mut(&init.send_cq.0).expect("checked").users += 1;
+        t.cqs.get_mut(&init.recv_cq.0).expect("checked").users += 1;
+        if let Some(id) = init.srq {
+            if let Some(e) = t.srqs.get(&id.0) {
+                e.users.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        t.next += 1;
+        let id = t.next;
+        t.qp_ids.insert(id, qpn);
+        let e = Arc::new(QpEntry {
+            qp,
+            ty: init.qp_type,
+            pd: init.pd,
+            send_cq: init.send_cq,
+            recv_cq: init.recv_cq,
+            srq: init.srq,
+            cookie: init.cookie,
+            max_send_sge: caps.max_send_sge,
+            max_recv_sge: caps.max_recv_sge.max(1),
+            attrs: Mutex::new(QpAttrs::default()),
+            pending: Mutex::new(Slab::default()),
+        });
+        write(&s.qps).insert(qpn, e);
+        Ok((QpId(id), qpn))
+    }
+
+    fn modify_qp(&self, qp: QpId, attrs: &QpAttrs) -> Result<()> {
+        let s = &self.s;
+        let e = self.qp(qp)?;
+        if let Some(m) = attrs.path_mtu {
+            if !(1..=5).contains(&m) {
+                return Err(Error::Invalid("path MTU"));
+            }
+        }
+        let cur = qp_state_from_host(e.qp.state().map_err(host)?);
+        let to = attrs.state.unwrap_or(cur);
+        if attrs.state.is_some() && !transition_ok(cur, to) {
+            return Err(Error::BadTransition { from: cur, to });
+        }
+        let mut sh = lock(&e.attrs);
+        merge(&mut sh, attrs);
+        let mut h = verbs::HostQpAttr::default();
+        let mut mask = 0u32;
+        macro_rules! set {
+            ($bit:ident, $field:ident, $v:expr) => {{
+                mask |= QpMask::$bit.0;
+                h.$field = $v;
+            }};
+        }
+        if attrs.state.is_some() {
+            set!(IBV_QP_STATE, state, to as u32);
+        }
+        let ud = e.ty != QpType::Rc;
+        // Required attributes of the transition come from what the guest set now or earlier,
+        // with IB's usual defaults for any it never set.
+        let entering = |st| attrs.state == Some(st) && cur != st;
+        let port = sh.port_num.unwrap_or(s.cfg.port);
+        let _ = port;
+        if entering(QpState::Init) || (cur == QpState::Init && to == QpState::Init) {
+            set!(IBV_QP_PKEY_INDEX, pkey_index, sh.pkey_index.unwrap_or(0));
+            // The guest's port number is its own (1); the host port is configured.
+            set!(IBV_QP_PORT, port_num, s.cfg.port);
+            if ud {
+                set!(IBV_QP_QKEY, qkey, sh.qkey.unwrap_or(0));
+            } else {
+                set!(
+                    IBV_QP_ACCESS_FLAGS,
+                    access,
+                    sh.access.map_or(0, |a| a.bits() & 0xf)
+                );
+            }
+        } else {
+            if attrs.qkey.is_some() {
+                set!(IBV_QP_QKEY, qkey, sh.qkey.unwrap_or(0));
+            }
+            if attrs.access.is_some() && !ud {
+                set!(
+                    IBV_QP_ACCESS_FLAGS,
+                    access,
+                    sh.access.map_or(0, |a| a.bits() & 0xf)
+                );
+            }
+        }
+        if entering(QpState::Rtr) && !ud {
+            set!(
+                IBV_QP_PATH_MTU,
+                path_mtu,
+                u32::from(sh.path_mtu.unwrap_or(3))
+            );
+            set!(IBV_QP_DEST_QPN, dest_qp_num, sh.dest_qp_num.unwrap_or(0));
+            set!(IBV_QP_RQ_PSN, rq_psn, sh.rq_psn.unwrap_or(0));
+            set!(
+                IBV_QP_MAX_DEST_RD_ATOMIC,
+                max_dest_rd_atomic,
+                sh.max_dest_rd_atomic.unwrap_or(0)
+            );
+            set!(
+                IBV_QP_MIN_RNR_TIMER,
+                min_rnr_timer,
+                sh.min_rnr_timer.unwrap_or(0)
+            );
+            // No path given: loop back to our own GID 0 (a real guest always gives one).
+            let av = sh.ah.unwrap_or_else(|| crate::AddressVector {
+                dgid: read(&s.gids)[0].map(|g| g.0).unwrap_or_default(),
+                hop_limit: 64,
+                ..Default::default()
+            });
+            mask |= QpMask::IBV_QP_AV.0;
+            h.av = Some(s.host_av(&av));
+        }
+        if entering(QpState::Rts) && cur == QpState::Rtr {
+            set!(IBV_QP_SQ_PSN, sq_psn, sh.sq_psn.unwrap_or(0));
+            if !ud {
+                set!(IBV_QP_TIMEOUT, timeout, sh.timeout.unwrap_or(14));
+                set!(IBV_QP_RETRY_CNT, retry_cnt, sh.retry_cnt.unwrap_or(7));
+                set!(IBV_QP_RNR_RETRY, rnr_retry, sh.rnr_retry.unwrap_or(7));
+                set!(
+                    IBV_QP_MAX_QP_RD_ATOMIC,
+                    max_rd_atomic,
+                    sh.max_rd_atomic.unwrap_or(0)
+                );
+            }
+        }
+        h.mask = mask;
+        if to == QpState::Reset {
+            // The host drops queued work silently; so do we.
+            let mut p = lock(&e.pending);
+            e.qp.modify(&h)
+                .map_err(|rc| Error::Host(format!("ibv_modify_qp: errno {rc}")))?;
+            p.clear();
+            *sh = QpAttrs::default();
+            return Ok(());
+        }
+        if mask == 0 {
+            return Ok(());
+        }
+        e.qp.modify(&h).map_err(|rc| {
+            Error::Host(format!(
+                "ibv_modify_qp {cur:?} -> {to:?} (mask {mask:#x}): {}",
+                std::io::Error::from_raw_os_error(rc)
+            ))
+        })
+    }
+
+    fn query_qp_state(&self, qp: QpId) -> Result<QpState> {
+        let e = self.qp(qp)?;
+        Ok(qp_state_from_host(e.qp.state().map_err(host)?))
+    }
+
+    fn destroy_qp(&self, qp: QpId) -> Result<()> {
+        let s = &self.s;
+        let mut t = lock(&s.t);
+        let qpn = t.qp_ids.remove(&qp.0).ok_or(Error::NoSuchObject("QP"))?;
+        let e = write(&s.qps).remove(&qpn);
+        if let Some(e) = e {
+            if let Some(p) = t.pds.get_mut(&e.pd.0) {
+                p.users -= 1;
+            }
+            for c in [e.send_cq, e.recv_cq] {
+                if let Some(c) = t.cqs.get_mut(&c.0) {
+                    c.users -= 1;
+                }
+            }
+            if let Some(srq) = e.srq {
+                if let Some(x) = t.srqs.get(&srq.0) {
+                    x.users.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn post_send(&self, qp: QpId, wr: &SendWr) -> Result<()> {
+        let s = &self.s;
+        let e = self.qp(qp)?;
+        let (opcode, hop, need_write, copy_in) = match wr.op {
+            SendOp::Send { imm } => (
+                WcOpcode::Send,
+                if imm.is_some() {
+                    Op::IBV_WR_SEND_WITH_IMM
+                } else {
+                    Op::IBV_WR_SEND
+                },
+                false,
+                true,
+            ),
+            SendOp::RdmaWrite { imm, .. } => (
+                WcOpcode::RdmaWrite,
+                if imm.is_some() {
+                    Op::IBV_WR_RDMA_WRITE_WITH_IMM
+                } else {
+                    Op::IBV_WR_RDMA_WRITE
+                },
+                false,
+                true,
+            ),
+            SendOp::RdmaRead { .. } => (WcOpcode::RdmaRead, Op::IBV_WR_RDMA_READ, true, false),
+            SendOp::CmpSwap { .. } => (
+                WcOpcode::CompSwap,
+                Op::IBV_WR_ATOMIC_CMP_AND_SWP,
+                true,
+                false,
+            ),
+            SendOp::FetchAdd { .. } => (
+                WcOpcode::FetchAdd,
+                Op::IBV_WR_ATOMIC_FETCH_AND_ADD,
+                true,
+                false,
+            ),
+        };
+        let mut op = verbs::HostSend {
+            opcode: hop,
+            flags: consts::SEND_SIGNALED
+                | if wr.solicited {
+                    consts::SEND_SOLICITED
+                } else {
+                    0
+                },
+            imm: 0,
+            remote_addr: 0,
+            rkey: 0,
+            compare_add: 0,
+            swap: 0,
+            ud: None,
+        };
+        match wr.op {
+            SendOp::Send { imm } => op.imm = imm.unwrap_or(0),
+            SendOp::RdmaWrite {
+                remote_addr,
+                rkey,
+                imm,
+            } => (op.remote_addr, op.rkey, op.imm) = (remote_addr, rkey, imm.unwrap_or(0)),
+            SendOp::RdmaRead { remote_addr, rkey } => {
+                (op.remote_addr, op.rkey) = (remote_addr, rkey)
+            }
+            SendOp::CmpSwap {
+                remote_addr,
+                rkey,
+                compare,
+                swap,
+            } => {
+                (op.remote_addr, op.rkey, op.compare_add, op.swap) =
+                    (remote_addr, rkey, compare, swap)
+            }
+            SendOp::FetchAdd {
+                remote_addr,
+                rkey,
+                add,
+            } => (op.remote_addr, op.rkey, op.compare_add) = (remote_addr, rkey, add),
+        }
+        let t = lock(&s.t);
+        let prep = s.prepare(
+            &t,
+            e.pd,
+            wr.sges.as_slice(),
+            need_write,
+            copy_in,
+            e.max_send_sge,
+        );
+        let mut ah = None;
+        if e.ty != QpType::Rc {
+            let d = wr
+                .ud
+                .ok_or(Error::Invalid("UD send without a destination"))?;
+            let pde = t.pds.get(&e.pd.0).ok_or(Error::NoSuchObject("PD"))?;
+            let av = s.host_av(&d.av);
+            let mut cache = lock(&pde.ahs);
+            let a = match cache.get(&av) {
+                Some(a) => a.clone(),
+                None => {
+                    let a = verbs::Ah::new(&pde.pd, av).map_err(host)?;
+                    cache.insert(av, a.clone());
+                    a
+                }
+            };
+            let qkey = if d.remote_qkey & 0x8000_0000 != 0 {
+                lock(&e.attrs).qkey.unwrap_or(0)
+            } else {
+                d.remote_qkey
+            };
+            op.ud = Some((a.clone(), d.remote_qpn, qkey));
+            ah = Some(a);
+        }
+        drop(t);
+        let mut pend = lock(&e.pending);
+        let (mut sges, bounce, failed) = match prep {
+            Some((s, b)) => (s, b, None),
+            None => {
+                // A local protection error, as an HCA reports it: the QP goes to ERR, this WR
+                // completes (in order, after the earlier ones) with LocProtErr, later ones flush.
+                e.qp.modify(&verbs::HostQpAttr {
+                    mask: QpMask::IBV_QP_STATE.0,
+                    state: S::IBV_QPS_ERR,
+                    ..Default::default()
+                })
+                .map_err(|rc| Error::Host(format!("ibv_modify_qp to ERR: errno {rc}")))?;
+                (vec![poison_sge()], None, Some(WcStatus::LocProtErr))
+            }
+        };
+        let slot = pend.put(Pending {
+            wr_id: wr.wr_id,
+            opcode,
+            signaled: wr.signaled,
+            bounce,
+            _ah: ah,
+            failed,
+        });
+        if let Err(rc) = e.qp.post_send(slot, &mut sges, &op) {
+            pend.take(slot);
+            return Err(post_err(rc));
+        }
+        Ok(())
+    }
+
+    fn post_recv(&self, qp: QpId, wr: &RecvWr) -> Result<()> {
+        let s = &self.s;
+        let e = self.qp(qp)?;
+        if e.srq.is_some() {
+            return Err(Error::Invalid("the QP receives from an SRQ"));
+        }
+        let t = lock(&s.t);
+        let prep = s.prepare(&t, e.pd, wr.sges.as_slice(), true, false, e.max_recv_sge);
+        drop(t);
+        let (mut sges, bounce) = prep.unwrap_or_else(|| (vec![poison_sge()], None));
+        let mut pend = lock(&e.pending);
+        let slot = pend.put(Pending {
+            wr_id: wr.wr_id,
+            opcode: WcOpcode::Recv,
+            signaled: true,
+            bounce,
+            _ah: None,
+            failed: None,
+        });
+        if let Err(rc) = e.qp.post_recv(slot | WR_RECV, &mut sges) {
+            pend.take(slot);
+            return Err(post_err(rc));
+        }
+        Ok(())
+    }
+
+    fn reset(&self) {
+        let s = &self.s;
+        let mut t = lock(&s.t);
+        write(&s.qps).clear();
+        let next = t.next;
+        *t = Tables::default();
+        t.next = next;
+        for g in write(&s.gids).iter_mut() {
+            *g = None;
+        }
+    }
+}
+
+impl RdmaCoreBackend {
+    fn qp(&self, qp: QpId) -> Result<Arc<QpEntry>> {
+        let qpn = *lock(&self.s.t)
+            .qp_ids
+            .get(&qp.0)
+            .ok_or(Error::NoSuchObject("QP"))?;
+        read(&self.s.qps)
+            .get(&qpn)
+            .cloned()
+            .ok_or(Error::NoSuchObject("QP"))
+    }
+}
+
+fn poison_sge() -> verbs::HostSge {
+    verbs::HostSge {
+        addr: 0,
+        length: 1,
+        lkey: POISON_LKEY,
+    }
+}
+
+fn post_err(rc: i32) -> Error {
+    if rc == libc::ENOMEM {
+        Error::QueueFull
+    } else {
+        Error::Invalid("the host refused the work request (QP state)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transitions() {
+        assert!(transition_ok(QpState::Reset, QpState::Init));
+        assert!(!transition_ok(QpState::Reset, QpState::Rtr));
+        assert!(!transition_ok(QpState::Rts, QpState::Rtr));
+        assert!(transition_ok(QpState::Sqe, QpState::Rts));
+    }
+
+    #[test]
+    fn slab_reuses_slots() {
+        let mut s = Slab::default();
+        let p = || Pending {
+            wr_id: 7,
+            opcode: WcOpcode::Send,
+            signaled: true,
+            bounce: None,
+            _ah: None,
+            failed: None,
+        };
+        let a = s.put(p());
+        assert_eq!(s.take(a | WR_RECV).map(|p| p.wr_id), Some(7));
+        assert!(s.take(a).is_none());
+        assert_eq!(s.put(p()), a);
+    }
+}
