@@ -61,64 +61,6 @@ fn stats(t: &InProcess) -> pvrdma_dev::DeviceStats {
     t.device().stats().expect("stats")
 }
 
-/// A free UAR page for a new user context (pages 300.. are left to the health check).
-fn fresh_ctx(drv: &Driver) -> Ctx {
-    (300..drv.caps.max_uar)
-        .find_map(|u| drv.create_uc(u).ok())
-        .expect("a free UAR page")
-}
-
-/// Fresh objects (context, PD, CQs, RC QPs, MRs), two ping-pong rounds, then everything freed.
-fn assert_device_healthy(drv: &Driver) {
-    let gid = gid_of(MAC);
-    let _ = drv.create_bind(0, gid, 1);
-    let ctx = fresh_ctx(drv);
-    let pd = drv.create_pd(ctx).expect("healthy: pd");
-    let mut cq_a = drv.create_cq(ctx, 16).expect("healthy: cq a");
-    let mut cq_b = drv.create_cq(ctx, 16).expect("healthy: cq b");
-    let caps = (4, 4, 1, 1);
-    let mut a = drv
-        .create_qp(ctx, QpKind::Rc, pd, &cq_a, &cq_a, None, caps, false)
-        .expect("healthy: qp a");
-    let mut b = drv
-        .create_qp(ctx, QpKind::Rc, pd, &cq_b, &cq_b, None, caps, false)
-        .expect("healthy: qp b");
-    for m in rc_connect_attrs(b.qpn, gid, ALL_ACCESS) {
-        drv.modify_qp(&a, m).expect("healthy: modify a");
-    }
-    for m in rc_connect_attrs(a.qpn, gid, ALL_ACCESS) {
-        drv.modify_qp(&b, m).expect("healthy: modify b");
-    }
-    let ma = drv.reg_mr(pd, 0x7000_0000, 4096, ALL_ACCESS).unwrap();
-    let mb = drv.reg_mr(pd, 0x7100_0000, 4096, ALL_ACCESS).unwrap();
-    let mem = drv.mem();
-    for round in 0..2u64 {
-        let msg = pattern(64 + round as usize, round as u8);
-        ma.write(mem, 0, &msg);
-        assert!(drv.post_recv(&mut b, round, &[mb.sge(0, 4096)]));
-        assert!(drv.post_send(&mut a, &send(100 + round, ma.sge(0, msg.len() as u32))));
-        let s = one(drv, &mut cq_a);
-        assert_eq!((s.wr_id, s.status), (100 + round, 0), "healthy: ping send");
-        let r = one(drv, &mut cq_b);
-        assert_eq!((r.wr_id, r.status), (round, 0), "healthy: ping recv");
-        let mut got = vec![0u8; msg.len()];
-        mb.read(mem, 0, &mut got);
-        assert_eq!(got, msg, "healthy: payload");
-        assert!(drv.post_recv(&mut a, round, &[ma.sge(0, 4096)]));
-        assert!(drv.post_send(&mut b, &send(200 + round, mb.sge(0, 8))));
-        assert_eq!(one(drv, &mut cq_b).status, 0, "healthy: pong send");
-        assert_eq!(one(drv, &mut cq_a).status, 0, "healthy: pong recv");
-    }
-    drv.destroy_qp(a).unwrap();
-    drv.destroy_qp(b).unwrap();
-    drv.destroy_mr(ma).unwrap();
-    drv.destroy_mr(mb).unwrap();
-    drv.destroy_cq(cq_a).unwrap();
-    drv.destroy_cq(cq_b).unwrap();
-    drv.destroy_pd(pd).unwrap();
-    drv.destroy_uc(ctx).unwrap();
-}
-
 /// Waits (bounded) for an async event `(ty, info)`; returns every event seen.
 fn wait_event(drv: &Driver, ty: u32, info: u32) -> Vec<(u32, u32)> {
     let deadline = Instant::now() + WAIT;

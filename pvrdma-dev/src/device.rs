@@ -355,16 +355,22 @@ fn run_main_loop(
     });
     let c = core.clone();
     let handle = main_loop.handle();
-    main_loop.add_receiver(rx, move |msg| {
-        if let Msg::Stop = msg {
-            handle.stop();
-            return;
-        }
-        c.borrow_mut().on_msg(msg);
-    });
+    let on_close = main_loop.handle();
+    let requests = main_loop.add_receiver_with_close(
+        rx,
+        move |msg| {
+            if let Msg::Stop = msg {
+                handle.stop();
+                return;
+            }
+            c.borrow_mut().on_msg(msg);
+        },
+        // Every DeviceHandle dropped without a shutdown: stop too.
+        move || on_close.stop(),
+    );
     let c = core.clone();
     let mut batch = Vec::new();
-    main_loop.add_receiver(crx, move |()| {
+    let completions = main_loop.add_receiver(crx, move |()| {
         device_sink.take(&mut batch);
         if !batch.is_empty() {
             c.borrow_mut().on_completions(&batch);
@@ -373,6 +379,12 @@ fn run_main_loop(
     });
     main_loop.run();
     core.borrow_mut().teardown();
+    // The sources' callbacks hold the core and the core holds the loop: remove them so the core
+    // (its worker pool, backend, guest memory and interrupt sink) is dropped, and its threads
+    // joined, when this thread ends.
+    main_loop.remove_source(requests);
+    main_loop.remove_source(completions);
+    drop(core);
 }
 
 /// Scheduling state of a queue drained by workers: one worker at a time, rerun if rung meanwhile.

@@ -1,0 +1,289 @@
+//! Fault injection: worker panics during a command and during a transfer, backend errors on
+//! create, a client disconnecting mid-transfer, and connect/RESET/disconnect cycles that must not
+//! grow the server's fds, threads or memory.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use pvrdma_dev::abi::wr_opcode;
+use pvrdma_dev::DeviceConfig;
+use pvrdma_guest::transport::DEFAULT_RAM;
+use pvrdma_guest::vfio::VfioUser;
+use pvrdma_guest::{Ctx, Driver, GuestError, InProcess, QpKind, SendWqe, Transport};
+use rdma_backend::emulated::{EmulatedBackend, Fabric};
+use rdma_backend::*;
+
+/// The emulated backend with faults armed on demand (each fires once).
+struct Faulty {
+    inner: Arc<dyn Backend>,
+    panic_create_qp: AtomicBool,
+    fail_create_cq: AtomicBool,
+    /// A send with this wr_id makes the worker panic (0 = off).
+    panic_on_wr: AtomicU64,
+}
+
+impl Backend for Faulty {
+    fn name(&self) -> &'static str {
+        "faulty"
+    }
+    fn add_gid(&self, index: u32, gid: Gid, ty: GidType) -> Result<()> {
+        self.inner.add_gid(index, gid, ty)
+    }
+    fn del_gid(&self, index: u32) -> Result<()> {
+        self.inner.del_gid(index)
+    }
+    fn create_pd(&self) -> Result<PdId> {
+        self.inner.create_pd()
+    }
+    fn destroy_pd(&self, pd: PdId) -> Result<()> {
+        self.inner.destroy_pd(pd)
+    }
+    fn create_mr(&self, pd: PdId, kind: MrKind, access: Access) -> Result<MrKeys> {
+        self.inner.create_mr(pd, kind, access)
+    }
+    fn destroy_mr(&self, mr: MrId) -> Result<()> {
+        self.inner.destroy_mr(mr)
+    }
+    fn create_cq(&self, cqe: u32, cookie: u64) -> Result<CqId> {
+        if self.fail_create_cq.swap(false, Ordering::SeqCst) {
+            return Err(Error::Exhausted("CQs (injected)"));
+        }
+        self.inner.create_cq(cqe, cookie)
+    }
+    fn destroy_cq(&self, cq: CqId) -> Result<()> {
+        self.inner.destroy_cq(cq)
+    }
+    fn create_srq(
+        &self,
+        pd: PdId,
+        max_wr: u32,
+        max_sge: u32,
+        limit: u32,
+        cookie: u64,
+    ) -> Result<SrqId> {
+        self.inner.create_srq(pd, max_wr, max_sge, limit, cookie)
+    }
+    fn modify_srq(&self, srq: SrqId, limit: u32) -> Result<()> {
+        self.inner.modify_srq(srq, limit)
+    }
+    fn destroy_srq(&self, srq: SrqId) -> Result<()> {
+        self.inner.destroy_srq(srq)
+    }
+    fn post_srq_recv(&self, srq: SrqId, wr: &RecvWr) -> Result<()> {
+        self.inner.post_srq_recv(srq, wr)
+    }
+    fn create_qp(&self, init: &QpInit) -> Result<(QpId, u32)> {
+        if self.panic_create_qp.swap(false, Ordering::SeqCst) {
+            panic!("injected panic in create_qp");
+        }
+        self.inner.create_qp(init)
+    }
+    fn modify_qp(&self, qp: QpId, attrs: &QpAttrs) -> Result<()> {
+        self.inner.modify_qp(qp, attrs)
+    }
+    fn query_qp_state(&self, qp: QpId) -> Result<QpState> {
+        self.inner.query_qp_state(qp)
+    }
+    fn destroy_qp(&self, qp: QpId) -> Result<()> {
+        self.inner.destroy_qp(qp)
+    }
+    fn post_send(&self, qp: QpId, wr: &SendWr) -> Result<()> {
+        let w = self.panic_on_wr.load(Ordering::SeqCst);
+        if w != 0 && wr.wr_id == w && self.panic_on_wr.swap(0, Ordering::SeqCst) == w {
+            panic!("injected panic in post_send");
+        }
+        self.inner.post_send(qp, wr)
+    }
+    fn post_recv(&self, qp: QpId, wr: &RecvWr) -> Result<()> {
+        self.inner.post_recv(qp, wr)
+    }
+    fn reset(&self) {
+        self.inner.reset()
+    }
+}
+
+fn faulty_device() -> (Arc<InProcess>, Driver, Arc<Faulty>) {
+    let fabric = Fabric::new();
+    let slot: Arc<std::sync::Mutex<Option<Arc<Faulty>>>> = Arc::default();
+    let s2 = slot.clone();
+    let cfg = DeviceConfig {
+        mac: MAC,
+        ..DeviceConfig::default()
+    };
+    let t = Arc::new(InProcess::with_backend(
+        cfg,
+        DEFAULT_RAM,
+        Box::new(move |mem: GuestMem, sink: Arc<dyn CompletionSink>| {
+            let f = Arc::new(Faulty {
+                inner: EmulatedBackend::new(&fabric, mem, sink),
+                panic_create_qp: AtomicBool::new(false),
+                fail_create_cq: AtomicBool::new(false),
+                panic_on_wr: AtomicU64::new(0),
+            });
+            *s2.lock().unwrap() = Some(f.clone());
+            f as Arc<dyn Backend>
+        }),
+    ));
+    let drv = Driver::probe(t.clone() as Arc<dyn Transport>).expect("probe");
+    let f = slot.lock().unwrap().clone().expect("backend built");
+    (t, drv, f)
+}
+
+fn err_of<T: std::fmt::Debug>(r: std::result::Result<T, GuestError>) -> u32 {
+    match r {
+        Err(GuestError::Command { err, .. }) => err,
+        other => panic!("expected an ERR failure, got {other:?}"),
+    }
+}
+
+#[test]
+fn worker_panic_during_a_command_fails_it_and_the_device_goes_on() {
+    let (_t, drv, f) = faulty_device();
+    let pd = drv.create_pd(Ctx::KERNEL).unwrap();
+    let cq = drv.create_cq(Ctx::KERNEL, 16).unwrap();
+    f.panic_create_qp.store(true, Ordering::SeqCst);
+    let r = drv.create_qp(
+        Ctx::KERNEL,
+        QpKind::Rc,
+        pd,
+        &cq,
+        &cq,
+        None,
+        (4, 4, 1, 1),
+        false,
+    );
+    assert_ne!(err_of(r), 0, "a panicking command fails through ERR");
+    // The same command works now, and the pool still has its workers.
+    drv.create_qp(
+        Ctx::KERNEL,
+        QpKind::Rc,
+        pd,
+        &cq,
+        &cq,
+        None,
+        (4, 4, 1, 1),
+        false,
+    )
+    .expect("create after the panic");
+    assert_device_healthy(&drv);
+}
+
+#[test]
+fn backend_error_on_create_is_reported_and_nothing_leaks() {
+    let (t, drv, f) = faulty_device();
+    let before = t.device().stats().unwrap().objects;
+    f.fail_create_cq.store(true, Ordering::SeqCst);
+    assert_ne!(err_of(drv.create_cq(Ctx::KERNEL, 16)), 0);
+    assert_eq!(
+        t.device().stats().unwrap().objects,
+        before,
+        "no half-created CQ"
+    );
+    assert_device_healthy(&drv);
+}
+
+#[test]
+fn worker_panic_during_a_transfer_fails_that_qp_only() {
+    let (_t, drv, f) = faulty_device();
+    let mut p = rc_pair(&drv, MAC, 8, 1);
+    let m = drv.reg_mr(p.pd, 0x1000, 4096, ALL_ACCESS).unwrap();
+    f.panic_on_wr.store(666, Ordering::SeqCst);
+    assert!(drv.post_send(&mut p.a, &send(666, m.sge(0, 8))));
+    // The QP whose worker panicked is reported fatal (QP_FATAL, info = its handle).
+    let deadline = Instant::now() + WAIT;
+    let mut seen = Vec::new();
+    while !seen.contains(&(1, p.a.handle)) && Instant::now() < deadline {
+        seen.extend(drv.events());
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(
+        seen.contains(&(1, p.a.handle)),
+        "QP_FATAL for the QP: {seen:?}"
+    );
+    // Other QPs keep working.
+    assert_device_healthy(&drv);
+}
+
+#[test]
+fn client_disconnect_mid_transfer_then_a_new_client() {
+    let server = serve_process();
+    {
+        let (t, drv) = probed_over(&server);
+        let mut p = rc_pair(&drv, MAC, 64, 1);
+        let size = 1 << 20;
+        let local = drv.reg_mr(p.pd, 0x10_0000_0000, size, ALL_ACCESS).unwrap();
+        let remote = drv.reg_mr(p.pd, 0x20_0000_0000, size, ALL_ACCESS).unwrap();
+        for i in 0..32u64 {
+            let w = SendWqe {
+                wr_id: i,
+                opcode: wr_opcode::RDMA_WRITE,
+                flags: 2,
+                sges: vec![local.sge(0, size as u32)],
+                remote_addr: remote.iova,
+                rkey: remote.rkey,
+                ..Default::default()
+            };
+            assert!(drv.post_send(&mut p.a, &w));
+        }
+        drop(drv);
+        drop(t); // disconnect with work in flight
+    }
+    let (_t, drv) = probed_over(&server);
+    assert_eq!(drv.events(), vec![(9, 1)], "a fresh device");
+    assert_device_healthy(&drv);
+}
+
+fn proc_counts(pid: u32) -> (usize, usize, u64) {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (fds, field("Threads:") as usize, field("VmRSS:"))
+}
+
+#[test]
+fn connect_reset_disconnect_cycles_do_not_grow_the_server() {
+    let server = serve_process();
+    let pid = server.pid();
+    let cycle = || {
+        let t = VfioUser::connect_with_ram(server.socket(), 16 << 20).expect("connect");
+        t.reset();
+        drop(t);
+    };
+    for _ in 0..50 {
+        cycle();
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let (fds0, threads0, rss0) = proc_counts(pid);
+    for _ in 0..1000 {
+        cycle();
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let (fds1, threads1, rss1) = proc_counts(pid);
+    eprintln!(
+        "after 50 cycles: {fds0} fds, {threads0} threads, {rss0} KiB; \
+         after 1050: {fds1} fds, {threads1} threads, {rss1} KiB"
+    );
+    assert!(fds1 <= fds0, "fds grew from {fds0} to {fds1}");
+    assert!(
+        threads1 <= threads0,
+        "threads grew from {threads0} to {threads1}"
+    );
+    assert!(
+        rss1 <= rss0 + 8 * 1024,
+        "RSS grew from {rss0} KiB to {rss1} KiB"
+    );
+    // And the server still serves.
+    let (_t, drv) = probed_over(&server);
+    assert_device_healthy(&drv);
+}
