@@ -64,9 +64,9 @@ impl<'a> Cursor<'a> {
 pub fn small_cfg() -> DeviceConfig {
     DeviceConfig {
         max_qp: 8,
-        max_qp_wr: 64,
+        max_qp_wr: 512,
         max_cq: 8,
-        max_cqe: 256,
+        max_cqe: 1024,
         max_mr: 8,
         max_mr_pages: 4096,
         max_pd: 8,
@@ -192,7 +192,7 @@ pub fn run_cmd_channel(data: &[u8]) {
     let (t, drv) = probed(&cfg);
     let mut c = Cursor::new(data);
     let mut n_ops = 0;
-    while !c.is_empty() && n_ops < 64 {
+    while !c.is_empty() && n_ops < 512 {
         n_ops += 1;
         match c.u8() % op::COUNT {
             op::CMD => {
