@@ -139,7 +139,10 @@ impl Transport for Recorder {
         self.inner.read(region, offset, data)
     }
     fn write(&self, region: Region, off: u64, data: &[u8]) {
-        let v = data.iter().rev().fold(0u64, |a, b| (a << 8) | u64::from(*b));
+        let v = data
+            .iter()
+            .rev()
+            .fold(0u64, |a, b| (a << 8) | u64::from(*b));
         match region {
             Region::Bar(1) if off == offset::DSRLOW => {
                 let mut d = self.dsr.lock().unwrap();
@@ -193,7 +196,9 @@ fn save(dir: &str, name: &str, r: &Recorder) {
 }
 
 fn main() {
-    let dir = std::env::args().nth(1).unwrap_or_else(|| "corpus/cmd_channel".into());
+    let dir = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "corpus/cmd_channel".into());
     std::fs::create_dir_all(&dir).unwrap();
     let mac = small_cfg().mac;
 
@@ -213,8 +218,12 @@ fn main() {
     let mut cq_a = drv.create_cq(ctx, 16).unwrap();
     let mut cq_b = drv.create_cq(ctx, 16).unwrap();
     let caps = (4, 4, 1, 1);
-    let mut a = drv.create_qp(ctx, QpKind::Rc, pd, &cq_a, &cq_a, None, caps, false).unwrap();
-    let mut b = drv.create_qp(ctx, QpKind::Rc, pd, &cq_b, &cq_b, None, caps, false).unwrap();
+    let mut a = drv
+        .create_qp(ctx, QpKind::Rc, pd, &cq_a, &cq_a, None, caps, false)
+        .unwrap();
+    let mut b = drv
+        .create_qp(ctx, QpKind::Rc, pd, &cq_b, &cq_b, None, caps, false)
+        .unwrap();
     for m in rc_connect_attrs(b.qpn, gid, 0xf) {
         drv.modify_qp(&a, m).unwrap();
     }

@@ -104,7 +104,11 @@ fuzz_target!(|data: &[u8]| {
     assert!(pd.translate(len).is_none());
     for _ in 0..8 {
         let kind = c.u8();
-        let off = if kind & 0x80 != 0 { c.u64() } else { u64::from(c.u32()) % (len + 64) };
+        let off = if kind & 0x80 != 0 {
+            c.u64()
+        } else {
+            u64::from(c.u32()) % (len + 64)
+        };
         let n = usize::from(c.u16() % 9000);
         let fits = off.checked_add(n as u64).is_some_and(|e| e <= len);
         if kind & 1 == 0 {

@@ -39,7 +39,8 @@ fuzz_target!(|data: &[u8]| {
         let len = [1usize, 2, 4, 8, 4, 4, 0, 3][usize::from(sel >> 5)];
         if c.u8() & 1 == 0 {
             let mut buf = [0u8; 8];
-            dev.read(region, off, &mut buf[..len]).expect("read answered");
+            dev.read(region, off, &mut buf[..len])
+                .expect("read answered");
         } else {
             let v = c.u64().to_le_bytes();
             // Give the command slot fuzz content now and then, so REQUEST does something.
@@ -56,9 +57,14 @@ fuzz_target!(|data: &[u8]| {
     // MSI-X enabled with the function unmasked (a CTL RESET leaves config space alone). Then a
     // CTL RESET, and the driver's probe again.
     dev.write(Region::Config, 4, &6u16.to_le_bytes()).unwrap();
-    dev.write(Region::Config, MSIX_CAP_OFFSET + 2, &MSIX_CTRL_ENABLE.to_le_bytes())
+    dev.write(
+        Region::Config,
+        MSIX_CAP_OFFSET + 2,
+        &MSIX_CTRL_ENABLE.to_le_bytes(),
+    )
+    .unwrap();
+    dev.write32(Region::Bar(1), offset::CTL, ctl::RESET)
         .unwrap();
-    dev.write32(Region::Bar(1), offset::CTL, ctl::RESET).unwrap();
     assert_eq!(dev.read32(Region::Bar(1), offset::ERR).unwrap(), 0);
     drop(drv);
     let drv = Driver::probe(t.clone() as Arc<dyn Transport>).expect("probe after CTL RESET");

@@ -25,7 +25,11 @@ fn head_in(m: &GuestMemoryMmap) -> u32 {
 /// cycle (`cycle` indices, `cap` entries at most): `forward` for a producer's tail.
 fn claimed(dev: u64, g: u32, cycle: u64, cap: u64, forward: bool) -> Option<u64> {
     (0..=cap).find(|&k| {
-        let i = if forward { dev + k } else { dev + cycle * 4 - k };
+        let i = if forward {
+            dev + k
+        } else {
+            dev + cycle * 4 - k
+        };
         i % cycle == u64::from(g)
     })
 }

@@ -57,7 +57,8 @@ fuzz_target!(|data: &[u8]| {
                 let off = region_offset(&mut c);
                 let len = usize::from(c.u16() % 300);
                 let mut buf = vec![0u8; len];
-                conn.region_read(index, off, &mut buf).expect("read answered");
+                conn.region_read(index, off, &mut buf)
+                    .expect("read answered");
             }
             1 => {
                 let index = u32::from(c.u8() % 12);
@@ -118,7 +119,8 @@ fuzz_target!(|data: &[u8]| {
                     b => u32::from(b % 5),
                 };
                 let fds = (0..c.u8() % 4).map(|_| eventfd()).collect();
-                conn.set_irqs(index, flags, start, count, fds).expect("SET_IRQS answered");
+                conn.set_irqs(index, flags, start, count, fds)
+                    .expect("SET_IRQS answered");
             }
             5 => conn.reset().expect("reset answered"),
             _ => {
@@ -133,7 +135,12 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     let mut v = [0u8; 4];
-    conn.region_read(1, offset::VERSION, &mut v).expect("read answered");
-    assert_eq!(u32::from_le_bytes(v), cfg.version, "device still answers VERSION");
+    conn.region_read(1, offset::VERSION, &mut v)
+        .expect("read answered");
+    assert_eq!(
+        u32::from_le_bytes(v),
+        cfg.version,
+        "device still answers VERSION"
+    );
     conn.shutdown();
 });

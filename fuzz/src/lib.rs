@@ -169,7 +169,11 @@ pub fn check_response(cfg: &DeviceConfig, code: u32, resp: &[u8]) {
         }
         cmd::CREATE_PD => {
             let r: abi::RespCreatePd = get(resp);
-            assert!((1..=cfg.max_pd).contains(&r.pd_handle), "PD {}", r.pd_handle);
+            assert!(
+                (1..=cfg.max_pd).contains(&r.pd_handle),
+                "PD {}",
+                r.pd_handle
+            );
         }
         cmd::CREATE_SRQ => {
             let r: abi::RespCreateSrq = get(resp);
@@ -177,7 +181,11 @@ pub fn check_response(cfg: &DeviceConfig, code: u32, resp: &[u8]) {
         }
         cmd::CREATE_UC => {
             let r: abi::RespCreateUc = get(resp);
-            assert!((1..cfg.max_uar).contains(&r.ctx_handle), "UC {}", r.ctx_handle);
+            assert!(
+                (1..cfg.max_uar).contains(&r.ctx_handle),
+                "UC {}",
+                r.ctx_handle
+            );
         }
         _ => {}
     }
