@@ -353,21 +353,28 @@ fn run_main_loop(
             weak.clone(),
         ))
     });
-    let c = core.clone();
+    // The receivers hold the core weakly: the core holds the main loop (through `Exec`), so
+    // strong references here would be a cycle that leaks the core, its worker pool's threads
+    // and the guest memory snapshot of every device that is shut down.
+    let c = Rc::downgrade(&core);
     let handle = main_loop.handle();
     main_loop.add_receiver(rx, move |msg| {
         if let Msg::Stop = msg {
             handle.stop();
             return;
         }
-        c.borrow_mut().on_msg(msg);
+        if let Some(c) = c.upgrade() {
+            c.borrow_mut().on_msg(msg);
+        }
     });
-    let c = core.clone();
+    let c = Rc::downgrade(&core);
     let mut batch = Vec::new();
     main_loop.add_receiver(crx, move |()| {
         device_sink.take(&mut batch);
         if !batch.is_empty() {
-            c.borrow_mut().on_completions(&batch);
+            if let Some(c) = c.upgrade() {
+                c.borrow_mut().on_completions(&batch);
+            }
             batch.clear();
         }
     });
