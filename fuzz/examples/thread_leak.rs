@@ -19,5 +19,9 @@ fn main() {
         drop(t);
     }
     std::thread::sleep(std::time::Duration::from_millis(200));
-    println!("after 50 devices: {} {}", status("Threads"), status("VmRSS"));
+    println!(
+        "after 50 devices: {} {}",
+        status("Threads"),
+        status("VmRSS")
+    );
 }
