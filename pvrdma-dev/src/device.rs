@@ -353,37 +353,41 @@ fn run_main_loop(
             weak.clone(),
         ))
     });
-    let c = core.clone();
+    // The receivers hold the core weakly: the core holds the main loop (through `Exec`), so
+    // strong references here would be a cycle that leaks the core, its worker pool's threads
+    // and the guest memory snapshot of every device that is shut down.
+    let c = Rc::downgrade(&core);
     let handle = main_loop.handle();
     let on_close = main_loop.handle();
-    let requests = main_loop.add_receiver_with_close(
+    main_loop.add_receiver_with_close(
         rx,
         move |msg| {
             if let Msg::Stop = msg {
                 handle.stop();
                 return;
             }
-            c.borrow_mut().on_msg(msg);
+            if let Some(c) = c.upgrade() {
+                c.borrow_mut().on_msg(msg);
+            }
         },
         // Every DeviceHandle dropped without a shutdown: stop too.
         move || on_close.stop(),
     );
-    let c = core.clone();
+    let c = Rc::downgrade(&core);
     let mut batch = Vec::new();
-    let completions = main_loop.add_receiver(crx, move |()| {
+    main_loop.add_receiver(crx, move |()| {
         device_sink.take(&mut batch);
         if !batch.is_empty() {
-            c.borrow_mut().on_completions(&batch);
+            if let Some(c) = c.upgrade() {
+                c.borrow_mut().on_completions(&batch);
+            }
             batch.clear();
         }
     });
     main_loop.run();
     core.borrow_mut().teardown();
-    // The sources' callbacks hold the core and the core holds the loop: remove them so the core
-    // (its worker pool, backend, guest memory and interrupt sink) is dropped, and its threads
-    // joined, when this thread ends.
-    main_loop.remove_source(requests);
-    main_loop.remove_source(completions);
+    // The last strong reference: the core (its worker pool, backend, guest memory and interrupt
+    // sink) goes now, and the pool's threads are joined before this thread ends.
     drop(core);
 }
 

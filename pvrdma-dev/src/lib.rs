@@ -34,6 +34,9 @@ pub mod ring;
 
 pub use cmd::CmdError;
 pub use config::DeviceConfig;
+/// Entry points for the fuzz targets in `fuzz/`; not API.
+#[doc(hidden)]
+pub use datapath::fuzzing;
 pub use datapath::{pages_for, rq_wqe_size, sq_wqe_size};
 pub use device::{
     BackendFactory, DeviceError, DeviceHandle, DeviceOptions, DeviceStats, InterruptSink, Region,

@@ -2,6 +2,8 @@
 //! backend completions into CQEs, CQ notifications and interrupts on the main loop.
 
 pub(crate) mod cq;
+#[doc(hidden)]
+pub mod fuzzing;
 pub(crate) mod wqe;
 
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -1,0 +1,241 @@
+//! Shared pieces of the fuzz targets: an input cursor, a small device configuration, a probed
+//! in-process device, and the `cmd_channel` input format (also written by the seed recorder,
+//! `examples/record_seeds.rs`).
+
+use std::sync::Arc;
+
+use pvrdma_dev::abi::{self, cmd, CMD_SLOT_SIZE};
+use pvrdma_dev::{DeviceConfig, Region};
+use pvrdma_guest::driver::GuestError;
+use pvrdma_guest::{Driver, InProcess, Transport};
+use rdma_backend::emulated::Fabric;
+use vm_memory::{ByteValued, Bytes, GuestAddress};
+
+/// Guest RAM of the in-process devices the targets drive.
+pub const RAM: usize = 16 << 20;
+
+/// Reads fixed-size little-endian fields off the fuzz input; past the end it yields zeros.
+#[derive(Debug)]
+pub struct Cursor<'a> {
+    data: &'a [u8],
+}
+
+impl<'a> Cursor<'a> {
+    /// A cursor over `data`.
+    pub fn new(data: &'a [u8]) -> Self {
+        Cursor { data }
+    }
+    /// Whether all input is consumed.
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+    /// Up to `n` bytes (fewer at the end of the input).
+    pub fn bytes(&mut self, n: usize) -> &'a [u8] {
+        let n = n.min(self.data.len());
+        let (a, b) = self.data.split_at(n);
+        self.data = b;
+        a
+    }
+    fn fixed<const N: usize>(&mut self) -> [u8; N] {
+        let mut out = [0u8; N];
+        let b = self.bytes(N);
+        out[..b.len()].copy_from_slice(b);
+        out
+    }
+    /// A byte.
+    pub fn u8(&mut self) -> u8 {
+        self.fixed::<1>()[0]
+    }
+    /// A u16.
+    pub fn u16(&mut self) -> u16 {
+        u16::from_le_bytes(self.fixed())
+    }
+    /// A u32.
+    pub fn u32(&mut self) -> u32 {
+        u32::from_le_bytes(self.fixed())
+    }
+    /// A u64.
+    pub fn u64(&mut self) -> u64 {
+        u64::from_le_bytes(self.fixed())
+    }
+}
+
+/// Small tables so the fuzzer reaches exhaustion quickly; one worker to keep runs repeatable.
+pub fn small_cfg() -> DeviceConfig {
+    DeviceConfig {
+        max_qp: 8,
+        max_qp_wr: 512,
+        max_cq: 8,
+        max_cqe: 1024,
+        max_mr: 8,
+        max_mr_pages: 4096,
+        max_pd: 8,
+        max_srq: 4,
+        max_srq_wr: 64,
+        max_uar: 8,
+        gid_tbl_len: 4,
+        workers: 1,
+        ..DeviceConfig::default()
+    }
+}
+
+/// A device with the emulated backend on its own fabric, in 16 MiB of guest RAM.
+pub fn device(cfg: &DeviceConfig) -> Arc<InProcess> {
+    Arc::new(InProcess::new(cfg.clone(), RAM, &Fabric::new()))
+}
+
+/// A device probed as `vmw_pvrdma` does (DSR, rings, ACTIVATE).
+pub fn probed(cfg: &DeviceConfig) -> (Arc<InProcess>, Driver) {
+    let t = device(cfg);
+    let drv = Driver::probe(t.clone() as Arc<dyn Transport>).expect("probe of a fresh device");
+    (t, drv)
+}
+
+/// `cmd_channel` input: a sequence of operations, each a tag byte then its fields.
+pub mod op {
+    /// A 184-byte request posted through the command channel (short input is zero-padded).
+    pub const CMD: u8 = 0;
+    /// `addr: u32` (taken modulo guest RAM), `len: u8`, then `len` bytes written to guest RAM.
+    pub const SCRIBBLE: u8 = 1;
+    /// `dir: u16, npages: u16, first: u16` (page numbers modulo guest RAM): a valid page
+    /// directory at page `dir` (tables right after it) listing `npages % 1024 + 1` contiguous
+    /// pages from page `first`.
+    pub const PDIR: u8 = 2;
+    /// `offset: u16, value: u32`: a 4-byte UAR (BAR2) doorbell write.
+    pub const DOORBELL: u8 = 3;
+    /// Number of tags (the tag byte is taken modulo this).
+    pub const COUNT: u8 = 4;
+}
+
+/// Pages of guest RAM.
+pub const RAM_PAGES: u64 = (RAM as u64) / 4096;
+
+/// Writes a page directory at page `dir` listing `npages` pages from page `first`
+/// (the [`op::PDIR`] operation). Returns the directory's guest address.
+pub fn build_pdir(t: &InProcess, dir: u16, npages: u16, first: u16) -> u64 {
+    let mem = t.mem();
+    let npages = u64::from(npages % 1024) + 1;
+    let ntables = npages.div_ceil(512);
+    // Directory and tables must fit in RAM; page 0 is left alone.
+    let dir = 1 + u64::from(dir) % (RAM_PAGES - 1 - ntables);
+    let first = u64::from(first) % (RAM_PAGES - npages);
+    let dir_addr = dir * 4096;
+    for t_idx in 0..ntables {
+        let table = (dir + 1 + t_idx) * 4096;
+        let _ = mem.write_obj(table, GuestAddress(dir_addr + 8 * t_idx));
+        for j in 0..512u64.min(npages - t_idx * 512) {
+            let page = (first + t_idx * 512 + j) * 4096;
+            let _ = mem.write_obj(page, GuestAddress(table + 8 * j));
+        }
+    }
+    dir_addr
+}
+
+/// What a successful command's response must satisfy. Panics (a fuzzer crash) on a violation.
+pub fn check_response(cfg: &DeviceConfig, code: u32, resp: &[u8]) {
+    fn get<T: ByteValued + Default>(resp: &[u8]) -> T {
+        let mut v = T::default();
+        let n = std::mem::size_of::<T>();
+        v.as_mut_slice().copy_from_slice(&resp[..n]);
+        v
+    }
+    match code {
+        cmd::CREATE_QP => {
+            let r: abi::RespCreateQpV2 = get(resp);
+            assert!(
+                (1..cfg.max_qp).contains(&r.qp_handle),
+                "CREATE_QP handle {} outside 1..{}",
+                r.qp_handle,
+                cfg.max_qp
+            );
+            assert!(
+                (1..cfg.max_qp).contains(&r.qpn),
+                "CREATE_QP qpn {} outside 1..{}",
+                r.qpn,
+                cfg.max_qp
+            );
+            assert!(r.max_send_wr <= cfg.max_qp_wr && r.max_recv_wr <= cfg.max_qp_wr);
+            assert!(r.max_send_sge <= cfg.max_sge && r.max_recv_sge <= cfg.max_sge);
+        }
+        cmd::CREATE_CQ => {
+            let r: abi::RespCreateCq = get(resp);
+            assert!(
+                (1..cfg.max_cq).contains(&r.cq_handle),
+                "CREATE_CQ handle {} outside 1..{}",
+                r.cq_handle,
+                cfg.max_cq
+            );
+            assert!(r.cqe <= cfg.max_cqe, "CREATE_CQ cqe {}", r.cqe);
+        }
+        cmd::CREATE_PD => {
+            let r: abi::RespCreatePd = get(resp);
+            assert!(
+                (1..=cfg.max_pd).contains(&r.pd_handle),
+                "PD {}",
+                r.pd_handle
+            );
+        }
+        cmd::CREATE_SRQ => {
+            let r: abi::RespCreateSrq = get(resp);
+            assert!((1..cfg.max_srq).contains(&r.srqn), "SRQ {}", r.srqn);
+        }
+        cmd::CREATE_UC => {
+            let r: abi::RespCreateUc = get(resp);
+            assert!(
+                (1..cfg.max_uar).contains(&r.ctx_handle),
+                "UC {}",
+                r.ctx_handle
+            );
+        }
+        _ => {}
+    }
+}
+
+/// Runs one `cmd_channel` input against a probed device and checks the invariants: every
+/// command answers through ERR (and, when ERR is 0, with an acknowledged response), responses
+/// stay within the advertised limits, no table outgrows its limit, and the device still
+/// answers QUERY_PORT at the end.
+pub fn run_cmd_channel(data: &[u8]) {
+    let cfg = small_cfg();
+    let (t, drv) = probed(&cfg);
+    let mut c = Cursor::new(data);
+    let mut n_ops = 0;
+    while !c.is_empty() && n_ops < 512 {
+        n_ops += 1;
+        match c.u8() % op::COUNT {
+            op::CMD => {
+                let mut req = [0u8; CMD_SLOT_SIZE];
+                let b = c.bytes(CMD_SLOT_SIZE);
+                req[..b.len()].copy_from_slice(b);
+                let code = u32::from_le_bytes([req[8], req[9], req[10], req[11]]);
+                match drv.cmd_raw(&req, true) {
+                    Ok(resp) => check_response(&cfg, code, &resp),
+                    Err(GuestError::Command { err, .. }) => assert_ne!(err, 0),
+                    Err(e) => panic!("command {code} did not answer properly: {e:?}"),
+                }
+            }
+            op::SCRIBBLE => {
+                let addr = u64::from(c.u32()) % RAM as u64;
+                let len = usize::from(c.u8());
+                let bytes = c.bytes(len);
+                let _ = t.mem().write_slice(bytes, GuestAddress(addr));
+            }
+            op::PDIR => {
+                let (dir, n, first) = (c.u16(), c.u16(), c.u16());
+                build_pdir(&t, dir, n, first);
+            }
+            _ => {
+                let off = u64::from(c.u16()) % cfg.uar_bar_size();
+                let v = c.u32();
+                t.write(Region::Bar(2), off & !3, &v.to_le_bytes());
+            }
+        }
+    }
+    let port = drv.query_port(1).expect("QUERY_PORT after the sequence");
+    assert!(port.gid_tbl_len <= cfg.gid_tbl_len);
+    let s = t.device().stats().expect("stats");
+    let [pds, mrs, cqs, qps, srqs, ucs] = s.objects;
+    assert!(pds <= cfg.max_pd as usize && mrs <= cfg.max_mr as usize);
+    assert!(cqs < cfg.max_cq as usize && qps < cfg.max_qp as usize);
+    assert!(srqs < cfg.max_srq.max(1) as usize && ucs < cfg.max_uar as usize);
+}
