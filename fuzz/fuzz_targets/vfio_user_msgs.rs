@@ -45,7 +45,13 @@ fn region_offset(c: &mut Cursor) -> u64 {
 
 fuzz_target!(|data: &[u8]| {
     let cfg = small_cfg();
-    let mut conn = Connection::new(&cfg, "fuzz".into(), &Fabric::new()).expect("device starts");
+    let mut conn = Connection::new(
+        &cfg,
+        "fuzz".into(),
+        &Fabric::new(),
+        &pvrdma_vfio_user::BackendChoice::Emulated,
+    )
+    .expect("device starts");
     let mut rams: Vec<File> = Vec::new();
     let mut c = Cursor::new(data);
     let mut ops = 0;
