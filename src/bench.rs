@@ -81,8 +81,8 @@ fn parse(args: &[String]) -> Result<Opts, String> {
             Test::WriteBw,
             Test::ReadBw,
             Test::AtomicBw,
-            Test::WriteLat,
             Test::SendLat,
+            Test::WriteLat,
         ],
         sizes: vec![2, 8, 64, 512, 4096, 65536, 1 << 20, 8 << 20],
         inproc: true,
@@ -366,10 +366,9 @@ fn data_section(rig: &Rig, o: &Opts, memcpy: &[(u64, f64)]) -> Result<(), String
                         continue;
                     }
                     let n = if o.quick { 200 } else { 20_000 };
-                    // A fresh pair per latency case. write_lat runs before send_lat: after a
-                    // send_lat run, a later write_lat (even on a fresh pair) stalled with its
-                    // WRITE fetched but not executed; see docs/benchmarks.md (open).
-                    let mut lp = Pair::new(&rig.drv, next_uar, rig.gid, o.depth, 65536)
+                    // A fresh pair per latency case (receives a send_lat case leaves posted
+                    // stay out of the way), with room for 2 x 64 KiB per side.
+                    let mut lp = Pair::new(&rig.drv, next_uar, rig.gid, o.depth, 2 << 16)
                         .map_err(|e| format!("latency pair: {e}"))?;
                     next_uar += 1;
                     let r = if test == Test::SendLat {
@@ -439,7 +438,7 @@ fn multi_section(o: &Opts) -> Result<(), String> {
         let rig = rig_inproc(workers, pvrdma_guest::transport::DEFAULT_RAM)?;
         let mut pairs = new_pairs(&rig, o.qps, o.depth.min(64), 4096)?;
         let size = 64;
-        let per = if o.quick { 2_000 } else { 200_000 };
+        let per = if o.quick { 2_000 } else { 50_000 };
         let bo = BwOpts {
             size,
             iters: per,

@@ -190,6 +190,12 @@ fn check(c: &Cqe) -> Result<()> {
 
 const STALL: Duration = Duration::from_secs(30);
 
+/// Empty polls of a bandwidth loop before it starts yielding its core.
+const IDLE_SPINS: u32 = 64;
+
+/// Empty polls of a latency step before it starts yielding its core.
+const LAT_SPINS: u32 = 2048;
+
 /// A ping-pong step that takes longer than this is reported as stalled.
 const LAT_STALL: Duration = Duration::from_secs(2);
 
@@ -543,6 +549,7 @@ pub fn bw_lean(drv: &Driver, pairs: &mut [Pair], test: Test, o: BwOpts) -> Resul
     let iters = o.iters;
     let start = Instant::now();
     let mut idle_since: Option<Instant> = None;
+    let mut idle_polls = 0u32;
     loop {
         let mut progress = false;
         let mut finished = 0;
@@ -596,12 +603,20 @@ pub fn bw_lean(drv: &Driver, pairs: &mut [Pair], test: Test, o: BwOpts) -> Resul
         }
         if progress {
             idle_since = None;
+            idle_polls = 0;
         } else {
             let t = *idle_since.get_or_insert_with(Instant::now);
             if t.elapsed() > STALL {
                 return Err(crate::driver::GuestError::Timeout(test as u32));
             }
-            std::hint::spin_loop();
+            idle_polls += 1;
+            if idle_polls > IDLE_SPINS {
+                // Nothing to do for a while: let the device's threads have this core (on a
+                // 2-core host the harness, the main loop and a worker share two cores).
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
         }
     }
     let elapsed = start.elapsed();
@@ -681,14 +696,21 @@ fn lat_lean(drv: &Driver, p: &mut Pair, test: Test, size: u64, iters: u64) -> Re
     } else {
         Test::WriteBw
     };
-    // A's WQE targets B's buffer; B's WQE (built from the swapped pair) targets A's.
+    // Each side sends from the first half of its buffer and is written into the second half
+    // (`land`), so a late pong can never overwrite the tag of the next ping's source.
+    let land = (p.mr_a.len.min(p.mr_b.len) / 2) & !(PAGE - 1);
+    assert!(land >= size, "latency buffers need 2 x size bytes");
     let ta = template(p, kind, size, p.a.sq.wqe_size);
     let mut tb = ta.clone();
+    let mut ta = ta;
     {
         let sge = p.mr_b.sge(0, size as u32);
         tb[80..96].copy_from_slice(sge.as_slice());
-        tb[32..40].copy_from_slice(&p.mr_a.iova.to_le_bytes());
-        tb[40..44].copy_from_slice(&p.mr_a.rkey.to_le_bytes());
+        if !is_send {
+            ta[32..40].copy_from_slice(&(p.mr_b.iova + land).to_le_bytes());
+            tb[32..40].copy_from_slice(&(p.mr_a.iova + land).to_le_bytes());
+            tb[40..44].copy_from_slice(&p.mr_a.rkey.to_le_bytes());
+        }
     }
     let mut sqa = RingWriter::new(mem, &p.a.pdir, &p.a.sq, &ta);
     let mut sqb = RingWriter::new(mem, &p.b.pdir, &p.b.sq, &tb);
@@ -701,7 +723,7 @@ fn lat_lean(drv: &Driver, p: &mut Pair, test: Test, size: u64, iters: u64) -> Re
             total_len: 0,
         };
         let mut bytes = hdr.as_slice().to_vec();
-        bytes.extend_from_slice(mr.sge(0, size as u32).as_slice());
+        bytes.extend_from_slice(mr.sge(land, size as u32).as_slice());
         bytes
     };
     let (ra, rb) = (rq_tmpl(&p.mr_a), rq_tmpl(&p.mr_b));
@@ -715,9 +737,9 @@ fn lat_lean(drv: &Driver, p: &mut Pair, test: Test, size: u64, iters: u64) -> Re
             .as_ref()
             .map(|w| RingWriter::new(mem, &p.b.pdir, w, &rb))
             .expect("RQ");
-    // The byte each side spins on: the last byte of its buffer.
+    // The byte each side spins on: the last byte of what lands in its buffer.
     let last = |mr: &Mr| {
-        let off = (mr.iova % PAGE) + size - 1;
+        let off = (mr.iova % PAGE) + land + size - 1;
         let pd = mr.pdir.as_ref().expect("user MR");
         mem.get_slice(pd.addr(off), 1).expect("last byte")
     };
@@ -737,7 +759,13 @@ fn lat_lean(drv: &Driver, p: &mut Pair, test: Test, size: u64, iters: u64) -> Re
             if k % 1024 == 0 && t0.elapsed() > LAT_STALL {
                 return Err(crate::driver::GuestError::Timeout(test as u32));
             }
-            std::hint::spin_loop();
+            if k > LAT_SPINS {
+                // The device's threads need a core: on a shared 2-core host a spinning
+                // harness otherwise holds its core for a whole scheduler slice (~4 ms).
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
         }
     };
     let start = Instant::now();
