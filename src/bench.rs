@@ -170,7 +170,7 @@ fn iters_for(o: &Opts, size: u64, test: Test) -> u64 {
     let (lo, hi) = if o.quick {
         (16, 20_000)
     } else {
-        (64, 4_000_000)
+        (64, 1_000_000)
     };
     let per_msg = match test {
         Test::AtomicBw => 64,
