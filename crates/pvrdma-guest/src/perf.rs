@@ -194,7 +194,7 @@ const STALL: Duration = Duration::from_secs(30);
 const IDLE_SPINS: u32 = 64;
 
 /// Empty polls of a latency step before it starts yielding its core.
-const LAT_SPINS: u32 = 2048;
+const LAT_SPINS: u32 = 64;
 
 /// A ping-pong step that takes longer than this is reported as stalled.
 const LAT_STALL: Duration = Duration::from_secs(2);
