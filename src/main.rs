@@ -3,9 +3,12 @@
 //! ```text
 //! pvrdma demo [--size N] [--iters N]     bring a device up in-process and run ping-pong, RDMA
 //!                                        write/read and atomics through the real guest rings
+//! pvrdma bench [--quick] [options]     perftest-style figures, command latencies and memory,
+//!                                        in-process and over a `pvrdma serve` process
 //! pvrdma serve --socket PATH [options]   serve the device to a VMM over vfio-user
 //! ```
 
+mod bench;
 mod demo;
 mod serve;
 
@@ -17,6 +20,7 @@ fn usage() -> &'static str {
      commands:\n\
      \x20 demo    bring a device up in-process (emulated backend) and run RC ping-pong,\n\
      \x20         RDMA WRITE/READ and atomics through the guest rings; prints a perftest-like table\n\
+     \x20 bench   perftest-style benchmarks in-process and over vfio-user (see `pvrdma bench --help`)\n\
      \x20 serve   run the device as a vfio-user server (see `pvrdma serve --help`)\n\
      \n\
      options for every command: -v (more logging; RUST_LOG also works)\n"
@@ -58,6 +62,7 @@ fn main() -> ExitCode {
     };
     let rest = &args[1..];
     let r = match cmd.as_str() {
+        "bench" => bench::run(rest),
         "demo" => demo::run(rest),
         "serve" => serve::run(rest),
         "-h" | "--help" | "help" => {

@@ -218,7 +218,7 @@ pub struct Cq {
     pub pdir: GuestPdir,
     /// Context whose UAR page rings this CQ.
     pub ctx: Ctx,
-    cons: u32,
+    pub(crate) cons: u32,
 }
 
 /// A work queue of a QP or SRQ as the producer sees it.
@@ -232,7 +232,7 @@ pub struct Wq {
     pub base: u64,
     /// Offset of the ring state in page 0 (0 = SQ/tx, 8 = RQ/rx).
     pub state: u64,
-    prod: u32,
+    pub(crate) prod: u32,
 }
 
 /// QP types.

@@ -1,11 +1,17 @@
 //! perftest-style measurements over the harness: the same loops `ib_send_bw`, `ib_write_bw`,
 //! `ib_read_bw`, `ib_atomic_bw` and `ib_send_lat` run, through the real guest rings.
 
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use pvrdma_dev::abi::{wr_opcode, Cqe};
+use pvrdma_dev::abi::{send_flags, wr_opcode, Cqe, RqWqeHdr, SqWqeHdr};
+use pvrdma_dev::regs::uar;
+use vm_memory::{
+    Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice,
+};
 
-use crate::driver::{rc_connect_attrs, Cq, Ctx, Driver, Mr, Qp, QpKind, Result, SendWqe};
+use crate::driver::{idx, rc_connect_attrs, Cq, Ctx, Driver, Mr, Qp, QpKind, Result, SendWqe, Wq};
+use crate::mem::{GuestPdir, PAGE};
 
 /// What a test does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,6 +26,8 @@ pub enum Test {
     AtomicBw,
     /// SEND ping-pong latency.
     SendLat,
+    /// RDMA WRITE ping-pong latency.
+    WriteLat,
 }
 
 impl Test {
@@ -31,6 +39,7 @@ impl Test {
             Test::ReadBw => "read_bw",
             Test::AtomicBw => "atomic_bw",
             Test::SendLat => "send_lat",
+            Test::WriteLat => "write_lat",
         }
     }
 }
@@ -138,7 +147,7 @@ fn wqe(p: &Pair, test: Test, size: u64, i: u64) -> SendWqe {
             sges: vec![p.mr_a.sge(0, len)],
             ..Default::default()
         },
-        Test::WriteBw => SendWqe {
+        Test::WriteBw | Test::WriteLat => SendWqe {
             wr_id: i,
             opcode: wr_opcode::RDMA_WRITE,
             flags: 2,
@@ -180,6 +189,15 @@ fn check(c: &Cqe) -> Result<()> {
 }
 
 const STALL: Duration = Duration::from_secs(30);
+
+/// Empty polls of a bandwidth loop before it starts yielding its core.
+const IDLE_SPINS: u32 = 64;
+
+/// Empty polls of a latency step before it starts yielding its core.
+const LAT_SPINS: u32 = 64;
+
+/// A ping-pong step that takes longer than this is reported as stalled.
+const LAT_STALL: Duration = Duration::from_secs(2);
 
 /// A bandwidth test: keeps `depth` WQEs in flight, posting in batches with one doorbell each.
 pub fn bw(drv: &Driver, p: &mut Pair, test: Test, size: u64, iters: u64) -> Result<Sample> {
@@ -323,4 +341,543 @@ pub fn row(s: &Sample) -> String {
         s.lat_us(0.5),
         s.lat_us(0.99)
     )
+}
+
+// ---- the lean posting path (what perftest itself does) ------------------------------------
+//
+// perftest builds its WQEs once, posts a list of them per doorbell, signals only every Nth
+// send (`--cq-mod`) and polls the CQ in bursts. The loops below do the same through the real
+// rings: every slot of a queue gets the WQE template once, a post rewrites only `wr_id` and
+// `send_flags`, the producer index is published once per batch, and one doorbell follows.
+
+/// How a bandwidth run posts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BwOpts {
+    /// Message size in bytes.
+    pub size: u64,
+    /// Messages per QP pair.
+    pub iters: u64,
+    /// WQEs written per doorbell (perftest's `--post_list`).
+    pub batch: u32,
+    /// Every Nth send is signaled (perftest's `--cq-mod`); 1 signals every send.
+    pub sig_every: u32,
+}
+
+/// One queue's slots as host-visible slices, with the producer index kept locally.
+struct RingWriter<'m> {
+    slots: Vec<VolatileSlice<'m, ()>>,
+    state: GuestAddress,
+    n: u32,
+    prod: u32,
+    head: u32,
+}
+
+impl<'m> RingWriter<'m> {
+    /// Writes `tmpl` into every slot of `wq` (pages of `pdir`).
+    fn new(mem: &'m GuestMemoryMmap, pdir: &GuestPdir, wq: &Wq, tmpl: &[u8]) -> RingWriter<'m> {
+        let slots: Vec<_> = (0..wq.n)
+            .map(|i| {
+                let off = wq.base + u64::from(i) * u64::from(wq.wqe_size);
+                let s = mem
+                    .get_slice(pdir.addr(off), wq.wqe_size as usize)
+                    .expect("WQE slot inside one page");
+                s.write_slice(&tmpl[..tmpl.len().min(wq.wqe_size as usize)], 0)
+                    .expect("template");
+                s
+            })
+            .collect();
+        let state = pdir.pages[0].unchecked_add(wq.state);
+        let head = mem
+            .load(state.unchecked_add(4), Ordering::Acquire)
+            .unwrap_or(0);
+        RingWriter {
+            slots,
+            state,
+            n: wq.n,
+            prod: wq.prod,
+            head,
+        }
+    }
+
+    /// Whether a slot is free (`tail != head ^ N`), reloading the consumer index when needed.
+    fn space(&mut self, mem: &GuestMemoryMmap) -> bool {
+        if self.prod == self.head ^ self.n {
+            self.head = mem
+                .load(self.state.unchecked_add(4), Ordering::Acquire)
+                .unwrap_or(self.head);
+        }
+        self.prod != self.head ^ self.n
+    }
+
+    /// Fills the next slot: `wr_id`, and `send_flags` for a send queue.
+    fn push(&mut self, wr_id: u64, flags: Option<u32>) {
+        let s = &self.slots[idx::slot(self.prod, self.n) as usize];
+        let _ = s.write_obj(wr_id, 0);
+        if let Some(f) = flags {
+            let _ = s.write_obj(f, 20);
+        }
+        self.prod = idx::inc(self.prod, self.n);
+    }
+
+    /// Publishes everything pushed so far (release store of `prod_tail`).
+    fn publish(&self, mem: &GuestMemoryMmap) {
+        let _ = mem.store(self.prod, self.state, Ordering::Release);
+    }
+}
+
+/// A CQ read in bursts through host-visible slices.
+struct CqReader<'m> {
+    slots: Vec<VolatileSlice<'m, ()>>,
+    state: GuestAddress,
+    n: u32,
+    cons: u32,
+}
+
+impl<'m> CqReader<'m> {
+    fn new(mem: &'m GuestMemoryMmap, cq: &Cq) -> CqReader<'m> {
+        let slots = (0..cq.n)
+            .map(|i| {
+                mem.get_slice(cq.pdir.addr(PAGE + u64::from(i) * 64), 64)
+                    .expect("CQE inside one page")
+            })
+            .collect();
+        CqReader {
+            slots,
+            state: cq.pdir.pages[0].unchecked_add(8),
+            n: cq.n,
+            cons: cq.cons,
+        }
+    }
+
+    /// Takes every CQE available; returns how many, or the first error completion.
+    fn poll(&mut self, mem: &GuestMemoryMmap, mut f: impl FnMut(&Cqe)) -> Result<u32> {
+        let tail: u32 = mem.load(self.state, Ordering::Acquire).unwrap_or(self.cons);
+        if tail == self.cons || !idx::valid(tail, self.n) {
+            return Ok(0);
+        }
+        let mut got = 0;
+        while self.cons != tail {
+            let c: Cqe = self.slots[idx::slot(self.cons, self.n) as usize]
+                .read_obj(0)
+                .unwrap_or_default();
+            check(&c)?;
+            f(&c);
+            self.cons = idx::inc(self.cons, self.n);
+            got += 1;
+        }
+        let _ = mem.store(self.cons, self.state.unchecked_add(4), Ordering::Release);
+        Ok(got)
+    }
+}
+
+/// The send WQE template of `test` (flags and `wr_id` are filled per post).
+fn template(p: &Pair, test: Test, size: u64, wqe_size: u32) -> Vec<u8> {
+    let w = wqe(p, test, size, 0);
+    let mut hdr = SqWqeHdr {
+        num_sge: 1,
+        total_len: size as u32,
+        opcode: w.opcode,
+        ..Default::default()
+    };
+    {
+        let b = hdr.as_mut_slice();
+        b[32..40].copy_from_slice(&w.remote_addr.to_le_bytes());
+        if test == Test::AtomicBw {
+            b[40..48].copy_from_slice(&w.compare_add.to_le_bytes());
+            b[56..60].copy_from_slice(&w.rkey.to_le_bytes());
+        } else {
+            b[40..44].copy_from_slice(&w.rkey.to_le_bytes());
+        }
+    }
+    let mut bytes = hdr.as_slice().to_vec();
+    bytes.extend_from_slice(w.sges[0].as_slice());
+    bytes.resize(wqe_size as usize, 0);
+    bytes
+}
+
+fn recv_template(p: &Pair, size: u64) -> Vec<u8> {
+    let hdr = RqWqeHdr {
+        wr_id: 0,
+        num_sge: 1,
+        total_len: 0,
+    };
+    let mut bytes = hdr.as_slice().to_vec();
+    bytes.extend_from_slice(p.mr_b.sge(0, size.max(1) as u32).as_slice());
+    bytes
+}
+
+/// One pair's state in a lean bandwidth loop.
+struct Lane<'m> {
+    sq: RingWriter<'m>,
+    rq: Option<RingWriter<'m>>,
+    cq_a: CqReader<'m>,
+    cq_b: Option<CqReader<'m>>,
+    posted: u64,
+    done: u64,
+    recv_posted: u64,
+    recv_done: u64,
+}
+
+/// A lean bandwidth test over `pairs` (each pair moves `o.iters` messages), driven from the
+/// calling thread. Returns the aggregate sample (iters = all messages of all pairs).
+pub fn bw_lean(drv: &Driver, pairs: &mut [Pair], test: Test, o: BwOpts) -> Result<Sample> {
+    let mem = drv.mem();
+    let is_send = test == Test::SendBw;
+    let sig = u64::from(o.sig_every.max(1));
+    let batch = o.batch.max(1);
+    let mut lanes: Vec<Lane<'_>> = pairs
+        .iter()
+        .map(|p| Lane {
+            sq: RingWriter::new(
+                mem,
+                &p.a.pdir,
+                &p.a.sq,
+                &template(p, test, o.size, p.a.sq.wqe_size),
+            ),
+            rq: is_send.then(|| {
+                let rq = p.b.rq.as_ref().expect("RQ");
+                RingWriter::new(mem, &p.b.pdir, rq, &recv_template(p, o.size))
+            }),
+            cq_a: CqReader::new(mem, &p.cq_a),
+            cq_b: is_send.then(|| CqReader::new(mem, &p.cq_b)),
+            posted: 0,
+            done: 0,
+            recv_posted: 0,
+            recv_done: 0,
+        })
+        .collect();
+    let iters = o.iters;
+    let start = Instant::now();
+    let mut idle_since: Option<Instant> = None;
+    let mut idle_polls = 0u32;
+    loop {
+        let mut progress = false;
+        let mut finished = 0;
+        for (l, p) in lanes.iter_mut().zip(pairs.iter()) {
+            let depth = u64::from(p.depth);
+            if let Some(rq) = l.rq.as_mut() {
+                let mut n = 0;
+                while l.recv_posted < iters && l.recv_posted - l.recv_done < depth && rq.space(mem)
+                {
+                    rq.push(l.recv_posted, None);
+                    l.recv_posted += 1;
+                    n += 1;
+                }
+                if n > 0 {
+                    rq.publish(mem);
+                    drv.doorbell(p.ctx, uar::QP, p.b.handle | (1 << 31));
+                }
+            }
+            let limit = if is_send { l.recv_posted } else { iters };
+            let mut n = 0;
+            while n < batch && l.posted < limit && l.posted - l.done < depth && l.sq.space(mem) {
+                let i = l.posted;
+                let signaled = (i + 1) % sig == 0 || i + 1 == iters;
+                l.sq.push(i, Some(if signaled { send_flags::SIGNALED } else { 0 }));
+                l.posted += 1;
+                n += 1;
+            }
+            if n > 0 {
+                l.sq.publish(mem);
+                drv.ring_sq(&p.a);
+                progress = true;
+            }
+            let mut last = None;
+            if l.cq_a.poll(mem, |c| last = Some(c.wr_id))? > 0 {
+                progress = true;
+            }
+            if let Some(w) = last {
+                l.done = w + 1;
+            }
+            if let Some(cq) = l.cq_b.as_mut() {
+                let got = cq.poll(mem, |_| {})?;
+                l.recv_done += u64::from(got);
+                progress |= got > 0;
+            }
+            if l.done >= iters && (!is_send || l.recv_done >= iters) {
+                finished += 1;
+            }
+        }
+        if finished == lanes.len() {
+            break;
+        }
+        if progress {
+            idle_since = None;
+            idle_polls = 0;
+        } else {
+            let t = *idle_since.get_or_insert_with(Instant::now);
+            if t.elapsed() > STALL {
+                return Err(crate::driver::GuestError::Timeout(test as u32));
+            }
+            idle_polls += 1;
+            if idle_polls > IDLE_SPINS {
+                // Nothing to do for a while: let the device's threads have this core (on a
+                // 2-core host the harness, the main loop and a worker share two cores).
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+    }
+    let elapsed = start.elapsed();
+    for ((l, p), _) in lanes.iter().zip(pairs.iter_mut()).zip(0..) {
+        p.a.sq.prod = l.sq.prod;
+        p.cq_a.cons = l.cq_a.cons;
+        if let (Some(rq), Some(w)) = (l.rq.as_ref(), p.b.rq.as_mut()) {
+            w.prod = rq.prod;
+        }
+        if let Some(cq) = l.cq_b.as_ref() {
+            p.cq_b.cons = cq.cons;
+        }
+    }
+    Ok(Sample {
+        test,
+        size: o.size,
+        iters: iters * pairs.len() as u64,
+        elapsed,
+        lat: Vec::new(),
+    })
+}
+
+/// [`bw_lean`] over `pairs` split across `threads` harness threads; the aggregate rate.
+pub fn bw_lean_threads(
+    drv: &Driver,
+    pairs: &mut [Pair],
+    test: Test,
+    o: BwOpts,
+    threads: usize,
+) -> Result<Sample> {
+    let threads = threads.clamp(1, pairs.len().max(1));
+    if threads == 1 {
+        return bw_lean(drv, pairs, test, o);
+    }
+    let per = pairs.len().div_ceil(threads);
+    let start = Instant::now();
+    let results: Vec<Result<Sample>> = std::thread::scope(|s| {
+        let hs: Vec<_> = pairs
+            .chunks_mut(per)
+            .map(|chunk| s.spawn(move || bw_lean(drv, chunk, test, o)))
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().expect("harness thread"))
+            .collect()
+    });
+    let elapsed = start.elapsed();
+    let mut total = 0;
+    for r in results {
+        total += r?.iters;
+    }
+    Ok(Sample {
+        test,
+        size: o.size,
+        iters: total,
+        elapsed,
+        lat: Vec::new(),
+    })
+}
+
+/// perftest's `ib_send_lat` with pre-posted receives: ping-pong, half the round trip.
+pub fn send_lat_lean(drv: &Driver, p: &mut Pair, size: u64, iters: u64) -> Result<Sample> {
+    lat_lean(drv, p, Test::SendLat, size, iters)
+}
+
+/// perftest's `ib_write_lat`: each side RDMA-writes into the other's buffer and spins on the
+/// buffer's last byte; half the round trip.
+pub fn write_lat(drv: &Driver, p: &mut Pair, size: u64, iters: u64) -> Result<Sample> {
+    lat_lean(drv, p, Test::WriteLat, size, iters)
+}
+
+fn lat_lean(drv: &Driver, p: &mut Pair, test: Test, size: u64, iters: u64) -> Result<Sample> {
+    let mem = drv.mem();
+    let size = size.max(1);
+    let is_send = test == Test::SendLat;
+    let kind = if is_send {
+        Test::SendLat
+    } else {
+        Test::WriteBw
+    };
+    // Each side sends from the first half of its buffer and is written into the second half
+    // (`land`), so a late pong can never overwrite the tag of the next ping's source.
+    let land = (p.mr_a.len.min(p.mr_b.len) / 2) & !(PAGE - 1);
+    assert!(land >= size, "latency buffers need 2 x size bytes");
+    let ta = template(p, kind, size, p.a.sq.wqe_size);
+    let mut tb = ta.clone();
+    let mut ta = ta;
+    {
+        let sge = p.mr_b.sge(0, size as u32);
+        tb[80..96].copy_from_slice(sge.as_slice());
+        if !is_send {
+            ta[32..40].copy_from_slice(&(p.mr_b.iova + land).to_le_bytes());
+            tb[32..40].copy_from_slice(&(p.mr_a.iova + land).to_le_bytes());
+            tb[40..44].copy_from_slice(&p.mr_a.rkey.to_le_bytes());
+        }
+    }
+    let mut sqa = RingWriter::new(mem, &p.a.pdir, &p.a.sq, &ta);
+    let mut sqb = RingWriter::new(mem, &p.b.pdir, &p.b.sq, &tb);
+    let mut cqa = CqReader::new(mem, &p.cq_a);
+    let mut cqb = CqReader::new(mem, &p.cq_b);
+    let rq_tmpl = |mr: &Mr| {
+        let hdr = RqWqeHdr {
+            wr_id: 0,
+            num_sge: 1,
+            total_len: 0,
+        };
+        let mut bytes = hdr.as_slice().to_vec();
+        bytes.extend_from_slice(mr.sge(land, size as u32).as_slice());
+        bytes
+    };
+    let (ra, rb) = (rq_tmpl(&p.mr_a), rq_tmpl(&p.mr_b));
+    let mut rqa =
+        p.a.rq
+            .as_ref()
+            .map(|w| RingWriter::new(mem, &p.a.pdir, w, &ra))
+            .expect("RQ");
+    let mut rqb =
+        p.b.rq
+            .as_ref()
+            .map(|w| RingWriter::new(mem, &p.b.pdir, w, &rb))
+            .expect("RQ");
+    // The byte each side spins on: the last byte of what lands in its buffer.
+    let last = |mr: &Mr| {
+        let off = (mr.iova % PAGE) + land + size - 1;
+        let pd = mr.pdir.as_ref().expect("user MR");
+        mem.get_slice(pd.addr(off), 1).expect("last byte")
+    };
+    let (la, lb) = (last(&p.mr_a), last(&p.mr_b));
+    let depth = u64::from(p.depth);
+    let sig = depth.div_ceil(2).max(1);
+    let mut posted_recv = 0u64;
+    let mut lat = Vec::with_capacity(iters as usize);
+    let spin = |f: &mut dyn FnMut() -> Result<bool>| -> Result<()> {
+        let t0 = Instant::now();
+        let mut k = 0u32;
+        loop {
+            if f()? {
+                return Ok(());
+            }
+            k += 1;
+            if k % 1024 == 0 && t0.elapsed() > LAT_STALL {
+                return Err(crate::driver::GuestError::Timeout(test as u32));
+            }
+            if k > LAT_SPINS {
+                // The device's threads need a core: on a shared 2-core host a spinning
+                // harness otherwise holds its core for a whole scheduler slice (~4 ms).
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+    };
+    let start = Instant::now();
+    for i in 0..iters {
+        if is_send && posted_recv <= i {
+            // Keep `depth / 2` receives ahead on both sides.
+            let mut n = 0;
+            while posted_recv < iters && posted_recv < i + sig {
+                rqa.push(posted_recv, None);
+                rqb.push(posted_recv, None);
+                posted_recv += 1;
+                n += 1;
+            }
+            if n > 0 {
+                rqa.publish(mem);
+                rqb.publish(mem);
+                drv.doorbell(p.ctx, uar::QP, p.a.handle | (1 << 31));
+                drv.doorbell(p.ctx, uar::QP, p.b.handle | (1 << 31));
+            }
+        }
+        let tag = (i % 251) as u8 + 1;
+        let flags = if (i + 1) % sig == 0 {
+            send_flags::SIGNALED
+        } else {
+            0
+        };
+        let t0 = Instant::now();
+        // ping
+        if !is_send {
+            let pd = p.mr_a.pdir.as_ref().expect("user MR");
+            let _ = mem.write_obj(tag, pd.addr((p.mr_a.iova % PAGE) + size - 1));
+        }
+        spin(&mut || Ok(sqa.space(mem)))?;
+        sqa.push(i, Some(flags));
+        sqa.publish(mem);
+        drv.ring_sq(&p.a);
+        if is_send {
+            spin(&mut || Ok(cq_recvs(&mut cqb, mem)? > 0))?;
+        } else {
+            spin(&mut || Ok(lb.read_obj::<u8>(0).unwrap_or(0) == tag))?;
+        }
+        // pong
+        if !is_send {
+            let pd = p.mr_b.pdir.as_ref().expect("user MR");
+            let _ = mem.write_obj(tag, pd.addr((p.mr_b.iova % PAGE) + size - 1));
+        }
+        spin(&mut || Ok(sqb.space(mem)))?;
+        sqb.push(i, Some(flags));
+        sqb.publish(mem);
+        drv.ring_sq(&p.b);
+        if is_send {
+            spin(&mut || Ok(cq_recvs(&mut cqa, mem)? > 0))?;
+        } else {
+            spin(&mut || Ok(la.read_obj::<u8>(0).unwrap_or(0) == tag))?;
+        }
+        lat.push(t0.elapsed() / 2);
+        if !is_send {
+            // Reap signaled send completions so the CQs never fill.
+            cqa.poll(mem, |_| {})?;
+            cqb.poll(mem, |_| {})?;
+        }
+    }
+    let elapsed = start.elapsed();
+    // Send completions still queued (both sides), then the rings' indices go back to the pair.
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_millis(200) {
+        cqa.poll(mem, |_| {})?;
+        cqb.poll(mem, |_| {})?;
+        if sqa.head == sqa.prod && sqb.head == sqb.prod {
+            break;
+        }
+        sqa.space(mem);
+        sqb.space(mem);
+        let _ = (sqa.refresh(mem), sqb.refresh(mem));
+    }
+    p.a.sq.prod = sqa.prod;
+    p.b.sq.prod = sqb.prod;
+    if let Some(w) = p.a.rq.as_mut() {
+        w.prod = rqa.prod;
+    }
+    if let Some(w) = p.b.rq.as_mut() {
+        w.prod = rqb.prod;
+    }
+    p.cq_a.cons = cqa.cons;
+    p.cq_b.cons = cqb.cons;
+    lat.sort_unstable();
+    Ok(Sample {
+        test,
+        size,
+        iters,
+        elapsed,
+        lat,
+    })
+}
+
+/// Receive completions taken from `cq` (which also carries its QP's send completions).
+fn cq_recvs(cq: &mut CqReader<'_>, mem: &GuestMemoryMmap) -> Result<u32> {
+    let mut recvs = 0;
+    cq.poll(mem, |c| {
+        if c.opcode >= 0x80 {
+            recvs += 1;
+        }
+    })?;
+    Ok(recvs)
+}
+
+impl RingWriter<'_> {
+    /// Reloads the consumer index.
+    fn refresh(&mut self, mem: &GuestMemoryMmap) -> u32 {
+        self.head = mem
+            .load(self.state.unchecked_add(4), Ordering::Acquire)
+            .unwrap_or(self.head);
+        self.head
+    }
 }

@@ -57,8 +57,6 @@ pub const MAX_WR: u32 = 1 << 16;
 const MAX_QPS: usize = 1 << 16;
 /// Objects (PDs, CQs, SRQs) per kind per backend.
 const MAX_OBJECTS: usize = 1 << 16;
-/// Preallocated slots of a queue (it grows up to its depth only when really used).
-const PREALLOC_WR: u32 = 1024;
 /// Bit that marks an rkey (lkeys and rkeys of one MR differ).
 const RKEY_BIT: u32 = 0x8000_0000;
 
@@ -454,7 +452,7 @@ impl Backend for EmulatedBackend {
             max_wr,
             max_sge,
             q: Mutex::new(SrqQ {
-                wqes: VecDeque::with_capacity(max_wr.min(PREALLOC_WR) as usize),
+                wqes: VecDeque::new(),
                 limit,
                 waiters: Vec::new(),
             }),
@@ -578,7 +576,7 @@ impl Backend for EmulatedBackend {
             access: AtomicU32::new(0),
             dead: AtomicBool::new(false),
             sq: Mutex::new(Sq {
-                pending: VecDeque::with_capacity(init.max_send_wr.min(PREALLOC_WR) as usize),
+                pending: VecDeque::new(),
                 stall: None,
                 token: 1,
                 path_mtu: 0,
@@ -591,7 +589,7 @@ impl Backend for EmulatedBackend {
                 remote: Weak::new(),
             }),
             rq: Mutex::new(Rq {
-                wqes: VecDeque::with_capacity(init.max_recv_wr.min(PREALLOC_WR) as usize),
+                wqes: VecDeque::new(),
                 waiters: Vec::new(),
                 qkey: 0,
                 min_rnr_timer: 0,

@@ -1,0 +1,781 @@
+//! `pvrdma bench`: perftest-style figures through the real guest rings, over the in-process
+//! device and over a `pvrdma serve` process (vfio-user), next to single-thread memcpy; command
+//! path latencies; resident memory of `pvrdma serve`. A human table on stdout and one JSON line
+//! per case (prefixed `JSON `), so `grep '^JSON ' | cut -c6-` gives JSON lines.
+
+use std::fmt::Write as _;
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pvrdma_dev::abi::{cmd, CmdDestroyMr};
+use pvrdma_dev::DeviceConfig;
+use pvrdma_guest::driver::{rc_connect_attrs, QpKind};
+use pvrdma_guest::kernel::ib_register;
+use pvrdma_guest::mem::{GuestPdir, PAGE};
+use pvrdma_guest::perf::{self, BwOpts, Pair, Sample, Test};
+use pvrdma_guest::vfio::{ServeProcess, VfioUser};
+use pvrdma_guest::{Driver, InProcess, Transport};
+use rdma_backend::emulated::Fabric;
+use vm_memory::GuestAddress;
+
+/// Latency cases that stalled in this run (reported at the end).
+static STALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+const MAC: [u8; 6] = [0x00, 0x50, 0x56, 0x00, 0x00, 0x01];
+const ACCESS: u32 = 1 | 2 | 4 | 8;
+
+const HELP: &str = "usage: pvrdma bench [options]\n\
+\n\
+perftest-style runs through the guest rings (lean posting: prebuilt WQEs, one doorbell per\n\
+batch, signaled every N), next to single-thread memcpy of the same sizes; command-path\n\
+latencies; resident memory of `pvrdma serve`.\n\
+\n\
+options:\n\
+\x20 --quick              a short run (seconds); checks the tool works, figures are rough\n\
+\x20 --tests LIST         send_bw,write_bw,read_bw,atomic_bw,send_lat,write_lat (default all)\n\
+\x20 --sizes LIST         message sizes in bytes (default 2,8,64,512,4096,65536,1048576,8388608)\n\
+\x20 --transport T        inproc, vfio or both (default both)\n\
+\x20 --qps N              QP pairs of the multi-QP run (default 64; 0 skips it)\n\
+\x20 --depth N            queue depth (default 128)\n\
+\x20 --batch N            WQEs per doorbell (default 32)\n\
+\x20 --sig N              signal every Nth send (default 32)\n\
+\x20 --workers N          device worker threads (default 2)\n\
+\x20 --bytes N            bytes per bandwidth case (default 1 GiB; iterations derive from it)\n\
+\x20 --only SECTIONS      data,multi,cmd,mem (default all)\n";
+
+#[derive(Debug, Clone)]
+struct Opts {
+    quick: bool,
+    tests: Vec<Test>,
+    sizes: Vec<u64>,
+    inproc: bool,
+    vfio: bool,
+    qps: usize,
+    depth: u32,
+    batch: u32,
+    sig: u32,
+    workers: usize,
+    bytes: u64,
+    sections: Vec<String>,
+}
+
+fn test_by_name(s: &str) -> Option<Test> {
+    [
+        Test::SendBw,
+        Test::WriteBw,
+        Test::ReadBw,
+        Test::AtomicBw,
+        Test::SendLat,
+        Test::WriteLat,
+    ]
+    .into_iter()
+    .find(|t| t.name() == s)
+}
+
+fn parse(args: &[String]) -> Result<Opts, String> {
+    let mut o = Opts {
+        quick: false,
+        tests: vec![
+            Test::SendBw,
+            Test::WriteBw,
+            Test::ReadBw,
+            Test::AtomicBw,
+            Test::SendLat,
+            Test::WriteLat,
+        ],
+        sizes: vec![2, 8, 64, 512, 4096, 65536, 1 << 20, 8 << 20],
+        inproc: true,
+        vfio: true,
+        qps: 64,
+        depth: 128,
+        batch: 32,
+        sig: 32,
+        workers: 2,
+        bytes: 1 << 30,
+        sections: ["data", "multi", "cmd", "mem"].map(String::from).to_vec(),
+    };
+    let mut sizes_set = false;
+    let mut it = args.iter();
+    let num = |opt: &str, v: &str| -> Result<u64, String> {
+        v.parse::<u64>()
+            .map_err(|_| format!("{opt}: `{v}` is not a number"))
+    };
+    while let Some(a) = it.next() {
+        let mut val = || {
+            it.next()
+                .cloned()
+                .ok_or_else(|| format!("{a} needs a value"))
+        };
+        match a.as_str() {
+            "--quick" => o.quick = true,
+            "--tests" => {
+                o.tests = val()?
+                    .split(',')
+                    .map(|t| test_by_name(t).ok_or_else(|| format!("unknown test `{t}`")))
+                    .collect::<Result<_, _>>()?;
+            }
+            "--sizes" => {
+                o.sizes = val()?
+                    .split(',')
+                    .map(|s| num("--sizes", s))
+                    .collect::<Result<_, _>>()?;
+                sizes_set = true;
+            }
+            "--transport" => match val()?.as_str() {
+                "inproc" => (o.inproc, o.vfio) = (true, false),
+                "vfio" => (o.inproc, o.vfio) = (false, true),
+                "both" => (o.inproc, o.vfio) = (true, true),
+                t => return Err(format!("unknown transport `{t}`")),
+            },
+            "--qps" => o.qps = num(a, &val()?)? as usize,
+            "--depth" => o.depth = num(a, &val()?)? as u32,
+            "--batch" => o.batch = num(a, &val()?)? as u32,
+            "--sig" => o.sig = num(a, &val()?)? as u32,
+            "--workers" => o.workers = num(a, &val()?)? as usize,
+            "--bytes" => o.bytes = num(a, &val()?)?,
+            "--only" => o.sections = val()?.split(',').map(String::from).collect(),
+            "-h" | "--help" => {
+                print!("{HELP}");
+                std::process::exit(0);
+            }
+            other => return Err(format!("bench: unknown option {other}")),
+        }
+    }
+    if o.quick {
+        if !sizes_set {
+            o.sizes = vec![2, 64, 4096, 1 << 20];
+        }
+        o.bytes = o.bytes.min(16 << 20);
+        o.qps = o.qps.min(8);
+    }
+    if o.sizes.iter().any(|&s| s == 0 || s > 8 << 20) {
+        return Err("bench: sizes must be 1..=8 MiB".into());
+    }
+    if !(2..=4096).contains(&o.depth) || !o.depth.is_power_of_two() {
+        return Err("bench: --depth must be a power of two in 2..=4096".into());
+    }
+    o.batch = o.batch.clamp(1, o.depth);
+    o.sig = o.sig.clamp(1, o.depth);
+    o.workers = o.workers.max(1);
+    Ok(o)
+}
+
+fn has(o: &Opts, section: &str) -> bool {
+    o.sections.iter().any(|s| s == section)
+}
+
+/// Iterations for a bandwidth case of `size` bytes.
+fn iters_for(o: &Opts, size: u64, test: Test) -> u64 {
+    let (lo, hi) = if o.quick {
+        (16, 20_000)
+    } else {
+        (64, 1_000_000)
+    };
+    let per_msg = match test {
+        Test::AtomicBw => 64,
+        _ => size.max(64),
+    };
+    (o.bytes / per_msg).clamp(lo, hi)
+}
+
+fn json_line(fields: &[(&str, String)]) -> String {
+    let mut s = String::from("JSON {");
+    for (i, (k, v)) in fields.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        let _ = write!(s, "\"{k}\":{v}");
+    }
+    s.push('}');
+    s
+}
+
+fn q(s: &str) -> String {
+    format!("\"{s}\"")
+}
+
+fn f(v: f64) -> String {
+    if v.is_finite() {
+        format!("{v:.4}")
+    } else {
+        "null".into()
+    }
+}
+
+/// Single-thread memcpy bandwidth of `size`-byte copies, in MB/s (10^6 bytes), over buffers
+/// large enough that 8 MiB copies miss the caches as RDMA of 8 MiB does.
+fn memcpy_mb_s(size: u64, budget: u64) -> f64 {
+    let size = size as usize;
+    let mut src = vec![1u8; size];
+    let mut dst = vec![0u8; size];
+    src[0] = 2;
+    let iters = (budget / size as u64).clamp(16, 10_000_000);
+    // Warm up (page faults), then measure.
+    dst.copy_from_slice(&src);
+    let t = Instant::now();
+    for _ in 0..iters {
+        black_box(&mut dst).copy_from_slice(black_box(&src));
+    }
+    let e = t.elapsed().as_secs_f64();
+    (size as u64 * iters) as f64 / e / 1e6
+}
+
+/// A device and its driver brought up the way the kernel does it.
+struct Rig {
+    drv: Driver,
+    gid: [u8; 16],
+    name: &'static str,
+    _serve: Option<ServeProcess>,
+}
+
+fn rig_inproc(workers: usize, ram: usize) -> Result<Rig, String> {
+    let cfg = DeviceConfig {
+        mac: MAC,
+        workers,
+        ..DeviceConfig::default()
+    };
+    let t = Arc::new(InProcess::new(cfg, ram, &Fabric::new()));
+    let drv = Driver::probe(t as Arc<dyn Transport>).map_err(|e| format!("probe: {e}"))?;
+    let k = ib_register(&drv, MAC).map_err(|e| format!("ib registration: {e}"))?;
+    Ok(Rig {
+        drv,
+        gid: k.gid,
+        name: "inproc",
+        _serve: None,
+    })
+}
+
+fn spawn_serve(workers: usize) -> Result<ServeProcess, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
+    let w = workers.to_string();
+    ServeProcess::spawn(&exe, &["--workers", &w]).map_err(|e| format!("pvrdma serve: {e}"))
+}
+
+fn rig_vfio(workers: usize, ram: usize) -> Result<Rig, String> {
+    let serve = spawn_serve(workers)?;
+    let t = VfioUser::connect_with_ram(serve.socket(), ram).map_err(|e| format!("connect: {e}"))?;
+    let drv =
+        Driver::probe(Arc::new(t) as Arc<dyn Transport>).map_err(|e| format!("probe: {e}"))?;
+    let k = ib_register(&drv, MAC).map_err(|e| format!("ib registration: {e}"))?;
+    Ok(Rig {
+        drv,
+        gid: k.gid,
+        name: "vfio",
+        _serve: Some(serve),
+    })
+}
+
+fn header() {
+    println!(
+        "{:<8} {:<10} {:>9} {:>4} {:>9} {:>12} {:>10} {:>12} {:>8} {:>10} {:>10}",
+        "transp",
+        "test",
+        "bytes",
+        "qps",
+        "iters",
+        "BW[MB/s]",
+        "Mmsg/s",
+        "memcpy[MB/s]",
+        "ratio",
+        "p50[us]",
+        "p99[us]"
+    );
+}
+
+#[allow(clippy::too_many_arguments)]
+fn report(
+    transport: &str,
+    s: &Sample,
+    qps: usize,
+    workers: usize,
+    o: &Opts,
+    memcpy: Option<f64>,
+    extra: &[(&str, String)],
+) {
+    let lat = !s.lat.is_empty();
+    let ratio = memcpy.map(|m| s.mb_per_s() / m);
+    println!(
+        "{:<8} {:<10} {:>9} {:>4} {:>9} {:>12.1} {:>10.4} {:>12} {:>8} {:>10} {:>10}",
+        transport,
+        s.test.name(),
+        s.size,
+        qps,
+        s.iters,
+        s.mb_per_s(),
+        s.mmsg_per_s(),
+        memcpy.map_or("-".into(), |m| format!("{m:.1}")),
+        ratio.map_or("-".into(), |r| format!("{r:.3}")),
+        if lat {
+            format!("{:.2}", s.lat_us(0.5))
+        } else {
+            "-".into()
+        },
+        if lat {
+            format!("{:.2}", s.lat_us(0.99))
+        } else {
+            "-".into()
+        },
+    );
+    let mut fields = vec![
+        ("kind", q(if lat { "lat" } else { "bw" })),
+        ("transport", q(transport)),
+        ("test", q(s.test.name())),
+        ("size", s.size.to_string()),
+        ("qps", qps.to_string()),
+        ("workers", workers.to_string()),
+        ("depth", o.depth.to_string()),
+        ("batch", o.batch.to_string()),
+        ("sig_every", o.sig.to_string()),
+        ("iters", s.iters.to_string()),
+        ("secs", f(s.elapsed.as_secs_f64())),
+        ("mb_s", f(s.mb_per_s())),
+        ("mmsg_s", f(s.mmsg_per_s())),
+    ];
+    if lat {
+        fields.push(("lat_p50_us", f(s.lat_us(0.5))));
+        fields.push(("lat_p99_us", f(s.lat_us(0.99))));
+    }
+    if let Some(m) = memcpy {
+        fields.push(("memcpy_mb_s", f(m)));
+        fields.push(("ratio_to_memcpy", f(s.mb_per_s() / m)));
+    }
+    fields.extend(extra.iter().cloned());
+    println!("{}", json_line(&fields));
+}
+
+fn new_pairs(rig: &Rig, n: usize, depth: u32, buf: u64) -> Result<Vec<Pair>, String> {
+    (0..n)
+        .map(|i| {
+            Pair::new(&rig.drv, 1 + i as u32, rig.gid, depth, buf.max(4096))
+                .map_err(|e| format!("pair {i}: {e}"))
+        })
+        .collect()
+}
+
+fn data_section(rig: &Rig, o: &Opts, memcpy: &[(u64, f64)]) -> Result<(), String> {
+    let max = *o.sizes.iter().max().unwrap_or(&4096);
+    let mut pairs = new_pairs(rig, 1, o.depth, max)?;
+    let mut next_uar = 2;
+    let mc = |size: u64| memcpy.iter().find(|m| m.0 == size).map(|m| m.1);
+    for &test in &o.tests {
+        for &size in &o.sizes {
+            match test {
+                Test::SendLat | Test::WriteLat => {
+                    if size > 65536 {
+                        continue;
+                    }
+                    let n = if o.quick { 200 } else { 20_000 };
+                    // A fresh pair per latency case (receives a send_lat case leaves posted
+                    // stay out of the way), with room for 2 x 64 KiB per side.
+                    let mut lp = Pair::new(&rig.drv, next_uar, rig.gid, o.depth, 2 << 16)
+                        .map_err(|e| format!("latency pair: {e}"))?;
+                    next_uar += 1;
+                    let r = if test == Test::SendLat {
+                        perf::send_lat_lean(&rig.drv, &mut lp, size, n)
+                    } else {
+                        perf::write_lat(&rig.drv, &mut lp, size, n)
+                    };
+                    match r {
+                        Ok(s) => report(rig.name, &s, 1, o.workers, o, None, &[]),
+                        Err(e) => {
+                            // Reported and counted, not fatal: the other cases still run.
+                            println!(
+                                "{:<8} {:<10} {:>9} STALLED: a ping-pong step took over 2 s ({e})",
+                                rig.name,
+                                test.name(),
+                                size
+                            );
+                            println!(
+                                "{}",
+                                json_line(&[
+                                    ("kind", q("lat")),
+                                    ("transport", q(rig.name)),
+                                    ("test", q(test.name())),
+                                    ("size", size.to_string()),
+                                    ("error", q(&format!("stalled: {e}"))),
+                                ])
+                            );
+                            STALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                }
+                Test::AtomicBw => {
+                    if size != o.sizes[0] {
+                        continue;
+                    }
+                    let bo = BwOpts {
+                        size: 8,
+                        iters: iters_for(o, 8, test),
+                        batch: o.batch,
+                        sig_every: o.sig,
+                    };
+                    let s = perf::bw_lean(&rig.drv, &mut pairs, test, bo)
+                        .map_err(|e| format!("atomic_bw: {e}"))?;
+                    report(rig.name, &s, 1, o.workers, o, None, &[]);
+                }
+                _ => {
+                    let bo = BwOpts {
+                        size,
+                        iters: iters_for(o, size, test),
+                        batch: o.batch,
+                        sig_every: o.sig,
+                    };
+                    let s = perf::bw_lean(&rig.drv, &mut pairs, test, bo)
+                        .map_err(|e| format!("{} {size}: {e}", test.name()))?;
+                    report(rig.name, &s, 1, o.workers, o, mc(size), &[]);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// 64-byte SEND over `o.qps` pairs, with 1 and with `o.workers.max(2)` device workers.
+fn multi_section(o: &Opts) -> Result<(), String> {
+    let mut rates = Vec::new();
+    for workers in [1, o.workers.max(2)] {
+        let rig = rig_inproc(workers, pvrdma_guest::transport::DEFAULT_RAM)?;
+        let mut pairs = new_pairs(&rig, o.qps, o.depth.min(64), 4096)?;
+        let size = 64;
+        let per = if o.quick { 2_000 } else { 50_000 };
+        let bo = BwOpts {
+            size,
+            iters: per,
+            batch: o.batch.min(32),
+            sig_every: o.sig.min(32),
+        };
+        let s = perf::bw_lean_threads(&rig.drv, &mut pairs, Test::SendBw, bo, 1)
+            .map_err(|e| format!("multi-QP send_bw: {e}"))?;
+        rates.push(s.mmsg_per_s());
+        let extra = [("harness_threads", "1".to_string())];
+        report("inproc", &s, o.qps, workers, o, None, &extra);
+    }
+    let scale = rates[1] / rates[0];
+    println!(
+        "multi-QP scaling ({} pairs): {:.2}x with {} workers over 1",
+        o.qps,
+        scale,
+        o.workers.max(2)
+    );
+    println!(
+        "{}",
+        json_line(&[
+            ("kind", q("scaling")),
+            ("qps", o.qps.to_string()),
+            ("workers", o.workers.max(2).to_string()),
+            ("mmsg_s_1_worker", f(rates[0])),
+            ("mmsg_s_n_workers", f(rates[1])),
+            ("ratio", f(scale)),
+        ])
+    );
+    Ok(())
+}
+
+fn pct(v: &mut [Duration], p: f64) -> f64 {
+    v.sort_unstable();
+    let i = ((v.len() - 1) as f64 * p).round() as usize;
+    v[i].as_secs_f64() * 1e6
+}
+
+fn lat_row(transport: &str, what: &str, v: &mut [Duration]) {
+    let (p50, p99) = (pct(v, 0.5), pct(v, 0.99));
+    println!(
+        "{transport:<8} {what:<44} {:>8} {p50:>12.2} {p99:>12.2}",
+        v.len()
+    );
+    println!(
+        "{}",
+        json_line(&[
+            ("kind", q("cmd")),
+            ("transport", q(transport)),
+            ("what", q(what)),
+            ("n", v.len().to_string()),
+            ("p50_us", f(p50)),
+            ("p99_us", f(p99)),
+        ])
+    );
+}
+
+/// Command-path latencies: QP create → RTS → destroy; MR register/deregister of 1 MiB and 1 GiB.
+fn cmd_section(rig: &Rig, o: &Opts, big_base: u64) -> Result<(), String> {
+    let d = &rig.drv;
+    let e = |e: pvrdma_guest::driver::GuestError| e.to_string();
+    let ctx = d.create_uc(100).map_err(e)?;
+    let pd = d.create_pd(ctx).map_err(e)?;
+    let cq = d.create_cq(ctx, 256).map_err(e)?;
+    let n = if o.quick { 50 } else { 2000 };
+    println!(
+        "{:<8} {:<44} {:>8} {:>12} {:>12}",
+        "transp", "command", "n", "p50[us]", "p99[us]"
+    );
+    let (mut create, mut rts, mut both, mut destroy) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..n {
+        // The harness lays out and zeroes the QP's pages first (the guest's own work), then
+        // times the commands.
+        let t0 = Instant::now();
+        let qp = d
+            .create_qp(ctx, QpKind::Rc, pd, &cq, &cq, None, (128, 128, 1, 1), false)
+            .map_err(e)?;
+        let t1 = Instant::now();
+        for m in rc_connect_attrs(qp.qpn, rig.gid, ACCESS) {
+            d.modify_qp(&qp, m).map_err(e)?;
+        }
+        let t2 = Instant::now();
+        d.destroy_qp(qp).map_err(e)?;
+        let t3 = Instant::now();
+        create.push(t1 - t0);
+        rts.push(t2 - t1);
+        both.push(t2 - t0);
+        destroy.push(t3 - t2);
+    }
+    lat_row(rig.name, "create QP (incl. guest page setup)", &mut create);
+    lat_row(rig.name, "modify QP INIT+RTR+RTS (3 commands)", &mut rts);
+    lat_row(rig.name, "create QP and take it to RTS", &mut both);
+    lat_row(rig.name, "destroy QP", &mut destroy);
+    // MRs: the page list is built once (outside the timing); register and deregister it.
+    for (label, len, reps) in [
+        ("1 MiB", 1u64 << 20, if o.quick { 50 } else { 1000 }),
+        ("1 GiB", 1u64 << 30, if o.quick { 3 } else { 30 }),
+    ] {
+        let npages = len / PAGE;
+        let pages: Vec<GuestAddress> = if len >= 1 << 30 {
+            // 1 GiB of guest pages the harness's allocator never hands out (the top of guest
+            // RAM, see `big_base`), untouched: registration never reads the data pages.
+            (0..npages)
+                .map(|i| GuestAddress(big_base + i * PAGE))
+                .collect()
+        } else {
+            d.alloc.scattered(d.mem(), npages as usize)
+        };
+        let pdir = GuestPdir::build(&d.alloc, d.mem(), pages);
+        let (mut reg, mut dereg) = (Vec::new(), Vec::new());
+        for _ in 0..reps {
+            let t0 = Instant::now();
+            let mr = d
+                .reg_mr_pdir(pd, 0x7f00_0000_0000, len, ACCESS, pdir.clone())
+                .map_err(e)?;
+            let t1 = Instant::now();
+            d.cmd_noresp(
+                cmd::DESTROY_MR,
+                CmdDestroyMr {
+                    mr_handle: mr.handle,
+                    ..Default::default()
+                },
+            )
+            .map_err(e)?;
+            reg.push(t1 - t0);
+            dereg.push(t1.elapsed());
+        }
+        lat_row(rig.name, &format!("register MR {label}"), &mut reg);
+        lat_row(rig.name, &format!("deregister MR {label}"), &mut dereg);
+        d.alloc.free(&pdir.tables);
+        d.alloc.free(&[pdir.dir]);
+        if len < 1 << 30 {
+            d.alloc.free(&pdir.pages);
+        }
+    }
+    Ok(())
+}
+
+fn rss(pid: u32) -> (u64, u64) {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        s.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("RssAnon:"))
+}
+
+/// Resident memory of a `pvrdma serve` process: idle, then per idle CQ, QP and MR.
+fn mem_section(o: &Opts) -> Result<(), String> {
+    let serve = spawn_serve(o.workers)?;
+    let pid = serve.pid();
+    std::thread::sleep(Duration::from_millis(200));
+    let idle = rss(pid);
+    let t = VfioUser::connect(serve.socket()).map_err(|e| format!("connect: {e}"))?;
+    let d = Driver::probe(Arc::new(t) as Arc<dyn Transport>).map_err(|e| format!("probe: {e}"))?;
+    let k = ib_register(&d, MAC).map_err(|e| format!("ib registration: {e}"))?;
+    let e = |e: pvrdma_guest::driver::GuestError| e.to_string();
+    let ctx = d.create_uc(1).map_err(e)?;
+    let pd = d.create_pd(ctx).map_err(e)?;
+    std::thread::sleep(Duration::from_millis(100));
+    let active = rss(pid);
+    let n = if o.quick { 100 } else { 1000 };
+    let mut cqs = Vec::new();
+    for _ in 0..n {
+        cqs.push(d.create_cq(ctx, 64).map_err(e)?);
+    }
+    let after_cq = rss(pid);
+    let mut qps = Vec::new();
+    for c in &cqs {
+        let qp = d
+            .create_qp(ctx, QpKind::Rc, pd, c, c, None, (64, 64, 1, 1), false)
+            .map_err(e)?;
+        for m in rc_connect_attrs(qp.qpn, k.gid, ACCESS) {
+            d.modify_qp(&qp, m).map_err(e)?;
+        }
+        qps.push(qp);
+    }
+    let after_qp = rss(pid);
+    let mut mrs = Vec::new();
+    for i in 0..n {
+        mrs.push(
+            d.reg_mr(pd, 0x7f00_0000_0000 + (i as u64) * PAGE, PAGE, ACCESS)
+                .map_err(e)?,
+        );
+    }
+    let after_mr = rss(pid);
+    let per = |a: (u64, u64), b: (u64, u64)| {
+        (
+            (b.0 as f64 - a.0 as f64) * 1024.0 / n as f64,
+            (b.1 as f64 - a.1 as f64) * 1024.0 / n as f64,
+        )
+    };
+    println!("pvrdma serve (pid {pid}), {} worker threads", o.workers);
+    println!(
+        "{:<40} {:>12} {:>12}",
+        "state", "VmRSS[KiB]", "RssAnon[KiB]"
+    );
+    for (what, v) in [
+        ("idle, no client", idle),
+        ("client connected, device active", active),
+        ("+ idle CQs", after_cq),
+        ("+ idle QPs (RTS)", after_qp),
+        ("+ idle MRs (4 KiB)", after_mr),
+    ] {
+        println!("{what:<40} {:>12} {:>12}", v.0, v.1);
+    }
+    println!(
+        "{:<40} {:>12} {:>12}",
+        "per object (bytes)", "VmRSS", "RssAnon"
+    );
+    let mut fields = vec![
+        ("kind", q("mem")),
+        ("objects", n.to_string()),
+        ("idle_rss_kib", idle.0.to_string()),
+        ("active_rss_kib", active.0.to_string()),
+        ("active_rss_anon_kib", active.1.to_string()),
+    ];
+    let rows = [
+        ("cq", per(active, after_cq)),
+        ("qp", per(after_cq, after_qp)),
+        ("mr", per(after_qp, after_mr)),
+    ];
+    for (what, (vm, anon)) in rows {
+        println!("{:<40} {vm:>12.0} {anon:>12.0}", format!("per idle {what}"));
+    }
+    fields.push(("per_cq_rss_bytes", f(rows[0].1 .0)));
+    fields.push(("per_cq_anon_bytes", f(rows[0].1 .1)));
+    fields.push(("per_qp_rss_bytes", f(rows[1].1 .0)));
+    fields.push(("per_qp_anon_bytes", f(rows[1].1 .1)));
+    fields.push(("per_mr_rss_bytes", f(rows[2].1 .0)));
+    fields.push(("per_mr_anon_bytes", f(rows[2].1 .1)));
+    println!("{}", json_line(&fields));
+    d.remove();
+    Ok(())
+}
+
+fn load() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// Runs the benchmarks.
+pub fn run(args: &[String]) -> Result<(), String> {
+    let o = parse(args)?;
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!(
+        "pvrdma bench{}: {cpus} CPUs, load average {} (start); depth {}, {} WQEs per doorbell, \
+         signaled every {}, {} device workers",
+        if o.quick { " --quick" } else { "" },
+        load(),
+        o.depth,
+        o.batch,
+        o.sig,
+        o.workers
+    );
+    println!(
+        "{}",
+        json_line(&[
+            ("kind", q("run")),
+            ("quick", o.quick.to_string()),
+            ("cpus", cpus.to_string()),
+            ("load", q(&load())),
+        ])
+    );
+    if has(&o, "data") {
+        println!();
+        println!("== memcpy (single thread), the limit data-path figures are held against");
+        let memcpy: Vec<(u64, f64)> = o
+            .sizes
+            .iter()
+            .map(|&s| (s, memcpy_mb_s(s, if o.quick { 64 << 20 } else { 4 << 30 })))
+            .collect();
+        for (s, m) in &memcpy {
+            println!("memcpy {s:>9} B: {m:>10.1} MB/s");
+            println!(
+                "{}",
+                json_line(&[
+                    ("kind", q("memcpy")),
+                    ("size", s.to_string()),
+                    ("mb_s", f(*m))
+                ])
+            );
+        }
+        let ram = pvrdma_guest::transport::DEFAULT_RAM;
+        let ram = ram.max((8 * *o.sizes.iter().max().unwrap_or(&0) as usize) + (64 << 20));
+        if o.inproc {
+            println!();
+            println!("== data path, in-process device, 1 QP pair");
+            header();
+            data_section(&rig_inproc(o.workers, ram)?, &o, &memcpy)?;
+        }
+        if o.vfio {
+            println!();
+            println!("== data path, vfio-user to a `pvrdma serve` process, 1 QP pair");
+            header();
+            data_section(&rig_vfio(o.workers, ram)?, &o, &memcpy)?;
+        }
+    }
+    if has(&o, "multi") && o.qps > 0 {
+        println!();
+        println!(
+            "== {} QP pairs, 64 B SEND, in-process: 1 device worker vs {}",
+            o.qps,
+            o.workers.max(2)
+        );
+        header();
+        multi_section(&o)?;
+    }
+    if has(&o, "cmd") {
+        // Guest RAM: what the harness allocates from, plus 1 GiB at the top for the 1 GiB MR.
+        let low = 256usize << 20;
+        let ram = low + (1 << 30);
+        println!();
+        println!("== command path, in-process");
+        cmd_section(&rig_inproc(o.workers, ram)?, &o, low as u64)?;
+        if o.vfio {
+            println!();
+            println!("== command path, vfio-user");
+            cmd_section(&rig_vfio(o.workers, ram)?, &o, low as u64)?;
+        }
+    }
+    if has(&o, "mem") {
+        println!();
+        println!("== resident memory of `pvrdma serve`");
+        mem_section(&o)?;
+    }
+    println!();
+    let stalls = STALLS.load(std::sync::atomic::Ordering::Relaxed);
+    if stalls > 0 {
+        println!("WARNING: {stalls} latency case(s) stalled (see the STALLED rows)");
+    }
+    println!("load average at the end: {}", load());
+    Ok(())
+}
