@@ -36,6 +36,7 @@ options:\n\
 \x20 --tests LIST         send_bw,write_bw,read_bw,atomic_bw,send_lat,write_lat (default all)\n\
 \x20 --sizes LIST         message sizes in bytes (default 2,8,64,512,4096,65536,1048576,8388608)\n\
 \x20 --transport T        inproc, vfio or both (default both)\n\
+\x20 --pairs N            QP pairs of the data-path bandwidth runs (default 1)\n\
 \x20 --qps N              QP pairs of the multi-QP run (default 64; 0 skips it)\n\
 \x20 --depth N            queue depth (default 128)\n\
 \x20 --batch N            WQEs per doorbell (default 32)\n\
@@ -52,6 +53,7 @@ struct Opts {
     inproc: bool,
     vfio: bool,
     qps: usize,
+    pairs: usize,
     depth: u32,
     batch: u32,
     sig: u32,
@@ -88,6 +90,7 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         inproc: true,
         vfio: true,
         qps: 64,
+        pairs: 1,
         depth: 128,
         batch: 32,
         sig: 32,
@@ -129,6 +132,7 @@ fn parse(args: &[String]) -> Result<Opts, String> {
                 t => return Err(format!("unknown transport `{t}`")),
             },
             "--qps" => o.qps = num(a, &val()?)? as usize,
+            "--pairs" => o.pairs = num(a, &val()?)?.clamp(1, 256) as usize,
             "--depth" => o.depth = num(a, &val()?)? as u32,
             "--batch" => o.batch = num(a, &val()?)? as u32,
             "--sig" => o.sig = num(a, &val()?)? as u32,
@@ -355,8 +359,8 @@ fn new_pairs(rig: &Rig, n: usize, depth: u32, buf: u64) -> Result<Vec<Pair>, Str
 
 fn data_section(rig: &Rig, o: &Opts, memcpy: &[(u64, f64)]) -> Result<(), String> {
     let max = *o.sizes.iter().max().unwrap_or(&4096);
-    let mut pairs = new_pairs(rig, 1, o.depth, max)?;
-    let mut next_uar = 2;
+    let mut pairs = new_pairs(rig, o.pairs, o.depth, max)?;
+    let mut next_uar = 1 + o.pairs as u32;
     let mc = |size: u64| memcpy.iter().find(|m| m.0 == size).map(|m| m.1);
     for &test in &o.tests {
         for &size in &o.sizes {
@@ -412,7 +416,7 @@ fn data_section(rig: &Rig, o: &Opts, memcpy: &[(u64, f64)]) -> Result<(), String
                     };
                     let s = perf::bw_lean(&rig.drv, &mut pairs, test, bo)
                         .map_err(|e| format!("atomic_bw: {e}"))?;
-                    report(rig.name, &s, 1, o.workers, o, None, &[]);
+                    report(rig.name, &s, o.pairs, o.workers, o, None, &[]);
                 }
                 _ => {
                     let bo = BwOpts {
@@ -423,7 +427,7 @@ fn data_section(rig: &Rig, o: &Opts, memcpy: &[(u64, f64)]) -> Result<(), String
                     };
                     let s = perf::bw_lean(&rig.drv, &mut pairs, test, bo)
                         .map_err(|e| format!("{} {size}: {e}", test.name()))?;
-                    report(rig.name, &s, 1, o.workers, o, mc(size), &[]);
+                    report(rig.name, &s, o.pairs, o.workers, o, mc(size), &[]);
                 }
             }
         }
@@ -729,16 +733,20 @@ pub fn run(args: &[String]) -> Result<(), String> {
             );
         }
         let ram = pvrdma_guest::transport::DEFAULT_RAM;
-        let ram = ram.max((8 * *o.sizes.iter().max().unwrap_or(&0) as usize) + (64 << 20));
+        let max = *o.sizes.iter().max().unwrap_or(&0) as usize;
+        let ram = ram.max(4 * max * o.pairs + (128 << 20));
         if o.inproc {
             println!();
-            println!("== data path, in-process device, 1 QP pair");
+            println!("== data path, in-process device, {} QP pair(s)", o.pairs);
             header();
             data_section(&rig_inproc(o.workers, ram)?, &o, &memcpy)?;
         }
         if o.vfio {
             println!();
-            println!("== data path, vfio-user to a `pvrdma serve` process, 1 QP pair");
+            println!(
+                "== data path, vfio-user to a `pvrdma serve` process, {} QP pair(s)",
+                o.pairs
+            );
             header();
             data_section(&rig_vfio(o.workers, ram)?, &o, &memcpy)?;
         }

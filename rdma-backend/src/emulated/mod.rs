@@ -57,6 +57,29 @@ pub const MAX_WR: u32 = 1 << 16;
 const MAX_QPS: usize = 1 << 16;
 /// Objects (PDs, CQs, SRQs) per kind per backend.
 const MAX_OBJECTS: usize = 1 << 16;
+/// QPN → QP, looked up on every work request. QPNs are assigned by this backend (dense,
+/// sequential), so a multiplicative hash spreads them and no guest chooses the keys that are
+/// inserted; SipHash cost ~60 instructions per lookup on the data path.
+type QpMap = HashMap<u32, Arc<Qp>, std::hash::BuildHasherDefault<QpnHasher>>;
+
+/// Fibonacci hashing of a QPN.
+#[derive(Debug, Default, Clone, Copy)]
+struct QpnHasher(u64);
+
+impl std::hash::Hasher for QpnHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_u32(&mut self, v: u32) {
+        self.0 = (self.0 ^ u64::from(v)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
 /// Bit that marks an rkey (lkeys and rkeys of one MR differ).
 const RKEY_BIT: u32 = 0x8000_0000;
 
@@ -123,7 +146,7 @@ pub struct EmulatedBackend {
     sink: Arc<dyn CompletionSink>,
     gids: RwLock<Vec<Option<(Gid, GidType)>>>,
     mrs: RwLock<MrTable>,
-    qps: RwLock<HashMap<u32, Arc<Qp>>>,
+    qps: RwLock<QpMap>,
     ctl: Mutex<Ctl>,
 }
 
@@ -152,7 +175,7 @@ impl EmulatedBackend {
             sink,
             gids: RwLock::new(vec![None; MAX_GIDS as usize]),
             mrs: RwLock::new(MrTable::default()),
-            qps: RwLock::new(HashMap::new()),
+            qps: RwLock::new(QpMap::default()),
             ctl: Mutex::new(Ctl {
                 next_qpn: 1,
                 ..Ctl::default()
