@@ -4,8 +4,7 @@
 use rdma_backend::{QpType, RecvWr, SendWr, WcOpcode, WcStatus};
 use vm_memory::GuestMemory;
 
-use super::{read_sges, wqe, WorkQueue};
-use crate::abi::{SqWqeHdr, SQ_WQE_HDR_SIZE};
+use super::WorkQueue;
 use crate::pdir::PageDir;
 
 /// Where a fuzzed work queue lives: WQE `slot` is at `base + slot * wqe_size` in the pdir.
@@ -37,19 +36,8 @@ pub fn fetch_send<M: GuestMemory + ?Sized>(
     sq_sig_all: bool,
 ) -> Option<Result<SendWr, (WcStatus, WcOpcode)>> {
     let sq = work_queue(pdir, q)?;
-    let off = sq.wqe_offset(slot);
-    let hdr: SqWqeHdr = pdir.read_obj(mem, off).ok()?;
-    let parsed = match wqe::checked_num_sge(hdr.num_sge, sq.max_sge) {
-        None => Err(wqe::WqeError {
-            status: WcStatus::LocLenErr,
-            opcode: wqe::wc_opcode_of(hdr.opcode),
-        }),
-        Some(n) => {
-            let sges = read_sges(pdir, mem, off + u64::from(SQ_WQE_HDR_SIZE), n)?;
-            wqe::parse_send(&hdr, &sges[..n], qp_type, sq_sig_all)
-        }
-    };
-    Some(parsed.map_err(|e| (e.status, e.opcode)))
+    let r = super::fetch_send(pdir, mem, &sq, slot, qp_type, sq_sig_all)?;
+    Some(r.map_err(|(_, e)| (e.status, e.opcode)))
 }
 
 /// Fetches and parses the receive WQE in `slot` as `drain_qp`/`drain_srq` do: `None` where

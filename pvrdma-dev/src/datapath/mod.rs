@@ -202,6 +202,31 @@ fn fetch_recv<M: GuestMemory + ?Sized>(
     Some(Ok(wqe::parse_recv(&hdr, &sges[..n])))
 }
 
+/// Reads the send WQE in `slot` (header and SGEs) into local memory and parses it. `None` when
+/// the WQE cannot be read (the queue is broken); `Err((wr_id, error))` when it completes in error.
+pub(crate) fn fetch_send<M: GuestMemory + ?Sized>(
+    pdir: &PageDir,
+    mem: &M,
+    sq: &WorkQueue,
+    slot: u32,
+    qp_type: QpType,
+    sq_sig_all: bool,
+) -> Option<Result<SendWr, (u64, wqe::WqeError)>> {
+    let off = sq.wqe_offset(slot);
+    let hdr: SqWqeHdr = pdir.read_obj(mem, off).ok()?;
+    let parsed = match wqe::checked_num_sge(hdr.num_sge, sq.max_sge) {
+        None => Err(wqe::WqeError {
+            status: WcStatus::LocLenErr,
+            opcode: wqe::wc_opcode_of(hdr.opcode),
+        }),
+        Some(n) => {
+            let sges = read_sges(pdir, mem, off + u64::from(SQ_WQE_HDR_SIZE), n)?;
+            wqe::parse_send(&hdr, &sges[..n], qp_type, sq_sig_all)
+        }
+    };
+    Some(parsed.map_err(|e| (hdr.wr_id, e)))
+}
+
 /// Drains a QP's receive queue, then its send queue, into the backend. Bounded: at most one
 /// ring's worth of WQEs per queue per pass, so a guest that keeps producing cannot pin a worker.
 ///
@@ -296,23 +321,16 @@ pub(crate) fn drain_qp(shared: &QpShared, env: &Env) -> Drained {
                 return out;
             }
         };
-        let off = sq.wqe_offset(slot);
-        let Ok(hdr) = shared.pdir.read_obj::<SqWqeHdr, _>(&*mem, off) else {
+        let Some(parsed) = fetch_send(
+            &shared.pdir,
+            &*mem,
+            sq,
+            slot,
+            shared.qp_type,
+            shared.sq_sig_all,
+        ) else {
             out.ring_error = true;
             return out;
-        };
-        let parsed = match wqe::checked_num_sge(hdr.num_sge, sq.max_sge) {
-            None => Err(wqe::WqeError {
-                status: WcStatus::LocLenErr,
-                opcode: wqe::wc_opcode_of(hdr.opcode),
-            }),
-            Some(n) => match read_sges(&shared.pdir, &*mem, off + u64::from(SQ_WQE_HDR_SIZE), n) {
-                None => {
-                    out.ring_error = true;
-                    return out;
-                }
-                Some(sges) => wqe::parse_send(&hdr, &sges[..n], shared.qp_type, shared.sq_sig_all),
-            },
         };
         // cons_head advances for every WQE, signaled or not, failed or not (spec §7).
         if sq.ring.advance(&*mem).is_err() {
@@ -331,9 +349,9 @@ pub(crate) fn drain_qp(shared: &QpShared, env: &Env) -> Drained {
                 }
                 Posted::Gone => return out,
             },
-            Err(e) => {
+            Err((wr_id, e)) => {
                 env.sink
-                    .complete(&[error_wc(shared, shared.send_cq, hdr.wr_id, e)]);
+                    .complete(&[error_wc(shared, shared.send_cq, wr_id, e)]);
                 if shared.qp_type == QpType::Rc {
                     move_to_error(shared, env);
                 }
