@@ -9,11 +9,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use pvrdma_dev::abi::wr_opcode;
 use pvrdma_dev::DeviceConfig;
 use pvrdma_guest::transport::DEFAULT_RAM;
 use pvrdma_guest::vfio::VfioUser;
-use pvrdma_guest::{Ctx, Driver, GuestError, InProcess, QpKind, SendWqe, Transport};
+use pvrdma_guest::{Ctx, Driver, GuestError, InProcess, QpKind, Transport};
 use rdma_backend::emulated::{EmulatedBackend, Fabric};
 use rdma_backend::*;
 
@@ -214,21 +213,7 @@ fn client_disconnect_mid_transfer_then_a_new_client() {
     {
         let (t, drv) = probed_over(&server);
         let mut p = rc_pair(&drv, MAC, 64, 1);
-        let size = 1 << 20;
-        let local = drv.reg_mr(p.pd, 0x10_0000_0000, size, ALL_ACCESS).unwrap();
-        let remote = drv.reg_mr(p.pd, 0x20_0000_0000, size, ALL_ACCESS).unwrap();
-        for i in 0..32u64 {
-            let w = SendWqe {
-                wr_id: i,
-                opcode: wr_opcode::RDMA_WRITE,
-                flags: 2,
-                sges: vec![local.sge(0, size as u32)],
-                remote_addr: remote.iova,
-                rkey: remote.rkey,
-                ..Default::default()
-            };
-            assert!(drv.post_send(&mut p.a, &w));
-        }
+        let _mrs = post_writes_in_flight(&drv, &mut p, 32, 1 << 20);
         drop(drv);
         drop(t); // disconnect with work in flight
     }

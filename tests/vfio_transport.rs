@@ -117,21 +117,7 @@ fn reconnect_gets_a_fresh_device() {
 fn device_reset_with_work_in_flight_then_probe_again() {
     let (_server, t, drv) = probed_vfio();
     let mut p = rc_pair(&drv, MAC, 64, 1);
-    let size = 256 << 10;
-    let local = drv.reg_mr(p.pd, 0x10_0000_0000, size, ALL_ACCESS).unwrap();
-    let remote = drv.reg_mr(p.pd, 0x20_0000_0000, size, ALL_ACCESS).unwrap();
-    for i in 0..32u64 {
-        let w = SendWqe {
-            wr_id: i,
-            opcode: wr_opcode::RDMA_WRITE,
-            flags: 2,
-            sges: vec![local.sge(0, size as u32)],
-            remote_addr: remote.iova,
-            rkey: remote.rkey,
-            ..Default::default()
-        };
-        assert!(drv.post_send(&mut p.a, &w));
-    }
+    let _mrs = post_writes_in_flight(&drv, &mut p, 32, 256 << 10);
     t.reset();
     drop(drv);
     let drv = Driver::probe(t.clone() as Arc<dyn Transport>).expect("probe after reset");
@@ -149,21 +135,7 @@ fn device_reset_with_work_in_flight_then_probe_again() {
 fn dma_unmap_while_transfers_use_the_range() {
     let (server, t, drv) = probed_vfio();
     let mut p = rc_pair(&drv, MAC, 64, 1);
-    let size = 1 << 20;
-    let local = drv.reg_mr(p.pd, 0x10_0000_0000, size, ALL_ACCESS).unwrap();
-    let remote = drv.reg_mr(p.pd, 0x20_0000_0000, size, ALL_ACCESS).unwrap();
-    for i in 0..32u64 {
-        let w = SendWqe {
-            wr_id: i,
-            opcode: wr_opcode::RDMA_WRITE,
-            flags: 2,
-            sges: vec![local.sge(0, size as u32)],
-            remote_addr: remote.iova,
-            rkey: remote.rkey,
-            ..Default::default()
-        };
-        assert!(drv.post_send(&mut p.a, &w));
-    }
+    let _mrs = post_writes_in_flight(&drv, &mut p, 32, 1 << 20);
     // Pull all guest RAM out from under the transfers: the unmap is answered once no work uses
     // it, the device does not crash, and after a remap and reset it serves a new driver.
     let ram = pvrdma_guest::vfio::DEFAULT_RAM as u64;

@@ -254,3 +254,28 @@ pub fn assert_device_healthy(drv: &Driver) {
     drv.destroy_pd(pd).unwrap();
     drv.destroy_uc(ctx).unwrap();
 }
+
+/// Registers two `size`-byte MRs on `p`'s PD and posts `n` signaled RDMA WRITEs of the whole
+/// buffer from `p.a`, without waiting: work in flight for reset/unmap/disconnect tests.
+pub fn post_writes_in_flight(
+    drv: &Driver,
+    p: &mut RcPair,
+    n: u64,
+    size: u64,
+) -> (pvrdma_guest::Mr, pvrdma_guest::Mr) {
+    let local = drv.reg_mr(p.pd, 0x10_0000_0000, size, ALL_ACCESS).unwrap();
+    let remote = drv.reg_mr(p.pd, 0x20_0000_0000, size, ALL_ACCESS).unwrap();
+    for i in 0..n {
+        let w = pvrdma_guest::SendWqe {
+            wr_id: i,
+            opcode: wr_opcode::RDMA_WRITE,
+            flags: 2,
+            sges: vec![local.sge(0, size as u32)],
+            remote_addr: remote.iova,
+            rkey: remote.rkey,
+            ..Default::default()
+        };
+        assert!(drv.post_send(&mut p.a, &w));
+    }
+    (local, remote)
+}
