@@ -17,7 +17,11 @@ run() { # DEV GIDX TOOL ARGS...
 }
 for d in vmw_pvrdma0:0 rxe0:1; do
     dev=${d%:*}; x=${d#*:}
+    run "$dev" "$x" ib_send_bw -s 65536 -n "$N"
     run "$dev" "$x" ib_write_bw -s 65536 -n "$N"
+    run "$dev" "$x" ib_read_bw -s 65536 -n "$N"
+    run "$dev" "$x" ib_atomic_bw -n "$N"
     run "$dev" "$x" ib_send_lat -s 8 -n "$N"
+    run "$dev" "$x" ib_write_lat -s 8 -n "$N"
 done
 finish
