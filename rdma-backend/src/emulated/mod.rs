@@ -137,6 +137,18 @@ fn alloc_id<V>(next: &mut u32, map: &HashMap<u32, V>) -> Result<u32> {
     }
 }
 
+/// Removes `id` from a table of reference counts, unless it is missing or still referenced.
+fn remove_unreferenced(map: &mut HashMap<u32, u32>, id: u32, what: &'static str) -> Result<()> {
+    match map.get(&id) {
+        None => Err(Error::NoSuchObject(what)),
+        Some(&r) if r > 0 => Err(Error::Busy(what)),
+        Some(_) => {
+            map.remove(&id);
+            Ok(())
+        }
+    }
+}
+
 /// A software RDMA device attached to a [`Fabric`].
 pub struct EmulatedBackend {
     id: u64,
@@ -353,15 +365,7 @@ impl Backend for EmulatedBackend {
     }
 
     fn destroy_pd(&self, pd: PdId) -> Result<()> {
-        let mut ctl = lock(&self.ctl);
-        match ctl.pds.get(&pd.0) {
-            None => Err(Error::NoSuchObject("PD")),
-            Some(&r) if r > 0 => Err(Error::Busy("PD")),
-            Some(_) => {
-                ctl.pds.remove(&pd.0);
-                Ok(())
-            }
-        }
+        remove_unreferenced(&mut lock(&self.ctl).pds, pd.0, "PD")
     }
 
     fn create_mr(&self, pd: PdId, kind: MrKind, access: Access) -> Result<MrKeys> {
@@ -436,15 +440,7 @@ impl Backend for EmulatedBackend {
     }
 
     fn destroy_cq(&self, cq: CqId) -> Result<()> {
-        let mut ctl = lock(&self.ctl);
-        match ctl.cqs.get(&cq.0) {
-            None => Err(Error::NoSuchObject("CQ")),
-            Some(&r) if r > 0 => Err(Error::Busy("CQ")),
-            Some(_) => {
-                ctl.cqs.remove(&cq.0);
-                Ok(())
-            }
-        }
+        remove_unreferenced(&mut lock(&self.ctl).cqs, cq.0, "CQ")
     }
 
     fn create_srq(
