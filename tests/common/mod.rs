@@ -133,9 +133,10 @@ pub fn gid_of(mac: [u8; 6]) -> [u8; 16] {
 pub fn rc_pair(drv: &Driver, mac: [u8; 6], depth: u32, sge: u32) -> RcPair {
     let gid = gid_of(mac);
     let _ = drv.create_bind(0, gid, 1);
-    let ctx = drv
-        .create_uc(1 + drv.irqs(0) as u32 % 100)
-        .expect("create_uc");
+    // The first free UAR page below the ones `fresh_ctx` hands out.
+    let ctx = (1..300)
+        .find_map(|u| drv.create_uc(u).ok())
+        .expect("a free UAR page for the pair");
     let pd = drv.create_pd(ctx).expect("pd");
     let cq_a = drv
         .create_cq(ctx, 4 * depth.next_power_of_two())
