@@ -13,11 +13,11 @@ use pvrdma_dev::regs::offset;
 use pvrdma_dev::Region;
 use pvrdma_fuzz::{device, op, small_cfg};
 use pvrdma_guest::driver::rc_connect_attrs;
-use pvrdma_guest::{Ctx, Driver, InProcess, QpKind, SendWqe, Transport};
+use pvrdma_guest::{Ctx, Driver, Local, QpKind, SendWqe, Transport};
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 
 struct Recorder {
-    inner: Arc<InProcess>,
+    inner: Arc<Local>,
     dsr: Mutex<u64>,
     /// Page addresses of every queue/ring page directory seen so far.
     pages: Mutex<Vec<u64>>,

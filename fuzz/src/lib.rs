@@ -7,7 +7,7 @@ use std::sync::Arc;
 use pvrdma_dev::abi::{self, cmd, CMD_SLOT_SIZE};
 use pvrdma_dev::{DeviceConfig, Region};
 use pvrdma_guest::driver::GuestError;
-use pvrdma_guest::{Driver, InProcess, Transport};
+use pvrdma_guest::{Driver, Local, Transport};
 use rdma_backend::emulated::Fabric;
 use vm_memory::{ByteValued, Bytes, GuestAddress};
 
@@ -79,13 +79,21 @@ pub fn small_cfg() -> DeviceConfig {
     }
 }
 
-/// A device with the emulated backend on its own fabric, in 16 MiB of guest RAM.
-pub fn device(cfg: &DeviceConfig) -> Arc<InProcess> {
-    Arc::new(InProcess::new(cfg.clone(), RAM, &Fabric::new()))
+/// A device with the emulated backend in 16 MiB of guest RAM.
+///
+/// The device runs on the calling thread ([`Local`]: inline worker pool, no device thread), so an
+/// input replays the same way every time, and one fabric (with its timer thread) serves every
+/// input of the process.
+pub fn device(cfg: &DeviceConfig) -> Arc<Local> {
+    thread_local! {
+        static FABRIC: Arc<Fabric> = Fabric::new();
+    }
+    let fabric = FABRIC.with(Arc::clone);
+    Arc::new(Local::new(cfg.clone(), RAM, &fabric).expect("a local device"))
 }
 
 /// A device probed as `vmw_pvrdma` does (DSR, rings, ACTIVATE).
-pub fn probed(cfg: &DeviceConfig) -> (Arc<InProcess>, Driver) {
+pub fn probed(cfg: &DeviceConfig) -> (Arc<Local>, Driver) {
     let t = device(cfg);
     let drv = Driver::probe(t.clone() as Arc<dyn Transport>).expect("probe of a fresh device");
     (t, drv)
@@ -112,7 +120,7 @@ pub const RAM_PAGES: u64 = (RAM as u64) / 4096;
 
 /// Writes a page directory at page `dir` listing `npages` pages from page `first`
 /// (the [`op::PDIR`] operation). Returns the directory's guest address.
-pub fn build_pdir(t: &InProcess, dir: u16, npages: u16, first: u16) -> u64 {
+pub fn build_pdir(t: &Local, dir: u16, npages: u16, first: u16) -> u64 {
     let mem = t.mem();
     let npages = u64::from(npages % 1024) + 1;
     let ntables = npages.div_ceil(512);
@@ -234,7 +242,7 @@ pub fn run_cmd_channel(data: &[u8]) {
     }
     let port = drv.query_port(1).expect("QUERY_PORT after the sequence");
     assert!(port.gid_tbl_len <= cfg.gid_tbl_len);
-    let s = t.device().stats().expect("stats");
+    let s = t.stats().expect("stats");
     let [pds, mrs, cqs, qps, srqs, ucs] = s.objects;
     assert!(pds <= cfg.max_pd as usize && mrs <= cfg.max_mr as usize);
     assert!(cqs < cfg.max_cq as usize && qps < cfg.max_qp as usize);

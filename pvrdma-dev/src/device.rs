@@ -314,6 +314,89 @@ impl DeviceHandle {
     }
 }
 
+/// A device's main loop with everything registered on it; the loop is not run yet.
+struct Running {
+    main_loop: Rc<task_core::MainLoop>,
+    core: Rc<RefCell<Core>>,
+}
+
+impl Running {
+    /// Builds the core, the backend and the loop's sources. `pool` runs the device's work.
+    fn new(
+        cfg: DeviceConfig,
+        opts: DeviceOptions,
+        mem: GuestMem,
+        irq: Arc<dyn InterruptSink>,
+        backend: BackendFactory,
+        rx: Receiver<Msg>,
+        pool: task_core::Pool,
+    ) -> Running {
+        let main_loop = Rc::new(task_core::MainLoop::new());
+        let (wake, crx) = unbounded::<()>();
+        let device_sink = Arc::new(Sink {
+            pending: std::sync::Mutex::new(Vec::new()),
+            wake,
+        });
+        let sink: Arc<dyn CompletionSink> = device_sink.clone();
+        let backend = backend(mem.clone(), sink.clone());
+        let env = Arc::new(Env {
+            mem: mem.clone(),
+            backend: backend.clone(),
+            sink,
+        });
+        let core = Rc::new_cyclic(|weak| {
+            RefCell::new(Core::new(
+                cfg,
+                opts,
+                mem,
+                irq,
+                env,
+                Exec::new(main_loop.clone(), pool),
+                weak.clone(),
+            ))
+        });
+        // The receivers hold the core weakly: the core holds the main loop (through `Exec`), so
+        // strong references here would be a cycle that leaks the core, its worker pool's threads
+        // and the guest memory snapshot of every device that is shut down.
+        let c = Rc::downgrade(&core);
+        let handle = main_loop.handle();
+        let on_close = main_loop.handle();
+        main_loop.add_receiver_with_close(
+            rx,
+            move |msg| {
+                if let Msg::Stop = msg {
+                    handle.stop();
+                    return;
+                }
+                if let Some(c) = c.upgrade() {
+                    c.borrow_mut().on_msg(msg);
+                }
+            },
+            // Every DeviceHandle dropped without a shutdown: stop too.
+            move || on_close.stop(),
+        );
+        let c = Rc::downgrade(&core);
+        let mut batch = Vec::new();
+        main_loop.add_receiver(crx, move |()| {
+            device_sink.take(&mut batch);
+            if !batch.is_empty() {
+                if let Some(c) = c.upgrade() {
+                    c.borrow_mut().on_completions(&batch);
+                }
+                batch.clear();
+            }
+        });
+        Running { main_loop, core }
+    }
+
+    /// Tears the device down. The last strong reference to the core (its worker pool, backend,
+    /// guest memory and interrupt sink) goes here; a threaded pool's threads are joined.
+    fn finish(self) {
+        self.core.borrow_mut().teardown();
+        drop(self.core);
+    }
+}
+
 fn run_main_loop(
     cfg: DeviceConfig,
     opts: DeviceOptions,
@@ -322,7 +405,6 @@ fn run_main_loop(
     backend: BackendFactory,
     rx: Receiver<Msg>,
 ) {
-    let main_loop = Rc::new(task_core::MainLoop::new());
     let pool = match task_core::Pool::new(&format!("{}-worker", opts.name), cfg.workers, 1024) {
         Ok(p) => p,
         Err(e) => {
@@ -330,65 +412,142 @@ fn run_main_loop(
             return;
         }
     };
-    let (wake, crx) = unbounded::<()>();
-    let device_sink = Arc::new(Sink {
-        pending: std::sync::Mutex::new(Vec::new()),
-        wake,
-    });
-    let sink: Arc<dyn CompletionSink> = device_sink.clone();
-    let backend = backend(mem.clone(), sink.clone());
-    let env = Arc::new(Env {
-        mem: mem.clone(),
-        backend: backend.clone(),
-        sink,
-    });
-    let core = Rc::new_cyclic(|weak| {
-        RefCell::new(Core::new(
-            cfg,
-            opts,
-            mem,
-            irq,
-            env,
-            Exec::new(main_loop.clone(), pool),
-            weak.clone(),
-        ))
-    });
-    // The receivers hold the core weakly: the core holds the main loop (through `Exec`), so
-    // strong references here would be a cycle that leaks the core, its worker pool's threads
-    // and the guest memory snapshot of every device that is shut down.
-    let c = Rc::downgrade(&core);
-    let handle = main_loop.handle();
-    let on_close = main_loop.handle();
-    main_loop.add_receiver_with_close(
-        rx,
-        move |msg| {
-            if let Msg::Stop = msg {
-                handle.stop();
-                return;
+    let running = Running::new(cfg, opts, mem, irq, backend, rx, pool);
+    running.main_loop.run();
+    running.finish();
+}
+
+/// A device whose main loop runs on the thread that owns it, driven by each access, with an
+/// inline worker pool ([`task_core::Pool::inline`]): no thread of its own, and the same guest
+/// accesses give the same device behaviour every time. Everything else (the command channel's
+/// tasks, CQEs and interrupts posted from completions on the main loop) is as with
+/// [`DeviceHandle`]. For deterministic tests and fuzzing; not `Send`.
+pub struct LocalDevice {
+    tx: Sender<Msg>,
+    running: Option<Running>,
+}
+
+impl std::fmt::Debug for LocalDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalDevice").finish_non_exhaustive()
+    }
+}
+
+/// How long a [`LocalDevice`] access drives the loop for its answer before giving up (the
+/// backend's own threads, e.g. the emulated fabric's timer, may still have to deliver).
+const LOCAL_ACCESS_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl LocalDevice {
+    /// A device on this thread.
+    pub fn new(
+        cfg: DeviceConfig,
+        opts: DeviceOptions,
+        mem: GuestMem,
+        irq: Arc<dyn InterruptSink>,
+        backend: BackendFactory,
+    ) -> Result<LocalDevice, DeviceError> {
+        cfg.validate()?;
+        let (tx, rx) = unbounded::<Msg>();
+        let pool = task_core::Pool::inline(&format!("{}-worker", opts.name));
+        let running = Running::new(cfg, opts, mem, irq, backend, rx, pool);
+        Ok(LocalDevice {
+            tx,
+            running: Some(running),
+        })
+    }
+
+    /// Dispatches what is ready without blocking; returns the number of callbacks run.
+    pub fn poll(&self) -> usize {
+        self.running.as_ref().map_or(0, |r| r.main_loop.dispatch())
+    }
+
+    /// Drives the loop for up to `timeout`, returning early once something ran.
+    pub fn iterate(&self, timeout: std::time::Duration) -> usize {
+        self.running
+            .as_ref()
+            .map_or(0, |r| r.main_loop.iterate(Some(timeout)))
+    }
+
+    /// Sends `msg` and drives the loop until `rx` has the answer.
+    fn call<T>(&self, msg: Msg, rx: &Receiver<T>) -> Result<T, DeviceError> {
+        let r = self.running.as_ref().ok_or(DeviceError::Stopped)?;
+        self.tx.send(msg).map_err(|_| DeviceError::Stopped)?;
+        let deadline = std::time::Instant::now() + LOCAL_ACCESS_LIMIT;
+        loop {
+            if let Ok(v) = rx.try_recv() {
+                // Then what the access made ready (completions → CQEs and interrupts), so the
+                // guest sees the device's reaction to an access as soon as it returns.
+                for _ in 0..64 {
+                    if r.main_loop.dispatch() == 0 {
+                        break;
+                    }
+                }
+                return Ok(v);
             }
-            if let Some(c) = c.upgrade() {
-                c.borrow_mut().on_msg(msg);
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return Err(DeviceError::Stopped);
             }
-        },
-        // Every DeviceHandle dropped without a shutdown: stop too.
-        move || on_close.stop(),
-    );
-    let c = Rc::downgrade(&core);
-    let mut batch = Vec::new();
-    main_loop.add_receiver(crx, move |()| {
-        device_sink.take(&mut batch);
-        if !batch.is_empty() {
-            if let Some(c) = c.upgrade() {
-                c.borrow_mut().on_completions(&batch);
-            }
-            batch.clear();
+            r.main_loop.iterate(Some(deadline - now));
         }
-    });
-    main_loop.run();
-    core.borrow_mut().teardown();
-    // The last strong reference: the core (its worker pool, backend, guest memory and interrupt
-    // sink) goes now, and the pool's threads are joined before this thread ends.
-    drop(core);
+    }
+
+    /// Reads `data.len()` (1..=8) bytes; unanswered bytes read as all-ones.
+    pub fn read(&self, region: Region, offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
+        let len = data.len().min(8);
+        let (reply, rx) = bounded(1);
+        let v = self.call(
+            Msg::Read {
+                region,
+                offset,
+                len,
+                reply,
+            },
+            &rx,
+        )?;
+        let bytes = v.to_le_bytes();
+        data[..len].copy_from_slice(&bytes[..len]);
+        data[len..].fill(0xff);
+        Ok(())
+    }
+
+    /// Writes `data` (1..=8 bytes); returns once the device has handled it.
+    pub fn write(&self, region: Region, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+        let len = data.len().min(8);
+        let mut b = [0u8; 8];
+        b[..len].copy_from_slice(&data[..len]);
+        let (done, rx) = bounded(1);
+        self.call(
+            Msg::Write {
+                region,
+                offset,
+                len,
+                value: u64::from_le_bytes(b),
+                done: Some(done),
+            },
+            &rx,
+        )
+    }
+
+    /// Function-level reset: everything back to power-on.
+    pub fn reset(&self) -> Result<(), DeviceError> {
+        let (done, rx) = bounded(1);
+        self.call(Msg::Reset { done }, &rx)
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> Result<DeviceStats, DeviceError> {
+        let (reply, rx) = bounded(1);
+        self.call(Msg::Stats { reply }, &rx)
+    }
+}
+
+impl Drop for LocalDevice {
+    fn drop(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.finish();
+        }
+    }
 }
 
 /// Scheduling state of a queue drained by workers: one worker at a time, rerun if rung meanwhile.

@@ -47,6 +47,8 @@ impl Drop for Job {
 pub struct Pool {
     name: String,
     tx: Option<Sender<Job>>,
+    /// An inline pool ([`Pool::inline`]): jobs run on the submitting thread.
+    inline: bool,
     pub(crate) shutting_down: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
     capacity: usize,
@@ -80,6 +82,7 @@ impl Pool {
         let mut pool = Pool {
             name: name.to_owned(),
             tx: Some(tx),
+            inline: false,
             shutting_down: shutting_down.clone(),
             threads: Vec::with_capacity(threads),
             capacity: queue_capacity,
@@ -94,6 +97,27 @@ impl Pool {
             pool.threads.push(handle);
         }
         Ok(pool)
+    }
+
+    /// A pool without threads: every job runs at once on the thread that submits it, with the
+    /// same panic handling as a worker thread. Task semantics are kept: a task's completion is
+    /// still queued to its main loop and runs on a later dispatch, never inside `run_in_thread`.
+    /// For deterministic single-threaded runs (tests, fuzzing): work that blocks waits on the
+    /// submitter's thread.
+    pub fn inline(name: &str) -> Pool {
+        Pool {
+            name: name.to_owned(),
+            tx: None,
+            inline: true,
+            shutting_down: Arc::new(AtomicBool::new(false)),
+            threads: Vec::new(),
+            capacity: 0,
+        }
+    }
+
+    /// True for a pool made by [`Pool::inline`].
+    pub fn is_inline(&self) -> bool {
+        self.inline
     }
 
     /// The name given at creation.
@@ -118,6 +142,10 @@ impl Pool {
 
     /// Queues a job, blocking while the queue is full. After shutdown the job is cancelled at once.
     pub(crate) fn submit(&self, job: Job) {
+        if self.inline {
+            run_inline(job, &self.shutting_down);
+            return;
+        }
         if let Some(tx) = &self.tx {
             // On error (cannot happen while we hold a sender and workers run) the job is dropped,
             // i.e. cancelled.
@@ -128,6 +156,20 @@ impl Pool {
     /// Runs a plain closure on a worker, blocking while the queue is full. A panic in `f` is caught
     /// and logged. Returns `false` (dropping `f`) if the pool is shut down.
     pub fn execute(&self, f: impl FnOnce() + Send + 'static) -> bool {
+        if self.inline {
+            if self.shutting_down.load(Ordering::Relaxed) {
+                return false;
+            }
+            run_inline(
+                Job::new(move |cancelled| {
+                    if !cancelled {
+                        f()
+                    }
+                }),
+                &self.shutting_down,
+            );
+            return true;
+        }
         let Some(tx) = &self.tx else { return false };
         tx.send(Job::new(move |cancelled| {
             if !cancelled {
@@ -140,6 +182,13 @@ impl Pool {
     /// Like [`execute`](Self::execute) but never blocks: gives `f` back if the queue is full or the
     /// pool is shut down.
     pub fn try_execute<F: FnOnce() + Send + 'static>(&self, f: F) -> Result<(), F> {
+        if self.inline {
+            if self.shutting_down.load(Ordering::Relaxed) {
+                return Err(f);
+            }
+            self.execute(f);
+            return Ok(());
+        }
         let Some(tx) = &self.tx else { return Err(f) };
         if tx.is_full() {
             return Err(f);
@@ -190,6 +239,17 @@ impl Pool {
 impl Drop for Pool {
     fn drop(&mut self) {
         self.stop_and_join();
+    }
+}
+
+/// Runs one job of an inline pool on this thread, as a worker would.
+fn run_inline(job: Job, stop: &AtomicBool) {
+    if stop.load(Ordering::Relaxed) {
+        drop(job); // cancelled
+        return;
+    }
+    if let Err(p) = catch_unwind(AssertUnwindSafe(|| job.run())) {
+        log::warn!("a pool job panicked: {}", panic_message(&*p));
     }
 }
 

@@ -463,6 +463,58 @@ mod tests {
     }
 
     #[test]
+    fn inline_pool_runs_the_worker_at_once_and_the_completion_on_dispatch() {
+        let ml = MainLoop::new();
+        let pool = Pool::inline("tci");
+        assert!(pool.is_inline() && pool.threads() == 0);
+        let main_id = thread::current().id();
+        let worker_ran = Arc::new(AtomicUsize::new(0));
+        let done = Rc::new(RefCell::new(Vec::new()));
+        for (i, fail) in [(1u32, false), (2, true)] {
+            let d = done.clone();
+            let w = worker_ran.clone();
+            let task: Task<u32, u32> = Task::new(Arc::new(i), move |t| {
+                assert_eq!(thread::current().id(), main_id);
+                d.borrow_mut()
+                    .push((**t.source(), t.propagate_error(), t.take_result()));
+            });
+            task.run_in_thread(&ml, &pool, move |c| {
+                assert_eq!(thread::current().id(), main_id);
+                w.fetch_add(1, Ordering::SeqCst);
+                if fail {
+                    panic!("inline {}", **c.source());
+                }
+                c.set_result(**c.source() * 10);
+            });
+        }
+        // Both workers ran inside run_in_thread; no completion has run yet.
+        assert_eq!(worker_ran.load(Ordering::SeqCst), 2);
+        assert!(done.borrow().is_empty());
+        assert_eq!(ml.dispatch(), 2);
+        assert_eq!(
+            *done.borrow(),
+            vec![
+                (1, Ok(()), Some(10)),
+                (2, Err(TaskError::Panicked("inline 2".into())), None)
+            ]
+        );
+        // After shutdown an inline pool cancels instead of running.
+        let d = done.clone();
+        let task: Task<u32, u32> = Task::new(Arc::new(3), move |t| {
+            d.borrow_mut()
+                .push((3, t.propagate_error(), t.take_result()));
+        });
+        let flag = pool.shutting_down.clone();
+        flag.store(true, Ordering::SeqCst);
+        task.run_in_thread(&ml, &pool, |_| {
+            unreachable!("a cancelled worker never runs")
+        });
+        ml.dispatch();
+        assert_eq!(done.borrow()[2], (3, Err(TaskError::Cancelled), None));
+        assert!(!pool.execute(|| unreachable!()));
+    }
+
+    #[test]
     fn wait_runs_the_completion_synchronously_and_never_twice() {
         let ml = MainLoop::new();
         let pool = Pool::new("tcwait", 2, 8).unwrap();

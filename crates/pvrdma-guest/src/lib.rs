@@ -14,4 +14,4 @@ pub mod transport;
 pub mod vfio;
 
 pub use driver::{Cq, Ctx, Driver, GuestError, Modify, Mr, Qp, QpKind, SendWqe, Srq, UdAddr};
-pub use transport::{InProcess, IrqRecorder, Transport};
+pub use transport::{InProcess, IrqRecorder, Local, Transport};

@@ -3,7 +3,9 @@
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use pvrdma_dev::{DeviceConfig, DeviceHandle, DeviceOptions, InterruptSink, Region};
+use pvrdma_dev::{
+    DeviceConfig, DeviceError, DeviceHandle, DeviceOptions, DeviceStats, InterruptSink, Region,
+};
 use rdma_backend::emulated::{EmulatedBackend, Fabric};
 use rdma_backend::{Backend, CompletionSink, GuestMem};
 use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
@@ -175,5 +177,124 @@ impl Transport for InProcess {
     }
     fn reset(&self) {
         let _ = self.device.reset();
+    }
+}
+
+thread_local! {
+    /// The [`Local`] devices of this thread, by id.
+    static LOCAL_DEVICES: std::cell::RefCell<std::collections::HashMap<u64, pvrdma_dev::LocalDevice>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+static NEXT_LOCAL_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// The device on the calling thread ([`pvrdma_dev::LocalDevice`]): no device thread, no worker
+/// threads, deterministic. The device makes progress only inside this transport's calls (a
+/// register access, [`Transport::wait_irq`], [`Local::poll`]), so a harness that busy-waits on
+/// guest memory alone must call [`Local::poll`]. The device lives in a thread-local slot of the
+/// thread that created it; used from any other thread it reads as all-ones and ignores writes.
+/// For fuzzing and deterministic tests.
+pub struct Local {
+    id: u64,
+    mem: GuestMemoryMmap,
+    irq: Arc<IrqRecorder>,
+}
+
+impl std::fmt::Debug for Local {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Local")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Local {
+    /// A device with the emulated backend on `fabric`, `ram` bytes of anonymous guest RAM at 0.
+    pub fn new(cfg: DeviceConfig, ram: usize, fabric: &Arc<Fabric>) -> Result<Local, DeviceError> {
+        let fabric = fabric.clone();
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), ram)])
+            .expect("anonymous guest RAM mapping");
+        let irq = Arc::new(IrqRecorder::default());
+        let dev = pvrdma_dev::LocalDevice::new(
+            cfg,
+            DeviceOptions::default(),
+            GuestMemoryAtomic::new(mem.clone()),
+            irq.clone(),
+            Box::new(move |mem: GuestMem, sink: Arc<dyn CompletionSink>| {
+                EmulatedBackend::new(&fabric, mem, sink) as Arc<dyn Backend>
+            }),
+        )?;
+        let id = NEXT_LOCAL_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        LOCAL_DEVICES.with(|m| m.borrow_mut().insert(id, dev));
+        Ok(Local { id, mem, irq })
+    }
+
+    /// Runs `f` on the device; `None` on another thread than the creator's.
+    pub fn with_device<R>(&self, f: impl FnOnce(&pvrdma_dev::LocalDevice) -> R) -> Option<R> {
+        LOCAL_DEVICES
+            .try_with(|m| m.borrow().get(&self.id).map(f))
+            .ok()
+            .flatten()
+    }
+
+    /// Lets the device run what is ready (completions, CQEs, interrupts) without blocking.
+    pub fn poll(&self) -> usize {
+        self.with_device(|d| d.poll()).unwrap_or(0)
+    }
+
+    /// The device's counters.
+    pub fn stats(&self) -> Result<DeviceStats, DeviceError> {
+        self.with_device(|d| d.stats())
+            .unwrap_or(Err(DeviceError::Stopped))
+    }
+}
+
+impl Drop for Local {
+    fn drop(&mut self) {
+        // Take the device out first: its teardown must not run under the map's borrow.
+        let dev = LOCAL_DEVICES
+            .try_with(|m| m.borrow_mut().remove(&self.id))
+            .ok()
+            .flatten();
+        drop(dev);
+    }
+}
+
+impl Transport for Local {
+    fn read(&self, region: Region, offset: u64, data: &mut [u8]) {
+        if !matches!(
+            self.with_device(|d| d.read(region, offset, data)),
+            Some(Ok(()))
+        ) {
+            data.fill(0xff);
+        }
+    }
+    fn write(&self, region: Region, offset: u64, data: &[u8]) {
+        let _ = self.with_device(|d| d.write(region, offset, data));
+    }
+    fn mem(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+    fn irq_count(&self, vector: u16) -> u64 {
+        self.poll();
+        self.irq.count(vector)
+    }
+    fn wait_irq(&self, vector: u16, seen: u64, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.irq.count(vector) > seen {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            if self.with_device(|d| d.iterate(deadline - now)).is_none() {
+                return self.irq.wait(vector, seen, deadline - now);
+            }
+        }
+    }
+    fn reset(&self) {
+        let _ = self.with_device(|d| d.reset());
     }
 }
