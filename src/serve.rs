@@ -27,6 +27,7 @@ options:\n\
 \x20 --max-cq N           CQs (default 1024)\n\
 \x20 --max-mr N           MRs (default 4096)\n\
 \x20 --workers N          worker threads of the data path (default 2)\n\
+\x20 --poll-us N          main-loop polling before it parks, in µs (default 32; 0 off)\n\
 \x20 -h, --help           this text\n";
 
 fn parse_mac(s: &str) -> Result<[u8; 6], String> {
@@ -104,6 +105,7 @@ fn parse(args: &[String]) -> Result<Args, String> {
             "--max-cq" => out.device.max_cq = parse_num(opt, &value()?)?,
             "--max-mr" => out.device.max_mr = parse_num(opt, &value()?)?,
             "--workers" => out.device.workers = parse_num(opt, &value()?)?,
+            "--poll-us" => out.device.poll_us = parse_num(opt, &value()?)?,
             other => return Err(format!("unknown option `{other}`\n\n{HELP}")),
         }
     }

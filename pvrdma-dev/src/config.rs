@@ -54,6 +54,11 @@ pub struct DeviceConfig {
     pub atomics: bool,
     /// Worker threads of the data path and command pool.
     pub workers: usize,
+    /// Microseconds the main loop polls for the next access or completion before it parks its
+    /// thread ([`task_core::MainLoop::set_poll`]; QEMU's `poll-max-ns`). A guest's command is a
+    /// REQUEST write then an ERR read, and a completion follows a doorbell within microseconds:
+    /// polling saves a thread wake-up on each. 0 never polls.
+    pub poll_us: u32,
 }
 
 impl Default for DeviceConfig {
@@ -79,6 +84,7 @@ impl Default for DeviceConfig {
             max_qp_rd_atom: 16,
             atomics: true,
             workers: 2,
+            poll_us: 32,
         }
     }
 }

@@ -412,7 +412,9 @@ fn run_main_loop(
             return;
         }
     };
+    let poll = std::time::Duration::from_micros(u64::from(cfg.poll_us));
     let running = Running::new(cfg, opts, mem, irq, backend, rx, pool);
+    running.main_loop.set_poll(poll);
     running.main_loop.run();
     running.finish();
 }
@@ -1093,7 +1095,9 @@ impl Core {
         self.cmd_pending = true;
         let weak = self.weak.clone();
         let epoch = self.epoch;
-        self.exec.run(
+        let inline = self.env.backend.inline_control() && cmd::is_quick(hdr.cmd, &req);
+        self.exec.run_on(
+            inline,
             self.env.clone(),
             move |env: &Env| job.and_then(|work| work(env)),
             move |r| {

@@ -8,6 +8,8 @@ use task_core::{MainLoop, Pool, Task, TaskError};
 pub(crate) struct Exec {
     main_loop: Rc<MainLoop>,
     pool: Pool,
+    /// Runs quick work on the loop's own thread (still as tasks: completions come later).
+    inline: Pool,
 }
 
 impl std::fmt::Debug for Exec {
@@ -18,13 +20,33 @@ impl std::fmt::Debug for Exec {
 
 impl Exec {
     pub(crate) fn new(main_loop: Rc<MainLoop>, pool: Pool) -> Self {
-        Exec { main_loop, pool }
+        Exec {
+            main_loop,
+            pool,
+            inline: Pool::inline("inline"),
+        }
     }
 
     /// Runs `work` on a worker; `done` runs on the main loop with its value, or with the panic
     /// message if the worker panicked.
     pub(crate) fn run<S, R>(
         &self,
+        source: std::sync::Arc<S>,
+        work: impl FnOnce(&S) -> R + Send + 'static,
+        done: impl FnOnce(Result<R, String>) + 'static,
+    ) where
+        S: Send + Sync + 'static,
+        R: Send + 'static,
+    {
+        self.run_on(false, source, work, done)
+    }
+
+    /// Like [`run`](Self::run); with `inline` the work runs now, on this (the loop's) thread,
+    /// through an inline pool, and `done` still runs on a later dispatch. For work that is
+    /// known to be short and never to block.
+    pub(crate) fn run_on<S, R>(
+        &self,
+        inline: bool,
         source: std::sync::Arc<S>,
         work: impl FnOnce(&S) -> R + Send + 'static,
         done: impl FnOnce(Result<R, String>) + 'static,
@@ -44,7 +66,8 @@ impl Exec {
                 done(r);
             },
         );
-        task.run_in_thread(&self.main_loop, &self.pool, move |w| {
+        let pool = if inline { &self.inline } else { &self.pool };
+        task.run_in_thread(&self.main_loop, pool, move |w| {
             let r = work(&**w.source());
             w.set_result(r);
         });

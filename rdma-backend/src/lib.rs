@@ -593,6 +593,13 @@ pub trait Backend: Send + Sync {
     /// Short name for logs (`emulated`, `rdma-core`).
     fn name(&self) -> &'static str;
 
+    /// True if control operations (create/modify/destroy, GID changes) complete in memory and
+    /// never block on I/O or on other threads for long, so the device may run the quick ones
+    /// on its main loop's thread instead of handing them to a worker. False by default.
+    fn inline_control(&self) -> bool {
+        false
+    }
+
     /// Sets GID table entry `index` (the guest's CREATE_BIND).
     fn add_gid(&self, index: u32, gid: Gid, ty: GidType) -> Result<()>;
     /// Clears GID table entry `index` (the guest's DESTROY_BIND).

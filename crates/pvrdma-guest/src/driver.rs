@@ -483,7 +483,10 @@ impl Driver {
         let mem = self.mem();
         mem.write_slice(&slot, self.cmd_slot).expect("cmd slot");
         let seen = self.t.irq_count(0);
-        reg_write(&*self.t, offset::REQUEST, 0);
+        // Posted, as the driver's writel is: the ERR read below is ordered after it and waits
+        // for the command.
+        self.t
+            .write_posted(Region::Bar(1), offset::REQUEST, &0u32.to_le_bytes());
         let err = reg_read(&*self.t, offset::ERR);
         if err != 0 {
             return Err(GuestError::Command { cmd, err });

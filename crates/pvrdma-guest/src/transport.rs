@@ -17,6 +17,11 @@ pub trait Transport: Send + Sync {
     fn read(&self, region: Region, offset: u64, data: &mut [u8]);
     /// Writes `data` (1..=8 bytes); returns once the device has handled it (non-posted).
     fn write(&self, region: Region, offset: u64, data: &[u8]);
+    /// Writes `data` without waiting for the device when the transport can (a posted MMIO
+    /// write, like the driver's `writel`); later accesses are still ordered after it.
+    fn write_posted(&self, region: Region, offset: u64, data: &[u8]) {
+        self.write(region, offset, data)
+    }
     /// Guest RAM.
     fn mem(&self) -> &GuestMemoryMmap;
     /// Interrupts seen so far on `vector`.
@@ -165,6 +170,9 @@ impl Transport for InProcess {
     }
     fn write(&self, region: Region, offset: u64, data: &[u8]) {
         let _ = self.device.write(region, offset, data);
+    }
+    fn write_posted(&self, region: Region, offset: u64, data: &[u8]) {
+        let _ = self.device.write_posted(region, offset, data);
     }
     fn mem(&self) -> &GuestMemoryMmap {
         &self.mem

@@ -97,6 +97,33 @@ pub(crate) fn main_loop_only(
     Ok(Box::new(move |_env: &Env| Ok(Box::new(f) as Finish)))
 }
 
+/// Page-directory pages a command may list and still count as quick (see [`is_quick`]).
+const QUICK_PAGES: u32 = 64;
+
+/// Whether a command's work is bounded and small: everything except creating an object from a
+/// page directory of more than [`QUICK_PAGES`] pages (a large MR walks and pins its whole page
+/// list). With a backend whose control operations never block
+/// ([`rdma_backend::Backend::inline_control`]) such a command's task runs on the main loop's
+/// thread instead of a worker.
+pub(crate) fn is_quick(cmd: u32, req: &[u8]) -> bool {
+    let u32_at = |off: usize| {
+        req.get(off..off + 4)
+            .map_or(u32::MAX, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let u16_at = |off: usize| {
+        req.get(off..off + 2)
+            .map_or(u32::MAX, |b| u32::from(u16::from_le_bytes([b[0], b[1]])))
+    };
+    let pages = match cmd {
+        code::CREATE_MR => u32_at(std::mem::offset_of!(crate::abi::CmdCreateMr, nchunks)),
+        code::CREATE_CQ => u32_at(std::mem::offset_of!(crate::abi::CmdCreateCq, nchunks)),
+        code::CREATE_SRQ => u32_at(std::mem::offset_of!(crate::abi::CmdCreateSrq, nchunks)),
+        code::CREATE_QP => u16_at(std::mem::offset_of!(crate::abi::CmdCreateQp, total_chunks)),
+        _ => 0,
+    };
+    pages <= QUICK_PAGES
+}
+
 /// Decodes and checks a command; returns its work.
 pub(crate) fn prepare(core: &mut Core, cmd: u32, req: &[u8]) -> Result<Work, CmdError> {
     match cmd {
@@ -122,5 +149,28 @@ pub(crate) fn prepare(core: &mut Core, cmd: u32, req: &[u8]) -> Result<Work, Cmd
         code::QUERY_SRQ => qp::query_srq(core, parse(req)),
         code::DESTROY_SRQ => qp::destroy_srq(core, parse(req)),
         other => Err(CmdError::Unsupported(other)),
+    }
+}
+
+#[cfg(test)]
+mod quick_tests {
+    use super::*;
+    use crate::abi::{CmdCreateMr, CmdCreateQp, CMD_SLOT_SIZE};
+
+    #[test]
+    fn only_small_page_directories_are_quick() {
+        let mut req = [0u8; CMD_SLOT_SIZE];
+        assert!(is_quick(code::QUERY_PORT, &req));
+        assert!(is_quick(code::MODIFY_QP, &req));
+        let off = std::mem::offset_of!(CmdCreateMr, nchunks);
+        for (n, quick) in [(0u32, true), (QUICK_PAGES, true), (QUICK_PAGES + 1, false)] {
+            req[off..off + 4].copy_from_slice(&n.to_le_bytes());
+            assert_eq!(is_quick(code::CREATE_MR, &req), quick, "{n} pages");
+        }
+        let off = std::mem::offset_of!(CmdCreateQp, total_chunks);
+        req[off..off + 2].copy_from_slice(&u16::MAX.to_le_bytes());
+        assert!(!is_quick(code::CREATE_QP, &req));
+        // A request too short to hold its page count is not quick.
+        assert!(!is_quick(code::CREATE_MR, &req[..8]));
     }
 }

@@ -330,6 +330,11 @@ impl Backend for EmulatedBackend {
         "emulated"
     }
 
+    /// Control operations change in-memory tables under short locks.
+    fn inline_control(&self) -> bool {
+        true
+    }
+
     fn add_gid(&self, index: u32, gid: Gid, ty: GidType) -> Result<()> {
         let mut g = write(&self.gids);
         let slot = g
