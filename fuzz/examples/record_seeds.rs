@@ -2,8 +2,9 @@
 //! sequence (`pvrdma_guest::kernel::ib_register`) and an RC ping-pong, each run through a
 //! transport that turns every REQUEST into an `op::CMD` (preceded by `op::SCRIBBLE`s that
 //! recreate the page directories it names) and every UAR doorbell into an `op::DOORBELL`
-//! (preceded by the non-zero bytes of the queue pages). Run from `fuzz/`:
-//! `cargo run --example record_seeds -- corpus/cmd_channel`.
+//! (preceded by the non-zero bytes of the queue pages). Also records `registers` seeds: every
+//! register access of a driver probe and its first commands, in that target's format. Run from
+//! `fuzz/`: `cargo run --example record_seeds -- corpus/cmd_channel corpus/registers`.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -11,7 +12,7 @@ use std::time::Duration;
 use pvrdma_dev::abi::{cmd, CmdCreateCq, CmdCreateMr, CmdCreateQp, CmdCreateSrq, CMD_SLOT_SIZE};
 use pvrdma_dev::regs::offset;
 use pvrdma_dev::Region;
-use pvrdma_fuzz::{device, op, small_cfg};
+use pvrdma_fuzz::{device, op, reg_op, small_cfg};
 use pvrdma_guest::driver::rc_connect_attrs;
 use pvrdma_guest::{Ctx, Driver, Local, QpKind, SendWqe, Transport};
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
@@ -170,6 +171,130 @@ impl Transport for Recorder {
     fn reset(&self) {
         self.inner.reset()
     }
+    fn idle(&self, max: Duration) {
+        self.inner.idle(max)
+    }
+}
+
+/// Records every register access in the `registers` target's format.
+struct RegRecorder {
+    inner: Arc<Local>,
+    dsr: Mutex<u64>,
+    out: Mutex<Vec<u8>>,
+    ops: Mutex<usize>,
+}
+
+impl RegRecorder {
+    fn record(&self, region: Region, off: u64, len: usize, write: Option<&[u8]>) {
+        let r = match region {
+            Region::Config => 0u8,
+            Region::Bar(0) => 1,
+            Region::Bar(1) => 2,
+            _ => 3,
+        };
+        let len_idx = match len {
+            1 => 0u8,
+            2 => 1,
+            4 => reg_op::LEN4,
+            _ => 3,
+        };
+        let mut out = vec![r | (reg_op::MODE_U16 << 2) | (len_idx << 5)];
+        out.extend_from_slice(&(off as u16).to_le_bytes());
+        match write {
+            None => out.push(0),
+            Some(data) => {
+                out.push(1);
+                let mut v = [0u8; 8];
+                v[..data.len().min(8)].copy_from_slice(&data[..data.len().min(8)]);
+                out.extend_from_slice(&v);
+                if region == Region::Bar(1) && off == offset::REQUEST && len == 4 {
+                    let dsr = *self.dsr.lock().unwrap();
+                    let mem = self.inner.mem();
+                    let slot: u64 = mem.read_obj(GuestAddress(dsr + 16)).unwrap_or(0);
+                    let mut req = [0u8; CMD_SLOT_SIZE];
+                    let _ = mem.read_slice(&mut req, GuestAddress(slot));
+                    out.extend_from_slice(&req);
+                }
+            }
+        }
+        let mut n = self.ops.lock().unwrap();
+        if *n < 128 {
+            *n += 1;
+            self.out.lock().unwrap().extend_from_slice(&out);
+        }
+    }
+}
+
+impl Transport for RegRecorder {
+    fn read(&self, region: Region, offset: u64, data: &mut [u8]) {
+        self.record(region, offset, data.len(), None);
+        self.inner.read(region, offset, data)
+    }
+    fn write(&self, region: Region, off: u64, data: &[u8]) {
+        let v = data
+            .iter()
+            .rev()
+            .fold(0u64, |a, b| (a << 8) | u64::from(*b));
+        if region == Region::Bar(1) && off == offset::DSRLOW {
+            let mut d = self.dsr.lock().unwrap();
+            *d = (*d & !0xffff_ffff) | v;
+        } else if region == Region::Bar(1) && off == offset::DSRHIGH {
+            let mut d = self.dsr.lock().unwrap();
+            *d = (*d & 0xffff_ffff) | (v << 32);
+        }
+        self.record(region, off, data.len(), Some(data));
+        self.inner.write(region, off, data)
+    }
+    fn mem(&self) -> &GuestMemoryMmap {
+        self.inner.mem()
+    }
+    fn irq_count(&self, vector: u16) -> u64 {
+        self.inner.irq_count(vector)
+    }
+    fn wait_irq(&self, vector: u16, seen: u64, timeout: Duration) -> bool {
+        self.inner.wait_irq(vector, seen, timeout)
+    }
+    fn reset(&self) {
+        self.inner.reset()
+    }
+    fn idle(&self, max: Duration) {
+        self.inner.idle(max)
+    }
+}
+
+/// `registers` seeds: a driver probe and its first commands, recorded access by access.
+fn record_registers(dir: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    let seeds: [(&str, fn(&Driver)); 2] = [
+        ("probe_query", |drv| {
+            drv.query_port(1).unwrap();
+            let ctx = drv.create_uc(1).unwrap_or(Ctx::KERNEL);
+            let pd = drv.create_pd(ctx).unwrap();
+            drv.destroy_pd(pd).unwrap();
+        }),
+        ("probe_ib_register", |drv| {
+            let _ = pvrdma_guest::kernel::ib_register(drv, small_cfg().mac);
+        }),
+    ];
+    for (name, f) in seeds {
+        let r = Arc::new(RegRecorder {
+            inner: device(&small_cfg()),
+            dsr: Mutex::new(0),
+            out: Mutex::new(Vec::new()),
+            ops: Mutex::new(0),
+        });
+        let drv = Driver::probe(r.clone() as Arc<dyn Transport>).expect("probe");
+        f(&drv);
+        let data = r.out.lock().unwrap().clone();
+        let path = format!("{dir}/seed-{name}");
+        std::fs::write(&path, &data).expect("write seed");
+        println!(
+            "{path}: {} bytes, {} accesses",
+            data.len(),
+            r.ops.lock().unwrap()
+        );
+        pvrdma_fuzz::run_registers(&data);
+    }
 }
 
 fn recorder() -> (Arc<Recorder>, Driver) {
@@ -207,6 +332,9 @@ fn main() {
     let (r, drv) = recorder();
     pvrdma_guest::kernel::ib_register(&drv, mac).expect("ib_register");
     save(&dir, "ib_register", &r);
+    // Devices share the thread's fabric: this one must give up the GID the next one binds.
+    drop(drv);
+    drop(r);
 
     // A user context, PD, two CQs, two RC QPs connected to each other, MRs, one ping-pong,
     // then everything destroyed.
@@ -254,4 +382,9 @@ fn main() {
     drv.destroy_pd(pd).unwrap();
     let _ = drv.destroy_uc(ctx);
     save(&dir, "rc_pingpong", &r);
+
+    let reg_dir = std::env::args()
+        .nth(2)
+        .unwrap_or_else(|| "corpus/registers".into());
+    record_registers(&reg_dir);
 }

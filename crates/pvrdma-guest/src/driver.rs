@@ -1108,11 +1108,11 @@ impl Driver {
                     if spins == 1 {
                         self.doorbell(cq.ctx, uar::CQ, cq.handle | (1 << 31));
                     }
-                    if spins > 64 {
-                        std::thread::sleep(Duration::from_micros(50));
+                    self.t.idle(if spins > 64 {
+                        Duration::from_micros(50)
                     } else {
-                        std::thread::yield_now();
-                    }
+                        Duration::ZERO
+                    });
                 }
             }
         }

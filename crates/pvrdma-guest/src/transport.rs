@@ -30,6 +30,16 @@ pub trait Transport: Send + Sync {
     fn wait_irq(&self, vector: u16, seen: u64, timeout: Duration) -> bool;
     /// Function-level reset (vfio-user DEVICE_RESET).
     fn reset(&self);
+    /// Called while the harness waits on guest memory (a CQ poll loop) for up to `max`: a
+    /// device that runs on the caller's thread ([`Local`]) makes progress here; others need
+    /// nothing and the default just yields.
+    fn idle(&self, max: Duration) {
+        if max >= Duration::from_micros(50) {
+            std::thread::sleep(Duration::from_micros(50));
+        } else {
+            std::thread::yield_now();
+        }
+    }
 }
 
 /// Counts interrupts per vector; a transport's interrupt sink.
@@ -304,5 +314,10 @@ impl Transport for Local {
     }
     fn reset(&self) {
         let _ = self.with_device(|d| d.reset());
+    }
+    fn idle(&self, max: Duration) {
+        if self.with_device(|d| d.iterate(max)).is_none() {
+            std::thread::sleep(max);
+        }
     }
 }
