@@ -875,7 +875,11 @@ mod tests {
         drive_until(&ml, || got.borrow().len() == 2);
         assert_eq!(*got.borrow(), vec![1, 2]);
         drop(tx);
-        assert_eq!(ml.iterate(Some(Duration::from_millis(100))), 1, "the disconnect");
+        assert_eq!(
+            ml.iterate(Some(Duration::from_millis(100))),
+            1,
+            "the disconnect"
+        );
         ml.set_poll(Duration::ZERO);
         assert_eq!(ml.iterate(Some(Duration::from_millis(2))), 0);
     }
