@@ -561,6 +561,31 @@ impl Shared {
     }
 }
 
+/// Longest wait for a QP in SQD to finish draining before a transition out of SQD.
+const SQD_DRAIN_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Waits (at most [`SQD_DRAIN_WAIT`]) until the host QP no longer reports `sq_draining`.
+fn wait_drained(qp: &verbs::Qp) {
+    let deadline = std::time::Instant::now() + SQD_DRAIN_WAIT;
+    let mut pause = std::time::Duration::from_micros(100);
+    loop {
+        match qp.state_draining() {
+            Ok((S::IBV_QPS_SQD, true)) => {}
+            Ok(_) => return,
+            Err(e) => {
+                log::warn!("rdma-core: {e}");
+                return;
+            }
+        }
+        if std::time::Instant::now() >= deadline {
+            log::warn!("rdma-core: QP still draining after {SQD_DRAIN_WAIT:?}");
+            return;
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(std::time::Duration::from_millis(20));
+    }
+}
+
 fn qp_state_from_host(s: u32) -> QpState {
     match s {
         S::IBV_QPS_RESET => QpState::Reset,
@@ -1072,6 +1097,13 @@ impl Backend for RdmaCoreBackend {
         }
         if mask == 0 {
             return Ok(());
+        }
+        if cur == QpState::Sqd && attrs.state.is_some() && to != QpState::Sqd && to != QpState::Err
+        {
+            // A QP may leave SQD once its SQ has drained (IB's "SQ drained" point); rxe refuses
+            // with EINVAL before that, and the guest's modify may come right after the one to
+            // SQD. Wait a bounded time for the drain, then let the host decide.
+            wait_drained(&e.qp);
         }
         e.qp.modify(&h).map_err(|rc| {
             Error::Host(format!(

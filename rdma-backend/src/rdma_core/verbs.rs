@@ -810,6 +810,12 @@ impl Qp {
 
     /// Current state (`ibv_qp_state`).
     pub fn state(&self) -> VResult<u32> {
+        self.state_draining().map(|(s, _)| s)
+    }
+
+    /// Current state (`ibv_qp_state`) and whether the send queue is still draining (only
+    /// meaningful in SQD: the HCA has not yet finished the WRs that were in flight).
+    pub fn state_draining(&self) -> VResult<(u32, bool)> {
         // SAFETY: all-zero is valid for both attribute structs.
         let (mut a, mut i): (sys::ibv_qp_attr, sys::ibv_qp_init_attr) =
             unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
@@ -819,7 +825,7 @@ impl Qp {
         if rc != 0 {
             return Err(rc_err("ibv_query_qp", rc));
         }
-        Ok(a.qp_state)
+        Ok((a.qp_state, a.sq_draining != 0))
     }
 
     /// Modifies the QP.
