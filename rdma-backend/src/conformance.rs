@@ -3,17 +3,20 @@
 //! Every case is a function taking a [`Factory`] that creates one device per call; all devices
 //! made by one factory must reach each other by GID (the emulated backend: one [`Fabric`] shared
 //! by the factory; rdma-core: the host's RDMA devices). Each device gets its own 64 MiB guest
-//! memory, a GID `fe80::1:<n>` at index 0, a PD and a CQ. Cases panic on failure.
+//! memory (a shared memfd mapping, as vfio-user guest RAM is), a GID `fe80::1:<n>` at index 0, a
+//! PD and a CQ. Cases panic on failure.
 //!
 //! [`Fabric`]: crate::emulated::Fabric
 
 use std::collections::HashSet;
+use std::fs::File;
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryMmap};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestAddressSpace, GuestMemoryMmap};
 
 use crate::{
     Access, AddressVector, AsyncEvent, Backend, CompletionSink, CqId, Error, Gid, GidType,
@@ -221,6 +224,19 @@ impl Default for RcOpts {
     }
 }
 
+/// [`MEM_SIZE`] of guest RAM in a memfd, mapped shared, as vfio-user guest RAM is (QEMU's
+/// `memory-backend-memfd` passed in DMA_MAP): a backend may map its pages a second time.
+pub fn guest_memory() -> GuestMem {
+    // SAFETY: the name is a valid NUL-terminated string; memfd_create has no other preconditions.
+    let fd = unsafe { libc::memfd_create(c"pvrdma-conformance".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` was just returned by memfd_create, is open, and nothing else owns it.
+    let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    file.set_len(MEM_SIZE as u64).expect("memfd size");
+    let ranges = [(GuestAddress(0), MEM_SIZE, Some(FileOffset::new(file, 0)))];
+    GuestMem::new(GuestMemoryMmap::from_ranges_with_files(&ranges).expect("guest memory"))
+}
+
 /// One device with its memory, sink, PD and CQ.
 pub struct Dev {
     /// The backend.
@@ -251,9 +267,7 @@ impl std::fmt::Debug for Dev {
 impl Dev {
     /// Device number `n` from the factory.
     pub fn new(f: &Factory<'_>, n: u8) -> Dev {
-        let mem = GuestMem::new(
-            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("guest memory"),
-        );
+        let mem = guest_memory();
         let sink = Arc::new(TestSink::default());
         let be = f(mem.clone(), sink.clone());
         let mut g = [0u8; 16];

@@ -24,14 +24,6 @@ pub const UNSUPPORTED: &[(&str, &str)] = &[
         "includes a GSI exchange (refused, see gsi_send)",
     ),
     (
-        "rc_opcodes",
-        "RDMA WRITE/READ into an MR on shuffled (host-non-contiguous) pages: no host rkey",
-    ),
-    (
-        "rc_16mib",
-        "RDMA WRITE into an MR on shuffled (host-non-contiguous) pages: no host rkey",
-    ),
-    (
         "ud_send_grh",
         "RoCE v2 puts the IPv6 header in the GRH slot (rxe: flow label 0, next header UDP)",
     ),

@@ -8,16 +8,19 @@
 //!   (iova → guest-physical page → host virtual address) into host SGEs of that registration.
 //!   When a WR needs more host SGEs than the device allows, it goes through a registered bounce
 //!   buffer (copied in at post, out at completion).
-//! - Remote access (rkeys): a guest MR whose pages are contiguous in the host mapping gets its own
-//!   `ibv_reg_mr_iova` registration with the guest's iova and access, whose rkey is the guest's
-//!   rkey. Other MRs get an rkey that no host MR has: remote operations naming it fail with a
-//!   remote access error (documented limitation).
+//! - Remote access (rkeys): a guest MR with remote rights gets its own `ibv_reg_mr_iova`
+//!   registration with the guest's iova and access, whose rkey is the guest's rkey: directly on
+//!   the guest mapping when its pages are contiguous there, otherwise on an alias (`alias.rs`):
+//!   the MR's pages mapped once more, in order, from the file backing guest RAM (a memfd with
+//!   vfio-user). On anonymous guest RAM such an MR gets an rkey that no host MR has: remote
+//!   operations naming it fail with a remote access error (documented limitation).
 //! - A guest SGE that fails the checks is posted as a host WR with an invalid lkey, so the host
 //!   completes it with a local protection error in order and moves the QP to ERR.
 //! - One thread waits on the completion channel and the async-event fd and feeds the sink.
 //! - The GSI QP (QP1) is refused: user space cannot own the host's QP1.
 #![allow(clippy::missing_docs_in_private_items)]
 
+mod alias;
 mod verbs;
 
 use std::collections::HashMap;
@@ -25,7 +28,11 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread::JoinHandle;
 
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion};
+use std::os::fd::AsFd;
+
+use vm_memory::{
+    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
 
 use crate::{
     Access, AsyncEvent, Backend, CompletionSink, CqId, Error, Gid, GidType, GuestMem, MrId, MrKeys,
@@ -95,7 +102,15 @@ struct MrEntry {
     kind: MrKind,
     access: Access,
     lkey: u32,
-    _remote: Option<verbs::Mr>,
+    _remote: Option<RemoteMr>,
+}
+
+/// The host registration that gives a guest MR its rkey.
+struct RemoteMr {
+    // Drop order: deregister before unmapping the alias the registration covers.
+    mr: verbs::Mr,
+    /// The MR's pages mapped contiguously, when they are not contiguous in the guest mapping.
+    _alias: Option<alias::Alias>,
 }
 
 struct CqEntry {
@@ -586,6 +601,29 @@ fn wait_drained(qp: &verbs::Qp) {
     }
 }
 
+/// Each page as a page of the file backing its guest RAM region, or `None` when some page's
+/// region is anonymous or a private mapping (an alias would not share its pages).
+fn file_pages<'m>(
+    m: &'m GuestMemoryMmap,
+    pages: &[GuestAddress],
+) -> Option<Vec<alias::FilePage<'m>>> {
+    pages
+        .iter()
+        .map(|&p| {
+            let r = m.find_region(p)?;
+            if r.flags() & libc::MAP_SHARED == 0 || p.0 % alias::PAGE as u64 != 0 {
+                return None;
+            }
+            let fo = r.file_offset()?;
+            let offset = fo.start().checked_add(p.0 - r.start_addr().0)?;
+            Some(alias::FilePage {
+                fd: fo.file().as_fd(),
+                offset,
+            })
+        })
+        .collect()
+}
+
 fn qp_state_from_host(s: u32) -> QpState {
     match s {
         S::IBV_QPS_RESET => QpState::Reset,
@@ -720,6 +758,21 @@ impl Backend for RdmaCoreBackend {
     }
 
     fn create_mr(&self, pd: PdId, kind: MrKind, access: Access) -> Result<MrKeys> {
+        if let MrKind::User {
+            iova,
+            length,
+            pages,
+        } = &kind
+        {
+            // The page list must cover [iova, iova + length): host registrations span that much.
+            let end = iova
+                .checked_add(*length)
+                .ok_or(Error::Invalid("MR wraps around"))?;
+            let npages = end.div_ceil(0x1000) - iova / 0x1000;
+            if (pages.len() as u64) < npages {
+                return Err(Error::Invalid("MR page list too short"));
+            }
+        }
         let s = &self.s;
         let mut t = lock(&s.t);
         let pde = t.pds.get(&pd.0).ok_or(Error::NoSuchObject("PD"))?;
@@ -745,21 +798,31 @@ impl Backend for RdmaCoreBackend {
                 .map(|p| m.get_host_address(*p).ok().map(|h| h as usize))
                 .collect();
             let hvas = hvas.ok_or(Error::Invalid("MR page outside guest memory"))?;
+            let first = (*iova & 0xfff) as usize;
+            let len = usize::try_from(*length).map_err(|_| Error::Invalid("MR length"))?;
+            let access = access.bits() & 0xf;
             if hvas.windows(2).all(|w| w[1] == w[0] + 0x1000) {
-                let start = hvas[0] + (*iova & 0xfff) as usize;
-                let mr = verbs::Mr::register(
-                    &pde.pd,
-                    start,
-                    *length as usize,
-                    Some(*iova),
-                    access.bits() & 0xf,
-                )
-                .map_err(host)?;
-                remote_mr = Some(mr);
+                let mr = verbs::Mr::register(&pde.pd, hvas[0] + first, len, Some(*iova), access)
+                    .map_err(host)?;
+                remote_mr = Some(RemoteMr { mr, _alias: None });
+            } else if let Some(file_pages) = file_pages(&m, pages) {
+                // Scattered pages of file-backed guest RAM: map them contiguously once more.
+                let a = alias::Alias::new(&file_pages)
+                    .map_err(|e| Error::Host(format!("mapping the MR's pages: {e}")))?;
+                if first + len > a.size() {
+                    return Err(Error::Invalid("MR page list too short"));
+                }
+                let mr = verbs::Mr::register(&pde.pd, a.addr() + first, len, Some(*iova), access)
+                    .map_err(host)?;
+                remote_mr = Some(RemoteMr {
+                    mr,
+                    _alias: Some(a),
+                });
             } else {
                 log::warn!(
                     "rdma-core: MR at iova {iova:#x} ({} pages) is not contiguous in the host \
-                     mapping: remote access to it is not possible (its rkey matches no host MR)",
+                     mapping and guest RAM is not a shared file mapping: remote access to it is \
+                     not possible (its rkey matches no host MR)",
                     pages.len()
                 );
             }
@@ -768,7 +831,7 @@ impl Backend for RdmaCoreBackend {
         let id = t.next;
         let gen = s.key_gen.fetch_add(1, Ordering::Relaxed) & 0x7f;
         let lkey = KEY_TAG | ((id & 0xff_ffff) << 7) | gen;
-        let rkey = remote_mr.as_ref().map_or(lkey ^ 0x4000_0000, |m| m.rkey);
+        let rkey = remote_mr.as_ref().map_or(lkey ^ 0x4000_0000, |m| m.mr.rkey);
         t.lkeys.insert(lkey, id);
         t.pds.get_mut(&pd.0).expect("checked").users += 1;
         t.mrs.insert(

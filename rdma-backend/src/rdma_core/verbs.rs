@@ -1,5 +1,6 @@
-//! The only module of the rdma-core backend with `unsafe`: narrow RAII wrappers around the
-//! libibverbs objects (through `rdma-mummy-sys`, which loads `libibverbs.so.1` at run time).
+//! With `alias.rs`, the only module of the rdma-core backend with `unsafe`: narrow RAII wrappers
+//! around the libibverbs objects (through `rdma-mummy-sys`, which loads `libibverbs.so.1` at run
+//! time).
 //!
 //! Every wrapper owns one verbs object and destroys it on drop; objects a verbs object depends on
 //! (the context, a PD, CQs, an SRQ) are held by `Arc` so they outlive it. libibverbs objects may
