@@ -1157,17 +1157,19 @@ pub fn access_errors(f: &Factory<'_>) {
             "responder of case {i}"
         );
     }
-    // The responder QP does not grant remote write.
+    // The responder QP does not grant remote write: the operation is not supported by that QP,
+    // which IB answers with NAK Invalid Request (not an R_Key violation), so RemInvReqErr.
     let o = RcOpts {
         access: Access::REMOTE_READ,
         rnr_retry: 0,
         ..Default::default()
     };
-    let (qa, _, _, _) = rc_pair(&d, &d, o);
+    let (qa, qb, _, _) = rc_pair(&d, &d, o);
     assert_eq!(
         one(qa, 30, w(buf.iova, buf.keys.rkey), buf.sges(0, 8, 1)).status,
-        WcStatus::RemAccessErr
+        WcStatus::RemInvReqErr
     );
+    assert_eq!(d.be.query_qp_state(qb).unwrap(), QpState::Err);
     // Misaligned atomic.
     let (qa, _, _, _) = fresh();
     let op = SendOp::FetchAdd {
