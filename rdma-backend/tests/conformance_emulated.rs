@@ -34,6 +34,7 @@ cases!(
     rc_atomics,
     atomics_concurrent,
     ud_send_grh,
+    ud_length_errors,
     gsi_send,
     ud_qkey_mismatch,
     srq,
