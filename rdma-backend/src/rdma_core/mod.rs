@@ -27,6 +27,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use std::os::fd::AsFd;
 
@@ -190,6 +191,23 @@ struct QpEntry {
     attrs: Mutex<QpAttrs>,
     /// Serialises posts with the slab.
     pending: Mutex<Slab>,
+    /// The host QP is known to be in ERR: the guest or the backend moved it there, or an RC error
+    /// completion, a receive flush or a fatal event said so. Receives posted meanwhile are
+    /// flushed by the backend (IB: WRs posted to a QP in ERR complete with a flush error; rxe
+    /// 6.12 never completes a receive posted then).
+    in_err: AtomicBool,
+    /// Receives posted to the host and not completed yet.
+    host_recvs: AtomicU32,
+    /// Flush completions of receives posted in ERR, held until the receives posted to the host
+    /// before them have completed (a receive queue completes in order), and when the first one
+    /// was queued.
+    flushed: Mutex<(Vec<WorkCompletion>, Option<Instant>)>,
+}
+
+impl QpEntry {
+    fn set_err(&self) {
+        self.in_err.store(true, Ordering::Release);
+    }
 }
 
 #[derive(Default)]
@@ -218,6 +236,8 @@ struct Shared {
     /// Guest GID index → (GID, type, host GID index).
     gids: RwLock<Vec<Option<(Gid, GidType, u8)>>>,
     key_gen: AtomicU32,
+    /// Receive flush completions queued by `post_recv` (a hint for the completion thread).
+    flush_waiting: AtomicU32,
     stop: AtomicBool,
 }
 
@@ -266,6 +286,7 @@ impl RdmaCoreBackend {
             qps: RwLock::new(HashMap::new()),
             gids: RwLock::new(vec![None; MAX_GIDS]),
             key_gen: AtomicU32::new(1),
+            flush_waiting: AtomicU32::new(0),
             stop: AtomicBool::new(false),
         });
         let s2 = s.clone();
@@ -299,6 +320,7 @@ fn completion_thread(s: &Shared) {
         while let Some(ev) = s.ctx.next_async_event() {
             s.async_event(ev);
         }
+        s.deliver_flushed();
         while let Some(cq_addr) = s.ch.next_event() {
             let cq = {
                 let t = lock(&s.t);
@@ -328,9 +350,14 @@ fn completion_thread(s: &Shared) {
                     s.sink.complete(&out);
                 }
             }
+            s.deliver_flushed();
         }
     }
 }
+
+/// Longest wait for the host to complete the receives posted before a backend-flushed one (rxe
+/// may drop a receive posted in the moment between the QP failing and the backend noticing).
+const FLUSH_ORDER_WAIT: Duration = Duration::from_secs(1);
 
 fn wc_status(s: u32) -> WcStatus {
     match s {
@@ -352,8 +379,44 @@ fn wc_status(s: u32) -> WcStatus {
 }
 
 impl Shared {
+    /// Delivers the receive flush completions `post_recv` queued, once the QP's earlier host
+    /// receives have completed (or after [`FLUSH_ORDER_WAIT`]). Runs on the completion thread,
+    /// after the host completions it polled, and under the QP table's read lock, so nothing is
+    /// delivered for a QP once `destroy_qp` has returned.
+    fn deliver_flushed(&self) {
+        if self.flush_waiting.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let qps = read(&self.qps);
+        let mut left = 0;
+        for q in qps.values() {
+            let mut f = lock(&q.flushed);
+            if f.0.is_empty() {
+                continue;
+            }
+            let late = f.1.is_some_and(|t| t.elapsed() >= FLUSH_ORDER_WAIT);
+            if q.host_recvs.load(Ordering::Acquire) == 0 || late {
+                if late {
+                    // Those host receives will not complete; do not wait for them again.
+                    q.host_recvs.store(0, Ordering::Release);
+                }
+                let v = std::mem::take(&mut f.0);
+                f.1 = None;
+                self.sink.complete(&v);
+            } else {
+                left += f.0.len() as u32;
+            }
+        }
+        self.flush_waiting.store(left, Ordering::Release);
+    }
+
     fn async_event(&self, ev: verbs::AsyncEv) {
         use verbs::AsyncEv as E;
+        if let E::QpFatal(n) = ev {
+            if let Some(q) = read(&self.qps).get(&n) {
+                q.set_err();
+            }
+        }
         let qp_cookie = |n: u32| read(&self.qps).get(&n).map(|q| q.cookie);
         let ev = match ev {
             E::QpFatal(n) => qp_cookie(n).map(|c| AsyncEvent::QpFatal { qp_cookie: c }),
@@ -390,6 +453,17 @@ impl Shared {
             lock(&qp.pending).take(w.wr_id)
         }?;
         let mut status = wc_status(w.status);
+        if recv && w.wr_id & WR_SRQ == 0 {
+            let _ = qp
+                .host_recvs
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        }
+        if status != WcStatus::Success
+            && (qp.ty == QpType::Rc || (recv && status == WcStatus::WrFlushErr))
+        {
+            // An RC error completion moves the QP to ERR; so does anything flushing receives.
+            qp.set_err();
+        }
         if let Some(f) = p.failed {
             if status == WcStatus::WrFlushErr {
                 status = f;
@@ -1046,6 +1120,9 @@ impl Backend for RdmaCoreBackend {
             max_recv_sge: caps.max_recv_sge.max(1),
             attrs: Mutex::new(QpAttrs::default()),
             pending: Mutex::new(Slab::default()),
+            in_err: AtomicBool::new(false),
+            host_recvs: AtomicU32::new(0),
+            flushed: Mutex::new((Vec::new(), None)),
         });
         write(&s.qps).insert(qpn, e);
         Ok((QpId(id), qpn))
@@ -1156,6 +1233,9 @@ impl Backend for RdmaCoreBackend {
                 .map_err(|rc| Error::Host(format!("ibv_modify_qp: errno {rc}")))?;
             p.clear();
             *sh = QpAttrs::default();
+            e.in_err.store(false, Ordering::Release);
+            e.host_recvs.store(0, Ordering::Release);
+            lock(&e.flushed).0.clear();
             return Ok(());
         }
         if mask == 0 {
@@ -1173,7 +1253,11 @@ impl Backend for RdmaCoreBackend {
                 "ibv_modify_qp {cur:?} -> {to:?} (mask {mask:#x}): {}",
                 std::io::Error::from_raw_os_error(rc)
             ))
-        })
+        })?;
+        if to == QpState::Err {
+            e.set_err();
+        }
+        Ok(())
     }
 
     fn query_qp_state(&self, qp: QpId) -> Result<QpState> {
@@ -1316,19 +1400,43 @@ impl Backend for RdmaCoreBackend {
             ah = Some(a);
         }
         drop(t);
+        // Atomics rxe refuses at post time (EINVAL), which a guest ring cannot report: a local
+        // buffer other than 8 bytes is a local length error; a misaligned target is NAKed by an
+        // HCA's responder (Invalid Request). Report the requester's view of both.
+        let atomic_err = match wr.op {
+            SendOp::CmpSwap { remote_addr, .. } | SendOp::FetchAdd { remote_addr, .. } => {
+                let local: u64 = wr.sges.as_slice().iter().map(|s| u64::from(s.length)).sum();
+                if local != 8 {
+                    Some(WcStatus::LocLenErr)
+                } else if remote_addr % 8 != 0 {
+                    Some(WcStatus::RemInvReqErr)
+                } else {
+                    None
+                }
+            }
+            _ => None,
+        };
         let mut pend = lock(&e.pending);
-        let (mut sges, bounce, failed) = match prep {
-            Some((s, b)) => (s, b, None),
-            None => {
-                // A local protection error, as an HCA reports it: the QP goes to ERR, this WR
-                // completes (in order, after the earlier ones) with LocProtErr, later ones flush.
+        let (mut sges, bounce, failed) = match (prep, atomic_err) {
+            (Some((s, b)), None) => (s, b, None),
+            (prep, atomic_err) => {
+                let status = if prep.is_none() {
+                    WcStatus::LocProtErr
+                } else {
+                    atomic_err.unwrap_or(WcStatus::LocProtErr)
+                };
+                // An error found before sending, as an HCA reports it: the QP goes to ERR, this
+                // WR completes (in order, after the earlier ones) with `status`, later ones flush.
                 e.qp.modify(&verbs::HostQpAttr {
                     mask: QpMask::IBV_QP_STATE.0,
                     state: S::IBV_QPS_ERR,
                     ..Default::default()
                 })
                 .map_err(|rc| Error::Host(format!("ibv_modify_qp to ERR: errno {rc}")))?;
-                (vec![poison_sge()], None, Some(WcStatus::LocProtErr))
+                e.set_err();
+                // Posted as a plain SEND (rxe would refuse the atomic); it only gets flushed.
+                op.opcode = Op::IBV_WR_SEND;
+                (vec![poison_sge()], None, Some(status))
             }
         };
         let slot = pend.put(Pending {
@@ -1352,6 +1460,27 @@ impl Backend for RdmaCoreBackend {
         if e.srq.is_some() {
             return Err(Error::Invalid("the QP receives from an SRQ"));
         }
+        if e.in_err.load(Ordering::Acquire) {
+            // Flushed by the backend, delivered by the completion thread after the receives
+            // before it (see `deliver_flushed`).
+            let wc = WorkCompletion {
+                cq: e.recv_cq,
+                qp_cookie: e.cookie,
+                wr_id: wr.wr_id,
+                status: WcStatus::WrFlushErr,
+                opcode: WcOpcode::Recv,
+                byte_len: 0,
+                imm_data: None,
+                src_qp: 0,
+                grh: false,
+                solicited: false,
+            };
+            let mut f = lock(&e.flushed);
+            f.0.push(wc);
+            f.1.get_or_insert_with(Instant::now);
+            s.flush_waiting.fetch_add(1, Ordering::AcqRel);
+            return Ok(());
+        }
         let t = lock(&s.t);
         let prep = s.prepare(&t, e.pd, wr.sges.as_slice(), true, false, e.max_recv_sge);
         drop(t);
@@ -1365,8 +1494,10 @@ impl Backend for RdmaCoreBackend {
             _ah: None,
             failed: None,
         });
+        e.host_recvs.fetch_add(1, Ordering::AcqRel);
         if let Err(rc) = e.qp.post_recv(slot | WR_RECV, &mut sges) {
             pend.take(slot);
+            e.host_recvs.fetch_sub(1, Ordering::AcqRel);
             return Err(post_err(rc));
         }
         Ok(())
