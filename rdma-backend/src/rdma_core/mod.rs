@@ -339,6 +339,11 @@ fn completion_thread(s: &Shared) {
                 if wcs.is_empty() {
                     break;
                 }
+                // An affiliated event the host raised before these completions (an SRQ limit
+                // is raised when the receive is taken) goes out before them.
+                while let Some(ev) = s.ctx.next_async_event() {
+                    s.async_event(ev);
+                }
                 let qps = read(&s.qps);
                 out.clear();
                 for w in &wcs {
