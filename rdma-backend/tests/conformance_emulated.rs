@@ -46,6 +46,7 @@ cases!(
     state_transitions,
     destroy_busy,
     two_devices,
+    gsi_two_devices,
     no_completion_after_destroy,
     bidirectional_stress,
     device_reset,
