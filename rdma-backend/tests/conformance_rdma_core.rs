@@ -21,10 +21,7 @@ pub const UNSUPPORTED: &[(&str, &str)] = &[
         "gsi_send",
         "GSI (QP1) is refused: the host's QP1 belongs to the host kernel",
     ),
-    (
-        "two_devices",
-        "includes a GSI exchange (refused, see gsi_send)",
-    ),
+    ("gsi_two_devices", "GSI (QP1) is refused (see gsi_send)"),
     (
         "ud_length_errors",
         "rxe (6.12) sends a UD message longer than the path MTU and completes it successfully, \

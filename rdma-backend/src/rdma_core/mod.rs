@@ -139,6 +139,16 @@ struct Pending {
     /// The WR failed the backend's checks: it was posted to a QP moved to ERR, and its flush
     /// completion is reported with this status instead.
     failed: Option<WcStatus>,
+    /// A UD receive: what it takes to check the datagram's destination GID and to post the
+    /// receive again when the GID is not (or no longer) the guest's.
+    ud_recv: Option<UdRecv>,
+}
+
+struct UdRecv {
+    /// The host SGEs the receive was posted with.
+    sges: Vec<verbs::HostSge>,
+    /// Guest-physical runs of the receive's first 40 bytes (the GRH / IP header slot).
+    head: Vec<(u64, usize)>,
 }
 
 struct Bounce {
@@ -495,6 +505,17 @@ impl Shared {
             if !p.signaled && !recv {
                 return None;
             }
+            if recv && w.grh {
+                if let Some(u) = &p.ud_recv {
+                    if !self.owns_dest_gid(&u.head) {
+                        // Addressed to a GID the guest does not hold (host QPNs are shared by
+                        // every GID of the host device): not for this guest. The receive stays
+                        // posted, as if the datagram had gone elsewhere.
+                        self.repost_ud_recv(qp, p);
+                        return None;
+                    }
+                }
+            }
         }
         let opcode = if recv && status == WcStatus::Success && w.opcode == 129 {
             WcOpcode::RecvRdmaWithImm
@@ -633,6 +654,50 @@ impl Shared {
                 copy_out,
             }),
         ))
+    }
+
+    /// Whether the destination of the datagram whose GRH slot is at `head` (IPv6 header, or IPv4
+    /// header in its last 20 bytes for IPv4-mapped GIDs) is one of the guest's GIDs.
+    fn owns_dest_gid(&self, head: &[(u64, usize)]) -> bool {
+        let m = self.mem.memory();
+        let mut g = [0u8; 40];
+        let mut at = 0;
+        for &(gpa, n) in head {
+            if m.read_slice(&mut g[at..at + n], GuestAddress(gpa)).is_err() {
+                return true;
+            }
+            at += n;
+        }
+        if at < 40 {
+            return true;
+        }
+        let mut dgid = [0u8; 16];
+        if g[20] >> 4 == 4 && g[0] >> 4 != 6 {
+            dgid[10] = 0xff;
+            dgid[11] = 0xff;
+            dgid[12..].copy_from_slice(&g[36..40]);
+        } else {
+            dgid.copy_from_slice(&g[24..40]);
+        }
+        read(&self.gids)
+            .iter()
+            .any(|e| e.is_some_and(|(gid, _, _)| gid.0 == dgid))
+    }
+
+    /// Posts a UD receive whose datagram was not for the guest again.
+    fn repost_ud_recv(&self, qp: &QpEntry, p: Pending) {
+        let Some(mut sges) = p.ud_recv.as_ref().map(|u| u.sges.clone()) else {
+            return;
+        };
+        let mut pend = lock(&qp.pending);
+        let slot = pend.put(p);
+        if let Err(rc) = qp.qp.post_recv(slot | WR_RECV, &mut sges) {
+            pend.take(slot);
+            log::warn!("rdma-core: posting a UD receive again: errno {rc}");
+        } else {
+            // The completion decremented it; the receive is outstanding again.
+            qp.host_recvs.fetch_add(1, Ordering::AcqRel);
+        }
     }
 
     fn host_gid_index(&self, guest_index: u8) -> u8 {
@@ -1040,6 +1105,7 @@ impl Backend for RdmaCoreBackend {
             bounce,
             _ah: None,
             failed: None,
+            ud_recv: None,
         });
         if let Err(rc) = e.srq.post_recv(slot | WR_RECV | WR_SRQ, &mut sges) {
             pend.take(slot);
@@ -1451,6 +1517,7 @@ impl Backend for RdmaCoreBackend {
             bounce,
             _ah: ah,
             failed,
+            ud_recv: None,
         });
         if let Err(rc) = e.qp.post_send(slot, &mut sges, &op) {
             pend.take(slot);
@@ -1488,8 +1555,28 @@ impl Backend for RdmaCoreBackend {
         }
         let t = lock(&s.t);
         let prep = s.prepare(&t, e.pd, wr.sges.as_slice(), true, false, e.max_recv_sge);
+        let head = if e.ty == QpType::Rc || prep.is_none() {
+            None
+        } else {
+            s.host_sges(&t, e.pd, wr.sges.as_slice(), true).map(|runs| {
+                let mut left = 40usize;
+                let mut head = Vec::new();
+                for &(gpa, _, n, _) in &runs {
+                    if left == 0 {
+                        break;
+                    }
+                    head.push((gpa, n.min(left)));
+                    left -= n.min(left);
+                }
+                head
+            })
+        };
         drop(t);
         let (mut sges, bounce) = prep.unwrap_or_else(|| (vec![poison_sge()], None));
+        let ud_recv = head.map(|head| UdRecv {
+            sges: sges.clone(),
+            head,
+        });
         let mut pend = lock(&e.pending);
         let slot = pend.put(Pending {
             wr_id: wr.wr_id,
@@ -1498,6 +1585,7 @@ impl Backend for RdmaCoreBackend {
             bounce,
             _ah: None,
             failed: None,
+            ud_recv,
         });
         e.host_recvs.fetch_add(1, Ordering::AcqRel);
         if let Err(rc) = e.qp.post_recv(slot | WR_RECV, &mut sges) {
@@ -1572,6 +1660,7 @@ mod tests {
             bounce: None,
             _ah: None,
             failed: None,
+            ud_recv: None,
         };
         let a = s.put(p());
         assert_eq!(s.take(a | WR_RECV).map(|p| p.wr_id), Some(7));
