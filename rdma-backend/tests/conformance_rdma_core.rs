@@ -16,19 +16,12 @@ use rdma_backend::rdma_core::{self, Config, RdmaCoreBackend};
 use rdma_backend::{Backend, CompletionSink, GuestMem};
 
 /// Cases the backend does not support, with the reason.
-pub const UNSUPPORTED: &[(&str, &str)] = &[
-    (
-        "gsi_send",
-        "GSI (QP1) is refused: the host's QP1 belongs to the host kernel",
-    ),
-    ("gsi_two_devices", "GSI (QP1) is refused (see gsi_send)"),
-    (
-        "ud_length_errors",
-        "rxe (6.12) sends a UD message longer than the path MTU and completes it successfully, \
+pub const UNSUPPORTED: &[(&str, &str)] = &[(
+    "ud_length_errors",
+    "rxe (6.12) sends a UD message longer than the path MTU and completes it successfully, \
          and drops a datagram too long for the receive buffer without completing the receive \
          (IB: LocLenErr for both, the sender's QP to SQE)",
-    ),
-];
+)];
 
 fn config() -> Option<Config> {
     let ibdev = std::env::var("PVRDMA_IBDEV").unwrap_or_else(|_| "rxe0".into());

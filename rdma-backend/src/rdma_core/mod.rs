@@ -17,13 +17,16 @@
 //! - A guest SGE that fails the checks is posted as a host WR with an invalid lkey, so the host
 //!   completes it with a local protection error in order and moves the QP to ERR.
 //! - One thread waits on the completion channel and the async-event fd and feeds the sink.
-//! - The GSI QP (QP1) is refused: user space cannot own the host's QP1.
+//! - The GSI QP (QP1) is emulated: user space cannot own the host's QP1, so a host UD QP with a
+//!   reserved Q_Key stands in for it, published per guest GID in a process-wide table; GSI sends
+//!   to QP 1 at a GID go to the emulated QP1 there. It reaches pvrdma devices of this process
+//!   (loopback included), nothing else.
 #![allow(clippy::missing_docs_in_private_items)]
 
 mod alias;
 mod verbs;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread::JoinHandle;
@@ -56,6 +59,18 @@ const MAX_GIDS: usize = 128;
 const KEY_TAG: u32 = 0x8000_0000;
 /// Host lkey used to make the host fail a WR with a local protection error.
 const POISON_LKEY: u32 = 0;
+/// Q_Key of the host UD QPs that stand in for guest GSI QPs (QP1). Not IB's GSI Q_Key
+/// 0x80010000: Q_Keys with bit 31 set are privileged (a host process needs CAP_NET_RAW to set one),
+/// and only emulated QP1s use this one, so they receive from each other only.
+const GSI_HOST_QKEY: u32 = 0x5076_5131;
+
+/// Emulated QP1s of this process: (host device, port, guest GID) → host QPN of the UD QP that
+/// stands in for QP 1 at that GID. A GSI send to "QP 1 at GID g" goes to that QPN.
+static GSI_QPS: Mutex<BTreeMap<GsiKey, u32>> = Mutex::new(BTreeMap::new());
+
+/// Host device, port, guest GID.
+type GsiKey = (String, u8, [u8; 16]);
+
 /// Host work request ids: bit 63 marks receives, bit 62 SRQ receives; the low 32 bits index the
 /// pending-WR slab.
 const WR_RECV: u64 = 1 << 63;
@@ -248,6 +263,8 @@ struct Shared {
     key_gen: AtomicU32,
     /// Receive flush completions queued by `post_recv` (a hint for the completion thread).
     flush_waiting: AtomicU32,
+    /// Host QPN of the guest's GSI QP, if it has one (see [`GSI_QPS`]).
+    gsi_qpn: Mutex<Option<u32>>,
     stop: AtomicBool,
 }
 
@@ -297,6 +314,7 @@ impl RdmaCoreBackend {
             gids: RwLock::new(vec![None; MAX_GIDS]),
             key_gen: AtomicU32::new(1),
             flush_waiting: AtomicU32::new(0),
+            gsi_qpn: Mutex::new(None),
             stop: AtomicBool::new(false),
         });
         let s2 = s.clone();
@@ -525,6 +543,9 @@ impl Shared {
         // RC completions carry no source QP on the host; the guest expects the connected peer.
         let src_qp = if recv && qp.ty == QpType::Rc {
             lock(&qp.attrs).dest_qp_num.unwrap_or(w.src_qp)
+        } else if recv && qp.ty == QpType::Gsi {
+            // Only emulated QP1s send with GSI_HOST_QKEY.
+            1
         } else {
             w.src_qp
         };
@@ -656,6 +677,37 @@ impl Shared {
         ))
     }
 
+    fn gsi_key(&self, gid: Gid) -> GsiKey {
+        (self.cfg.ibdev.clone(), self.cfg.port, gid.0)
+    }
+
+    /// Publishes the guest's QP1 at `gid` (when it has a GSI QP).
+    fn gsi_register(&self, gid: Gid) {
+        if let Some(qpn) = *lock(&self.gsi_qpn) {
+            lock(&GSI_QPS).insert(self.gsi_key(gid), qpn);
+        }
+    }
+
+    /// Withdraws the guest's QP1 at `gid`.
+    fn gsi_unregister(&self, gid: Gid) {
+        if let Some(qpn) = *lock(&self.gsi_qpn) {
+            let mut r = lock(&GSI_QPS);
+            let k = self.gsi_key(gid);
+            if r.get(&k) == Some(&qpn) {
+                r.remove(&k);
+            }
+        }
+    }
+
+    /// Withdraws the guest's QP1 everywhere and forgets it.
+    fn gsi_drop(&self) {
+        if let Some(qpn) = lock(&self.gsi_qpn).take() {
+            lock(&GSI_QPS).retain(|(dev, port, _), v| {
+                !(*v == qpn && *dev == self.cfg.ibdev && *port == self.cfg.port)
+            });
+        }
+    }
+
     /// Whether the destination of the datagram whose GRH slot is at `head` (IPv6 header, or IPv4
     /// header in its last 20 bytes for IPv4-mapped GIDs) is one of the guest's GIDs.
     fn owns_dest_gid(&self, head: &[(u64, usize)]) -> bool {
@@ -717,6 +769,15 @@ impl Shared {
             sl: av.sl,
             port: self.cfg.port,
         }
+    }
+}
+
+/// The Q_Key the host QP gets: the guest's, except for an emulated QP1.
+fn host_qkey(ty: QpType, guest: Option<u32>) -> u32 {
+    if ty == QpType::Gsi {
+        GSI_HOST_QKEY
+    } else {
+        guest.unwrap_or(0)
     }
 }
 
@@ -846,16 +907,22 @@ impl Backend for RdmaCoreBackend {
                 s.cfg.ibdev, s.cfg.port
             )));
         };
-        write(&s.gids)[i] = Some((gid, ty, h as u8));
+        let old = write(&s.gids)[i].replace((gid, ty, h as u8));
+        if let Some((g, _, _)) = old {
+            s.gsi_unregister(g);
+        }
+        s.gsi_register(gid);
         Ok(())
     }
 
     fn del_gid(&self, index: u32) -> Result<()> {
-        let mut g = write(&self.s.gids);
-        let slot = g
+        let old = write(&self.s.gids)
             .get_mut(index as usize)
-            .ok_or(Error::Invalid("GID index"))?;
-        *slot = None;
+            .ok_or(Error::Invalid("GID index"))?
+            .take();
+        if let Some((g, _, _)) = old {
+            self.s.gsi_unregister(g);
+        }
         Ok(())
     }
 
@@ -1116,14 +1183,11 @@ impl Backend for RdmaCoreBackend {
 
     fn create_qp(&self, init: &QpInit) -> Result<(QpId, u32)> {
         let s = &self.s;
-        let ud = match init.qp_type {
-            QpType::Rc => false,
-            QpType::Ud => true,
-            QpType::Gsi => return Err(Error::Unsupported(
-                "GSI QP (QP1): the host's QP1 is the host kernel's; see docs/rdma-core-backend.md",
-            )),
-        };
+        let ud = init.qp_type != QpType::Rc;
         let mut t = lock(&s.t);
+        if init.qp_type == QpType::Gsi && lock(&s.gsi_qpn).is_some() {
+            return Err(Error::Invalid("the device has a GSI QP already"));
+        }
         let pd = t
             .pds
             .get(&init.pd.0)
@@ -1196,6 +1260,15 @@ impl Backend for RdmaCoreBackend {
             flushed: Mutex::new((Vec::new(), None)),
         });
         write(&s.qps).insert(qpn, e);
+        if init.qp_type == QpType::Gsi {
+            // QP1 emulated by a host UD QP, published under each of the guest's GIDs.
+            *lock(&s.gsi_qpn) = Some(qpn);
+            let gids: Vec<Gid> = read(&s.gids).iter().flatten().map(|g| g.0).collect();
+            for g in gids {
+                s.gsi_register(g);
+            }
+            return Ok((QpId(id), 1));
+        }
         Ok((QpId(id), qpn))
     }
 
@@ -1206,6 +1279,10 @@ impl Backend for RdmaCoreBackend {
             if !(1..=5).contains(&m) {
                 return Err(Error::Invalid("path MTU"));
             }
+        }
+        if e.ty == QpType::Ud && attrs.qkey == Some(GSI_HOST_QKEY) {
+            // Reserved for emulated QP1s: a guest UD QP must not receive their traffic.
+            return Err(Error::Invalid("Q_Key reserved by the backend for QP1"));
         }
         let cur = qp_state_from_host(e.qp.state().map_err(host)?);
         let to = attrs.state.unwrap_or(cur);
@@ -1236,7 +1313,7 @@ impl Backend for RdmaCoreBackend {
             // The guest's port number is its own (1); the host port is configured.
             set!(IBV_QP_PORT, port_num, s.cfg.port);
             if ud {
-                set!(IBV_QP_QKEY, qkey, sh.qkey.unwrap_or(0));
+                set!(IBV_QP_QKEY, qkey, host_qkey(e.ty, sh.qkey));
             } else {
                 set!(
                     IBV_QP_ACCESS_FLAGS,
@@ -1246,7 +1323,7 @@ impl Backend for RdmaCoreBackend {
             }
         } else {
             if attrs.qkey.is_some() {
-                set!(IBV_QP_QKEY, qkey, sh.qkey.unwrap_or(0));
+                set!(IBV_QP_QKEY, qkey, host_qkey(e.ty, sh.qkey));
             }
             if attrs.access.is_some() && !ud {
                 set!(
@@ -1341,6 +1418,9 @@ impl Backend for RdmaCoreBackend {
         let mut t = lock(&s.t);
         let qpn = t.qp_ids.remove(&qp.0).ok_or(Error::NoSuchObject("QP"))?;
         let e = write(&s.qps).remove(&qpn);
+        if e.as_ref().is_some_and(|e| e.ty == QpType::Gsi) {
+            s.gsi_drop();
+        }
         if let Some(e) = e {
             if let Some(p) = t.pds.get_mut(&e.pd.0) {
                 p.users -= 1;
@@ -1462,12 +1542,30 @@ impl Backend for RdmaCoreBackend {
                     a
                 }
             };
-            let qkey = if d.remote_qkey & 0x8000_0000 != 0 {
-                lock(&e.attrs).qkey.unwrap_or(0)
+            let (qpn, qkey) = if e.ty == QpType::Gsi {
+                // MADs go from QP1 to QP1: to the emulated QP1 published at the destination
+                // GID; with none there, to our own host QP with a Q_Key it drops, so the send
+                // still completes in order and the datagram goes nowhere.
+                let own = *lock(&s.gsi_qpn);
+                let to = (d.remote_qpn == 1)
+                    .then(|| lock(&GSI_QPS).get(&s.gsi_key(d.av.dgid)).copied())
+                    .flatten();
+                match (to, own) {
+                    (Some(q), _) => (q, GSI_HOST_QKEY),
+                    (None, Some(o)) => (o, !GSI_HOST_QKEY & 0x7fff_ffff),
+                    (None, None) => (e.qp.qp_num, !GSI_HOST_QKEY & 0x7fff_ffff),
+                }
+            } else if d.remote_qkey & 0x8000_0000 != 0 {
+                (d.remote_qpn, lock(&e.attrs).qkey.unwrap_or(0))
+            } else if d.remote_qkey == GSI_HOST_QKEY {
+                // Only emulated QP1s hold this Q_Key (no guest UD QP may): a guest UD QP sending
+                // with it could only pose as QP1. Send with another one instead, which cannot
+                // reach an emulated QP1.
+                (d.remote_qpn, GSI_HOST_QKEY ^ 1)
             } else {
-                d.remote_qkey
+                (d.remote_qpn, d.remote_qkey)
             };
-            op.ud = Some((a.clone(), d.remote_qpn, qkey));
+            op.ud = Some((a.clone(), qpn, qkey));
             ah = Some(a);
         }
         drop(t);
@@ -1598,6 +1696,7 @@ impl Backend for RdmaCoreBackend {
 
     fn reset(&self) {
         let s = &self.s;
+        s.gsi_drop();
         let mut t = lock(&s.t);
         write(&s.qps).clear();
         let next = t.next;
