@@ -421,7 +421,6 @@ impl Shared {
             return;
         }
         let qps = read(&self.qps);
-        let mut left = 0;
         for q in qps.values() {
             let mut f = lock(&q.flushed);
             if f.0.is_empty() {
@@ -436,11 +435,19 @@ impl Shared {
                 let v = std::mem::take(&mut f.0);
                 f.1 = None;
                 self.sink.complete(&v);
-            } else {
-                left += f.0.len() as u32;
+                self.flushes_gone(v.len());
             }
         }
-        self.flush_waiting.store(left, Ordering::Release);
+    }
+
+    /// `n` queued receive flushes were delivered or dropped.
+    fn flushes_gone(&self, n: usize) {
+        let n = u32::try_from(n).unwrap_or(u32::MAX);
+        let _ = self
+            .flush_waiting
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+                Some(w.saturating_sub(n))
+            });
     }
 
     fn async_event(&self, ev: verbs::AsyncEv) {
@@ -1383,7 +1390,8 @@ impl Backend for RdmaCoreBackend {
             *sh = QpAttrs::default();
             e.in_err.store(false, Ordering::Release);
             e.host_recvs.store(0, Ordering::Release);
-            lock(&e.flushed).0.clear();
+            let dropped = std::mem::take(&mut lock(&e.flushed).0).len();
+            s.flushes_gone(dropped);
             return Ok(());
         }
         if mask == 0 {
@@ -1420,6 +1428,9 @@ impl Backend for RdmaCoreBackend {
         let e = write(&s.qps).remove(&qpn);
         if e.as_ref().is_some_and(|e| e.ty == QpType::Gsi) {
             s.gsi_drop();
+        }
+        if let Some(e) = &e {
+            s.flushes_gone(lock(&e.flushed).0.len());
         }
         if let Some(e) = e {
             if let Some(p) = t.pds.get_mut(&e.pd.0) {
@@ -1699,6 +1710,7 @@ impl Backend for RdmaCoreBackend {
         s.gsi_drop();
         let mut t = lock(&s.t);
         write(&s.qps).clear();
+        s.flush_waiting.store(0, Ordering::Release);
         let next = t.next;
         *t = Tables::default();
         t.next = next;
