@@ -4,7 +4,9 @@
 //! Without libibverbs or without that device, the test prints "skipped: no RDMA device" and
 //! passes (there is nothing to test here; `tests/e2e/guest/rdma_core_backend.sh` runs it in a
 //! guest with soft-RoCE). The conformance cases use the guest GIDs `fe80::1:<n>`: the host netdev
-//! must carry those addresses (the guest script adds them to eth0).
+//! must carry those addresses (the guest script adds them to eth0). `PVRDMA_CASES=a,b` runs only
+//! those cases; `PVRDMA_PROBE_UNSUPPORTED=1` also runs the unsupported ones and reports how they
+//! end (diagnostics; they never fail the test).
 #![cfg(feature = "rdma-core")]
 
 use std::sync::Arc;
@@ -14,40 +16,12 @@ use rdma_backend::rdma_core::{self, Config, RdmaCoreBackend};
 use rdma_backend::{Backend, CompletionSink, GuestMem};
 
 /// Cases the backend does not support, with the reason.
-pub const UNSUPPORTED: &[(&str, &str)] = &[
-    (
-        "gsi_send",
-        "GSI (QP1) is refused: the host's QP1 belongs to the host kernel",
-    ),
-    (
-        "two_devices",
-        "includes a GSI exchange (refused, see gsi_send)",
-    ),
-    (
-        "rc_opcodes",
-        "RDMA WRITE/READ into an MR on shuffled (host-non-contiguous) pages: no host rkey",
-    ),
-    (
-        "rc_16mib",
-        "RDMA WRITE into an MR on shuffled (host-non-contiguous) pages: no host rkey",
-    ),
-    (
-        "ud_send_grh",
-        "RoCE v2 puts the IPv6 header in the GRH slot (rxe: flow label 0, next header UDP)",
-    ),
-    (
-        "access_errors",
-        "rxe answers a QP without remote-write rights with RemInvReqErr, not RemAccessErr",
-    ),
-    (
-        "recv_too_small",
-        "rxe completes a too-small receive with LocQpOpErr, not LocLenErr",
-    ),
-    (
-        "flush_on_error",
-        "rxe (6.12) does not complete a receive posted while the QP is in ERR",
-    ),
-];
+pub const UNSUPPORTED: &[(&str, &str)] = &[(
+    "ud_length_errors",
+    "rxe (6.12) sends a UD message longer than the path MTU and completes it successfully, \
+         and drops a datagram too long for the receive buffer without completing the receive \
+         (IB: LocLenErr for both, the sender's QP to SQE)",
+)];
 
 fn config() -> Option<Config> {
     let ibdev = std::env::var("PVRDMA_IBDEV").unwrap_or_else(|_| "rxe0".into());
@@ -76,6 +50,7 @@ fn config() -> Option<Config> {
 fn conformance() {
     let Some(cfg) = config() else { return };
     let only = std::env::var("PVRDMA_CASES").ok();
+    let probe_unsupported = std::env::var_os("PVRDMA_PROBE_UNSUPPORTED").is_some();
     let factory = |mem: GuestMem, sink: Arc<dyn CompletionSink>| -> Arc<dyn Backend> {
         RdmaCoreBackend::new(cfg.clone(), mem, sink).expect("open the rdma-core backend")
     };
@@ -90,6 +65,14 @@ fn conformance() {
         if let Some((_, why)) = UNSUPPORTED.iter().find(|(n, _)| n == name) {
             println!("conformance {name}: unsupported ({why})");
             skipped.push(*name);
+            if probe_unsupported {
+                // Diagnostics only: run it anyway and say how it ends; never a failure.
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| case(f)));
+                println!(
+                    "conformance {name}: unsupported, ran anyway: {}",
+                    if r.is_ok() { "passes" } else { "fails" }
+                );
+            }
             continue;
         }
         println!("conformance {name}: running");

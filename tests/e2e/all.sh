@@ -1,17 +1,23 @@
 #!/usr/bin/env bash
 # The whole real-guest suite: set-up (cached), then one TCG boot per guest test, each with a fresh
 # `pvrdma serve` process whose exit status is checked. Logs: target/e2e-logs/.
+# rdma_core_backend needs no pvrdma device: it runs the rdma-core backend's conformance suite on
+# soft-RoCE in the guest, with the test binary built by rdma-core-test-bin.sh.
 #
 #   tests/e2e/all.sh [TEST...]      default: probe pingpong perftest reload rping compare
+#                                   rdma_core_backend
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 cd "$REPO"
 TESTS=("$@")
-[ ${#TESTS[@]} -gt 0 ] || TESTS=(probe pingpong perftest reload rping compare)
+[ ${#TESTS[@]} -gt 0 ] || TESTS=(probe pingpong perftest reload rping compare rdma_core_backend)
 
 "$HERE/setup.sh"
-cargo build --release --bin pvrdma
+# The pvrdma server, unless rdma_core_backend (which needs none) is the only test.
+if printf '%s\n' "${TESTS[@]}" | grep -qvx rdma_core_backend; then
+    cargo build --release --bin pvrdma
+fi
 BIN=$REPO/target/release/pvrdma
 SOCKDIR=$REPO/target/e2e-sock
 mkdir -p "$SOCKDIR"
@@ -20,10 +26,26 @@ passed=0
 failed=0
 failures=()
 for t in "${TESTS[@]}"; do
-    sock=$SOCKDIR/$t.sock
-    rm -f "$sock"
-    if PVRDMA_E2E_QUIET=1 "$HERE/run.sh" "$HERE/guest/$t.sh" --name "$t" --socket "$sock" \
-        --server-cmd "exec $BIN serve --socket $sock --mac 52:54:00:12:34:56" --timeout 400; then
+    if [ "$t" = rdma_core_backend ]; then
+        # No device and no server; the test binary goes into the guest.
+        mkdir -p "$REPO/target/e2e-logs"
+        if ! rbin=$("$HERE/rdma-core-test-bin.sh" 2>"$REPO/target/e2e-logs/$t.build.log" | tail -n 1); then
+            rbin=""
+        fi
+        if [ -z "$rbin" ]; then
+            failed=$((failed + 1))
+            failures+=("$t")
+            echo "---- $t: building the test binary failed (target/e2e-logs/$t.build.log)"
+            tail -n 40 "$REPO/target/e2e-logs/$t.build.log" || true
+            continue
+        fi
+        args=(--add "$rbin")
+    else
+        sock=$SOCKDIR/$t.sock
+        rm -f "$sock"
+        args=(--socket "$sock" --server-cmd "exec $BIN serve --socket $sock --mac 52:54:00:12:34:56")
+    fi
+    if PVRDMA_E2E_QUIET=1 "$HERE/run.sh" "$HERE/guest/$t.sh" --name "$t" "${args[@]}" --timeout 400; then
         passed=$((passed + 1))
     else
         failed=$((failed + 1))
@@ -31,7 +53,8 @@ for t in "${TESTS[@]}"; do
         echo "---- last lines of target/e2e-logs/$t.console.log"
         tail -n 40 "$REPO/target/e2e-logs/$t.console.log" || true
     fi
-    grep -E '^\[e2e\] (PASS|FAIL)' "$REPO/target/e2e-logs/$t.console.log" | sed "s/^/  [$t] /" || true
+    grep -aE '^\[e2e\] (PASS|FAIL|conformance on)' "$REPO/target/e2e-logs/$t.console.log" | tr -d '\r' |
+        sed "s/^/  [$t] /" || true
 done
 echo "e2e: $passed passed, $failed failed${failures:+ (${failures[*]})}"
 [ "$failed" = 0 ]

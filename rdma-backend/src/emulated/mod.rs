@@ -13,8 +13,8 @@
 //! | bad lkey / range / rights in a send WR | `LocProtErr`, QP → ERR | — |
 //! | receive buffer too small (RC) | `RemInvReqErr`, QP → ERR | receive `LocLenErr`, QP → ERR |
 //! | bad lkey in the receive WR (RC) | `RemOpErr`, QP → ERR | receive `LocProtErr`, QP → ERR |
-//! | bad rkey / range / MR rights / QP access (RDMA, atomics) | `RemAccessErr`, QP → ERR | QP → ERR, `QpAccessErr` event |
-//! | misaligned atomic | `RemInvReqErr`, QP → ERR | QP → ERR, `QpReqErr` event |
+//! | bad rkey / range / MR rights (RDMA, atomics) | `RemAccessErr`, QP → ERR | QP → ERR, `QpAccessErr` event |
+//! | QP without the remote right; misaligned atomic | `RemInvReqErr`, QP → ERR | QP → ERR, `QpReqErr` event |
 //! | no receive posted (RC) | retried; `RnrRetryExcErr` when exhausted | — |
 //! | responder missing / not in RTR+ | retried; `RetryExcErr` when exhausted | — |
 //! | UD: bad lkey / too long for the path MTU | `LocProtErr` / `LocLenErr`, QP → SQE | — |

@@ -667,13 +667,22 @@ fn remote_check(
     addr: u64,
     len: u64,
 ) -> Result<Segs, Resp> {
-    let ok = tqp.remote_access().contains(right);
-    let segs = if ok {
-        tb.resolve_remote(rkey, addr, len, tqp.pd, right)
-    } else {
-        None
-    };
-    match segs {
+    if !tqp.remote_access().contains(right) {
+        // The QP does not accept this operation at all: IB's responder answers with NAK Invalid
+        // Request (before looking at the R_Key), as rxe and the verbs documentation say
+        // ("operation not supported by this receive queue").
+        let mut rq = lock(&tqp.rq);
+        responder_err(
+            tb,
+            tqp,
+            &mut rq,
+            Some(AsyncEvent::QpReqErr {
+                qp_cookie: tqp.cookie,
+            }),
+        );
+        return Err(Resp::Nak(WcStatus::RemInvReqErr));
+    }
+    match tb.resolve_remote(rkey, addr, len, tqp.pd, right) {
         Some(s) => Ok(s),
         None => {
             let mut rq = lock(&tqp.rq);

@@ -8,24 +8,35 @@
 //!   (iova → guest-physical page → host virtual address) into host SGEs of that registration.
 //!   When a WR needs more host SGEs than the device allows, it goes through a registered bounce
 //!   buffer (copied in at post, out at completion).
-//! - Remote access (rkeys): a guest MR whose pages are contiguous in the host mapping gets its own
-//!   `ibv_reg_mr_iova` registration with the guest's iova and access, whose rkey is the guest's
-//!   rkey. Other MRs get an rkey that no host MR has: remote operations naming it fail with a
-//!   remote access error (documented limitation).
+//! - Remote access (rkeys): a guest MR with remote rights gets its own `ibv_reg_mr_iova`
+//!   registration with the guest's iova and access, whose rkey is the guest's rkey: directly on
+//!   the guest mapping when its pages are contiguous there, otherwise on an alias (`alias.rs`):
+//!   the MR's pages mapped once more, in order, from the file backing guest RAM (a memfd with
+//!   vfio-user). On anonymous guest RAM such an MR gets an rkey that no host MR has: remote
+//!   operations naming it fail with a remote access error (documented limitation).
 //! - A guest SGE that fails the checks is posted as a host WR with an invalid lkey, so the host
 //!   completes it with a local protection error in order and moves the QP to ERR.
 //! - One thread waits on the completion channel and the async-event fd and feeds the sink.
-//! - The GSI QP (QP1) is refused: user space cannot own the host's QP1.
+//! - The GSI QP (QP1) is emulated: user space cannot own the host's QP1, so a host UD QP with a
+//!   reserved Q_Key stands in for it, published per guest GID in a process-wide table; GSI sends
+//!   to QP 1 at a GID go to the emulated QP1 there. It reaches pvrdma devices of this process
+//!   (loopback included), nothing else.
 #![allow(clippy::missing_docs_in_private_items)]
 
+mod alias;
 mod verbs;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion};
+use std::os::fd::AsFd;
+
+use vm_memory::{
+    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
 
 use crate::{
     Access, AsyncEvent, Backend, CompletionSink, CqId, Error, Gid, GidType, GuestMem, MrId, MrKeys,
@@ -48,6 +59,18 @@ const MAX_GIDS: usize = 128;
 const KEY_TAG: u32 = 0x8000_0000;
 /// Host lkey used to make the host fail a WR with a local protection error.
 const POISON_LKEY: u32 = 0;
+/// Q_Key of the host UD QPs that stand in for guest GSI QPs (QP1). Not IB's GSI Q_Key
+/// 0x80010000: Q_Keys with bit 31 set are privileged (a host process needs CAP_NET_RAW to set one),
+/// and only emulated QP1s use this one, so they receive from each other only.
+const GSI_HOST_QKEY: u32 = 0x5076_5131;
+
+/// Emulated QP1s of this process: (host device, port, guest GID) → host QPN of the UD QP that
+/// stands in for QP 1 at that GID. A GSI send to "QP 1 at GID g" goes to that QPN.
+static GSI_QPS: Mutex<BTreeMap<GsiKey, u32>> = Mutex::new(BTreeMap::new());
+
+/// Host device, port, guest GID.
+type GsiKey = (String, u8, [u8; 16]);
+
 /// Host work request ids: bit 63 marks receives, bit 62 SRQ receives; the low 32 bits index the
 /// pending-WR slab.
 const WR_RECV: u64 = 1 << 63;
@@ -95,7 +118,15 @@ struct MrEntry {
     kind: MrKind,
     access: Access,
     lkey: u32,
-    _remote: Option<verbs::Mr>,
+    _remote: Option<RemoteMr>,
+}
+
+/// The host registration that gives a guest MR its rkey.
+struct RemoteMr {
+    // Drop order: deregister before unmapping the alias the registration covers.
+    mr: verbs::Mr,
+    /// The MR's pages mapped contiguously, when they are not contiguous in the guest mapping.
+    _alias: Option<alias::Alias>,
 }
 
 struct CqEntry {
@@ -123,6 +154,16 @@ struct Pending {
     /// The WR failed the backend's checks: it was posted to a QP moved to ERR, and its flush
     /// completion is reported with this status instead.
     failed: Option<WcStatus>,
+    /// A UD receive: what it takes to check the datagram's destination GID and to post the
+    /// receive again when the GID is not (or no longer) the guest's.
+    ud_recv: Option<UdRecv>,
+}
+
+struct UdRecv {
+    /// The host SGEs the receive was posted with.
+    sges: Vec<verbs::HostSge>,
+    /// Guest-physical runs of the receive's first 40 bytes (the GRH / IP header slot).
+    head: Vec<(u64, usize)>,
 }
 
 struct Bounce {
@@ -175,6 +216,23 @@ struct QpEntry {
     attrs: Mutex<QpAttrs>,
     /// Serialises posts with the slab.
     pending: Mutex<Slab>,
+    /// The host QP is known to be in ERR: the guest or the backend moved it there, or an RC error
+    /// completion, a receive flush or a fatal event said so. Receives posted meanwhile are
+    /// flushed by the backend (IB: WRs posted to a QP in ERR complete with a flush error; rxe
+    /// 6.12 never completes a receive posted then).
+    in_err: AtomicBool,
+    /// Receives posted to the host and not completed yet.
+    host_recvs: AtomicU32,
+    /// Flush completions of receives posted in ERR, held until the receives posted to the host
+    /// before them have completed (a receive queue completes in order), and when the first one
+    /// was queued.
+    flushed: Mutex<(Vec<WorkCompletion>, Option<Instant>)>,
+}
+
+impl QpEntry {
+    fn set_err(&self) {
+        self.in_err.store(true, Ordering::Release);
+    }
 }
 
 #[derive(Default)]
@@ -203,6 +261,10 @@ struct Shared {
     /// Guest GID index → (GID, type, host GID index).
     gids: RwLock<Vec<Option<(Gid, GidType, u8)>>>,
     key_gen: AtomicU32,
+    /// Receive flush completions queued by `post_recv` (a hint for the completion thread).
+    flush_waiting: AtomicU32,
+    /// Host QPN of the guest's GSI QP, if it has one (see [`GSI_QPS`]).
+    gsi_qpn: Mutex<Option<u32>>,
     stop: AtomicBool,
 }
 
@@ -251,6 +313,8 @@ impl RdmaCoreBackend {
             qps: RwLock::new(HashMap::new()),
             gids: RwLock::new(vec![None; MAX_GIDS]),
             key_gen: AtomicU32::new(1),
+            flush_waiting: AtomicU32::new(0),
+            gsi_qpn: Mutex::new(None),
             stop: AtomicBool::new(false),
         });
         let s2 = s.clone();
@@ -284,6 +348,7 @@ fn completion_thread(s: &Shared) {
         while let Some(ev) = s.ctx.next_async_event() {
             s.async_event(ev);
         }
+        s.deliver_flushed();
         while let Some(cq_addr) = s.ch.next_event() {
             let cq = {
                 let t = lock(&s.t);
@@ -302,6 +367,11 @@ fn completion_thread(s: &Shared) {
                 if wcs.is_empty() {
                     break;
                 }
+                // An affiliated event the host raised before these completions (an SRQ limit
+                // is raised when the receive is taken) goes out before them.
+                while let Some(ev) = s.ctx.next_async_event() {
+                    s.async_event(ev);
+                }
                 let qps = read(&s.qps);
                 out.clear();
                 for w in &wcs {
@@ -313,9 +383,14 @@ fn completion_thread(s: &Shared) {
                     s.sink.complete(&out);
                 }
             }
+            s.deliver_flushed();
         }
     }
 }
+
+/// Longest wait for the host to complete the receives posted before a backend-flushed one (rxe
+/// may drop a receive posted in the moment between the QP failing and the backend noticing).
+const FLUSH_ORDER_WAIT: Duration = Duration::from_secs(1);
 
 fn wc_status(s: u32) -> WcStatus {
     match s {
@@ -337,8 +412,51 @@ fn wc_status(s: u32) -> WcStatus {
 }
 
 impl Shared {
+    /// Delivers the receive flush completions `post_recv` queued, once the QP's earlier host
+    /// receives have completed (or after [`FLUSH_ORDER_WAIT`]). Runs on the completion thread,
+    /// after the host completions it polled, and under the QP table's read lock, so nothing is
+    /// delivered for a QP once `destroy_qp` has returned.
+    fn deliver_flushed(&self) {
+        if self.flush_waiting.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let qps = read(&self.qps);
+        for q in qps.values() {
+            let mut f = lock(&q.flushed);
+            if f.0.is_empty() {
+                continue;
+            }
+            let late = f.1.is_some_and(|t| t.elapsed() >= FLUSH_ORDER_WAIT);
+            if q.host_recvs.load(Ordering::Acquire) == 0 || late {
+                if late {
+                    // Those host receives will not complete; do not wait for them again.
+                    q.host_recvs.store(0, Ordering::Release);
+                }
+                let v = std::mem::take(&mut f.0);
+                f.1 = None;
+                self.sink.complete(&v);
+                self.flushes_gone(v.len());
+            }
+        }
+    }
+
+    /// `n` queued receive flushes were delivered or dropped.
+    fn flushes_gone(&self, n: usize) {
+        let n = u32::try_from(n).unwrap_or(u32::MAX);
+        let _ = self
+            .flush_waiting
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+                Some(w.saturating_sub(n))
+            });
+    }
+
     fn async_event(&self, ev: verbs::AsyncEv) {
         use verbs::AsyncEv as E;
+        if let E::QpFatal(n) = ev {
+            if let Some(q) = read(&self.qps).get(&n) {
+                q.set_err();
+            }
+        }
         let qp_cookie = |n: u32| read(&self.qps).get(&n).map(|q| q.cookie);
         let ev = match ev {
             E::QpFatal(n) => qp_cookie(n).map(|c| AsyncEvent::QpFatal { qp_cookie: c }),
@@ -375,6 +493,17 @@ impl Shared {
             lock(&qp.pending).take(w.wr_id)
         }?;
         let mut status = wc_status(w.status);
+        if recv && w.wr_id & WR_SRQ == 0 {
+            let _ = qp
+                .host_recvs
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        }
+        if status != WcStatus::Success
+            && (qp.ty == QpType::Rc || (recv && status == WcStatus::WrFlushErr))
+        {
+            // An RC error completion moves the QP to ERR; so does anything flushing receives.
+            qp.set_err();
+        }
         if let Some(f) = p.failed {
             if status == WcStatus::WrFlushErr {
                 status = f;
@@ -401,6 +530,17 @@ impl Shared {
             if !p.signaled && !recv {
                 return None;
             }
+            if recv && w.grh {
+                if let Some(u) = &p.ud_recv {
+                    if !self.owns_dest_gid(&u.head) {
+                        // Addressed to a GID the guest does not hold (host QPNs are shared by
+                        // every GID of the host device): not for this guest. The receive stays
+                        // posted, as if the datagram had gone elsewhere.
+                        self.repost_ud_recv(qp, p);
+                        return None;
+                    }
+                }
+            }
         }
         let opcode = if recv && status == WcStatus::Success && w.opcode == 129 {
             WcOpcode::RecvRdmaWithImm
@@ -410,6 +550,9 @@ impl Shared {
         // RC completions carry no source QP on the host; the guest expects the connected peer.
         let src_qp = if recv && qp.ty == QpType::Rc {
             lock(&qp.attrs).dest_qp_num.unwrap_or(w.src_qp)
+        } else if recv && qp.ty == QpType::Gsi {
+            // Only emulated QP1s send with GSI_HOST_QKEY.
+            1
         } else {
             w.src_qp
         };
@@ -541,6 +684,81 @@ impl Shared {
         ))
     }
 
+    fn gsi_key(&self, gid: Gid) -> GsiKey {
+        (self.cfg.ibdev.clone(), self.cfg.port, gid.0)
+    }
+
+    /// Publishes the guest's QP1 at `gid` (when it has a GSI QP).
+    fn gsi_register(&self, gid: Gid) {
+        if let Some(qpn) = *lock(&self.gsi_qpn) {
+            lock(&GSI_QPS).insert(self.gsi_key(gid), qpn);
+        }
+    }
+
+    /// Withdraws the guest's QP1 at `gid`.
+    fn gsi_unregister(&self, gid: Gid) {
+        if let Some(qpn) = *lock(&self.gsi_qpn) {
+            let mut r = lock(&GSI_QPS);
+            let k = self.gsi_key(gid);
+            if r.get(&k) == Some(&qpn) {
+                r.remove(&k);
+            }
+        }
+    }
+
+    /// Withdraws the guest's QP1 everywhere and forgets it.
+    fn gsi_drop(&self) {
+        if let Some(qpn) = lock(&self.gsi_qpn).take() {
+            lock(&GSI_QPS).retain(|(dev, port, _), v| {
+                !(*v == qpn && *dev == self.cfg.ibdev && *port == self.cfg.port)
+            });
+        }
+    }
+
+    /// Whether the destination of the datagram whose GRH slot is at `head` (IPv6 header, or IPv4
+    /// header in its last 20 bytes for IPv4-mapped GIDs) is one of the guest's GIDs.
+    fn owns_dest_gid(&self, head: &[(u64, usize)]) -> bool {
+        let m = self.mem.memory();
+        let mut g = [0u8; 40];
+        let mut at = 0;
+        for &(gpa, n) in head {
+            if m.read_slice(&mut g[at..at + n], GuestAddress(gpa)).is_err() {
+                return true;
+            }
+            at += n;
+        }
+        if at < 40 {
+            return true;
+        }
+        let mut dgid = [0u8; 16];
+        if g[20] >> 4 == 4 && g[0] >> 4 != 6 {
+            dgid[10] = 0xff;
+            dgid[11] = 0xff;
+            dgid[12..].copy_from_slice(&g[36..40]);
+        } else {
+            dgid.copy_from_slice(&g[24..40]);
+        }
+        read(&self.gids)
+            .iter()
+            .any(|e| e.is_some_and(|(gid, _, _)| gid.0 == dgid))
+    }
+
+    /// Posts a UD receive whose datagram was not for the guest again.
+    fn repost_ud_recv(&self, qp: &QpEntry, p: Pending) {
+        let Some(mut sges) = p.ud_recv.as_ref().map(|u| u.sges.clone()) else {
+            return;
+        };
+        let mut pend = lock(&qp.pending);
+        let slot = pend.put(p);
+        if let Err(rc) = qp.qp.post_recv(slot | WR_RECV, &mut sges) {
+            pend.take(slot);
+            log::warn!("rdma-core: posting a UD receive again: errno {rc}");
+        } else {
+            // The completion decremented it; the receive is outstanding again.
+            qp.host_recvs.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
     fn host_gid_index(&self, guest_index: u8) -> u8 {
         read(&self.gids)
             .get(usize::from(guest_index))
@@ -559,6 +777,63 @@ impl Shared {
             port: self.cfg.port,
         }
     }
+}
+
+/// The Q_Key the host QP gets: the guest's, except for an emulated QP1.
+fn host_qkey(ty: QpType, guest: Option<u32>) -> u32 {
+    if ty == QpType::Gsi {
+        GSI_HOST_QKEY
+    } else {
+        guest.unwrap_or(0)
+    }
+}
+
+/// Longest wait for a QP in SQD to finish draining before a transition out of SQD.
+const SQD_DRAIN_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Waits (at most [`SQD_DRAIN_WAIT`]) until the host QP no longer reports `sq_draining`.
+fn wait_drained(qp: &verbs::Qp) {
+    let deadline = std::time::Instant::now() + SQD_DRAIN_WAIT;
+    let mut pause = std::time::Duration::from_micros(100);
+    loop {
+        match qp.state_draining() {
+            Ok((S::IBV_QPS_SQD, true)) => {}
+            Ok(_) => return,
+            Err(e) => {
+                log::warn!("rdma-core: {e}");
+                return;
+            }
+        }
+        if std::time::Instant::now() >= deadline {
+            log::warn!("rdma-core: QP still draining after {SQD_DRAIN_WAIT:?}");
+            return;
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Each page as a page of the file backing its guest RAM region, or `None` when some page's
+/// region is anonymous or a private mapping (an alias would not share its pages).
+fn file_pages<'m>(
+    m: &'m GuestMemoryMmap,
+    pages: &[GuestAddress],
+) -> Option<Vec<alias::FilePage<'m>>> {
+    pages
+        .iter()
+        .map(|&p| {
+            let r = m.find_region(p)?;
+            if r.flags() & libc::MAP_SHARED == 0 || p.0 % alias::PAGE as u64 != 0 {
+                return None;
+            }
+            let fo = r.file_offset()?;
+            let offset = fo.start().checked_add(p.0 - r.start_addr().0)?;
+            Some(alias::FilePage {
+                fd: fo.file().as_fd(),
+                offset,
+            })
+        })
+        .collect()
 }
 
 fn qp_state_from_host(s: u32) -> QpState {
@@ -639,16 +914,22 @@ impl Backend for RdmaCoreBackend {
                 s.cfg.ibdev, s.cfg.port
             )));
         };
-        write(&s.gids)[i] = Some((gid, ty, h as u8));
+        let old = write(&s.gids)[i].replace((gid, ty, h as u8));
+        if let Some((g, _, _)) = old {
+            s.gsi_unregister(g);
+        }
+        s.gsi_register(gid);
         Ok(())
     }
 
     fn del_gid(&self, index: u32) -> Result<()> {
-        let mut g = write(&self.s.gids);
-        let slot = g
+        let old = write(&self.s.gids)
             .get_mut(index as usize)
-            .ok_or(Error::Invalid("GID index"))?;
-        *slot = None;
+            .ok_or(Error::Invalid("GID index"))?
+            .take();
+        if let Some((g, _, _)) = old {
+            self.s.gsi_unregister(g);
+        }
         Ok(())
     }
 
@@ -695,6 +976,21 @@ impl Backend for RdmaCoreBackend {
     }
 
     fn create_mr(&self, pd: PdId, kind: MrKind, access: Access) -> Result<MrKeys> {
+        if let MrKind::User {
+            iova,
+            length,
+            pages,
+        } = &kind
+        {
+            // The page list must cover [iova, iova + length): host registrations span that much.
+            let end = iova
+                .checked_add(*length)
+                .ok_or(Error::Invalid("MR wraps around"))?;
+            let npages = end.div_ceil(0x1000) - iova / 0x1000;
+            if (pages.len() as u64) < npages {
+                return Err(Error::Invalid("MR page list too short"));
+            }
+        }
         let s = &self.s;
         let mut t = lock(&s.t);
         let pde = t.pds.get(&pd.0).ok_or(Error::NoSuchObject("PD"))?;
@@ -720,21 +1016,31 @@ impl Backend for RdmaCoreBackend {
                 .map(|p| m.get_host_address(*p).ok().map(|h| h as usize))
                 .collect();
             let hvas = hvas.ok_or(Error::Invalid("MR page outside guest memory"))?;
+            let first = (*iova & 0xfff) as usize;
+            let len = usize::try_from(*length).map_err(|_| Error::Invalid("MR length"))?;
+            let access = access.bits() & 0xf;
             if hvas.windows(2).all(|w| w[1] == w[0] + 0x1000) {
-                let start = hvas[0] + (*iova & 0xfff) as usize;
-                let mr = verbs::Mr::register(
-                    &pde.pd,
-                    start,
-                    *length as usize,
-                    Some(*iova),
-                    access.bits() & 0xf,
-                )
-                .map_err(host)?;
-                remote_mr = Some(mr);
+                let mr = verbs::Mr::register(&pde.pd, hvas[0] + first, len, Some(*iova), access)
+                    .map_err(host)?;
+                remote_mr = Some(RemoteMr { mr, _alias: None });
+            } else if let Some(file_pages) = file_pages(&m, pages) {
+                // Scattered pages of file-backed guest RAM: map them contiguously once more.
+                let a = alias::Alias::new(&file_pages)
+                    .map_err(|e| Error::Host(format!("mapping the MR's pages: {e}")))?;
+                if first + len > a.size() {
+                    return Err(Error::Invalid("MR page list too short"));
+                }
+                let mr = verbs::Mr::register(&pde.pd, a.addr() + first, len, Some(*iova), access)
+                    .map_err(host)?;
+                remote_mr = Some(RemoteMr {
+                    mr,
+                    _alias: Some(a),
+                });
             } else {
                 log::warn!(
                     "rdma-core: MR at iova {iova:#x} ({} pages) is not contiguous in the host \
-                     mapping: remote access to it is not possible (its rkey matches no host MR)",
+                     mapping and guest RAM is not a shared file mapping: remote access to it is \
+                     not possible (its rkey matches no host MR)",
                     pages.len()
                 );
             }
@@ -743,7 +1049,7 @@ impl Backend for RdmaCoreBackend {
         let id = t.next;
         let gen = s.key_gen.fetch_add(1, Ordering::Relaxed) & 0x7f;
         let lkey = KEY_TAG | ((id & 0xff_ffff) << 7) | gen;
-        let rkey = remote_mr.as_ref().map_or(lkey ^ 0x4000_0000, |m| m.rkey);
+        let rkey = remote_mr.as_ref().map_or(lkey ^ 0x4000_0000, |m| m.mr.rkey);
         t.lkeys.insert(lkey, id);
         t.pds.get_mut(&pd.0).expect("checked").users += 1;
         t.mrs.insert(
@@ -873,6 +1179,7 @@ impl Backend for RdmaCoreBackend {
             bounce,
             _ah: None,
             failed: None,
+            ud_recv: None,
         });
         if let Err(rc) = e.srq.post_recv(slot | WR_RECV | WR_SRQ, &mut sges) {
             pend.take(slot);
@@ -883,14 +1190,11 @@ impl Backend for RdmaCoreBackend {
 
     fn create_qp(&self, init: &QpInit) -> Result<(QpId, u32)> {
         let s = &self.s;
-        let ud = match init.qp_type {
-            QpType::Rc => false,
-            QpType::Ud => true,
-            QpType::Gsi => return Err(Error::Unsupported(
-                "GSI QP (QP1): the host's QP1 is the host kernel's; see docs/rdma-core-backend.md",
-            )),
-        };
+        let ud = init.qp_type != QpType::Rc;
         let mut t = lock(&s.t);
+        if init.qp_type == QpType::Gsi && lock(&s.gsi_qpn).is_some() {
+            return Err(Error::Invalid("the device has a GSI QP already"));
+        }
         let pd = t
             .pds
             .get(&init.pd.0)
@@ -958,8 +1262,20 @@ impl Backend for RdmaCoreBackend {
             max_recv_sge: caps.max_recv_sge.max(1),
             attrs: Mutex::new(QpAttrs::default()),
             pending: Mutex::new(Slab::default()),
+            in_err: AtomicBool::new(false),
+            host_recvs: AtomicU32::new(0),
+            flushed: Mutex::new((Vec::new(), None)),
         });
         write(&s.qps).insert(qpn, e);
+        if init.qp_type == QpType::Gsi {
+            // QP1 emulated by a host UD QP, published under each of the guest's GIDs.
+            *lock(&s.gsi_qpn) = Some(qpn);
+            let gids: Vec<Gid> = read(&s.gids).iter().flatten().map(|g| g.0).collect();
+            for g in gids {
+                s.gsi_register(g);
+            }
+            return Ok((QpId(id), 1));
+        }
         Ok((QpId(id), qpn))
     }
 
@@ -970,6 +1286,10 @@ impl Backend for RdmaCoreBackend {
             if !(1..=5).contains(&m) {
                 return Err(Error::Invalid("path MTU"));
             }
+        }
+        if e.ty == QpType::Ud && attrs.qkey == Some(GSI_HOST_QKEY) {
+            // Reserved for emulated QP1s: a guest UD QP must not receive their traffic.
+            return Err(Error::Invalid("Q_Key reserved by the backend for QP1"));
         }
         let cur = qp_state_from_host(e.qp.state().map_err(host)?);
         let to = attrs.state.unwrap_or(cur);
@@ -1000,7 +1320,7 @@ impl Backend for RdmaCoreBackend {
             // The guest's port number is its own (1); the host port is configured.
             set!(IBV_QP_PORT, port_num, s.cfg.port);
             if ud {
-                set!(IBV_QP_QKEY, qkey, sh.qkey.unwrap_or(0));
+                set!(IBV_QP_QKEY, qkey, host_qkey(e.ty, sh.qkey));
             } else {
                 set!(
                     IBV_QP_ACCESS_FLAGS,
@@ -1010,7 +1330,7 @@ impl Backend for RdmaCoreBackend {
             }
         } else {
             if attrs.qkey.is_some() {
-                set!(IBV_QP_QKEY, qkey, sh.qkey.unwrap_or(0));
+                set!(IBV_QP_QKEY, qkey, host_qkey(e.ty, sh.qkey));
             }
             if attrs.access.is_some() && !ud {
                 set!(
@@ -1068,17 +1388,32 @@ impl Backend for RdmaCoreBackend {
                 .map_err(|rc| Error::Host(format!("ibv_modify_qp: errno {rc}")))?;
             p.clear();
             *sh = QpAttrs::default();
+            e.in_err.store(false, Ordering::Release);
+            e.host_recvs.store(0, Ordering::Release);
+            let dropped = std::mem::take(&mut lock(&e.flushed).0).len();
+            s.flushes_gone(dropped);
             return Ok(());
         }
         if mask == 0 {
             return Ok(());
+        }
+        if cur == QpState::Sqd && attrs.state.is_some() && to != QpState::Sqd && to != QpState::Err
+        {
+            // A QP may leave SQD once its SQ has drained (IB's "SQ drained" point); rxe refuses
+            // with EINVAL before that, and the guest's modify may come right after the one to
+            // SQD. Wait a bounded time for the drain, then let the host decide.
+            wait_drained(&e.qp);
         }
         e.qp.modify(&h).map_err(|rc| {
             Error::Host(format!(
                 "ibv_modify_qp {cur:?} -> {to:?} (mask {mask:#x}): {}",
                 std::io::Error::from_raw_os_error(rc)
             ))
-        })
+        })?;
+        if to == QpState::Err {
+            e.set_err();
+        }
+        Ok(())
     }
 
     fn query_qp_state(&self, qp: QpId) -> Result<QpState> {
@@ -1091,6 +1426,12 @@ impl Backend for RdmaCoreBackend {
         let mut t = lock(&s.t);
         let qpn = t.qp_ids.remove(&qp.0).ok_or(Error::NoSuchObject("QP"))?;
         let e = write(&s.qps).remove(&qpn);
+        if e.as_ref().is_some_and(|e| e.ty == QpType::Gsi) {
+            s.gsi_drop();
+        }
+        if let Some(e) = &e {
+            s.flushes_gone(lock(&e.flushed).0.len());
+        }
         if let Some(e) = e {
             if let Some(p) = t.pds.get_mut(&e.pd.0) {
                 p.users -= 1;
@@ -1212,28 +1553,70 @@ impl Backend for RdmaCoreBackend {
                     a
                 }
             };
-            let qkey = if d.remote_qkey & 0x8000_0000 != 0 {
-                lock(&e.attrs).qkey.unwrap_or(0)
+            let (qpn, qkey) = if e.ty == QpType::Gsi {
+                // MADs go from QP1 to QP1: to the emulated QP1 published at the destination
+                // GID; with none there, to our own host QP with a Q_Key it drops, so the send
+                // still completes in order and the datagram goes nowhere.
+                let own = *lock(&s.gsi_qpn);
+                let to = (d.remote_qpn == 1)
+                    .then(|| lock(&GSI_QPS).get(&s.gsi_key(d.av.dgid)).copied())
+                    .flatten();
+                match (to, own) {
+                    (Some(q), _) => (q, GSI_HOST_QKEY),
+                    (None, Some(o)) => (o, !GSI_HOST_QKEY & 0x7fff_ffff),
+                    (None, None) => (e.qp.qp_num, !GSI_HOST_QKEY & 0x7fff_ffff),
+                }
+            } else if d.remote_qkey & 0x8000_0000 != 0 {
+                (d.remote_qpn, lock(&e.attrs).qkey.unwrap_or(0))
+            } else if d.remote_qkey == GSI_HOST_QKEY {
+                // Only emulated QP1s hold this Q_Key (no guest UD QP may): a guest UD QP sending
+                // with it could only pose as QP1. Send with another one instead, which cannot
+                // reach an emulated QP1.
+                (d.remote_qpn, GSI_HOST_QKEY ^ 1)
             } else {
-                d.remote_qkey
+                (d.remote_qpn, d.remote_qkey)
             };
-            op.ud = Some((a.clone(), d.remote_qpn, qkey));
+            op.ud = Some((a.clone(), qpn, qkey));
             ah = Some(a);
         }
         drop(t);
+        // Atomics rxe refuses at post time (EINVAL), which a guest ring cannot report: a local
+        // buffer other than 8 bytes is a local length error; a misaligned target is NAKed by an
+        // HCA's responder (Invalid Request). Report the requester's view of both.
+        let atomic_err = match wr.op {
+            SendOp::CmpSwap { remote_addr, .. } | SendOp::FetchAdd { remote_addr, .. } => {
+                let local: u64 = wr.sges.as_slice().iter().map(|s| u64::from(s.length)).sum();
+                if local != 8 {
+                    Some(WcStatus::LocLenErr)
+                } else if remote_addr % 8 != 0 {
+                    Some(WcStatus::RemInvReqErr)
+                } else {
+                    None
+                }
+            }
+            _ => None,
+        };
         let mut pend = lock(&e.pending);
-        let (mut sges, bounce, failed) = match prep {
-            Some((s, b)) => (s, b, None),
-            None => {
-                // A local protection error, as an HCA reports it: the QP goes to ERR, this WR
-                // completes (in order, after the earlier ones) with LocProtErr, later ones flush.
+        let (mut sges, bounce, failed) = match (prep, atomic_err) {
+            (Some((s, b)), None) => (s, b, None),
+            (prep, atomic_err) => {
+                let status = if prep.is_none() {
+                    WcStatus::LocProtErr
+                } else {
+                    atomic_err.unwrap_or(WcStatus::LocProtErr)
+                };
+                // An error found before sending, as an HCA reports it: the QP goes to ERR, this
+                // WR completes (in order, after the earlier ones) with `status`, later ones flush.
                 e.qp.modify(&verbs::HostQpAttr {
                     mask: QpMask::IBV_QP_STATE.0,
                     state: S::IBV_QPS_ERR,
                     ..Default::default()
                 })
                 .map_err(|rc| Error::Host(format!("ibv_modify_qp to ERR: errno {rc}")))?;
-                (vec![poison_sge()], None, Some(WcStatus::LocProtErr))
+                e.set_err();
+                // Posted as a plain SEND (rxe would refuse the atomic); it only gets flushed.
+                op.opcode = Op::IBV_WR_SEND;
+                (vec![poison_sge()], None, Some(status))
             }
         };
         let slot = pend.put(Pending {
@@ -1243,6 +1626,7 @@ impl Backend for RdmaCoreBackend {
             bounce,
             _ah: ah,
             failed,
+            ud_recv: None,
         });
         if let Err(rc) = e.qp.post_send(slot, &mut sges, &op) {
             pend.take(slot);
@@ -1257,10 +1641,51 @@ impl Backend for RdmaCoreBackend {
         if e.srq.is_some() {
             return Err(Error::Invalid("the QP receives from an SRQ"));
         }
+        if e.in_err.load(Ordering::Acquire) {
+            // Flushed by the backend, delivered by the completion thread after the receives
+            // before it (see `deliver_flushed`).
+            let wc = WorkCompletion {
+                cq: e.recv_cq,
+                qp_cookie: e.cookie,
+                wr_id: wr.wr_id,
+                status: WcStatus::WrFlushErr,
+                opcode: WcOpcode::Recv,
+                byte_len: 0,
+                imm_data: None,
+                src_qp: 0,
+                grh: false,
+                solicited: false,
+            };
+            let mut f = lock(&e.flushed);
+            f.0.push(wc);
+            f.1.get_or_insert_with(Instant::now);
+            s.flush_waiting.fetch_add(1, Ordering::AcqRel);
+            return Ok(());
+        }
         let t = lock(&s.t);
         let prep = s.prepare(&t, e.pd, wr.sges.as_slice(), true, false, e.max_recv_sge);
+        let head = if e.ty == QpType::Rc || prep.is_none() {
+            None
+        } else {
+            s.host_sges(&t, e.pd, wr.sges.as_slice(), true).map(|runs| {
+                let mut left = 40usize;
+                let mut head = Vec::new();
+                for &(gpa, _, n, _) in &runs {
+                    if left == 0 {
+                        break;
+                    }
+                    head.push((gpa, n.min(left)));
+                    left -= n.min(left);
+                }
+                head
+            })
+        };
         drop(t);
         let (mut sges, bounce) = prep.unwrap_or_else(|| (vec![poison_sge()], None));
+        let ud_recv = head.map(|head| UdRecv {
+            sges: sges.clone(),
+            head,
+        });
         let mut pend = lock(&e.pending);
         let slot = pend.put(Pending {
             wr_id: wr.wr_id,
@@ -1269,9 +1694,12 @@ impl Backend for RdmaCoreBackend {
             bounce,
             _ah: None,
             failed: None,
+            ud_recv,
         });
+        e.host_recvs.fetch_add(1, Ordering::AcqRel);
         if let Err(rc) = e.qp.post_recv(slot | WR_RECV, &mut sges) {
             pend.take(slot);
+            e.host_recvs.fetch_sub(1, Ordering::AcqRel);
             return Err(post_err(rc));
         }
         Ok(())
@@ -1279,8 +1707,10 @@ impl Backend for RdmaCoreBackend {
 
     fn reset(&self) {
         let s = &self.s;
+        s.gsi_drop();
         let mut t = lock(&s.t);
         write(&s.qps).clear();
+        s.flush_waiting.store(0, Ordering::Release);
         let next = t.next;
         *t = Tables::default();
         t.next = next;
@@ -1341,6 +1771,7 @@ mod tests {
             bounce: None,
             _ah: None,
             failed: None,
+            ud_recv: None,
         };
         let a = s.put(p());
         assert_eq!(s.take(a | WR_RECV).map(|p| p.wr_id), Some(7));

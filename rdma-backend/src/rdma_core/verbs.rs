@@ -1,5 +1,6 @@
-//! The only module of the rdma-core backend with `unsafe`: narrow RAII wrappers around the
-//! libibverbs objects (through `rdma-mummy-sys`, which loads `libibverbs.so.1` at run time).
+//! With `alias.rs`, the only module of the rdma-core backend with `unsafe`: narrow RAII wrappers
+//! around the libibverbs objects (through `rdma-mummy-sys`, which loads `libibverbs.so.1` at run
+//! time).
 //!
 //! Every wrapper owns one verbs object and destroys it on drop; objects a verbs object depends on
 //! (the context, a PD, CQs, an SRQ) are held by `Arc` so they outlive it. libibverbs objects may
@@ -810,6 +811,12 @@ impl Qp {
 
     /// Current state (`ibv_qp_state`).
     pub fn state(&self) -> VResult<u32> {
+        self.state_draining().map(|(s, _)| s)
+    }
+
+    /// Current state (`ibv_qp_state`) and whether the send queue is still draining (only
+    /// meaningful in SQD: the HCA has not yet finished the WRs that were in flight).
+    pub fn state_draining(&self) -> VResult<(u32, bool)> {
         // SAFETY: all-zero is valid for both attribute structs.
         let (mut a, mut i): (sys::ibv_qp_attr, sys::ibv_qp_init_attr) =
             unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
@@ -819,7 +826,7 @@ impl Qp {
         if rc != 0 {
             return Err(rc_err("ibv_query_qp", rc));
         }
-        Ok(a.qp_state)
+        Ok((a.qp_state, a.sq_draining != 0))
     }
 
     /// Modifies the QP.
