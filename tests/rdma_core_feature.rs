@@ -23,8 +23,11 @@ fn bin() -> &'static Path {
 fn emulated_backend_serves_with_or_without_libibverbs() {
     let loadable = rdma_backend::rdma_core::available().is_ok();
     println!("libibverbs.so.1 loadable here: {loadable}");
-    let serve = ServeProcess::spawn(bin(), &["--backend", "emulated", "--mac", "00:50:56:12:34:56"])
-        .expect("pvrdma serve --backend emulated starts");
+    let serve = ServeProcess::spawn(
+        bin(),
+        &["--backend", "emulated", "--mac", "00:50:56:12:34:56"],
+    )
+    .expect("pvrdma serve --backend emulated starts");
     let t = Arc::new(VfioUser::connect(serve.socket()).expect("connect"));
     let drv = Driver::probe(t as Arc<dyn Transport>).expect("probe");
     kernel::ib_register(&drv, common::MAC).expect("ib registration");
@@ -40,7 +43,14 @@ fn rdma_core_backend_refuses_clearly_without_libibverbs() {
     let dir = std::env::temp_dir().join(format!("pvrdma-rcf-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let out = Command::new(bin())
-        .args(["serve", "--backend", "rdma-core", "--ibdev", "rxe0", "--socket"])
+        .args([
+            "serve",
+            "--backend",
+            "rdma-core",
+            "--ibdev",
+            "rxe0",
+            "--socket",
+        ])
         .arg(dir.join("s.sock"))
         .output()
         .expect("run pvrdma serve");

@@ -956,7 +956,8 @@ impl Driver {
 
     /// Writes a doorbell on `ctx`'s UAR page.
     pub fn doorbell(&self, ctx: Ctx, reg: u64, v: u32) {
-        self.t.write(
+        // Posted, like the driver's writel to the UAR page.
+        self.t.write_posted(
             Region::Bar(2),
             u64::from(ctx.uar) * PAGE + reg,
             &v.to_le_bytes(),

@@ -145,9 +145,19 @@ impl ServerBackend for Connection {
         };
         for (o, n) in chunks(offset, data.len(), max_access(region)) {
             let at = (o - offset) as usize;
-            // Non-posted: returns once the device has handled the write, so the client's reply
-            // (QEMU with x-no-posted-writes waits for it) orders it before the guest's next step.
-            if self.device.write(region, o, &data[at..at + n]).is_err() {
+            // Registers and config space are non-posted: the write returns once the device has
+            // handled it, so the client's reply (QEMU with x-no-posted-writes waits for it)
+            // orders it before the guest's next step (the driver reads the caps from RAM right
+            // after its DSRHIGH write). A UAR doorbell is posted, as on PCI: the guest sees its
+            // effect only through guest memory (CQEs) or a later access, and every later access
+            // reaches the device after it on the same channel. This saves the vCPU a round trip
+            // to the main loop per doorbell.
+            let r = if region == Region::Bar(2) {
+                self.device.write_posted(region, o, &data[at..at + n])
+            } else {
+                self.device.write(region, o, &data[at..at + n])
+            };
+            if r.is_err() {
                 log::error!("the device has stopped; write dropped");
                 break;
             }
