@@ -173,6 +173,31 @@ pub type BackendFactory =
 pub struct DeviceHandle {
     tx: Sender<Msg>,
     thread: Arc<std::sync::Mutex<Option<JoinHandle<()>>>>,
+    /// How long an access polls for the device's answer before it sleeps (`poll_us`).
+    poll: std::time::Duration,
+}
+
+/// Waits for `rx`'s answer: polls (yielding the core between checks) for up to `poll`, then
+/// blocks. The device answers most accesses within microseconds, well inside a scheduler
+/// wake-up; the main loop polls the same way on its side ([`DeviceConfig::poll_us`]).
+fn recv_polling<T>(rx: &Receiver<T>, poll: std::time::Duration) -> Result<T, DeviceError> {
+    if !poll.is_zero() {
+        let start = std::time::Instant::now();
+        loop {
+            match rx.try_recv() {
+                Ok(v) => return Ok(v),
+                Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                    return Err(DeviceError::Stopped)
+                }
+                Err(crossbeam_channel::TryRecvError::Empty) => {}
+            }
+            if start.elapsed() >= poll {
+                break;
+            }
+            std::thread::yield_now();
+        }
+    }
+    rx.recv().map_err(|_| DeviceError::Stopped)
 }
 
 impl std::fmt::Debug for DeviceHandle {
@@ -207,6 +232,7 @@ impl DeviceHandle {
         cfg.validate()?;
         let (tx, rx) = unbounded::<Msg>();
         let name = opts.name.clone();
+        let poll = std::time::Duration::from_micros(u64::from(cfg.poll_us));
         let thread = std::thread::Builder::new()
             .name(format!("{name}-main"))
             .spawn(move || run_main_loop(cfg, opts, mem, irq, backend, rx))
@@ -214,6 +240,7 @@ impl DeviceHandle {
         Ok(DeviceHandle {
             tx,
             thread: Arc::new(std::sync::Mutex::new(Some(thread))),
+            poll,
         })
     }
 
@@ -229,7 +256,7 @@ impl DeviceHandle {
                 reply,
             })
             .map_err(|_| DeviceError::Stopped)?;
-        let v = rx.recv().map_err(|_| DeviceError::Stopped)?;
+        let v = recv_polling(&rx, self.poll)?;
         let bytes = v.to_le_bytes();
         data[..len].copy_from_slice(&bytes[..len]);
         data[len..].fill(0xff);
@@ -240,7 +267,7 @@ impl DeviceHandle {
     pub fn write(&self, region: Region, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
         let (done, rx) = bounded(1);
         self.send_write(region, offset, data, Some(done))?;
-        rx.recv().map_err(|_| DeviceError::Stopped)
+        recv_polling(&rx, self.poll)
     }
 
     /// Writes without waiting (a posted write); ordering with later accesses is kept.
