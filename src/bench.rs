@@ -5,7 +5,7 @@
 
 use std::fmt::Write as _;
 use std::hint::black_box;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -43,7 +43,8 @@ options:\n\
 \x20 --batch N            WQEs per doorbell (default 32)\n\
 \x20 --sig N              signal every Nth send (default 32)\n\
 \x20 --workers N          device worker threads (default 2)\n\
-\x20 --poll-us N          device main-loop polling before it parks, in µs (default 32; 0 off)\n\
+\x20 --poll-us N          device polling before a thread sleeps, in µs (default: the device's 0\n\
+\x20                      in-process, `pvrdma serve`'s 32 over vfio-user)\n\
 \x20 --bytes N            bytes per bandwidth case (default 1 GiB; iterations derive from it)\n\
 \x20 --only SECTIONS      data,multi,cmd,mem (default all)\n";
 
@@ -139,7 +140,7 @@ fn parse(args: &[String]) -> Result<Opts, String> {
             "--batch" => o.batch = num(a, &val()?)? as u32,
             "--sig" => o.sig = num(a, &val()?)? as u32,
             "--workers" => o.workers = num(a, &val()?)? as usize,
-            "--poll-us" => POLL_US.store(num(a, &val()?)? as u32, Ordering::Relaxed),
+            "--poll-us" => POLL_US.store(num(a, &val()?)? as i64, Ordering::Relaxed),
             "--bytes" => o.bytes = num(a, &val()?)?,
             "--only" => o.sections = val()?.split(',').map(String::from).collect(),
             "-h" | "--help" => {
@@ -236,14 +237,15 @@ struct Rig {
     _serve: Option<ServeProcess>,
 }
 
-/// `--poll-us`, for every device this run starts.
-static POLL_US: AtomicU32 = AtomicU32::new(32);
+/// `--poll-us`, for every device this run starts; negative: each one's own default.
+static POLL_US: AtomicI64 = AtomicI64::new(-1);
 
 fn rig_inproc(workers: usize, ram: usize) -> Result<Rig, String> {
     let cfg = DeviceConfig {
         mac: MAC,
         workers,
-        poll_us: POLL_US.load(Ordering::Relaxed),
+        poll_us: u32::try_from(POLL_US.load(Ordering::Relaxed))
+            .unwrap_or(DeviceConfig::default().poll_us),
         ..DeviceConfig::default()
     };
     let t = Arc::new(InProcess::new(cfg, ram, &Fabric::new()));
@@ -260,9 +262,13 @@ fn rig_inproc(workers: usize, ram: usize) -> Result<Rig, String> {
 fn spawn_serve(workers: usize) -> Result<ServeProcess, String> {
     let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
     let w = workers.to_string();
-    let p = POLL_US.load(Ordering::Relaxed).to_string();
-    ServeProcess::spawn(&exe, &["--workers", &w, "--poll-us", &p])
-        .map_err(|e| format!("pvrdma serve: {e}"))
+    let p = POLL_US.load(Ordering::Relaxed);
+    let p = p.to_string();
+    let mut args = vec!["--workers", &w];
+    if !p.starts_with('-') {
+        args.extend(["--poll-us", &p]);
+    }
+    ServeProcess::spawn(&exe, &args).map_err(|e| format!("pvrdma serve: {e}"))
 }
 
 fn rig_vfio(workers: usize, ram: usize) -> Result<Rig, String> {

@@ -27,7 +27,8 @@ options:\n\
 \x20 --max-cq N           CQs (default 1024)\n\
 \x20 --max-mr N           MRs (default 4096)\n\
 \x20 --workers N          worker threads of the data path (default 2)\n\
-\x20 --poll-us N          main-loop polling before it parks, in µs (default 32; 0 off)\n\
+\x20 --poll-us N          polling for the next access / answer before a thread sleeps, in µs\n\
+\x20                      (default 32; 0 off)\n\
 \x20 -h, --help           this text\n";
 
 fn parse_mac(s: &str) -> Result<[u8; 6], String> {
@@ -61,10 +62,18 @@ struct Args {
     help: bool,
 }
 
+/// `--poll-us` default of `pvrdma serve`.
+const SERVE_POLL_US: u32 = 32;
+
 fn parse(args: &[String]) -> Result<Args, String> {
     let mut out = Args {
         socket: None,
-        device: DeviceConfig::default(),
+        device: DeviceConfig {
+            // Each access crosses the socket, the server thread and the main loop: polling
+            // saves two thread wake-ups per access (docs/benchmarks.md).
+            poll_us: SERVE_POLL_US,
+            ..DeviceConfig::default()
+        },
         backend: "emulated".into(),
         ibdev: "rxe0".into(),
         ibport: 1,

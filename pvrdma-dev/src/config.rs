@@ -55,9 +55,12 @@ pub struct DeviceConfig {
     /// Worker threads of the data path and command pool.
     pub workers: usize,
     /// Microseconds the main loop polls for the next access or completion before it parks its
-    /// thread ([`task_core::MainLoop::set_poll`]; QEMU's `poll-max-ns`). A guest's command is a
-    /// REQUEST write then an ERR read, and a completion follows a doorbell within microseconds:
-    /// polling saves a thread wake-up on each. 0 never polls.
+    /// thread ([`task_core::MainLoop::set_poll`]; QEMU's `poll-max-ns`), and a
+    /// [`DeviceHandle`](crate::DeviceHandle) access polls for its answer. 0 (the default) never
+    /// polls. Polling, which yields the core between checks, pays where an access already
+    /// crosses several threads (`pvrdma serve` uses 32: the socket, the server thread, the
+    /// loop); with the device called directly by the vCPU thread on a quiet host, a futex
+    /// wake-up is cheaper than the yields (docs/benchmarks.md has both).
     pub poll_us: u32,
 }
 
@@ -84,7 +87,7 @@ impl Default for DeviceConfig {
             max_qp_rd_atom: 16,
             atomics: true,
             workers: 2,
-            poll_us: 32,
+            poll_us: 0,
         }
     }
 }
