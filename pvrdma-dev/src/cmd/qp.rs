@@ -361,13 +361,15 @@ pub(super) fn modify_qp(core: &mut Core, req: CmdModifyQp) -> Result<Work, CmdEr
                     let _ = rq.ring.reset(&*mem);
                 }
             }
-            drop(mem);
             // WQEs posted before the QP could take them (receives before INIT, sends before
-            // RTS) wait in the rings; a transition that enables them starts a drain.
-            if matches!(
+            // RTS) wait in the rings; a transition that enables them starts a drain, if there
+            // is anything to drain.
+            let drain = matches!(
                 attrs.state,
                 Some(QpState::Init | QpState::Rtr | QpState::Rts)
-            ) {
+            ) && qp.shared.may_have_work(&*mem);
+            drop(mem);
+            if drain {
                 core.schedule_qp(h);
             }
             Ok(resp(&hdr()))

@@ -167,6 +167,24 @@ pub(crate) struct Pending {
     recv: Option<RecvWr>,
 }
 
+impl QpShared {
+    /// Whether a drain could do anything: a WQE in either ring, a WR waiting for the backend,
+    /// or rings it cannot read (the drain reports those). On the main loop, where it decides if
+    /// a state change needs a drain: after a connect's INIT/RTR/RTS the rings are usually empty,
+    /// and a drain per transition would wake a worker three times for nothing.
+    pub(crate) fn may_have_work<M: vm_memory::GuestMemory + ?Sized>(&self, mem: &M) -> bool {
+        let ring_work = |q: &WorkQueue| !matches!(q.ring.peek(mem), Ok(None));
+        if ring_work(&self.sq) || self.rq.as_ref().is_some_and(ring_work) {
+            return true;
+        }
+        match self.pending.try_lock() {
+            Ok(p) => p.send.is_some() || p.recv.is_some(),
+            // A drain holds it right now: let the scheduler decide.
+            Err(_) => true,
+        }
+    }
+}
+
 /// What became of one post.
 enum Posted {
     /// Taken (or completed in error) by the backend.
