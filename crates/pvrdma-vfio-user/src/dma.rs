@@ -110,6 +110,19 @@ impl DmaMaps {
             Some(file) => {
                 let len = usize::try_from(size)
                     .map_err(|_| einval(format!("DMA_MAP of {size:#x} bytes: too large")))?;
+                // A mapping past the end of its file would fault (SIGBUS) on the first access
+                // to that part, on whichever device thread touched it: refuse it here. (A
+                // client that shrinks the file after mapping it is outside the trust model;
+                // the VMM is trusted, docs/security.md.) Only regular files have a length to
+                // check (memfd, shm, hugetlbfs).
+                let meta = file.metadata()?;
+                if meta.is_file() && offset.checked_add(size).is_none_or(|e| e > meta.len()) {
+                    return Err(einval(format!(
+                        "DMA_MAP {iova:#x}+{size:#x} at fd offset {offset:#x}: past the end of \
+                         its file ({:#x} bytes): refused",
+                        meta.len()
+                    )));
+                }
                 let region = MmapRegion::<()>::from_file(FileOffset::new(file, offset), len)
                     .map_err(|e| einval(format!("DMA_MAP {iova:#x}+{size:#x}: mmap: {e}")))?;
                 let region = GuestRegionMmap::new(region, GuestAddress(iova)).ok_or_else(|| {
@@ -248,6 +261,24 @@ mod tests {
         let mut b = [0u8; 4];
         std::os::unix::fs::FileExt::read_exact_at(&f, &mut b, 0x10004).unwrap();
         assert_eq!(u32::from_le_bytes(b), 0xabcd);
+        // Past the end of the file (0x20000 bytes): refused, nothing mapped or recorded.
+        let before = mem.memory().num_regions();
+        assert!(d
+            .map(rw, 0x18000, 0x200000, 0x10000, Some(f.try_clone().unwrap()))
+            .is_err());
+        assert!(d
+            .map(
+                rw,
+                u64::MAX - 0xfff,
+                0x200000,
+                0x1000,
+                Some(f.try_clone().unwrap())
+            )
+            .is_err());
+        assert_eq!(mem.memory().num_regions(), before);
+        d.map(rw, 0x10000, 0x200000, 0x10000, Some(f.try_clone().unwrap()))
+            .unwrap();
+        d.unmap(DmaUnmapFlags::empty(), 0x200000, 0x10000).unwrap();
         // No fd: recorded, skipped.
         d.map(rw, 0, 0xc0000, 0x20000, None).unwrap();
         assert_eq!(mem.memory().num_regions(), 1);
