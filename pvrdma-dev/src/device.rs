@@ -97,6 +97,41 @@ enum Msg {
     Stop,
 }
 
+impl Msg {
+    /// A read of `len` (≤ 8) bytes, and where its value arrives.
+    fn read(region: Region, offset: u64, len: usize) -> (Msg, Receiver<u64>) {
+        let (reply, rx) = bounded(1);
+        let msg = Msg::Read {
+            region,
+            offset,
+            len: len.min(8),
+            reply,
+        };
+        (msg, rx)
+    }
+
+    /// A write of `data` (the first 8 bytes at most); `done` hears when it was handled.
+    fn write(region: Region, offset: u64, data: &[u8], done: Option<Sender<()>>) -> Msg {
+        let len = data.len().min(8);
+        let mut b = [0u8; 8];
+        b[..len].copy_from_slice(&data[..len]);
+        Msg::Write {
+            region,
+            offset,
+            len,
+            value: u64::from_le_bytes(b),
+            done,
+        }
+    }
+}
+
+/// Puts a read's value into `data`: the low bytes, and all-ones past 8.
+fn fill_read(v: u64, data: &mut [u8]) {
+    let len = data.len().min(8);
+    data[..len].copy_from_slice(&v.to_le_bytes()[..len]);
+    data[len..].fill(0xff);
+}
+
 /// Counters for tests and monitoring.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DeviceStats {
@@ -246,20 +281,9 @@ impl DeviceHandle {
 
     /// Reads `data.len()` (1..=8) bytes; unanswered bytes read as all-ones.
     pub fn read(&self, region: Region, offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
-        let len = data.len().min(8);
-        let (reply, rx) = bounded(1);
-        self.tx
-            .send(Msg::Read {
-                region,
-                offset,
-                len,
-                reply,
-            })
-            .map_err(|_| DeviceError::Stopped)?;
-        let v = recv_polling(&rx, self.poll)?;
-        let bytes = v.to_le_bytes();
-        data[..len].copy_from_slice(&bytes[..len]);
-        data[len..].fill(0xff);
+        let (msg, rx) = Msg::read(region, offset, data.len());
+        self.tx.send(msg).map_err(|_| DeviceError::Stopped)?;
+        fill_read(recv_polling(&rx, self.poll)?, data);
         Ok(())
     }
 
@@ -287,17 +311,8 @@ impl DeviceHandle {
         data: &[u8],
         done: Option<Sender<()>>,
     ) -> Result<(), DeviceError> {
-        let len = data.len().min(8);
-        let mut b = [0u8; 8];
-        b[..len].copy_from_slice(&data[..len]);
         self.tx
-            .send(Msg::Write {
-                region,
-                offset,
-                len,
-                value: u64::from_le_bytes(b),
-                done,
-            })
+            .send(Msg::write(region, offset, data, done))
             .map_err(|_| DeviceError::Stopped)
     }
 
@@ -523,39 +538,15 @@ impl LocalDevice {
 
     /// Reads `data.len()` (1..=8) bytes; unanswered bytes read as all-ones.
     pub fn read(&self, region: Region, offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
-        let len = data.len().min(8);
-        let (reply, rx) = bounded(1);
-        let v = self.call(
-            Msg::Read {
-                region,
-                offset,
-                len,
-                reply,
-            },
-            &rx,
-        )?;
-        let bytes = v.to_le_bytes();
-        data[..len].copy_from_slice(&bytes[..len]);
-        data[len..].fill(0xff);
+        let (msg, rx) = Msg::read(region, offset, data.len());
+        fill_read(self.call(msg, &rx)?, data);
         Ok(())
     }
 
     /// Writes `data` (1..=8 bytes); returns once the device has handled it.
     pub fn write(&self, region: Region, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
-        let len = data.len().min(8);
-        let mut b = [0u8; 8];
-        b[..len].copy_from_slice(&data[..len]);
         let (done, rx) = bounded(1);
-        self.call(
-            Msg::Write {
-                region,
-                offset,
-                len,
-                value: u64::from_le_bytes(b),
-                done: Some(done),
-            },
-            &rx,
-        )
+        self.call(Msg::write(region, offset, data, Some(done)), &rx)
     }
 
     /// Function-level reset: everything back to power-on.
@@ -1255,7 +1246,8 @@ impl Core {
         let gen = qp.gen;
         let shared = qp.shared.clone();
         let weak = self.weak.clone();
-        self.exec.run(
+        self.exec.run_on(
+            false,
             self.env.clone(),
             move |env: &Env| datapath::drain_qp(&shared, env),
             move |r| {
@@ -1314,7 +1306,8 @@ impl Core {
         let gen = srq.gen;
         let shared = srq.shared.clone();
         let weak = self.weak.clone();
-        self.exec.run(
+        self.exec.run_on(
+            false,
             self.env.clone(),
             move |env: &Env| datapath::drain_srq(&shared, env),
             move |r| {

@@ -28,22 +28,9 @@ impl Exec {
     }
 
     /// Runs `work` on a worker; `done` runs on the main loop with its value, or with the panic
-    /// message if the worker panicked.
-    pub(crate) fn run<S, R>(
-        &self,
-        source: std::sync::Arc<S>,
-        work: impl FnOnce(&S) -> R + Send + 'static,
-        done: impl FnOnce(Result<R, String>) + 'static,
-    ) where
-        S: Send + Sync + 'static,
-        R: Send + 'static,
-    {
-        self.run_on(false, source, work, done)
-    }
-
-    /// Like [`run`](Self::run); with `inline` the work runs now, on this (the loop's) thread,
-    /// through an inline pool, and `done` still runs on a later dispatch. For work that is
-    /// known to be short and never to block.
+    /// message if the worker panicked. With `inline` the work runs now, on this (the loop's)
+    /// thread, through an inline pool, and `done` still runs on a later dispatch: for work that
+    /// is known to be short and never to block.
     pub(crate) fn run_on<S, R>(
         &self,
         inline: bool,

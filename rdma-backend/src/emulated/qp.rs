@@ -294,6 +294,21 @@ pub(crate) fn to_err_locked_sq(be: &EmulatedBackend, qp: &Qp, sq: &mut Sq) {
 
 /// Moves a responder QP to ERR (its rq locked): flushes its receives now and its send queue
 /// from the timer thread (its `sq` may not be taken here).
+/// The responder refuses a request as invalid (IB's NAK Invalid Request): its QP goes to ERR
+/// with a QP_REQ_ERR event, and the requester completes with `RemInvReqErr`.
+fn invalid_request(be: &EmulatedBackend, qp: &Arc<Qp>) -> Resp {
+    let mut rq = lock(&qp.rq);
+    responder_err(
+        be,
+        qp,
+        &mut rq,
+        Some(AsyncEvent::QpReqErr {
+            qp_cookie: qp.cookie,
+        }),
+    );
+    Resp::Nak(WcStatus::RemInvReqErr)
+}
+
 fn responder_err(be: &EmulatedBackend, qp: &Arc<Qp>, rq: &mut Rq, ev: Option<AsyncEvent>) {
     if qp.state() == QpState::Err || qp.is_dead() {
         return;
@@ -671,16 +686,7 @@ fn remote_check(
         // The QP does not accept this operation at all: IB's responder answers with NAK Invalid
         // Request (before looking at the R_Key), as rxe and the verbs documentation say
         // ("operation not supported by this receive queue").
-        let mut rq = lock(&tqp.rq);
-        responder_err(
-            tb,
-            tqp,
-            &mut rq,
-            Some(AsyncEvent::QpReqErr {
-                qp_cookie: tqp.cookie,
-            }),
-        );
-        return Err(Resp::Nak(WcStatus::RemInvReqErr));
+        return Err(invalid_request(tb, tqp));
     }
     match tb.resolve_remote(rkey, addr, len, tqp.pd, right) {
         Some(s) => Ok(s),
@@ -819,16 +825,7 @@ fn rc_atomic(
         return Err(Resp::Nak(WcStatus::LocLenErr));
     }
     if addr % 8 != 0 {
-        let mut rq = lock(&tqp.rq);
-        responder_err(
-            tb,
-            tqp,
-            &mut rq,
-            Some(AsyncEvent::QpReqErr {
-                qp_cookie: tqp.cookie,
-            }),
-        );
-        return Err(Resp::Nak(WcStatus::RemInvReqErr));
+        return Err(invalid_request(tb, tqp));
     }
     let target = remote_check(tb, tqp, Access::REMOTE_ATOMIC, rkey, addr, 8)?;
     let Some(gpa) = atomic_target(&target) else {
