@@ -230,6 +230,26 @@ impl QpState {
             _ => return None,
         })
     }
+
+    /// Whether IB's QP state machine allows `self → to` (`ib_modify_qp_is_ok`, without its
+    /// attribute rules). Every backend checks a state change against this one table.
+    pub fn can_transition_to(self, to: QpState) -> bool {
+        use QpState::*;
+        matches!(
+            (self, to),
+            (_, Reset)
+                | (_, Err)
+                | (Reset, Init)
+                | (Init, Init)
+                | (Init, Rtr)
+                | (Rtr, Rts)
+                | (Rts, Rts)
+                | (Rts, Sqd)
+                | (Sqd, Sqd)
+                | (Sqd, Rts)
+                | (Sqe, Rts)
+        )
+    }
 }
 
 /// Parameters of a new QP.
@@ -655,4 +675,20 @@ pub trait Backend: Send + Sync {
 
     /// Drops every object (device RESET). No completion is delivered after this returns.
     fn reset(&self);
+}
+
+#[cfg(test)]
+mod state_tests {
+    use super::QpState;
+
+    #[test]
+    fn ib_qp_transitions() {
+        assert!(QpState::Reset.can_transition_to(QpState::Init));
+        assert!(!QpState::Reset.can_transition_to(QpState::Rtr));
+        assert!(!QpState::Rts.can_transition_to(QpState::Rtr));
+        assert!(QpState::Sqe.can_transition_to(QpState::Rts));
+        assert!(QpState::Sqd.can_transition_to(QpState::Rts));
+        assert!(QpState::Rtr.can_transition_to(QpState::Err));
+        assert!(!QpState::Err.can_transition_to(QpState::Rts));
+    }
 }

@@ -306,25 +306,6 @@ impl Drop for EmulatedBackend {
     }
 }
 
-/// Whether IB allows `from → to`.
-fn transition_ok(from: QpState, to: QpState) -> bool {
-    use QpState::*;
-    matches!(
-        (from, to),
-        (_, Reset)
-            | (_, Err)
-            | (Reset, Init)
-            | (Init, Init)
-            | (Init, Rtr)
-            | (Rtr, Rts)
-            | (Rts, Rts)
-            | (Rts, Sqd)
-            | (Sqd, Sqd)
-            | (Sqd, Rts)
-            | (Sqe, Rts)
-    )
-}
-
 impl Backend for EmulatedBackend {
     fn name(&self) -> &'static str {
         "emulated"
@@ -648,7 +629,7 @@ impl Backend for EmulatedBackend {
         }
         let from = qp.state();
         if let Some(to) = attrs.state {
-            if !transition_ok(from, to) {
+            if !from.can_transition_to(to) {
                 return Err(Error::BadTransition { from, to });
             }
         }

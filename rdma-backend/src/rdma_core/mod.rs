@@ -848,25 +848,6 @@ fn qp_state_from_host(s: u32) -> QpState {
     }
 }
 
-/// The transitions IB allows (`ib_modify_qp_is_ok`, without the attribute rules).
-fn transition_ok(from: QpState, to: QpState) -> bool {
-    use QpState::*;
-    matches!(
-        (from, to),
-        (_, Reset)
-            | (_, Err)
-            | (Reset, Init)
-            | (Init, Init)
-            | (Init, Rtr)
-            | (Rtr, Rts)
-            | (Rts, Rts)
-            | (Rts, Sqd)
-            | (Sqd, Rts)
-            | (Sqd, Sqd)
-            | (Sqe, Rts)
-    )
-}
-
 fn merge(into: &mut QpAttrs, a: &QpAttrs) {
     macro_rules! m {
         ($($f:ident),*) => { $( if a.$f.is_some() { into.$f = a.$f; } )* };
@@ -1293,7 +1274,7 @@ impl Backend for RdmaCoreBackend {
         }
         let cur = qp_state_from_host(e.qp.state().map_err(host)?);
         let to = attrs.state.unwrap_or(cur);
-        if attrs.state.is_some() && !transition_ok(cur, to) {
+        if attrs.state.is_some() && !cur.can_transition_to(to) {
             return Err(Error::BadTransition { from: cur, to });
         }
         let mut sh = lock(&e.attrs);
@@ -1752,14 +1733,6 @@ fn post_err(rc: i32) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn transitions() {
-        assert!(transition_ok(QpState::Reset, QpState::Init));
-        assert!(!transition_ok(QpState::Reset, QpState::Rtr));
-        assert!(!transition_ok(QpState::Rts, QpState::Rtr));
-        assert!(transition_ok(QpState::Sqe, QpState::Rts));
-    }
 
     #[test]
     fn slab_reuses_slots() {
