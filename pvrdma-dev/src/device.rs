@@ -255,6 +255,9 @@ pub enum DeviceError {
     Spawn(#[source] std::io::Error),
 }
 
+/// Messages queued for the main loop beyond which a posted write waits (back-pressure).
+pub const MAX_POSTED: usize = 1024;
+
 impl DeviceHandle {
     /// Starts a device on its own main-loop thread.
     pub fn spawn(
@@ -294,13 +297,19 @@ impl DeviceHandle {
         recv_polling(&rx, self.poll)
     }
 
-    /// Writes without waiting (a posted write); ordering with later accesses is kept.
+    /// Writes without waiting (a posted write); ordering with later accesses is kept. With
+    /// [`MAX_POSTED`] messages already queued for the main loop the write waits for the device
+    /// instead, so a guest that rings doorbells faster than the loop takes them meets
+    /// back-pressure rather than growing the queue without bound.
     pub fn write_posted(
         &self,
         region: Region,
         offset: u64,
         data: &[u8],
     ) -> Result<(), DeviceError> {
+        if self.tx.len() >= MAX_POSTED {
+            return self.write(region, offset, data);
+        }
         self.send_write(region, offset, data, None)
     }
 
@@ -1525,6 +1534,24 @@ mod tests {
             "2^44 must not alias page 0"
         );
         assert!(!access_in_bar(u64::MAX - 1, 4, size));
+    }
+
+    #[test]
+    fn posted_writes_meet_back_pressure_and_none_is_lost() {
+        let d = spawn();
+        // Doorbells on a UAR page no context owns: each one is counted as a bad doorbell.
+        let n = 20 * MAX_POSTED as u64;
+        for i in 0..n {
+            d.write_posted(Region::Bar(2), (i % 8) * 4, &0x8000_0001u32.to_le_bytes())
+                .unwrap();
+            assert!(
+                d.tx.len() <= MAX_POSTED,
+                "queue {} at write {i}",
+                d.tx.len()
+            );
+        }
+        assert_eq!(d.stats().unwrap().bad_doorbells, n);
+        d.shutdown();
     }
 
     #[test]
