@@ -1,12 +1,14 @@
 //! The vfio-user server's per-client `ServerBackend` (`pvrdma_vfio_user::Connection`) driven
 //! directly with fuzz-chosen region reads/writes, DMA_MAP (with a memfd, or without an fd),
 //! DMA_UNMAP, SET_IRQS (with eventfds), DEVICE_RESET, and writes to the client's RAM.
+//! The device runs on the fuzzer's thread (`Connection::new_local`).
 //! Invariants: no panic, every message is answered, the device still answers VERSION.
 #![no_main]
 
 use std::fs::File;
 use std::os::fd::FromRawFd;
 use std::os::unix::fs::FileExt;
+use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
 use pvrdma_dev::regs::offset;
@@ -44,11 +46,15 @@ fn region_offset(c: &mut Cursor) -> u64 {
 }
 
 fuzz_target!(|data: &[u8]| {
+    thread_local! {
+        static FABRIC: Arc<Fabric> = Fabric::new();
+    }
     let cfg = small_cfg();
-    let mut conn = Connection::new(
+    // The device on this thread (no threads per input, exact replay), one fabric per process.
+    let mut conn = Connection::new_local(
         &cfg,
         "fuzz".into(),
-        &Fabric::new(),
+        &FABRIC.with(Arc::clone),
         &pvrdma_vfio_user::BackendChoice::Emulated,
     )
     .expect("device starts");

@@ -365,6 +365,58 @@ impl DeviceHandle {
     }
 }
 
+/// What a front end (the vfio-user server, a VMM's bus) does with a device: the accesses of a PCI
+/// function. [`DeviceHandle`] and [`LocalDevice`] both implement it, so a front end can run the
+/// device on its own thread or, for deterministic tests and fuzzing, on the caller's.
+pub trait DeviceAccess {
+    /// Reads `data.len()` (1..=8) bytes; unanswered bytes read as all-ones.
+    fn read(&self, region: Region, offset: u64, data: &mut [u8]) -> Result<(), DeviceError>;
+    /// Writes `data` (1..=8 bytes); returns once the device has handled it.
+    fn write(&self, region: Region, offset: u64, data: &[u8]) -> Result<(), DeviceError>;
+    /// A posted write: may return before the device has handled it; order is kept.
+    fn write_posted(&self, region: Region, offset: u64, data: &[u8]) -> Result<(), DeviceError>;
+    /// Function-level reset.
+    fn reset(&self) -> Result<(), DeviceError>;
+    /// Stops the device (a later access fails with [`DeviceError::Stopped`] or is not made).
+    fn shutdown(&self);
+}
+
+impl DeviceAccess for DeviceHandle {
+    fn read(&self, region: Region, offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
+        DeviceHandle::read(self, region, offset, data)
+    }
+    fn write(&self, region: Region, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+        DeviceHandle::write(self, region, offset, data)
+    }
+    fn write_posted(&self, region: Region, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+        DeviceHandle::write_posted(self, region, offset, data)
+    }
+    fn reset(&self) -> Result<(), DeviceError> {
+        DeviceHandle::reset(self)
+    }
+    fn shutdown(&self) {
+        DeviceHandle::shutdown(self);
+    }
+}
+
+impl DeviceAccess for LocalDevice {
+    fn read(&self, region: Region, offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
+        LocalDevice::read(self, region, offset, data)
+    }
+    fn write(&self, region: Region, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+        LocalDevice::write(self, region, offset, data)
+    }
+    /// On the caller's thread a posted write is handled before it returns.
+    fn write_posted(&self, region: Region, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+        LocalDevice::write(self, region, offset, data)
+    }
+    fn reset(&self) -> Result<(), DeviceError> {
+        LocalDevice::reset(self)
+    }
+    /// The device stops when it is dropped.
+    fn shutdown(&self) {}
+}
+
 /// A device's main loop with everything registered on it; the loop is not run yet.
 struct Running {
     main_loop: Rc<task_core::MainLoop>,

@@ -39,6 +39,6 @@ pub use config::DeviceConfig;
 pub use datapath::fuzzing;
 pub use datapath::{pages_for, rq_wqe_size, sq_wqe_size};
 pub use device::{
-    BackendFactory, DeviceError, DeviceHandle, DeviceOptions, DeviceStats, InterruptSink,
-    LocalDevice, Region,
+    BackendFactory, DeviceAccess, DeviceError, DeviceHandle, DeviceOptions, DeviceStats,
+    InterruptSink, LocalDevice, Region,
 };

@@ -5,7 +5,9 @@ use std::fs::File;
 use std::io;
 use std::sync::Arc;
 
-use pvrdma_dev::{DeviceConfig, DeviceHandle, DeviceOptions, Region};
+use pvrdma_dev::{
+    BackendFactory, DeviceAccess, DeviceConfig, DeviceHandle, DeviceOptions, LocalDevice, Region,
+};
 use rdma_backend::emulated::{EmulatedBackend, Fabric};
 use rdma_backend::{Backend, CompletionSink, GuestMem};
 use vfio_user::{DmaMapFlags, DmaUnmapFlags, ServerBackend};
@@ -15,62 +17,101 @@ use crate::dma::DmaMaps;
 use crate::irq::EventfdIrqs;
 use crate::regions::region_of;
 
-/// The device of one connection and what the client gave it.
+/// The device of one connection and what the client gave it. The device runs on its own
+/// thread ([`DeviceHandle`], what `pvrdma serve` uses) or, for deterministic tests and fuzzing,
+/// on the caller's ([`LocalDevice`], [`Connection::new_local`]).
 #[derive(Debug)]
-pub struct Connection {
-    device: DeviceHandle,
+pub struct Connection<D: DeviceAccess = DeviceHandle> {
+    device: D,
     irqs: Arc<EventfdIrqs>,
     dma: DmaMaps,
     uar_bar_size: u64,
 }
 
-impl Connection {
-    /// Starts a device with empty guest memory and no interrupts assigned.
+/// The constructor of the backend `choice` names.
+fn backend_factory(fabric: &Arc<Fabric>, choice: &crate::BackendChoice) -> BackendFactory {
+    let fabric = fabric.clone();
+    let choice = choice.clone();
+    Box::new(
+        move |mem: GuestMem, sink: Arc<dyn CompletionSink>| match &choice {
+            crate::BackendChoice::Emulated => {
+                EmulatedBackend::new(&fabric, mem, sink) as Arc<dyn Backend>
+            }
+            #[cfg(feature = "rdma-core")]
+            crate::BackendChoice::RdmaCore(cfg) => {
+                // `pvrdma serve` opened the device once at start, so this fails only if the host
+                // device went away meanwhile.
+                rdma_backend::rdma_core::RdmaCoreBackend::new(cfg.clone(), mem, sink)
+                    .unwrap_or_else(|e| panic!("rdma-core backend on {}: {e}", cfg.ibdev))
+                    as Arc<dyn Backend>
+            }
+        },
+    )
+}
+
+fn options(name: String) -> DeviceOptions {
+    DeviceOptions {
+        // QEMU emulates the MSI-X table and PBA itself.
+        msix_table_in_device: false,
+        name,
+    }
+}
+
+impl Connection<DeviceHandle> {
+    /// Starts a device on its own thread, with empty guest memory and no interrupts assigned.
     pub fn new(
         cfg: &DeviceConfig,
         name: String,
         fabric: &Arc<Fabric>,
         backend: &crate::BackendChoice,
-    ) -> Result<Connection, pvrdma_dev::DeviceError> {
+    ) -> Result<Self, pvrdma_dev::DeviceError> {
         let mem = GuestMem::new(GuestMemoryMmap::new());
         let irqs = Arc::new(EventfdIrqs::default());
-        let fabric = fabric.clone();
-        let backend = backend.clone();
         let device = DeviceHandle::spawn(
             cfg.clone(),
-            DeviceOptions {
-                // QEMU emulates the MSI-X table and PBA itself.
-                msix_table_in_device: false,
-                name,
-            },
+            options(name),
             mem.clone(),
             irqs.clone(),
-            Box::new(
-                move |mem: GuestMem, sink: Arc<dyn CompletionSink>| match &backend {
-                    crate::BackendChoice::Emulated => {
-                        EmulatedBackend::new(&fabric, mem, sink) as Arc<dyn Backend>
-                    }
-                    #[cfg(feature = "rdma-core")]
-                    crate::BackendChoice::RdmaCore(cfg) => {
-                        // `pvrdma serve` opened the device once at start, so this fails only if
-                        // the host device went away meanwhile.
-                        rdma_backend::rdma_core::RdmaCoreBackend::new(cfg.clone(), mem, sink)
-                            .unwrap_or_else(|e| panic!("rdma-core backend on {}: {e}", cfg.ibdev))
-                            as Arc<dyn Backend>
-                    }
-                },
-            ),
+            backend_factory(fabric, backend),
         )?;
-        Ok(Connection {
+        Ok(Connection::assemble(cfg, device, irqs, mem))
+    }
+}
+
+impl Connection<LocalDevice> {
+    /// As [`Connection::new`], with the device on the calling thread: every message is handled,
+    /// with everything it made ready, before its method returns.
+    pub fn new_local(
+        cfg: &DeviceConfig,
+        name: String,
+        fabric: &Arc<Fabric>,
+        backend: &crate::BackendChoice,
+    ) -> Result<Self, pvrdma_dev::DeviceError> {
+        let mem = GuestMem::new(GuestMemoryMmap::new());
+        let irqs = Arc::new(EventfdIrqs::default());
+        let device = LocalDevice::new(
+            cfg.clone(),
+            options(name),
+            mem.clone(),
+            irqs.clone(),
+            backend_factory(fabric, backend),
+        )?;
+        Ok(Connection::assemble(cfg, device, irqs, mem))
+    }
+}
+
+impl<D: DeviceAccess> Connection<D> {
+    fn assemble(cfg: &DeviceConfig, device: D, irqs: Arc<EventfdIrqs>, mem: GuestMem) -> Self {
+        Connection {
             device,
             irqs,
             dma: DmaMaps::new(mem),
             uar_bar_size: pvrdma_dev::pci::uar_bar_size(cfg.max_uar),
-        })
+        }
     }
 
     /// The device.
-    pub fn device(&self) -> &DeviceHandle {
+    pub fn device(&self) -> &D {
         &self.device
     }
 
@@ -123,7 +164,7 @@ fn max_access(region: Region) -> usize {
     }
 }
 
-impl ServerBackend for Connection {
+impl<D: DeviceAccess> ServerBackend for Connection<D> {
     fn region_read(&mut self, index: u32, offset: u64, data: &mut [u8]) -> io::Result<()> {
         data.fill(0xff);
         let Some(region) = self.target(index, offset, data.len(), "read") else {
@@ -203,7 +244,44 @@ impl ServerBackend for Connection {
 
 #[cfg(test)]
 mod tests {
-    use super::chunks;
+    use super::{chunks, Connection};
+    use pvrdma_dev::pci::{DEVICE_ID, VENDOR_ID};
+    use pvrdma_dev::regs::offset;
+    use pvrdma_dev::DeviceConfig;
+    use rdma_backend::emulated::Fabric;
+    use vfio_user::ServerBackend;
+
+    #[test]
+    fn local_connection_answers_on_the_calling_thread() {
+        let cfg = DeviceConfig::default();
+        let mut c = Connection::new_local(
+            &cfg,
+            "t".into(),
+            &Fabric::new(),
+            &crate::BackendChoice::Emulated,
+        )
+        .unwrap();
+        let mut id = [0u8; 4];
+        c.region_read(7, 0, &mut id).unwrap(); // config space
+        assert_eq!(
+            id,
+            [VENDOR_ID.to_le_bytes(), DEVICE_ID.to_le_bytes()].concat()[..]
+        );
+        let mut v = [0u8; 4];
+        c.region_read(1, offset::VERSION, &mut v).unwrap();
+        assert_eq!(u32::from_le_bytes(v), cfg.version);
+        // IMR is writable and reads back; a reset brings it back to all masked.
+        c.region_write(1, offset::IMR, &0u32.to_le_bytes()).unwrap();
+        c.region_read(1, offset::IMR, &mut v).unwrap();
+        assert_eq!(u32::from_le_bytes(v), 0);
+        c.reset().unwrap();
+        c.region_read(1, offset::IMR, &mut v).unwrap();
+        assert_ne!(u32::from_le_bytes(v), 0);
+        // A region the device does not have reads as all-ones.
+        c.region_read(11, 0, &mut v).unwrap();
+        assert_eq!(v, [0xff; 4]);
+        c.shutdown();
+    }
 
     #[test]
     fn chunking() {
