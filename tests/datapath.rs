@@ -604,3 +604,62 @@ fn a_wqe_slot_is_free_once_its_work_is_visible() {
         }
     }
 }
+
+#[test]
+fn sends_beyond_the_backend_queue_wait_in_order_and_none_is_lost() {
+    // The responder has no receive (RNR, retried forever), so the backend's send queue fills
+    // (16 WRs), the device keeps what it fetched beyond that, and the guest's ring fills behind
+    // it. Once receives arrive every send completes, in order, with its own bytes.
+    let (_t, drv) = probed();
+    let depth = 16u32;
+    let mut p = rc_pair(&drv, MAC, depth, 1);
+    let mem = drv.mem();
+    let src = drv.reg_mr(p.pd, 0x10_0000, 4096, ALL_ACCESS).unwrap();
+    let dst = drv.reg_mr(p.pd, 0x20_0000, 4096, ALL_ACCESS).unwrap();
+    let len = 64u32;
+    let max = 4096 / u64::from(len);
+    for i in 0..max {
+        src.write(mem, i * u64::from(len), &pattern(len as usize, i as u8));
+    }
+    // Post until the ring stays full.
+    let mut total = 0u64;
+    let mut last = std::time::Instant::now();
+    while total < max && last.elapsed() < Duration::from_millis(200) {
+        if drv.post_send(&mut p.a, &send(total, src.sge(total * u64::from(len), len))) {
+            total += 1;
+            last = std::time::Instant::now();
+        } else {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    assert!(
+        total > u64::from(2 * depth),
+        "only {total} sends fit: the device took none beyond the backend's queue"
+    );
+    assert!(drv
+        .wait_cqes(&mut p.cq_a, 1, Duration::from_millis(50))
+        .is_empty());
+    let deadline = std::time::Instant::now() + WAIT;
+    let (mut posted, mut recvd, mut sent) = (0u64, Vec::new(), Vec::new());
+    while (recvd.len() as u64) < total || (sent.len() as u64) < total {
+        while posted < total && drv.post_recv(&mut p.b, posted, &[dst.sge(posted * 64, len)]) {
+            posted += 1;
+        }
+        recvd.extend(drv.wait_cqes(&mut p.cq_b, 1, Duration::from_millis(10)));
+        sent.extend(drv.wait_cqes(&mut p.cq_a, 1, Duration::from_millis(1)));
+        assert!(std::time::Instant::now() < deadline, "completions stopped");
+    }
+    for (i, c) in sent.iter().enumerate() {
+        assert_eq!((c.wr_id, c.status), (i as u64, 0), "send CQE {i}");
+    }
+    for (i, c) in recvd.iter().enumerate() {
+        assert_eq!(
+            (c.wr_id, c.status, c.byte_len),
+            (i as u64, 0, len),
+            "recv CQE {i}"
+        );
+        let mut got = vec![0u8; len as usize];
+        dst.read(mem, i as u64 * 64, &mut got);
+        assert_eq!(got, pattern(len as usize, i as u8), "bytes of message {i}");
+    }
+}

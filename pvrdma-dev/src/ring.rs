@@ -305,6 +305,34 @@ impl ConsumerRing {
         Ok(())
     }
 
+    /// Entries produced and not yet consumed (one `Acquire` load of `prod_tail`). Errors as
+    /// [`ConsumerRing::peek`] does.
+    pub fn available<M: GuestMemory + ?Sized>(&self, mem: &M) -> Result<u32> {
+        let tail = self.ring.load(mem, Index::ProdTail)?;
+        self.ring.distance(tail, self.head())
+    }
+
+    /// The slot of the entry `k` places after `cons_head` (`k` below [`Self::available`]).
+    pub fn slot_ahead(&self, k: u32) -> u32 {
+        let n = self.ring.n;
+        slot(self.head().wrapping_add(k) & (cycle(n) - 1), n)
+    }
+
+    /// Consumes `k` entries at once, after they have been read: one `Release` store of
+    /// `cons_head`. Errors (without moving) if fewer than `k` are available.
+    pub fn advance_by<M: GuestMemory + ?Sized>(&self, mem: &M, k: u32) -> Result<()> {
+        if k == 0 {
+            return Ok(());
+        }
+        if self.available(mem)? < k {
+            return Err(Error::Empty);
+        }
+        let next = self.head().wrapping_add(k) & (cycle(self.ring.n) - 1);
+        self.ring.store(mem, Index::ConsHead, next)?;
+        self.head.store(next, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// QP/SRQ reset: the driver and provider zero both indices on a transition to RESET; the
     /// device zeroes its own view and both indices in guest memory (idempotent with the guest's
     /// own zeroing).
@@ -547,6 +575,51 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn consumer_batches_follow_the_guest() {
+        let m = mem();
+        for n in [1u32, 2, 8, 64] {
+            set(&m, Index::ProdTail, 0);
+            set(&m, Index::ConsHead, 0);
+            let ring = ConsumerRing::new(RingAddr { addr: RING, n }).unwrap();
+            let (mut produced, mut consumed) = (0u32, 0u32);
+            let mut rng = Lcg(u64::from(n));
+            for _ in 0..2000 {
+                if rng.next() % 2 == 0 {
+                    produced += rng.next() % (n - (produced - consumed) + 1);
+                    set(&m, Index::ProdTail, produced % (2 * n));
+                } else {
+                    let avail = ring.available(&m).unwrap();
+                    assert_eq!(avail, produced - consumed);
+                    for k in 0..avail {
+                        assert_eq!(ring.slot_ahead(k), (consumed + k) % n);
+                    }
+                    assert!(matches!(ring.advance_by(&m, avail + 1), Err(Error::Empty)));
+                    let k = if avail == 0 {
+                        0
+                    } else {
+                        rng.next() % (avail + 1)
+                    };
+                    ring.advance_by(&m, k).unwrap();
+                    consumed += k;
+                    assert_eq!(get(&m, Index::ConsHead), consumed % (2 * n));
+                    assert_eq!(ring.head(), consumed % (2 * n));
+                }
+            }
+        }
+        // Invalid indices are errors for the batch calls too, and nothing moves.
+        let ring = ConsumerRing::new(RingAddr { addr: RING, n: 8 }).unwrap();
+        set(&m, Index::ProdTail, 9);
+        assert!(matches!(
+            ring.available(&m),
+            Err(Error::Inconsistent { .. })
+        ));
+        assert!(ring.advance_by(&m, 1).is_err());
+        set(&m, Index::ProdTail, 0xffff);
+        assert!(ring.available(&m).is_err());
+        assert_eq!(ring.head(), 0);
     }
 
     #[test]

@@ -372,6 +372,16 @@ impl fmt::Debug for SgeList {
 }
 
 impl SgeList {
+    /// The empty list (what [`SgeList::new`] returns, usable in constants).
+    pub const EMPTY: SgeList = SgeList {
+        len: 0,
+        sges: [Sge {
+            addr: 0,
+            length: 0,
+            lkey: 0,
+        }; MAX_SGE],
+    };
+
     /// An empty list.
     pub fn new() -> Self {
         Self::default()
@@ -672,6 +682,26 @@ pub trait Backend: Send + Sync {
     fn post_send(&self, qp: QpId, wr: &SendWr) -> Result<()>;
     /// Posts a receive WR.
     fn post_recv(&self, qp: QpId, wr: &RecvWr) -> Result<()>;
+    /// Posts send WRs in order until one is not taken. Returns how many were taken and, when
+    /// not all, what [`Backend::post_send`] said about the next. The default posts them one by
+    /// one; a backend can look the QP up and lock it once for the lot.
+    fn post_send_batch(&self, qp: QpId, wrs: &[SendWr]) -> (usize, Result<()>) {
+        for (i, wr) in wrs.iter().enumerate() {
+            if let Err(e) = self.post_send(qp, wr) {
+                return (i, Err(e));
+            }
+        }
+        (wrs.len(), Ok(()))
+    }
+    /// Posts receive WRs in order until one is not taken (as [`Backend::post_send_batch`]).
+    fn post_recv_batch(&self, qp: QpId, wrs: &[RecvWr]) -> (usize, Result<()>) {
+        for (i, wr) in wrs.iter().enumerate() {
+            if let Err(e) = self.post_recv(qp, wr) {
+                return (i, Err(e));
+            }
+        }
+        (wrs.len(), Ok(()))
+    }
 
     /// Drops every object (device RESET). No completion is delivered after this returns.
     fn reset(&self);

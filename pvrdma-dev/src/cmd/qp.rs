@@ -152,6 +152,7 @@ pub(super) fn create_qp(core: &mut Core, req: CmdCreateQp) -> Result<Work, CmdEr
             qp_type,
             cookie: ck,
             send_cq: init.send_cq,
+            recv_cq: init.recv_cq,
             pdir,
             sq,
             rq,

@@ -6,6 +6,7 @@ pub(crate) mod cq;
 pub mod fuzzing;
 pub(crate) mod wqe;
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -13,7 +14,7 @@ use rdma_backend::{
     Backend, CompletionSink, CqId, Error as BackendError, GuestMem, QpId, QpType, RecvWr, SendWr,
     SrqId, WcStatus, WorkCompletion,
 };
-use vm_memory::{Address, GuestAddressSpace, GuestMemory};
+use vm_memory::{Address, ByteValued, GuestAddressSpace, GuestMemory};
 
 use crate::abi::{RqWqeHdr, SqWqeHdr, WireSge, RQ_WQE_HDR_SIZE, SGE_SIZE, SQ_WQE_HDR_SIZE};
 use crate::pdir::{PageDir, PAGE_SIZE};
@@ -79,6 +80,7 @@ pub(crate) struct QpShared {
     pub qp_type: QpType,
     pub cookie: u64,
     pub send_cq: CqId,
+    pub recv_cq: CqId,
     pub pdir: PageDir,
     pub sq: WorkQueue,
     /// `None` when the QP uses an SRQ.
@@ -129,20 +131,53 @@ pub(crate) struct Drained {
     pub malformed: u32,
 }
 
-/// Reads the SGEs of a WQE, bounded by `max_sge` (the QP's own maximum).
-fn read_sges<M: GuestMemory + ?Sized>(
-    pdir: &PageDir,
-    mem: &M,
-    off: u64,
-    num_sge: usize,
-) -> Option<[WireSge; rdma_backend::MAX_SGE]> {
-    let mut sges = [WireSge::default(); rdma_backend::MAX_SGE];
-    for (i, s) in sges.iter_mut().enumerate().take(num_sge) {
-        *s = pdir
-            .read_obj(mem, off + (i as u64) * u64::from(SGE_SIZE))
+/// Bytes read per WQE at most: a send header and [`rdma_backend::MAX_SGE`] SGEs.
+const MAX_WQE_READ: usize = (SQ_WQE_HDR_SIZE + SGE_SIZE * rdma_backend::MAX_SGE as u32) as usize;
+
+/// A WQE copied out of guest memory in one read: its header and room for the queue's
+/// `max_sge` SGEs (all inside the WQE's slot: `wqe_size` is at least that).
+struct WqeBytes {
+    buf: [u8; MAX_WQE_READ],
+    hdr_size: usize,
+}
+
+impl WqeBytes {
+    fn read<M: GuestMemory + ?Sized>(
+        pdir: &PageDir,
+        mem: &M,
+        q: &WorkQueue,
+        slot: u32,
+        hdr_size: u32,
+    ) -> Option<WqeBytes> {
+        let max_sge = (q.max_sge as usize).min(rdma_backend::MAX_SGE);
+        let len = hdr_size as usize + max_sge * SGE_SIZE as usize;
+        let mut w = WqeBytes {
+            buf: [0; MAX_WQE_READ],
+            hdr_size: hdr_size as usize,
+        };
+        pdir.read_at(mem, q.wqe_offset(slot), &mut w.buf[..len])
             .ok()?;
+        Some(w)
     }
-    Some(sges)
+
+    fn hdr<T: ByteValued>(&self) -> T {
+        let mut h = T::zeroed();
+        let n = std::mem::size_of::<T>().min(self.hdr_size);
+        h.as_mut_slice()[..n].copy_from_slice(&self.buf[..n]);
+        h
+    }
+
+    /// The first `n` SGEs (`n` checked against the queue's `max_sge` by the caller).
+    fn sges(&self, n: usize) -> [WireSge; rdma_backend::MAX_SGE] {
+        let mut sges = [WireSge::default(); rdma_backend::MAX_SGE];
+        let at = |i: usize| self.hdr_size + i * SGE_SIZE as usize;
+        for (i, s) in sges.iter_mut().enumerate().take(n) {
+            if let Some(b) = self.buf.get(at(i)..at(i + 1)) {
+                s.as_mut_slice().copy_from_slice(b);
+            }
+        }
+        sges
+    }
 }
 
 fn error_wc(shared: &QpShared, cq: CqId, wr_id: u64, e: wqe::WqeError) -> WorkCompletion {
@@ -160,11 +195,21 @@ fn error_wc(shared: &QpShared, cq: CqId, wr_id: u64, e: wqe::WqeError) -> WorkCo
     }
 }
 
-/// A WR fetched from a ring (its slot already given back) that the backend could not take yet.
+/// A send WQE as fetched: a WR for the backend, or the error it completes with.
+type FetchedSend = Result<SendWr, (u64, wqe::WqeError)>;
+/// A receive WQE as fetched: a WR for the backend, or the `wr_id` of a malformed one.
+type FetchedRecv = Result<RecvWr, u64>;
+
+/// WQEs read from a ring per pass of the loop: one `prod_tail` load and one `cons_head` store
+/// for the lot, and one backend call for each run of good WRs in it.
+const BATCH: usize = 16;
+
+/// WQEs fetched from a ring (their slots already given back) that the backend could not take
+/// yet, in ring order: at most one batch per queue.
 #[derive(Debug, Default)]
 pub(crate) struct Pending {
-    send: Option<SendWr>,
-    recv: Option<RecvWr>,
+    send: VecDeque<FetchedSend>,
+    recv: VecDeque<FetchedRecv>,
 }
 
 impl QpShared {
@@ -178,7 +223,7 @@ impl QpShared {
             return true;
         }
         match self.pending.try_lock() {
-            Ok(p) => p.send.is_some() || p.recv.is_some(),
+            Ok(p) => !p.send.is_empty() || !p.recv.is_empty(),
             // A drain holds it right now: let the scheduler decide.
             Err(_) => true,
         }
@@ -211,13 +256,12 @@ fn fetch_recv<M: GuestMemory + ?Sized>(
     rq: &WorkQueue,
     slot: u32,
 ) -> Option<Result<RecvWr, u64>> {
-    let off = rq.wqe_offset(slot);
-    let hdr: RqWqeHdr = pdir.read_obj(mem, off).ok()?;
+    let w = WqeBytes::read(pdir, mem, rq, slot, RQ_WQE_HDR_SIZE)?;
+    let hdr: RqWqeHdr = w.hdr();
     let Some(n) = wqe::checked_num_sge(hdr.num_sge, rq.max_sge) else {
         return Some(Err(hdr.wr_id));
     };
-    let sges = read_sges(pdir, mem, off + u64::from(RQ_WQE_HDR_SIZE), n)?;
-    Some(Ok(wqe::parse_recv(&hdr, &sges[..n])))
+    Some(Ok(wqe::parse_recv(&hdr, &w.sges(n)[..n])))
 }
 
 /// Reads the send WQE in `slot` (header and SGEs) into local memory and parses it. `None` when
@@ -230,17 +274,14 @@ pub(crate) fn fetch_send<M: GuestMemory + ?Sized>(
     qp_type: QpType,
     sq_sig_all: bool,
 ) -> Option<Result<SendWr, (u64, wqe::WqeError)>> {
-    let off = sq.wqe_offset(slot);
-    let hdr: SqWqeHdr = pdir.read_obj(mem, off).ok()?;
+    let w = WqeBytes::read(pdir, mem, sq, slot, SQ_WQE_HDR_SIZE)?;
+    let hdr: SqWqeHdr = w.hdr();
     let parsed = match wqe::checked_num_sge(hdr.num_sge, sq.max_sge) {
         None => Err(wqe::WqeError {
             status: WcStatus::LocLenErr,
             opcode: wqe::wc_opcode_of(hdr.opcode),
         }),
-        Some(n) => {
-            let sges = read_sges(pdir, mem, off + u64::from(SQ_WQE_HDR_SIZE), n)?;
-            wqe::parse_send(&hdr, &sges[..n], qp_type, sq_sig_all)
-        }
+        Some(n) => wqe::parse_send(&hdr, &w.sges(n)[..n], qp_type, sq_sig_all),
     };
     Some(parsed.map_err(|e| (hdr.wr_id, e)))
 }
@@ -248,10 +289,11 @@ pub(crate) fn fetch_send<M: GuestMemory + ?Sized>(
 /// Drains a QP's receive queue, then its send queue, into the backend. Bounded: at most one
 /// ring's worth of WQEs per queue per pass, so a guest that keeps producing cannot pin a worker.
 ///
-/// A WQE is copied out of the ring and its slot given back (`cons_head` advanced) before the
-/// backend executes it, as an HCA fetches WQEs: the guest may reuse the slot as soon as the work
-/// is under way (perftest's latency tests with a queue depth of 1 depend on it). A WR the backend
-/// cannot take yet is kept in [`Pending`] and posted first on the next pass.
+/// WQEs are copied out of the ring and their slots given back (`cons_head` advanced) before the
+/// backend executes them, as an HCA fetches WQEs: the guest may reuse a slot as soon as the work
+/// is under way (perftest's latency tests with a queue depth of 1 depend on it). They are taken
+/// in batches of up to [`BATCH`]; WRs of a batch the backend cannot take yet are kept in
+/// [`Pending`] and posted first on the next pass.
 pub(crate) fn drain_qp(shared: &QpShared, env: &Env) -> Drained {
     let mem = env.mem.memory();
     let mut out = Drained::default();
@@ -260,123 +302,264 @@ pub(crate) fn drain_qp(shared: &QpShared, env: &Env) -> Drained {
         return out;
     };
     if let Some(rq) = &shared.rq {
-        if let Some(wr) = pending.recv.take() {
-            match posted(env.backend.post_recv(shared.backend_qp, &wr)) {
-                Posted::Done => {}
-                Posted::Later => {
-                    pending.recv = Some(wr);
-                    out.stalled = true;
-                }
-                Posted::Gone => return out,
-            }
+        // A stalled receive queue does not hold up the send queue.
+        if !drain_rq(shared, env, &*mem, rq, &mut pending.recv, &mut out) {
+            return out;
         }
-        while !out.stalled && out.consumed < rq.ring.ring().n {
-            if shared.dead.load(Ordering::Acquire) {
-                return out;
-            }
-            let slot = match rq.ring.peek(&*mem) {
-                Ok(Some(s)) => s,
-                Ok(None) => break,
-                Err(_) => {
-                    out.ring_error = true;
-                    return out;
-                }
+    }
+    drain_sq(shared, env, &*mem, &mut pending.send, &mut out);
+    out
+}
+
+/// Where a queue's drain stopped early: `Later` (stalled) or `Gone`.
+type Stop = Option<Posted>;
+
+/// Posts one fetched receive, or completes a malformed one in error.
+fn handle_recv(shared: &QpShared, env: &Env, f: &FetchedRecv) -> Posted {
+    match f {
+        Ok(wr) => posted(env.backend.post_recv(shared.backend_qp, wr)),
+        Err(wr_id) => {
+            // A malformed receive cannot be posted; it completes in error and the QP moves to
+            // ERR, which flushes the rest (IB: local QP operation error).
+            let e = wqe::WqeError {
+                status: WcStatus::LocLenErr,
+                opcode: rdma_backend::WcOpcode::Recv,
             };
-            let Some(fetched) = fetch_recv(&shared.pdir, &*mem, rq, slot) else {
-                out.ring_error = true;
-                return out;
-            };
-            if rq.ring.advance(&*mem).is_err() {
-                out.ring_error = true;
-                return out;
-            }
-            out.consumed += 1;
-            match fetched {
-                Ok(wr) => match posted(env.backend.post_recv(shared.backend_qp, &wr)) {
-                    Posted::Done => {}
-                    Posted::Later => {
-                        pending.recv = Some(wr);
-                        out.stalled = true;
-                    }
-                    Posted::Gone => return out,
-                },
-                Err(wr_id) => {
-                    // A malformed receive cannot be posted; it completes in error and the QP
-                    // moves to ERR, which flushes the rest (IB: local QP operation error).
-                    let e = wqe::WqeError {
-                        status: WcStatus::LocLenErr,
-                        opcode: rdma_backend::WcOpcode::Recv,
-                    };
-                    env.sink
-                        .complete(&[error_wc(shared, shared.send_cq, wr_id, e)]);
-                    move_to_error(shared, env);
-                }
-            }
+            env.sink
+                .complete(&[error_wc(shared, shared.recv_cq, *wr_id, e)]);
+            move_to_error(shared, env);
+            Posted::Done
         }
+    }
+}
+
+/// Posts one fetched send, or completes a malformed one in error.
+fn handle_send(shared: &QpShared, env: &Env, f: &FetchedSend) -> Posted {
+    match f {
+        Ok(wr) => posted(env.backend.post_send(shared.backend_qp, wr)),
+        Err((wr_id, e)) => {
+            env.sink
+                .complete(&[error_wc(shared, shared.send_cq, *wr_id, *e)]);
+            if shared.qp_type == QpType::Rc {
+                move_to_error(shared, env);
+            }
+            Posted::Done
+        }
+    }
+}
+
+/// Posts what an earlier pass could not, in order, until one is not taken.
+fn post_leftovers<T>(left: &mut VecDeque<T>, mut handle: impl FnMut(&T) -> Posted) -> Stop {
+    while let Some(f) = left.front() {
+        match handle(f) {
+            Posted::Done => {}
+            p => return Some(p),
+        }
+        left.pop_front();
+    }
+    None
+}
+
+/// A receive WR that is never posted: the filler of a batch's unused entries.
+const NO_RECV: RecvWr = RecvWr {
+    wr_id: 0,
+    sges: rdma_backend::SgeList::EMPTY,
+};
+
+/// A send WR that is never posted: the filler of a batch's unused entries.
+const NO_SEND: SendWr = SendWr {
+    wr_id: 0,
+    op: rdma_backend::SendOp::Send { imm: None },
+    sges: rdma_backend::SgeList::EMPTY,
+    signaled: false,
+    solicited: false,
+    ud: None,
+};
+
+/// Takes up to [`BATCH`] WQEs off `ring` (at most `limit`): reads each with `fetch` into `good`
+/// (or `bad` for one that completes in error), then gives their slots back at once. Returns how
+/// many, and whether the WQE after them could not be read (the queue is broken: those before it
+/// are still executed); `None` when the ring's indices are unusable.
+fn take_batch<W, E>(
+    ring: &ConsumerRing,
+    mem: &(impl GuestMemory + ?Sized),
+    limit: u32,
+    good: &mut [W; BATCH],
+    bad: &mut [Option<E>; BATCH],
+    mut fetch: impl FnMut(u32) -> Option<Result<W, E>>,
+) -> Option<(usize, bool)> {
+    let avail = ring.available(mem).ok()?;
+    let want = avail.min(limit).min(BATCH as u32) as usize;
+    let mut k = 0;
+    while k < want {
+        match fetch(ring.slot_ahead(k as u32)) {
+            Some(Ok(w)) => {
+                good[k] = w;
+                bad[k] = None;
+            }
+            Some(Err(e)) => bad[k] = Some(e),
+            None => break,
+        }
+        k += 1;
+    }
+    ring.advance_by(mem, k as u32).ok()?;
+    Some((k, k < want))
+}
+
+/// Posts a fetched batch in order: runs of good WRs through `post_run` (returns how many it
+/// took and, if not all, why the next was not taken), bad ones through `handle_bad`. What is not
+/// taken yet stays in `left`.
+fn post_batch<W: Copy, E: Copy>(
+    good: &[W; BATCH],
+    bad: &[Option<E>; BATCH],
+    k: usize,
+    left: &mut VecDeque<Result<W, E>>,
+    mut post_run: impl FnMut(&[W]) -> (usize, rdma_backend::Result<()>),
+    mut handle_bad: impl FnMut(E),
+) -> Stop {
+    let mut j = 0;
+    while j < k {
+        if let Some(e) = bad[j] {
+            handle_bad(e);
+            j += 1;
+            continue;
+        }
+        let end = (j..k).find(|&i| bad[i].is_some()).unwrap_or(k);
+        let (taken, r) = post_run(&good[j..end]);
+        j += taken.min(end - j);
+        if j < end {
+            let p = match r {
+                Err(_) => posted(r),
+                // A backend that stops early must say why; treat silence as "later".
+                Ok(()) => Posted::Later,
+            };
+            if let Posted::Later = p {
+                left.extend((j..k).map(|i| bad[i].map_or(Ok(good[i]), Err)));
+            }
+            return Some(p);
+        }
+    }
+    None
+}
+
+/// The receive half of [`drain_qp`]; `false` when the QP's drain must stop here (a stalled
+/// receive queue is not a reason).
+fn drain_rq(
+    shared: &QpShared,
+    env: &Env,
+    mem: &(impl GuestMemory + ?Sized),
+    rq: &WorkQueue,
+    left: &mut VecDeque<FetchedRecv>,
+    out: &mut Drained,
+) -> bool {
+    let stopped = |p: Posted, out: &mut Drained| {
+        out.stalled = matches!(p, Posted::Later);
+        out.stalled
+    };
+    if let Some(p) = post_leftovers(left, |f| handle_recv(shared, env, f)) {
+        return stopped(p, out);
+    }
+    let mut good = [NO_RECV; BATCH];
+    let mut bad = [None; BATCH];
+    let mut taken = 0;
+    while taken < rq.ring.ring().n {
+        if shared.dead.load(Ordering::Acquire) {
+            return false;
+        }
+        let limit = rq.ring.ring().n - taken;
+        let fetched = take_batch(&rq.ring, mem, limit, &mut good, &mut bad, |slot| {
+            fetch_recv(&shared.pdir, mem, rq, slot)
+        });
+        let Some((k, broken)) = fetched else {
+            out.ring_error = true;
+            return false;
+        };
+        if k == 0 && !broken {
+            break;
+        }
+        taken += k as u32;
+        out.consumed += k as u32;
+        let stop = post_batch(
+            &good,
+            &bad,
+            k,
+            left,
+            |run| env.backend.post_recv_batch(shared.backend_qp, run),
+            |wr_id| {
+                handle_recv(shared, env, &Err(wr_id));
+            },
+        );
+        if let Some(p) = stop {
+            return stopped(p, out);
+        }
+        if broken {
+            out.ring_error = true;
+            return false;
+        }
+    }
+    true
+}
+
+/// The send half of [`drain_qp`].
+fn drain_sq(
+    shared: &QpShared,
+    env: &Env,
+    mem: &(impl GuestMemory + ?Sized),
+    left: &mut VecDeque<FetchedSend>,
+    out: &mut Drained,
+) {
+    if let Some(p) = post_leftovers(left, |f| handle_send(shared, env, f)) {
+        out.stalled = matches!(p, Posted::Later);
+        return;
     }
     let sq = &shared.sq;
-    if let Some(wr) = pending.send.take() {
-        match posted(env.backend.post_send(shared.backend_qp, &wr)) {
-            Posted::Done => {}
-            Posted::Later => {
-                pending.send = Some(wr);
-                out.stalled = true;
-                return out;
-            }
-            Posted::Gone => return out,
-        }
-    }
+    let mut good = [NO_SEND; BATCH];
+    let mut bad = [None; BATCH];
     let mut sent = 0;
     while sent < sq.ring.ring().n {
         if shared.dead.load(Ordering::Acquire) {
-            return out;
+            return;
         }
-        let slot = match sq.ring.peek(&*mem) {
-            Ok(Some(s)) => s,
-            Ok(None) => break,
-            Err(_) => {
-                out.ring_error = true;
-                return out;
-            }
-        };
-        let Some(parsed) = fetch_send(
-            &shared.pdir,
-            &*mem,
-            sq,
-            slot,
-            shared.qp_type,
-            shared.sq_sig_all,
-        ) else {
-            out.ring_error = true;
-            return out;
-        };
+        let limit = sq.ring.ring().n - sent;
         // cons_head advances for every WQE, signaled or not, failed or not (spec §7).
-        if sq.ring.advance(&*mem).is_err() {
+        let fetched = take_batch(&sq.ring, mem, limit, &mut good, &mut bad, |slot| {
+            fetch_send(
+                &shared.pdir,
+                mem,
+                sq,
+                slot,
+                shared.qp_type,
+                shared.sq_sig_all,
+            )
+        });
+        let Some((k, broken)) = fetched else {
             out.ring_error = true;
-            return out;
+            return;
+        };
+        if k == 0 && !broken {
+            return;
         }
-        out.consumed += 1;
-        sent += 1;
-        match parsed {
-            Ok(wr) => match posted(env.backend.post_send(shared.backend_qp, &wr)) {
-                Posted::Done => {}
-                Posted::Later => {
-                    pending.send = Some(wr);
-                    out.stalled = true;
-                    return out;
-                }
-                Posted::Gone => return out,
+        sent += k as u32;
+        out.consumed += k as u32;
+        let stop = post_batch(
+            &good,
+            &bad,
+            k,
+            left,
+            |run| env.backend.post_send_batch(shared.backend_qp, run),
+            |e| {
+                handle_send(shared, env, &Err(e));
             },
-            Err((wr_id, e)) => {
-                env.sink
-                    .complete(&[error_wc(shared, shared.send_cq, wr_id, e)]);
-                if shared.qp_type == QpType::Rc {
-                    move_to_error(shared, env);
-                }
-            }
+        );
+        if let Some(p) = stop {
+            out.stalled = matches!(p, Posted::Later);
+            return;
+        }
+        if broken {
+            out.ring_error = true;
+            return;
         }
     }
-    out
 }
 
 fn move_to_error(shared: &QpShared, env: &Env) {

@@ -263,6 +263,82 @@ impl EmulatedBackend {
         Some(segs)
     }
 
+    /// Takes one send WR onto the locked SQ of `qp` (the caller runs the queue afterwards).
+    fn queue_send(&self, qp: &Arc<Qp>, sq: &mut Sq, wr: &SendWr) -> Result<()> {
+        if qp.is_dead() {
+            return Err(Error::NoSuchObject("QP"));
+        }
+        match qp.state() {
+            QpState::Reset | QpState::Init | QpState::Rtr => {
+                return Err(Error::Invalid("QP is not ready to send"))
+            }
+            QpState::Err | QpState::Sqe => {
+                // Whatever is queued is flushed first, then this WR: completions stay in order.
+                drive(self, qp, sq, Trigger::Post);
+                let wc = WorkCompletion {
+                    cq: qp.send_cq,
+                    qp_cookie: qp.cookie,
+                    wr_id: wr.wr_id,
+                    status: WcStatus::WrFlushErr,
+                    opcode: qp::send_opcode(&wr.op),
+                    byte_len: 0,
+                    imm_data: None,
+                    src_qp: 0,
+                    grh: false,
+                    solicited: false,
+                };
+                self.sink.complete(std::slice::from_ref(&wc));
+                return Ok(());
+            }
+            QpState::Rts | QpState::Sqd => {}
+        }
+        let max = qp.max_send_wr.max(1) as usize;
+        if sq.pending.len() >= max {
+            // WRs queued earlier in this batch may complete right away.
+            drive(self, qp, sq, Trigger::Post);
+            if sq.pending.len() >= max {
+                return Err(Error::QueueFull);
+            }
+        }
+        sq.pending.push_back(*wr);
+        Ok(())
+    }
+
+    /// Takes one receive WR onto the locked RQ of `qp` (the caller kicks waiting senders).
+    fn queue_recv(&self, qp: &Qp, rq: &mut Rq, wr: &RecvWr) -> Result<()> {
+        if wr.sges.as_slice().len() > qp.max_recv_sge.max(1) as usize {
+            return Err(Error::Invalid("too many SGEs"));
+        }
+        if qp.is_dead() {
+            return Err(Error::NoSuchObject("QP"));
+        }
+        match qp.state() {
+            QpState::Reset => return Err(Error::Invalid("QP is in RESET")),
+            QpState::Err => {
+                let wc = WorkCompletion {
+                    cq: qp.recv_cq,
+                    qp_cookie: qp.cookie,
+                    wr_id: wr.wr_id,
+                    status: WcStatus::WrFlushErr,
+                    opcode: WcOpcode::Recv,
+                    byte_len: 0,
+                    imm_data: None,
+                    src_qp: 0,
+                    grh: false,
+                    solicited: false,
+                };
+                self.sink.complete(std::slice::from_ref(&wc));
+                return Ok(());
+            }
+            _ => {}
+        }
+        if rq.wqes.len() >= qp.max_recv_wr.max(1) as usize {
+            return Err(Error::QueueFull);
+        }
+        rq.wqes.push_back(*wr);
+        Ok(())
+    }
+
     fn destroy_qp_inner(&self, qp: &Arc<Qp>) {
         {
             let mut sq = lock(&qp.sq);
@@ -702,85 +778,58 @@ impl Backend for EmulatedBackend {
     }
 
     fn post_send(&self, id: QpId, wr: &SendWr) -> Result<()> {
-        let qp = self.qp(id)?;
-        let mut sq = lock(&qp.sq);
-        if qp.is_dead() {
-            return Err(Error::NoSuchObject("QP"));
-        }
-        match qp.state() {
-            QpState::Reset | QpState::Init | QpState::Rtr => {
-                return Err(Error::Invalid("QP is not ready to send"))
-            }
-            QpState::Err | QpState::Sqe => {
-                drive(self, &qp, &mut sq, Trigger::Post);
-                let wc = WorkCompletion {
-                    cq: qp.send_cq,
-                    qp_cookie: qp.cookie,
-                    wr_id: wr.wr_id,
-                    status: WcStatus::WrFlushErr,
-                    opcode: qp::send_opcode(&wr.op),
-                    byte_len: 0,
-                    imm_data: None,
-                    src_qp: 0,
-                    grh: false,
-                    solicited: false,
-                };
-                self.sink.complete(std::slice::from_ref(&wc));
-                return Ok(());
-            }
-            QpState::Rts | QpState::Sqd => {}
-        }
-        if sq.pending.len() >= qp.max_send_wr.max(1) as usize {
-            return Err(Error::QueueFull);
-        }
-        sq.pending.push_back(*wr);
-        drive(self, &qp, &mut sq, Trigger::Post);
-        Ok(())
+        self.post_send_batch(id, std::slice::from_ref(wr)).1
     }
 
     fn post_recv(&self, id: QpId, wr: &RecvWr) -> Result<()> {
-        let qp = self.qp(id)?;
-        if qp.srq.is_some() {
-            return Err(Error::Invalid("the QP receives from an SRQ"));
+        self.post_recv_batch(id, std::slice::from_ref(wr)).1
+    }
+
+    fn post_send_batch(&self, id: QpId, wrs: &[SendWr]) -> (usize, Result<()>) {
+        let qp = match self.qp(id) {
+            Ok(qp) => qp,
+            Err(e) => return (0, Err(e)),
+        };
+        let mut sq = lock(&qp.sq);
+        let mut taken = 0;
+        let mut res = Ok(());
+        for wr in wrs {
+            if let Err(e) = self.queue_send(&qp, &mut sq, wr) {
+                res = Err(e);
+                break;
+            }
+            taken += 1;
         }
-        if wr.sges.as_slice().len() > qp.max_recv_sge.max(1) as usize {
-            return Err(Error::Invalid("too many SGEs"));
+        // One run of the queue for the lot (a WR that found the queue full ran it already).
+        drive(self, &qp, &mut sq, Trigger::Post);
+        (taken, res)
+    }
+
+    fn post_recv_batch(&self, id: QpId, wrs: &[RecvWr]) -> (usize, Result<()>) {
+        let qp = match self.qp(id) {
+            Ok(qp) => qp,
+            Err(e) => return (0, Err(e)),
+        };
+        if qp.srq.is_some() {
+            return (0, Err(Error::Invalid("the QP receives from an SRQ")));
         }
         let mut rq = lock(&qp.rq);
-        if qp.is_dead() {
-            return Err(Error::NoSuchObject("QP"));
-        }
-        match qp.state() {
-            QpState::Reset => return Err(Error::Invalid("QP is in RESET")),
-            QpState::Err => {
-                let wc = WorkCompletion {
-                    cq: qp.recv_cq,
-                    qp_cookie: qp.cookie,
-                    wr_id: wr.wr_id,
-                    status: WcStatus::WrFlushErr,
-                    opcode: WcOpcode::Recv,
-                    byte_len: 0,
-                    imm_data: None,
-                    src_qp: 0,
-                    grh: false,
-                    solicited: false,
-                };
-                self.sink.complete(std::slice::from_ref(&wc));
-                return Ok(());
+        let mut taken = 0;
+        let mut res = Ok(());
+        for wr in wrs {
+            if let Err(e) = self.queue_recv(&qp, &mut rq, wr) {
+                res = Err(e);
+                break;
             }
-            _ => {}
+            taken += 1;
         }
-        if rq.wqes.len() >= qp.max_recv_wr.max(1) as usize {
-            return Err(Error::QueueFull);
-        }
-        rq.wqes.push_back(*wr);
-        if rq.waiters.is_empty() {
-            return Ok(());
-        }
+        // Senders waiting (RNR) for a receive here retry once, with all of them posted.
         let waiters = std::mem::take(&mut rq.waiters);
         drop(rq);
-        kick(waiters);
-        Ok(())
+        if !waiters.is_empty() {
+            kick(waiters);
+        }
+        (taken, res)
     }
 
     fn reset(&self) {
