@@ -663,3 +663,39 @@ fn sends_beyond_the_backend_queue_wait_in_order_and_none_is_lost() {
         assert_eq!(got, pattern(len as usize, i as u8), "bytes of message {i}");
     }
 }
+
+#[test]
+fn a_malformed_receive_completes_on_the_receive_cq() {
+    let (_t, drv) = probed();
+    let p = rc_pair(&drv, MAC, 8, 1);
+    let mut scq = drv.create_cq(p.ctx, 16).unwrap();
+    let mut rcq = drv.create_cq(p.ctx, 16).unwrap();
+    let mut qp = drv
+        .create_qp(
+            p.ctx,
+            QpKind::Rc,
+            p.pd,
+            &scq,
+            &rcq,
+            None,
+            (8, 8, 1, 1),
+            false,
+        )
+        .unwrap();
+    for m in pvrdma_guest::driver::rc_connect_attrs(p.a.qpn, p.gid, ALL_ACCESS) {
+        drv.modify_qp(&qp, m).unwrap();
+    }
+    let m = drv.reg_mr(p.pd, 0xd000, 4096, ALL_ACCESS).unwrap();
+    // Two SGEs on a QP whose receives take one (the WQE spills into the next, unused slot).
+    assert!(drv.post_recv(&mut qp, 77, &[m.sge(0, 8), m.sge(8, 8)]));
+    let c = one(&drv, &mut rcq);
+    assert_eq!(
+        (c.wr_id, c.status, c.opcode),
+        (77, 1, 128),
+        "LOC_LEN_ERR on RECV"
+    );
+    assert_eq!(c.qp, u64::from(qp.handle));
+    assert!(drv
+        .wait_cqes(&mut scq, 1, Duration::from_millis(50))
+        .is_empty());
+}
