@@ -412,6 +412,18 @@ impl ProducerRing {
         if self.free_slot(mem)?.is_none() {
             return Err(Error::Full);
         }
+        self.advance_tail(mem)
+    }
+
+    /// [`produce`](ProducerRing::produce) without loading `cons_head` again: for a caller that
+    /// has just had a slot from [`free_slot`](ProducerRing::free_slot) and holds the ring
+    /// exclusively (`&mut`), so nothing else produced meanwhile and the guest can only have
+    /// freed more room.
+    pub fn publish<M: GuestMemory + ?Sized>(&mut self, mem: &M) -> Result<()> {
+        self.advance_tail(mem)
+    }
+
+    fn advance_tail<M: GuestMemory + ?Sized>(&self, mem: &M) -> Result<()> {
         let next = inc(self.tail(), self.ring.n);
         self.ring.store(mem, Index::ProdTail, next)?;
         self.tail.store(next, Ordering::Relaxed);
@@ -620,6 +632,22 @@ mod tests {
         set(&m, Index::ProdTail, 0xffff);
         assert!(ring.available(&m).is_err());
         assert_eq!(ring.head(), 0);
+    }
+
+    #[test]
+    fn publish_after_free_slot_is_produce_without_the_second_load() {
+        let m = mem();
+        let mut r = ProducerRing::new(RingAddr { addr: RING, n: 4 }).unwrap();
+        for i in 0..4u32 {
+            assert_eq!(r.free_slot(&m).unwrap(), Some(i));
+            r.publish(&m).unwrap();
+            assert_eq!(get(&m, Index::ProdTail), i + 1);
+        }
+        assert_eq!(r.free_slot(&m).unwrap(), None);
+        set(&m, Index::ConsHead, 2);
+        assert_eq!(r.free_slot(&m).unwrap(), Some(0));
+        r.publish(&m).unwrap();
+        assert_eq!((r.tail(), get(&m, Index::ProdTail)), (5, 5));
     }
 
     #[test]

@@ -93,7 +93,8 @@ impl CqRing {
             Err(_) => return Pushed::Broken,
         };
         let off = PAGE_SIZE + u64::from(slot) * u64::from(CQE_SIZE);
-        if self.pdir.write_obj(mem, off, cqe).is_err() || self.ring.produce(mem).is_err() {
+        // `&mut self`: nothing produced since `free_slot`, so no second `cons_head` load.
+        if self.pdir.write_obj(mem, off, cqe).is_err() || self.ring.publish(mem).is_err() {
             return Pushed::Broken;
         }
         let notify = match self.arm {
