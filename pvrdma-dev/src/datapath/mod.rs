@@ -134,14 +134,17 @@ pub(crate) struct Drained {
 /// Bytes read per WQE at most: a send header and [`rdma_backend::MAX_SGE`] SGEs.
 const MAX_WQE_READ: usize = (SQ_WQE_HDR_SIZE + SGE_SIZE * rdma_backend::MAX_SGE as u32) as usize;
 
-/// A WQE copied out of guest memory in one read: its header and room for the queue's
-/// `max_sge` SGEs (all inside the WQE's slot: `wqe_size` is at least that).
+/// A WQE copied out of guest memory in one read: its header and the queue's `max_sge` SGEs
+/// (all inside the WQE's slot, which is at least that big), or as much of them as the queue's
+/// pages hold.
 struct WqeBytes {
     buf: [u8; MAX_WQE_READ],
     hdr_size: usize,
+    len: usize,
 }
 
 impl WqeBytes {
+    /// `None` when not even the header can be read.
     fn read<M: GuestMemory + ?Sized>(
         pdir: &PageDir,
         mem: &M,
@@ -149,14 +152,20 @@ impl WqeBytes {
         slot: u32,
         hdr_size: u32,
     ) -> Option<WqeBytes> {
+        let off = q.wqe_offset(slot);
         let max_sge = (q.max_sge as usize).min(rdma_backend::MAX_SGE);
-        let len = hdr_size as usize + max_sge * SGE_SIZE as usize;
+        let in_pages = pdir.byte_len().saturating_sub(off);
+        let len = (hdr_size as usize + max_sge * SGE_SIZE as usize)
+            .min(usize::try_from(in_pages).unwrap_or(usize::MAX));
+        if len < hdr_size as usize {
+            return None;
+        }
         let mut w = WqeBytes {
             buf: [0; MAX_WQE_READ],
             hdr_size: hdr_size as usize,
+            len,
         };
-        pdir.read_at(mem, q.wqe_offset(slot), &mut w.buf[..len])
-            .ok()?;
+        pdir.read_at(mem, off, &mut w.buf[..len]).ok()?;
         Some(w)
     }
 
@@ -167,16 +176,19 @@ impl WqeBytes {
         h
     }
 
-    /// The first `n` SGEs (`n` checked against the queue's `max_sge` by the caller).
-    fn sges(&self, n: usize) -> [WireSge; rdma_backend::MAX_SGE] {
+    /// The first `n` SGEs (`n` checked against the queue's `max_sge` by the caller); `None` when
+    /// they run past the queue's pages.
+    fn sges(&self, n: usize) -> Option<[WireSge; rdma_backend::MAX_SGE]> {
+        if self.hdr_size + n * SGE_SIZE as usize > self.len {
+            return None;
+        }
         let mut sges = [WireSge::default(); rdma_backend::MAX_SGE];
         let at = |i: usize| self.hdr_size + i * SGE_SIZE as usize;
         for (i, s) in sges.iter_mut().enumerate().take(n) {
-            if let Some(b) = self.buf.get(at(i)..at(i + 1)) {
-                s.as_mut_slice().copy_from_slice(b);
-            }
+            s.as_mut_slice()
+                .copy_from_slice(&self.buf[at(i)..at(i + 1)]);
         }
-        sges
+        Some(sges)
     }
 }
 
@@ -261,7 +273,7 @@ fn fetch_recv<M: GuestMemory + ?Sized>(
     let Some(n) = wqe::checked_num_sge(hdr.num_sge, rq.max_sge) else {
         return Some(Err(hdr.wr_id));
     };
-    Some(Ok(wqe::parse_recv(&hdr, &w.sges(n)[..n])))
+    Some(Ok(wqe::parse_recv(&hdr, &w.sges(n)?[..n])))
 }
 
 /// Reads the send WQE in `slot` (header and SGEs) into local memory and parses it. `None` when
@@ -281,7 +293,7 @@ pub(crate) fn fetch_send<M: GuestMemory + ?Sized>(
             status: WcStatus::LocLenErr,
             opcode: wqe::wc_opcode_of(hdr.opcode),
         }),
-        Some(n) => wqe::parse_send(&hdr, &w.sges(n)[..n], qp_type, sq_sig_all),
+        Some(n) => wqe::parse_send(&hdr, &w.sges(n)?[..n], qp_type, sq_sig_all),
     };
     Some(parsed.map_err(|e| (hdr.wr_id, e)))
 }
