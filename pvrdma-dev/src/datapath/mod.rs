@@ -372,13 +372,25 @@ fn post_leftovers<T>(left: &mut VecDeque<T>, mut handle: impl FnMut(&T) -> Poste
     None
 }
 
-/// A receive WR that is never posted: the filler of a batch's unused entries.
+/// Per-thread buffers for a batch of fetched WRs (a few KiB per worker thread rather than per
+/// QP, and no initialisation per drain).
+#[derive(Default)]
+struct Scratch {
+    send: Vec<SendWr>,
+    recv: Vec<RecvWr>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
+}
+
+/// A receive WR that is never posted: the place of a malformed one in a batch.
 const NO_RECV: RecvWr = RecvWr {
     wr_id: 0,
     sges: rdma_backend::SgeList::EMPTY,
 };
 
-/// A send WR that is never posted: the filler of a batch's unused entries.
+/// A send WR that is never posted: the place of a malformed one in a batch.
 const NO_SEND: SendWr = SendWr {
     wr_id: 0,
     op: rdma_backend::SendOp::Send { imm: None },
@@ -389,31 +401,37 @@ const NO_SEND: SendWr = SendWr {
 };
 
 /// Takes up to [`BATCH`] WQEs off `ring` (at most `limit`): reads each with `fetch` into `good`
-/// (or `bad` for one that completes in error), then gives their slots back at once. Returns how
-/// many, and whether the WQE after them could not be read (the queue is broken: those before it
-/// are still executed); `None` when the ring's indices are unusable.
-fn take_batch<W, E>(
+/// (emptied first; for one that completes in error, `filler` there and the error in `bad`), then
+/// gives their slots back at once. Returns how many, and whether the WQE after them could not be
+/// read (the queue is broken: those before it are still executed); `None` when the ring's
+/// indices are unusable.
+fn take_batch<W: Copy, E>(
     ring: &ConsumerRing,
     mem: &(impl GuestMemory + ?Sized),
     limit: u32,
-    good: &mut [W; BATCH],
+    good: &mut Vec<W>,
     bad: &mut [Option<E>; BATCH],
+    filler: W,
     mut fetch: impl FnMut(u32) -> Option<Result<W, E>>,
 ) -> Option<(usize, bool)> {
     let avail = ring.available(mem).ok()?;
     let want = avail.min(limit).min(BATCH as u32) as usize;
-    let mut k = 0;
-    while k < want {
+    good.clear();
+    while good.len() < want {
+        let k = good.len();
         match fetch(ring.slot_ahead(k as u32)) {
             Some(Ok(w)) => {
-                good[k] = w;
+                good.push(w);
                 bad[k] = None;
             }
-            Some(Err(e)) => bad[k] = Some(e),
+            Some(Err(e)) => {
+                good.push(filler);
+                bad[k] = Some(e);
+            }
             None => break,
         }
-        k += 1;
     }
+    let k = good.len();
     ring.advance_by(mem, k as u32).ok()?;
     Some((k, k < want))
 }
@@ -422,7 +440,7 @@ fn take_batch<W, E>(
 /// took and, if not all, why the next was not taken), bad ones through `handle_bad`. What is not
 /// taken yet stays in `left`.
 fn post_batch<W: Copy, E: Copy>(
-    good: &[W; BATCH],
+    good: &[W],
     bad: &[Option<E>; BATCH],
     k: usize,
     left: &mut VecDeque<Result<W, E>>,
@@ -471,7 +489,27 @@ fn drain_rq(
     if let Some(p) = post_leftovers(left, |f| handle_recv(shared, env, f)) {
         return stopped(p, out);
     }
-    let mut good = [NO_RECV; BATCH];
+    SCRATCH.with(|s| match s.try_borrow_mut() {
+        Ok(mut s) => drain_rq_with(shared, env, mem, rq, left, out, &mut s.recv),
+        // Not reached (drains do not nest on a thread); a fresh buffer keeps it correct anyway.
+        Err(_) => drain_rq_with(shared, env, mem, rq, left, out, &mut Vec::new()),
+    })
+}
+
+/// [`drain_rq`] with a buffer for the fetched WRs.
+fn drain_rq_with(
+    shared: &QpShared,
+    env: &Env,
+    mem: &(impl GuestMemory + ?Sized),
+    rq: &WorkQueue,
+    left: &mut VecDeque<FetchedRecv>,
+    out: &mut Drained,
+    good: &mut Vec<RecvWr>,
+) -> bool {
+    let stopped = |p: Posted, out: &mut Drained| {
+        out.stalled = matches!(p, Posted::Later);
+        out.stalled
+    };
     let mut bad = [None; BATCH];
     let mut taken = 0;
     while taken < rq.ring.ring().n {
@@ -479,7 +517,7 @@ fn drain_rq(
             return false;
         }
         let limit = rq.ring.ring().n - taken;
-        let fetched = take_batch(&rq.ring, mem, limit, &mut good, &mut bad, |slot| {
+        let fetched = take_batch(&rq.ring, mem, limit, good, &mut bad, NO_RECV, |slot| {
             fetch_recv(&shared.pdir, mem, rq, slot)
         });
         let Some((k, broken)) = fetched else {
@@ -492,7 +530,7 @@ fn drain_rq(
         taken += k as u32;
         out.consumed += k as u32;
         let stop = post_batch(
-            &good,
+            good,
             &bad,
             k,
             left,
@@ -524,8 +562,22 @@ fn drain_sq(
         out.stalled = matches!(p, Posted::Later);
         return;
     }
+    SCRATCH.with(|s| match s.try_borrow_mut() {
+        Ok(mut s) => drain_sq_with(shared, env, mem, left, out, &mut s.send),
+        Err(_) => drain_sq_with(shared, env, mem, left, out, &mut Vec::new()),
+    })
+}
+
+/// [`drain_sq`] with a buffer for the fetched WRs.
+fn drain_sq_with(
+    shared: &QpShared,
+    env: &Env,
+    mem: &(impl GuestMemory + ?Sized),
+    left: &mut VecDeque<FetchedSend>,
+    out: &mut Drained,
+    good: &mut Vec<SendWr>,
+) {
     let sq = &shared.sq;
-    let mut good = [NO_SEND; BATCH];
     let mut bad = [None; BATCH];
     let mut sent = 0;
     while sent < sq.ring.ring().n {
@@ -534,7 +586,7 @@ fn drain_sq(
         }
         let limit = sq.ring.ring().n - sent;
         // cons_head advances for every WQE, signaled or not, failed or not (spec §7).
-        let fetched = take_batch(&sq.ring, mem, limit, &mut good, &mut bad, |slot| {
+        let fetched = take_batch(&sq.ring, mem, limit, good, &mut bad, NO_SEND, |slot| {
             fetch_send(
                 &shared.pdir,
                 mem,
@@ -554,7 +606,7 @@ fn drain_sq(
         sent += k as u32;
         out.consumed += k as u32;
         let stop = post_batch(
-            &good,
+            good,
             &bad,
             k,
             left,
