@@ -67,6 +67,22 @@ pub mod uar {
     pub const SRQ: u64 = 0x8;
     /// Bits of a doorbell value that carry the handle.
     pub const HANDLE_MASK: u32 = 0x00ff_ffff;
+
+    /// Whether a front end may answer a UAR write of `data` at `offset` (within BAR2) before
+    /// the device has handled it (a posted write). QP and SRQ doorbells only make the device
+    /// read rings, and the guest sees their effect through CQEs; so does a CQ POLL. A CQ ARM or
+    /// ARM_SOL may not be posted: it must be in force before the guest's next look at the CQ
+    /// (`ibv_req_notify_cq`, then poll, then sleep for the event), or a CQE written in between
+    /// is neither in that poll nor notified, and the guest sleeps for good. A write that is not
+    /// a whole 32-bit doorbell is not posted either.
+    pub fn may_post(offset: u64, data: &[u8]) -> bool {
+        let Ok(v) = <[u8; 4]>::try_from(data) else {
+            return false;
+        };
+        let arm = super::CqDoorbell::ARM | super::CqDoorbell::ARM_SOL;
+        offset & 0xfff != CQ
+            || !super::CqDoorbell::from_bits_retain(u32::from_le_bytes(v)).intersects(arm)
+    }
 }
 
 bitflags::bitflags! {
@@ -123,4 +139,32 @@ pub mod err {
     pub const EIO: u32 = 5;
     /// ERR value before any command ran (as QEMU's device; never 0 so an early read fails).
     pub const RESET_VALUE: u32 = 0xffff;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{uar, CqDoorbell};
+
+    #[test]
+    fn only_cq_arms_wait_for_the_device() {
+        let w = |v: u32| v.to_le_bytes();
+        for page in [0u64, 1, 7] {
+            let base = page * 4096;
+            assert!(uar::may_post(base + uar::QP, &w(5 | 1 << 30)));
+            assert!(uar::may_post(base + uar::SRQ, &w(5 | 1 << 30)));
+            assert!(uar::may_post(
+                base + uar::CQ,
+                &w(5 | CqDoorbell::POLL.bits())
+            ));
+            assert!(!uar::may_post(
+                base + uar::CQ,
+                &w(5 | CqDoorbell::ARM.bits())
+            ));
+            assert!(!uar::may_post(
+                base + uar::CQ,
+                &w(5 | CqDoorbell::ARM_SOL.bits())
+            ));
+            assert!(!uar::may_post(base + uar::QP, &[1, 2]));
+        }
+    }
 }

@@ -954,14 +954,17 @@ impl Driver {
 
     // ---- doorbells and rings ------------------------------------------------------------
 
-    /// Writes a doorbell on `ctx`'s UAR page.
+    /// Writes a doorbell on `ctx`'s UAR page: posted, like the driver's writel, except a CQ
+    /// ARM/ARM_SOL, which the VMM delivers before the guest's next step (QEMU's
+    /// `x-no-posted-writes`, the server's [`uar::may_post`]): an ARM must be in force before the
+    /// guest polls the CQ again.
     pub fn doorbell(&self, ctx: Ctx, reg: u64, v: u32) {
-        // Posted, like the driver's writel to the UAR page.
-        self.t.write_posted(
-            Region::Bar(2),
-            u64::from(ctx.uar) * PAGE + reg,
-            &v.to_le_bytes(),
-        );
+        let at = u64::from(ctx.uar) * PAGE + reg;
+        if uar::may_post(reg, &v.to_le_bytes()) {
+            self.t.write_posted(Region::Bar(2), at, &v.to_le_bytes());
+        } else {
+            self.t.write(Region::Bar(2), at, &v.to_le_bytes());
+        }
     }
 
     fn wq_push(&self, pdir: &GuestPdir, wq: &mut Wq, bytes: &[u8]) -> bool {

@@ -13,6 +13,8 @@ use rdma_backend::{Backend, CompletionSink, GuestMem};
 use vfio_user::{DmaMapFlags, DmaUnmapFlags, ServerBackend};
 use vm_memory::GuestMemoryMmap;
 
+use pvrdma_dev::regs::uar;
+
 use crate::dma::DmaMaps;
 use crate::irq::EventfdIrqs;
 use crate::regions::region_of;
@@ -189,14 +191,16 @@ impl<D: DeviceAccess> ServerBackend for Connection<D> {
             // Registers and config space are non-posted: the write returns once the device has
             // handled it, so the client's reply (QEMU with x-no-posted-writes waits for it)
             // orders it before the guest's next step (the driver reads the caps from RAM right
-            // after its DSRHIGH write). A UAR doorbell is posted, as on PCI: the guest sees its
-            // effect only through guest memory (CQEs) or a later access, and every later access
-            // reaches the device after it on the same channel. This saves the vCPU a round trip
-            // to the main loop per doorbell.
-            let r = if region == Region::Bar(2) {
-                self.device.write_posted(region, o, &data[at..at + n])
+            // after its DSRHIGH write). QP and SRQ doorbells are posted, as on PCI: the guest
+            // sees their effect only through guest memory (CQEs) or a later access, and every
+            // later access reaches the device after it on the same channel. This saves the vCPU
+            // a round trip to the main loop per doorbell. A CQ ARM is not posted: it must be in
+            // force before the guest polls the CQ again (`uar::may_post`).
+            let piece = &data[at..at + n];
+            let r = if region == Region::Bar(2) && uar::may_post(o, piece) {
+                self.device.write_posted(region, o, piece)
             } else {
-                self.device.write(region, o, &data[at..at + n])
+                self.device.write(region, o, piece)
             };
             if r.is_err() {
                 log::error!("the device has stopped; write dropped");
