@@ -120,22 +120,20 @@ fn check_page<M: GuestMemory + ?Sized>(mem: &M, level: Level, index: u32, addr: 
     Ok(())
 }
 
-/// Reads the first `count` (≤ 512) `u64` entries of the page at `addr`.
-fn read_entries<M: GuestMemory + ?Sized>(
-    mem: &M,
-    addr: u64,
-    count: u32,
-) -> Result<[u64; ENTRIES_PER_PAGE as usize]> {
-    let mut raw = [0u8; PAGE_SIZE as usize];
+/// Reads the first `count` (≤ 512) `u64` entries of the page at `addr`: one guest-memory read
+/// of exactly those bytes (a QP's directory lists a handful of pages; no page-sized buffers).
+fn read_entries<M: GuestMemory + ?Sized>(mem: &M, addr: u64, count: u32) -> Result<Vec<u64>> {
     let count = count.min(ENTRIES_PER_PAGE) as usize;
-    mem.read_slice(&mut raw[..count * 8], GuestAddress(addr))?;
-    let mut out = [0u64; ENTRIES_PER_PAGE as usize];
-    for (e, b) in out.iter_mut().zip(raw.chunks_exact(8)).take(count) {
-        let mut le = [0u8; 8];
-        le.copy_from_slice(b);
-        *e = u64::from_le_bytes(le);
-    }
-    Ok(out)
+    let mut raw = vec![0u8; count * 8];
+    mem.read_slice(&mut raw, GuestAddress(addr))?;
+    Ok(raw
+        .chunks_exact(8)
+        .map(|b| {
+            let mut le = [0u8; 8];
+            le.copy_from_slice(b);
+            u64::from_le_bytes(le)
+        })
+        .collect())
 }
 
 impl PageDir {
