@@ -8,6 +8,7 @@
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
+use smallvec::SmallVec;
 use vm_memory::{
     Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, VolatileMemory,
     VolatileSlice,
@@ -71,42 +72,36 @@ impl Mr {
 }
 
 /// One validated piece of a scatter/gather list.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 pub(crate) struct Seg {
-    mr: Option<Arc<Mr>>,
+    mr: Arc<Mr>,
     addr: u64,
     len: u64,
 }
 
-/// A validated scatter/gather list (inline, no allocation).
+/// A validated scatter/gather list: up to two pieces inline (no allocation, nothing to
+/// initialise or drop beyond them), more on the heap.
 #[derive(Debug)]
 pub(crate) struct Segs {
-    n: usize,
     total: u64,
-    segs: [Seg; MAX_SGE],
+    segs: SmallVec<[Seg; 2]>,
 }
 
 impl Segs {
     /// An empty list.
     pub fn new() -> Self {
         Segs {
-            n: 0,
             total: 0,
-            segs: Default::default(),
+            segs: SmallVec::new(),
         }
     }
 
-    /// Appends a piece; `false` when full.
+    /// Appends a piece; `false` when [`MAX_SGE`] pieces are present.
     pub fn push(&mut self, mr: Arc<Mr>, addr: u64, len: u64) -> bool {
-        if self.n >= MAX_SGE {
+        if self.segs.len() >= MAX_SGE {
             return false;
         }
-        self.segs[self.n] = Seg {
-            mr: Some(mr),
-            addr,
-            len,
-        };
-        self.n += 1;
+        self.segs.push(Seg { mr, addr, len });
         self.total = self.total.saturating_add(len);
         true
     }
@@ -119,7 +114,7 @@ impl Segs {
     /// A cursor at the start of the list.
     pub fn cursor(&self) -> Cursor<'_> {
         Cursor {
-            segs: &self.segs[..self.n],
+            segs: &self.segs,
             i: 0,
             off: 0,
         }
@@ -145,7 +140,7 @@ impl Cursor<'_> {
                 self.off = 0;
                 continue;
             }
-            let mr = seg.mr.as_ref().ok_or(())?;
+            let mr = &seg.mr;
             let want = (seg.len - self.off).min(max);
             let (gpa, n) = mr.run(seg.addr + self.off, want).ok_or(())?;
             self.off += n;
