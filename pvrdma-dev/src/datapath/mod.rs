@@ -144,7 +144,9 @@ struct WqeBytes {
 }
 
 impl WqeBytes {
-    /// `None` when not even the header can be read.
+    /// `None` when not even the header can be read. Inlined so the buffer is built in its
+    /// caller's frame rather than copied out.
+    #[inline(always)]
     fn read<M: GuestMemory + ?Sized>(
         pdir: &PageDir,
         mem: &M,
