@@ -120,20 +120,22 @@ fn check_page<M: GuestMemory + ?Sized>(mem: &M, level: Level, index: u32, addr: 
     Ok(())
 }
 
-/// Reads the first `count` (≤ 512) `u64` entries of the page at `addr`: one guest-memory read
-/// of exactly those bytes (a QP's directory lists a handful of pages; no page-sized buffers).
-fn read_entries<M: GuestMemory + ?Sized>(mem: &M, addr: u64, count: u32) -> Result<Vec<u64>> {
-    let count = count.min(ENTRIES_PER_PAGE) as usize;
-    let mut raw = vec![0u8; count * 8];
-    mem.read_slice(&mut raw, GuestAddress(addr))?;
-    Ok(raw
-        .chunks_exact(8)
-        .map(|b| {
-            let mut le = [0u8; 8];
-            le.copy_from_slice(b);
-            u64::from_le_bytes(le)
-        })
-        .collect())
+/// Reads the first `count` (≤ 512) `u64` entries of the page at `addr` into `buf` (one
+/// guest-memory read of exactly those bytes; the caller reuses `buf` for every table) and
+/// returns them.
+fn read_entries<'b, M: GuestMemory + ?Sized>(
+    mem: &M,
+    addr: u64,
+    count: u32,
+    buf: &'b mut [u8; PAGE_SIZE as usize],
+) -> Result<impl Iterator<Item = u64> + 'b> {
+    let bytes = &mut buf[..count.min(ENTRIES_PER_PAGE) as usize * 8];
+    mem.read_slice(bytes, GuestAddress(addr))?;
+    Ok(bytes.chunks_exact(8).map(|b| {
+        let mut le = [0u8; 8];
+        le.copy_from_slice(b);
+        u64::from_le_bytes(le)
+    }))
 }
 
 impl PageDir {
@@ -148,16 +150,17 @@ impl PageDir {
         }
         check_page(mem, Level::Directory, 0, pdir_dma)?;
         let ntables = ((npages - 1) >> 9) + 1; // ≤ 512 because npages ≤ MAX_PAGES
-        let dir = read_entries(mem, pdir_dma, ntables)?;
+        let mut dir_buf = [0u8; PAGE_SIZE as usize];
+        let mut table_buf = [0u8; PAGE_SIZE as usize];
+        let dir = read_entries(mem, pdir_dma, ntables, &mut dir_buf)?;
         // Bounded by MAX_PAGES (checked above).
         let mut pages = Vec::with_capacity(npages as usize);
-        for t in 0..ntables {
-            let table = dir[t as usize];
+        for (t, table) in (0..ntables).zip(dir) {
             check_page(mem, Level::Table, t, table)?;
             let first = t * ENTRIES_PER_PAGE;
             let in_table = (npages - first).min(ENTRIES_PER_PAGE);
-            let entries = read_entries(mem, table, in_table)?;
-            for (j, &page) in entries.iter().take(in_table as usize).enumerate() {
+            let entries = read_entries(mem, table, in_table, &mut table_buf)?;
+            for (j, page) in entries.enumerate() {
                 check_page(mem, Level::Page, first + j as u32, page)?;
                 pages.push(GuestAddress(page));
             }
