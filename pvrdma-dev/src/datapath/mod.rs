@@ -474,6 +474,70 @@ fn post_batch<W: Copy, E: Copy>(
     None
 }
 
+/// How the drain of one queue ended.
+enum QueueEnd {
+    /// The ring is empty, or a ring's worth was taken.
+    Done,
+    /// The backend stopped taking WRs (`Later`: stalled) or the QP is gone.
+    Stop(Posted),
+    /// The ring's indices or a WQE cannot be read.
+    Broken,
+    /// The QP is being destroyed.
+    Dead,
+}
+
+/// Runs `f` with this thread's batch buffers.
+fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
+    SCRATCH.with(|s| match s.try_borrow_mut() {
+        Ok(mut s) => f(&mut s),
+        // Not reached (drains do not nest on a thread); fresh buffers keep it correct anyway.
+        Err(_) => f(&mut Scratch::default()),
+    })
+}
+
+/// Drains one ring in batches, at most a ring's worth: WQEs read with `fetch` and given back,
+/// good WRs posted in runs with `post_run`, bad ones completed with `handle_bad`; what the
+/// backend does not take stays in `left`.
+#[allow(clippy::too_many_arguments)]
+fn drain_ring<W: Copy, E: Copy>(
+    ring: &ConsumerRing,
+    dead: &AtomicBool,
+    mem: &(impl GuestMemory + ?Sized),
+    out: &mut Drained,
+    left: &mut VecDeque<Result<W, E>>,
+    good: &mut Vec<W>,
+    filler: W,
+    mut fetch: impl FnMut(u32) -> Option<Result<W, E>>,
+    mut post_run: impl FnMut(&[W]) -> (usize, rdma_backend::Result<()>),
+    mut handle_bad: impl FnMut(E),
+) -> QueueEnd {
+    let mut bad = [None; BATCH];
+    let n = ring.ring().n;
+    let mut taken = 0;
+    while taken < n {
+        if dead.load(Ordering::Acquire) {
+            return QueueEnd::Dead;
+        }
+        let Some((k, broken)) =
+            take_batch(ring, mem, n - taken, good, &mut bad, filler, &mut fetch)
+        else {
+            return QueueEnd::Broken;
+        };
+        if k == 0 && !broken {
+            break;
+        }
+        taken += k as u32;
+        out.consumed += k as u32;
+        if let Some(p) = post_batch(good, &bad, k, left, &mut post_run, &mut handle_bad) {
+            return QueueEnd::Stop(p);
+        }
+        if broken {
+            return QueueEnd::Broken;
+        }
+    }
+    QueueEnd::Done
+}
+
 /// The receive half of [`drain_qp`]; `false` when the QP's drain must stop here (a stalled
 /// receive queue is not a reason).
 fn drain_rq(
@@ -484,72 +548,37 @@ fn drain_rq(
     left: &mut VecDeque<FetchedRecv>,
     out: &mut Drained,
 ) -> bool {
-    let stopped = |p: Posted, out: &mut Drained| {
-        out.stalled = matches!(p, Posted::Later);
-        out.stalled
+    let end = match post_leftovers(left, |f| handle_recv(shared, env, f)) {
+        Some(p) => QueueEnd::Stop(p),
+        None => with_scratch(|s| {
+            drain_ring(
+                &rq.ring,
+                &shared.dead,
+                mem,
+                out,
+                left,
+                &mut s.recv,
+                NO_RECV,
+                |slot| fetch_recv(&shared.pdir, mem, rq, slot),
+                |run| env.backend.post_recv_batch(shared.backend_qp, run),
+                |wr_id| {
+                    handle_recv(shared, env, &Err(wr_id));
+                },
+            )
+        }),
     };
-    if let Some(p) = post_leftovers(left, |f| handle_recv(shared, env, f)) {
-        return stopped(p, out);
-    }
-    SCRATCH.with(|s| match s.try_borrow_mut() {
-        Ok(mut s) => drain_rq_with(shared, env, mem, rq, left, out, &mut s.recv),
-        // Not reached (drains do not nest on a thread); a fresh buffer keeps it correct anyway.
-        Err(_) => drain_rq_with(shared, env, mem, rq, left, out, &mut Vec::new()),
-    })
-}
-
-/// [`drain_rq`] with a buffer for the fetched WRs.
-fn drain_rq_with(
-    shared: &QpShared,
-    env: &Env,
-    mem: &(impl GuestMemory + ?Sized),
-    rq: &WorkQueue,
-    left: &mut VecDeque<FetchedRecv>,
-    out: &mut Drained,
-    good: &mut Vec<RecvWr>,
-) -> bool {
-    let stopped = |p: Posted, out: &mut Drained| {
-        out.stalled = matches!(p, Posted::Later);
-        out.stalled
-    };
-    let mut bad = [None; BATCH];
-    let mut taken = 0;
-    while taken < rq.ring.ring().n {
-        if shared.dead.load(Ordering::Acquire) {
-            return false;
+    match end {
+        QueueEnd::Done => true,
+        QueueEnd::Stop(Posted::Later) => {
+            out.stalled = true;
+            true
         }
-        let limit = rq.ring.ring().n - taken;
-        let fetched = take_batch(&rq.ring, mem, limit, good, &mut bad, NO_RECV, |slot| {
-            fetch_recv(&shared.pdir, mem, rq, slot)
-        });
-        let Some((k, broken)) = fetched else {
+        QueueEnd::Stop(_) | QueueEnd::Dead => false,
+        QueueEnd::Broken => {
             out.ring_error = true;
-            return false;
-        };
-        if k == 0 && !broken {
-            break;
-        }
-        taken += k as u32;
-        out.consumed += k as u32;
-        let stop = post_batch(
-            good,
-            &bad,
-            k,
-            left,
-            |run| env.backend.post_recv_batch(shared.backend_qp, run),
-            |wr_id| {
-                handle_recv(shared, env, &Err(wr_id));
-            },
-        );
-        if let Some(p) = stop {
-            return stopped(p, out);
-        }
-        if broken {
-            out.ring_error = true;
-            return false;
+            false
         }
     }
-    true
 }
 
 /// The send half of [`drain_qp`].
@@ -560,71 +589,40 @@ fn drain_sq(
     left: &mut VecDeque<FetchedSend>,
     out: &mut Drained,
 ) {
-    if let Some(p) = post_leftovers(left, |f| handle_send(shared, env, f)) {
-        out.stalled = matches!(p, Posted::Later);
-        return;
-    }
-    SCRATCH.with(|s| match s.try_borrow_mut() {
-        Ok(mut s) => drain_sq_with(shared, env, mem, left, out, &mut s.send),
-        Err(_) => drain_sq_with(shared, env, mem, left, out, &mut Vec::new()),
-    })
-}
-
-/// [`drain_sq`] with a buffer for the fetched WRs.
-fn drain_sq_with(
-    shared: &QpShared,
-    env: &Env,
-    mem: &(impl GuestMemory + ?Sized),
-    left: &mut VecDeque<FetchedSend>,
-    out: &mut Drained,
-    good: &mut Vec<SendWr>,
-) {
     let sq = &shared.sq;
-    let mut bad = [None; BATCH];
-    let mut sent = 0;
-    while sent < sq.ring.ring().n {
-        if shared.dead.load(Ordering::Acquire) {
-            return;
-        }
-        let limit = sq.ring.ring().n - sent;
+    let end = match post_leftovers(left, |f| handle_send(shared, env, f)) {
+        Some(p) => QueueEnd::Stop(p),
         // cons_head advances for every WQE, signaled or not, failed or not (spec §7).
-        let fetched = take_batch(&sq.ring, mem, limit, good, &mut bad, NO_SEND, |slot| {
-            fetch_send(
-                &shared.pdir,
+        None => with_scratch(|s| {
+            drain_ring(
+                &sq.ring,
+                &shared.dead,
                 mem,
-                sq,
-                slot,
-                shared.qp_type,
-                shared.sq_sig_all,
+                out,
+                left,
+                &mut s.send,
+                NO_SEND,
+                |slot| {
+                    fetch_send(
+                        &shared.pdir,
+                        mem,
+                        sq,
+                        slot,
+                        shared.qp_type,
+                        shared.sq_sig_all,
+                    )
+                },
+                |run| env.backend.post_send_batch(shared.backend_qp, run),
+                |e| {
+                    handle_send(shared, env, &Err(e));
+                },
             )
-        });
-        let Some((k, broken)) = fetched else {
-            out.ring_error = true;
-            return;
-        };
-        if k == 0 && !broken {
-            return;
-        }
-        sent += k as u32;
-        out.consumed += k as u32;
-        let stop = post_batch(
-            good,
-            &bad,
-            k,
-            left,
-            |run| env.backend.post_send_batch(shared.backend_qp, run),
-            |e| {
-                handle_send(shared, env, &Err(e));
-            },
-        );
-        if let Some(p) = stop {
-            out.stalled = matches!(p, Posted::Later);
-            return;
-        }
-        if broken {
-            out.ring_error = true;
-            return;
-        }
+        }),
+    };
+    match end {
+        QueueEnd::Stop(p) => out.stalled = matches!(p, Posted::Later),
+        QueueEnd::Broken => out.ring_error = true,
+        QueueEnd::Done | QueueEnd::Dead => {}
     }
 }
 
