@@ -6,7 +6,8 @@ use std::io;
 use std::sync::Arc;
 
 use pvrdma_dev::{
-    BackendFactory, DeviceAccess, DeviceConfig, DeviceHandle, DeviceOptions, LocalDevice, Region,
+    BackendFactory, DeviceAccess, DeviceConfig, DeviceHandle, DeviceOptions, InterruptSink,
+    LocalDevice, Region,
 };
 use rdma_backend::emulated::{EmulatedBackend, Fabric};
 use rdma_backend::{Backend, CompletionSink, GuestMem};
@@ -59,6 +60,15 @@ fn options(name: String) -> DeviceOptions {
     }
 }
 
+/// A device constructor: [`DeviceHandle::spawn`] or [`LocalDevice::new`].
+type Start<D> = fn(
+    DeviceConfig,
+    DeviceOptions,
+    GuestMem,
+    Arc<dyn InterruptSink>,
+    BackendFactory,
+) -> Result<D, pvrdma_dev::DeviceError>;
+
 impl Connection<DeviceHandle> {
     /// Starts a device on its own thread, with empty guest memory and no interrupts assigned.
     pub fn new(
@@ -67,16 +77,7 @@ impl Connection<DeviceHandle> {
         fabric: &Arc<Fabric>,
         backend: &crate::BackendChoice,
     ) -> Result<Self, pvrdma_dev::DeviceError> {
-        let mem = GuestMem::new(GuestMemoryMmap::new());
-        let irqs = Arc::new(EventfdIrqs::default());
-        let device = DeviceHandle::spawn(
-            cfg.clone(),
-            options(name),
-            mem.clone(),
-            irqs.clone(),
-            backend_factory(fabric, backend),
-        )?;
-        Ok(Connection::assemble(cfg, device, irqs, mem))
+        Connection::start(cfg, name, fabric, backend, DeviceHandle::spawn)
     }
 }
 
@@ -89,27 +90,34 @@ impl Connection<LocalDevice> {
         fabric: &Arc<Fabric>,
         backend: &crate::BackendChoice,
     ) -> Result<Self, pvrdma_dev::DeviceError> {
+        Connection::start(cfg, name, fabric, backend, LocalDevice::new)
+    }
+}
+
+impl<D: DeviceAccess> Connection<D> {
+    /// A device built by `start` with empty guest memory and no interrupts assigned.
+    fn start(
+        cfg: &DeviceConfig,
+        name: String,
+        fabric: &Arc<Fabric>,
+        backend: &crate::BackendChoice,
+        start: Start<D>,
+    ) -> Result<Self, pvrdma_dev::DeviceError> {
         let mem = GuestMem::new(GuestMemoryMmap::new());
         let irqs = Arc::new(EventfdIrqs::default());
-        let device = LocalDevice::new(
+        let device = start(
             cfg.clone(),
             options(name),
             mem.clone(),
             irqs.clone(),
             backend_factory(fabric, backend),
         )?;
-        Ok(Connection::assemble(cfg, device, irqs, mem))
-    }
-}
-
-impl<D: DeviceAccess> Connection<D> {
-    fn assemble(cfg: &DeviceConfig, device: D, irqs: Arc<EventfdIrqs>, mem: GuestMem) -> Self {
-        Connection {
+        Ok(Connection {
             device,
             irqs,
             dma: DmaMaps::new(mem),
             uar_bar_size: pvrdma_dev::pci::uar_bar_size(cfg.max_uar),
-        }
+        })
     }
 
     /// The device.

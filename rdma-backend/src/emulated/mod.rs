@@ -44,7 +44,7 @@ use qp::{drive, kick, Qp, Rq, Sq, Srq, SrqQ, Trigger};
 use crate::{
     Access, Backend, CompletionSink, CqId, Error, Gid, GidType, GuestMem, MrId, MrKeys, MrKind,
     PdId, QpAttrs, QpId, QpInit, QpState, QpType, RecvWr, Result, SendWr, Sge, SrqId, WcOpcode,
-    WcStatus, WorkCompletion, MAX_SGE,
+    WcStatus, MAX_SGE,
 };
 
 /// GID table entries per backend (the device reports a smaller `gid_tbl_len`).
@@ -275,18 +275,8 @@ impl EmulatedBackend {
             QpState::Err | QpState::Sqe => {
                 // Whatever is queued is flushed first, then this WR: completions stay in order.
                 drive(self, qp, sq, Trigger::Post);
-                let wc = WorkCompletion {
-                    cq: qp.send_cq,
-                    qp_cookie: qp.cookie,
-                    wr_id: wr.wr_id,
-                    status: WcStatus::WrFlushErr,
-                    opcode: qp::send_opcode(&wr.op),
-                    byte_len: 0,
-                    imm_data: None,
-                    src_qp: 0,
-                    grh: false,
-                    solicited: false,
-                };
+                let opcode = qp::send_opcode(&wr.op);
+                let wc = qp.wc(qp.send_cq, wr.wr_id, WcStatus::WrFlushErr, opcode, 0);
                 self.sink.complete(std::slice::from_ref(&wc));
                 return Ok(());
             }
@@ -315,18 +305,13 @@ impl EmulatedBackend {
         match qp.state() {
             QpState::Reset => return Err(Error::Invalid("QP is in RESET")),
             QpState::Err => {
-                let wc = WorkCompletion {
-                    cq: qp.recv_cq,
-                    qp_cookie: qp.cookie,
-                    wr_id: wr.wr_id,
-                    status: WcStatus::WrFlushErr,
-                    opcode: WcOpcode::Recv,
-                    byte_len: 0,
-                    imm_data: None,
-                    src_qp: 0,
-                    grh: false,
-                    solicited: false,
-                };
+                let wc = qp.wc(
+                    qp.recv_cq,
+                    wr.wr_id,
+                    WcStatus::WrFlushErr,
+                    WcOpcode::Recv,
+                    0,
+                );
                 self.sink.complete(std::slice::from_ref(&wc));
                 return Ok(());
             }

@@ -152,7 +152,7 @@ impl Qp {
     fn remote_access(&self) -> Access {
         Access::from_bits_retain(self.access.load(Ordering::Acquire))
     }
-    fn wc(
+    pub(crate) fn wc(
         &self,
         cq: CqId,
         wr_id: u64,
