@@ -18,8 +18,10 @@
 use std::fmt;
 use std::sync::Arc;
 
+use vm_memory::bitmap::MS;
 use vm_memory::{
-    Address, ByteValued, Bytes, GuestAddress, GuestMemory, GuestMemoryError, Permissions,
+    Address, ByteValued, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryError,
+    Permissions, VolatileSlice,
 };
 
 /// Size of every directory, table and data page.
@@ -138,6 +140,49 @@ fn read_entries<'b, M: GuestMemory + ?Sized>(
     }))
 }
 
+/// `len` bytes at `addr` as one volatile slice of the backing memory, when there is no IOMMU
+/// layer in between (`physical_memory`) and the range lies in one region; `None` otherwise. The
+/// caller then takes vm-memory's general path, which gives the same bytes and the same errors
+/// but walks the regions with an iterator: a few hundred instructions per WQE or CQE on the
+/// data path (docs/benchmarks.md, session 4).
+pub(crate) fn backing_slice<M: GuestMemory + ?Sized>(
+    mem: &M,
+    addr: GuestAddress,
+    len: usize,
+) -> Option<VolatileSlice<'_, MS<'_, M::PhysicalMemory>>> {
+    mem.physical_memory()?.get_slice(addr, len).ok()
+}
+
+/// Reads `buf` at `addr` (a piece inside one guest page).
+fn read_piece<M: GuestMemory + ?Sized>(
+    mem: &M,
+    buf: &mut [u8],
+    addr: GuestAddress,
+) -> std::result::Result<(), GuestMemoryError> {
+    match backing_slice(mem, addr, buf.len()) {
+        Some(s) => {
+            s.copy_to(buf);
+            Ok(())
+        }
+        None => mem.read_slice(buf, addr),
+    }
+}
+
+/// Writes `buf` at `addr` (a piece inside one guest page).
+fn write_piece<M: GuestMemory + ?Sized>(
+    mem: &M,
+    buf: &[u8],
+    addr: GuestAddress,
+) -> std::result::Result<(), GuestMemoryError> {
+    match backing_slice(mem, addr, buf.len()) {
+        Some(s) => {
+            s.copy_from(buf);
+            Ok(())
+        }
+        None => mem.write_slice(buf, addr),
+    }
+}
+
 impl PageDir {
     /// Walks directory → tables → pages, reading `ntables = ((npages-1)>>9)+1` tables.
     ///
@@ -249,7 +294,7 @@ impl PageDir {
     ) -> Result<()> {
         self.check_span(offset, buf.len())?;
         self.for_each_chunk(offset, buf.len(), |start, n, addr| {
-            mem.read_slice(&mut buf[start..start + n], addr)?;
+            read_piece(mem, &mut buf[start..start + n], addr)?;
             Ok(())
         })
     }
@@ -263,7 +308,7 @@ impl PageDir {
     ) -> Result<()> {
         self.check_span(offset, buf.len())?;
         self.for_each_chunk(offset, buf.len(), |start, n, addr| {
-            mem.write_slice(&buf[start..start + n], addr)?;
+            write_piece(mem, &buf[start..start + n], addr)?;
             Ok(())
         })
     }
@@ -524,5 +569,35 @@ mod tests {
         assert!(pd.translate(100).is_none());
         assert!(pd.read_at(&small, 0, &mut [0u8; 8]).is_err());
         assert!(pd.read_at(&small, 100, &mut [0u8; 8]).is_err());
+    }
+
+    #[test]
+    fn a_page_split_between_two_regions_is_read_and_written_whole() {
+        // Regions [0, 0x1800) and [0x1800, 0x4000): page 0x1000 lies in both, so no single slice
+        // of the backing memory holds it and the general path must do the access.
+        let m = GuestMemoryMmap::<()>::from_ranges(&[
+            (GuestAddress(0), 0x1800),
+            (GuestAddress(0x1800), 0x2800),
+        ])
+        .unwrap();
+        let pd = PageDir::from_pages(vec![GuestAddress(0x3000), GuestAddress(0x1000)].into());
+        let data: Vec<u8> = (0..4096u32).map(|i| (i * 13 + 5) as u8).collect();
+        pd.write_at(&m, 4096, &data).unwrap();
+        let mut back = vec![0u8; 4096];
+        m.read_slice(&mut back, GuestAddress(0x1000)).unwrap();
+        assert!(back == data);
+        // Across the page boundary of the directory: the end of page 0 and the split page.
+        let mut got = vec![0u8; 1024];
+        pd.read_at(&m, 4096 - 512, &mut got).unwrap();
+        let mut want = vec![0u8; 512];
+        m.read_slice(&mut want, GuestAddress(0x3000 + 4096 - 512))
+            .unwrap();
+        want.extend_from_slice(&data[..512]);
+        assert!(got == want);
+        pd.write_obj(&m, 4096 + 0x7fe, &0xa5a5_5a5au32).unwrap();
+        assert_eq!(
+            pd.read_obj::<u32, _>(&m, 4096 + 0x7fe).unwrap(),
+            0xa5a5_5a5a
+        );
     }
 }

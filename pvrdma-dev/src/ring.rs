@@ -47,6 +47,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryError};
 
+use crate::pdir::backing_slice;
+
 /// Largest element count accepted for any ring. No allocation scales with it; it is the most
 /// 4-byte elements a full page directory (1 GiB) can hold, and keeps `2N` and `slot × elem_size`
 /// far from `u32` overflow. Callers still check that `N × elem_size` fits the pages supplied.
@@ -220,7 +222,7 @@ impl RingAddr {
             Index::ProdTail => self.tail_addr(),
             Index::ConsHead => self.head_addr(),
         };
-        let value = u32::from_le(mem.load::<u32>(at, Ordering::Acquire)?);
+        let value = u32::from_le(load_u32(mem, at)?);
         // `valid` is the driver's check; the cycle bound matters for the quirk rings only,
         // where some "valid" indices (e.g. 2048 for N=1536) can never be reached by `inc`.
         if !valid(value, self.n) || value >= cycle(self.n) {
@@ -238,7 +240,7 @@ impl RingAddr {
             Index::ProdTail => self.tail_addr(),
             Index::ConsHead => self.head_addr(),
         };
-        mem.store(value.to_le(), at, Ordering::Release)?;
+        store_u32(mem, at, value.to_le())?;
         Ok(())
     }
 
@@ -428,6 +430,30 @@ impl ProducerRing {
         self.ring.store(mem, Index::ProdTail, next)?;
         self.tail.store(next, Ordering::Relaxed);
         Ok(())
+    }
+}
+
+/// An `Acquire` load of the ring index at `at`, through one slice of the backing memory when
+/// there is one ([`backing_slice`]): the data path does this on every batch.
+fn load_u32<M: GuestMemory + ?Sized>(
+    mem: &M,
+    at: GuestAddress,
+) -> std::result::Result<u32, GuestMemoryError> {
+    match backing_slice(mem, at, 4) {
+        Some(s) => Ok(s.load::<u32>(0, Ordering::Acquire)?),
+        None => mem.load::<u32>(at, Ordering::Acquire),
+    }
+}
+
+/// A `Release` store of a ring index; the store side of [`load_u32`].
+fn store_u32<M: GuestMemory + ?Sized>(
+    mem: &M,
+    at: GuestAddress,
+    value: u32,
+) -> std::result::Result<(), GuestMemoryError> {
+    match backing_slice(mem, at, 4) {
+        Some(s) => Ok(s.store(value, 0, Ordering::Release)?),
+        None => mem.store(value, at, Ordering::Release),
     }
 }
 
