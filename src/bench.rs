@@ -231,7 +231,7 @@ fn memcpy_mb_s(size: u64, budget: u64) -> f64 {
 
 /// The same copy as [`memcpy_mb_s`] done the way the device must do it for guest buffers: page
 /// by page (4 KiB) between two page lists in shuffled order, as the harness allocates MR pages.
-/// `None` below two pages. This is the layout's own cost, beside the device's (docs/benchmarks.md).
+/// `None` up to one page. This is the layout's own cost, beside the device's (docs/benchmarks.md).
 fn memcpy_pages_mb_s(size: u64, budget: u64) -> Option<f64> {
     const PAGE: usize = 4096;
     let pages = usize::try_from(size).ok()?.div_ceil(PAGE);
@@ -252,13 +252,13 @@ fn memcpy_pages_mb_s(size: u64, budget: u64) -> Option<f64> {
     let (sp, dp) = (shuffled(1), shuffled(2));
     // Page-aligned, as guest pages are: two buffers whose addresses differ by a few bytes modulo
     // 4 KiB (what two heap allocations may give) copy ~25 % slower on this host (4K aliasing).
-    let mut src = vec![1u8; (pages + 1) * PAGE];
+    let src = vec![1u8; (pages + 1) * PAGE];
     let mut dst = vec![0u8; (pages + 1) * PAGE];
     let (s0, d0) = (
         src.as_ptr().align_offset(PAGE),
         dst.as_ptr().align_offset(PAGE),
     );
-    let src = &mut src[s0..s0 + pages * PAGE];
+    let src = &src[s0..s0 + pages * PAGE];
     let dst = &mut dst[d0..d0 + pages * PAGE];
     let iters = (budget / size).clamp(16, 10_000_000);
     let pass = |dst: &mut [u8]| {
