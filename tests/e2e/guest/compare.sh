@@ -2,26 +2,15 @@
 # perftest on vmw_pvrdma0 and on rxe0 (Soft-RoCE over the same vmxnet3 netdev) in one boot, so the
 # figures compare like with like (TCG slows everything in the guest alike).
 . /e2e-lib.sh
-wait_dev_active vmw_pvrdma0 30 || exit 1
-modprobe crc32_generic 2>/dev/null || true
-check rxe-up sh -c 'modprobe rdma_rxe && rdma link add rxe0 type rxe netdev eth0'
-check rxe0-active wait_dev_active rxe0 30
+both_devices_up || exit 1
 N=${N:-500}
-P=18700
-run() { # DEV GIDX TOOL ARGS...
-    local dev=$1 x=$2 tool=$3
-    shift 3
-    P=$((P + 1))
-    check "$tool@$dev" pair "$tool-$dev" "$P" "$tool" -d "$dev" -x "$x" -F -p "$P" "$@" -- \
-        "$tool" -d "$dev" -x "$x" -F -p "$P" "$@" 127.0.0.1
-}
 for d in vmw_pvrdma0:0 rxe0:1; do
     dev=${d%:*}; x=${d#*:}
-    run "$dev" "$x" ib_send_bw -s 65536 -n "$N"
-    run "$dev" "$x" ib_write_bw -s 65536 -n "$N"
-    run "$dev" "$x" ib_read_bw -s 65536 -n "$N"
-    run "$dev" "$x" ib_atomic_bw -n "$N"
-    run "$dev" "$x" ib_send_lat -s 8 -n "$N"
-    run "$dev" "$x" ib_write_lat -s 8 -n "$N"
+    perf_pair "$dev" "$x" ib_send_bw -s 65536 -n "$N"
+    perf_pair "$dev" "$x" ib_write_bw -s 65536 -n "$N"
+    perf_pair "$dev" "$x" ib_read_bw -s 65536 -n "$N"
+    perf_pair "$dev" "$x" ib_atomic_bw -n "$N"
+    perf_pair "$dev" "$x" ib_send_lat -s 8 -n "$N"
+    perf_pair "$dev" "$x" ib_write_lat -s 8 -n "$N"
 done
 finish

@@ -99,3 +99,22 @@ pair() {
     say "$name: server rc=$src client rc=$crc"
     [ $src = 0 ] && [ $crc = 0 ]
 }
+
+# Bring up rxe0 (Soft-RoCE over eth0) beside vmw_pvrdma0, for perftest on both in one boot.
+both_devices_up() {
+    wait_dev_active vmw_pvrdma0 30 || return 1
+    modprobe crc32_generic 2>/dev/null || true
+    check rxe-up sh -c 'modprobe rdma_rxe && rdma link add rxe0 type rxe netdev eth0'
+    check rxe0-active wait_dev_active rxe0 30
+}
+
+# perf_pair DEV GIDX TOOL ARGS...: perftest TOOL on DEV with GID index GIDX, server and client in
+# this guest over 127.0.0.1, each run on the next TCP port from PERF_PORT.
+PERF_PORT=18700
+perf_pair() {
+    local dev=$1 x=$2 tool=$3
+    shift 3
+    PERF_PORT=$((PERF_PORT + 1))
+    check "$tool@$dev" pair "$tool-$dev" "$PERF_PORT" "$tool" -d "$dev" -x "$x" -F -p "$PERF_PORT" "$@" -- \
+        "$tool" -d "$dev" -x "$x" -F -p "$PERF_PORT" "$@" 127.0.0.1
+}
