@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
+use vm_memory::{atomic::GuestMemoryLoadGuard, GuestAddressSpace, GuestMemoryMmap};
 
 use super::mem::{atomic_at, atomic_target, copy, write_bytes, Fault, Segs};
 use super::{lock, EmulatedBackend};
@@ -322,7 +322,15 @@ fn responder_err(be: &EmulatedBackend, qp: &Arc<Qp>, rq: &mut Rq, ev: Option<Asy
         .schedule(Instant::now(), Arc::downgrade(qp), FLUSH_TOKEN);
 }
 
-/// Runs the send queue of `qp` (its `sq` locked by the caller).
+/// The RC responder a run of the send queue talks to, resolved once per run.
+struct Peer {
+    tb: Arc<EmulatedBackend>,
+    tqp: Arc<Qp>,
+    tmem: GuestMemoryLoadGuard<GuestMemoryMmap>,
+}
+
+/// Runs the send queue of `qp` (its `sq` locked by the caller). Guest memory and, for RC, the
+/// responder are looked up once per run, not per WR.
 pub(crate) fn drive(be: &EmulatedBackend, qp: &Arc<Qp>, sq: &mut Sq, mut trigger: Trigger) {
     if qp.is_dead() {
         return;
@@ -342,25 +350,32 @@ pub(crate) fn drive(be: &EmulatedBackend, qp: &Arc<Qp>, sq: &mut Sq, mut trigger
             return;
         }
     }
-    while let Some(wr) = sq.pending.front().copied() {
+    if sq.pending.is_empty() {
+        return;
+    }
+    let mem = be.mem.memory();
+    let peer = match qp.ty {
+        QpType::Rc => rc_target(be, sq).map(|(tb, tqp)| Peer {
+            tmem: tb.mem.memory(),
+            tb,
+            tqp,
+        }),
+        QpType::Ud | QpType::Gsi => None,
+    };
+    while let Some(wr) = sq.pending.front() {
         let outcome = match qp.ty {
-            QpType::Rc => execute_rc(be, qp, sq, &wr),
-            QpType::Ud | QpType::Gsi => execute_ud(be, qp, sq, &wr),
+            QpType::Rc => execute_rc(be, qp, &mem, peer.as_ref(), sq.timeout, wr),
+            QpType::Ud | QpType::Gsi => execute_ud(be, qp, &mem, sq, wr),
         };
+        let (wr_id, signaled, opcode) = (wr.wr_id, wr.signaled, send_opcode(&wr.op));
         match outcome {
             Outcome::Done(len) => {
                 sq.pending.pop_front();
                 if sq.stall.take().is_some() {
                     sq.token += 1;
                 }
-                if wr.signaled || qp.sig_all {
-                    let wc = qp.wc(
-                        qp.send_cq,
-                        wr.wr_id,
-                        WcStatus::Success,
-                        send_opcode(&wr.op),
-                        len,
-                    );
+                if signaled || qp.sig_all {
+                    let wc = qp.wc(qp.send_cq, wr_id, WcStatus::Success, opcode, len);
                     be.sink.complete(std::slice::from_ref(&wc));
                 }
             }
@@ -368,7 +383,7 @@ pub(crate) fn drive(be: &EmulatedBackend, qp: &Arc<Qp>, sq: &mut Sq, mut trigger
                 sq.pending.pop_front();
                 sq.stall = None;
                 sq.token += 1;
-                let wc = qp.wc(qp.send_cq, wr.wr_id, status, send_opcode(&wr.op), 0);
+                let wc = qp.wc(qp.send_cq, wr_id, status, opcode, 0);
                 be.sink.complete(std::slice::from_ref(&wc));
                 if qp.ty == QpType::Rc {
                     to_err_locked_sq(be, qp, sq);
@@ -403,7 +418,7 @@ pub(crate) fn drive(be: &EmulatedBackend, qp: &Arc<Qp>, sq: &mut Sq, mut trigger
                     sq.pending.pop_front();
                     sq.stall = None;
                     sq.token += 1;
-                    let wc = qp.wc(qp.send_cq, wr.wr_id, status, send_opcode(&wr.op), 0);
+                    let wc = qp.wc(qp.send_cq, wr_id, status, opcode, 0);
                     be.sink.complete(std::slice::from_ref(&wc));
                     return to_err_locked_sq(be, qp, sq);
                 }
@@ -534,8 +549,15 @@ fn rnr_delay(enc: u8) -> Duration {
     Duration::from_micros(u64::from(RNR_US[usize::from(enc & 31)]))
 }
 
-/// Executes one RC send WR.
-fn execute_rc(be: &EmulatedBackend, qp: &Arc<Qp>, sq: &mut Sq, wr: &SendWr) -> Outcome {
+/// Executes one RC send WR against `peer` (`None`: the responder cannot be reached).
+fn execute_rc(
+    be: &EmulatedBackend,
+    qp: &Arc<Qp>,
+    mem: &GuestMemoryMmap,
+    peer: Option<&Peer>,
+    timeout: u8,
+    wr: &SendWr,
+) -> Outcome {
     if wr.sges.as_slice().len() > qp.max_send_sge as usize {
         return Outcome::Error(WcStatus::LocLenErr);
     }
@@ -551,58 +573,50 @@ fn execute_rc(be: &EmulatedBackend, qp: &Arc<Qp>, sq: &mut Sq, wr: &SendWr) -> O
     let Some(local) = be.resolve_local(wr.sges.as_slice(), qp.pd, need) else {
         return Outcome::Error(WcStatus::LocProtErr);
     };
-    let stall_timeout = Outcome::Stall(StallKind::Timeout, timeout_delay(sq.timeout));
-    let Some((tb, tqp)) = rc_target(be, sq) else {
+    let stall_timeout = Outcome::Stall(StallKind::Timeout, timeout_delay(timeout));
+    let Some(Peer { tb, tqp, tmem }) = peer else {
         return stall_timeout;
     };
     if !tqp.can_receive() || tqp.is_dead() {
         return stall_timeout;
     }
-    let mem = be.mem.memory();
-    let tmem = tb.mem.memory();
+    let tmem: &GuestMemoryMmap = tmem;
     let res = match wr.op {
-        SendOp::Send { imm } => rc_send(be, qp, &mem, &local, &tb, &tqp, &tmem, imm, wr.solicited),
+        SendOp::Send { imm } => rc_send(qp, mem, &local, tb, tqp, tmem, imm, wr.solicited),
         SendOp::RdmaWrite {
             remote_addr,
             rkey,
             imm,
         } => rc_write(
             qp,
-            &mem,
+            mem,
             &local,
-            &tb,
-            &tqp,
-            &tmem,
+            tb,
+            tqp,
+            tmem,
             remote_addr,
             rkey,
             imm,
             wr.solicited,
         ),
         SendOp::RdmaRead { remote_addr, rkey } => {
-            rc_read(&mem, &local, &tb, &tqp, &tmem, remote_addr, rkey)
+            rc_read(mem, &local, tb, tqp, tmem, remote_addr, rkey)
         }
         SendOp::CmpSwap {
             remote_addr,
             rkey,
             compare,
             swap,
-        } => rc_atomic(
-            &mem,
-            &local,
-            &tb,
-            &tqp,
-            &tmem,
-            remote_addr,
-            rkey,
-            |a| match a.compare_exchange(compare, swap, Ordering::SeqCst, Ordering::SeqCst) {
+        } => rc_atomic(mem, &local, tb, tqp, tmem, remote_addr, rkey, |a| {
+            match a.compare_exchange(compare, swap, Ordering::SeqCst, Ordering::SeqCst) {
                 Ok(v) | Err(v) => v,
-            },
-        ),
+            }
+        }),
         SendOp::FetchAdd {
             remote_addr,
             rkey,
             add,
-        } => rc_atomic(&mem, &local, &tb, &tqp, &tmem, remote_addr, rkey, |a| {
+        } => rc_atomic(mem, &local, tb, tqp, tmem, remote_addr, rkey, |a| {
             a.fetch_add(add, Ordering::SeqCst)
         }),
     };
@@ -618,7 +632,6 @@ fn execute_rc(be: &EmulatedBackend, qp: &Arc<Qp>, sq: &mut Sq, wr: &SendWr) -> O
 /// RC SEND at the responder.
 #[allow(clippy::too_many_arguments)]
 fn rc_send(
-    _be: &EmulatedBackend,
     qp: &Arc<Qp>,
     mem: &GuestMemoryMmap,
     src: &Segs,
@@ -857,7 +870,13 @@ fn grh(av: &AddressVector, sgid: &[u8; 16], len: u64) -> [u8; 40] {
 }
 
 /// Executes one UD/GSI send WR. The send completes locally whether or not it is delivered.
-fn execute_ud(be: &EmulatedBackend, qp: &Arc<Qp>, sq: &mut Sq, wr: &SendWr) -> Outcome {
+fn execute_ud(
+    be: &EmulatedBackend,
+    qp: &Arc<Qp>,
+    mem: &GuestMemoryMmap,
+    sq: &Sq,
+    wr: &SendWr,
+) -> Outcome {
     let (SendOp::Send { imm }, Some(ud)) = (wr.op, wr.ud) else {
         return Outcome::Error(WcStatus::LocQpOpErr);
     };
@@ -901,7 +920,6 @@ fn execute_ud(be: &EmulatedBackend, qp: &Arc<Qp>, sq: &mut Sq, wr: &SendWr) -> O
     } else {
         tb.resolve_local(rwr.sges.as_slice(), tqp.pd, Access::LOCAL_WRITE)
     };
-    let mem = be.mem.memory();
     let tmem = tb.mem.memory();
     match dst {
         None => wc.status = WcStatus::LocProtErr,
@@ -910,7 +928,7 @@ fn execute_ud(be: &EmulatedBackend, qp: &Arc<Qp>, sq: &mut Sq, wr: &SendWr) -> O
             let mut c = dst.cursor();
             let header = grh(&ud.av, &sgid.0, len);
             let res = if write_bytes(&tmem, &mut c, &header) {
-                copy(&mem, &mut src.cursor(), &tmem, &mut c, len)
+                copy(mem, &mut src.cursor(), &tmem, &mut c, len)
             } else {
                 Err(Fault::Dst)
             };
