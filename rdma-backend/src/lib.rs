@@ -386,6 +386,10 @@ impl SgeList {
     pub fn new() -> Self {
         Self::default()
     }
+    /// Removes every entry.
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
     /// Appends an SGE; returns `false` (and drops it) when [`MAX_SGE`] entries are present.
     pub fn push(&mut self, sge: Sge) -> bool {
         if usize::from(self.len) >= MAX_SGE {

@@ -12,11 +12,11 @@ use std::sync::Arc;
 
 use rdma_backend::{
     Backend, CompletionSink, CqId, Error as BackendError, GuestMem, QpId, QpType, RecvWr, SendWr,
-    SrqId, WcStatus, WorkCompletion,
+    Sge, SgeList, SrqId, WcStatus, WorkCompletion,
 };
 use vm_memory::{Address, ByteValued, GuestAddressSpace, GuestMemory};
 
-use crate::abi::{RqWqeHdr, SqWqeHdr, WireSge, RQ_WQE_HDR_SIZE, SGE_SIZE, SQ_WQE_HDR_SIZE};
+use crate::abi::{RqWqeHdr, SqWqeHdr, RQ_WQE_HDR_SIZE, SGE_SIZE, SQ_WQE_HDR_SIZE};
 use crate::pdir::{PageDir, PAGE_SIZE};
 use crate::ring::{ConsumerRing, RingAddr};
 
@@ -178,19 +178,26 @@ impl WqeBytes {
         h
     }
 
-    /// The first `n` SGEs (`n` checked against the queue's `max_sge` by the caller); `None` when
-    /// they run past the queue's pages.
-    fn sges(&self, n: usize) -> Option<[WireSge; rdma_backend::MAX_SGE]> {
-        if self.hdr_size + n * SGE_SIZE as usize > self.len {
-            return None;
+    /// Decodes the first `n` SGEs (`n` checked against the queue's `max_sge` by the caller)
+    /// straight from the WQE's bytes (little-endian, spec §7) into `out`; `None` when they run
+    /// past the queue's pages.
+    fn sges_into(&self, n: usize, out: &mut SgeList) -> Option<()> {
+        let end = self.hdr_size + n * SGE_SIZE as usize;
+        let wire = self
+            .buf
+            .get(self.hdr_size..end)
+            .filter(|_| end <= self.len)?;
+        out.clear();
+        for b in wire.chunks_exact(SGE_SIZE as usize) {
+            let (addr, rest) = b.split_at(8);
+            let (length, lkey) = rest.split_at(4);
+            out.push(Sge {
+                addr: u64::from_le_bytes(addr.try_into().ok()?),
+                length: u32::from_le_bytes(length.try_into().ok()?),
+                lkey: u32::from_le_bytes(lkey.try_into().ok()?),
+            });
         }
-        let mut sges = [WireSge::default(); rdma_backend::MAX_SGE];
-        let at = |i: usize| self.hdr_size + i * SGE_SIZE as usize;
-        for (i, s) in sges.iter_mut().enumerate().take(n) {
-            s.as_mut_slice()
-                .copy_from_slice(&self.buf[at(i)..at(i + 1)]);
-        }
-        Some(sges)
+        Some(())
     }
 }
 
@@ -263,23 +270,68 @@ fn posted(r: rdma_backend::Result<()>) -> Posted {
     }
 }
 
-/// Reads the receive WQE in `slot` (header and SGEs) into local memory.
+/// Reads the receive WQE in `slot` (header and SGEs) into `out`, in place (a WR is a few
+/// hundred bytes: the batch buffer is written once, not built and copied). `None` when the
+/// WQE cannot be read (the queue is broken); `Err(wr_id)` for a malformed one (`out` is then
+/// partly written and must not be posted).
+#[inline]
+fn fetch_recv_into<M: GuestMemory + ?Sized>(
+    pdir: &PageDir,
+    mem: &M,
+    rq: &WorkQueue,
+    slot: u32,
+    out: &mut RecvWr,
+) -> Option<Result<(), u64>> {
+    let w = WqeBytes::read(pdir, mem, rq, slot, RQ_WQE_HDR_SIZE)?;
+    let hdr: RqWqeHdr = w.hdr();
+    let Some(n) = wqe::checked_num_sge(hdr.num_sge, rq.max_sge) else {
+        return Some(Err(hdr.wr_id));
+    };
+    w.sges_into(n, &mut out.sges)?;
+    out.wr_id = hdr.wr_id;
+    Some(Ok(()))
+}
+
+/// [`fetch_recv_into`] into a fresh WR.
 fn fetch_recv<M: GuestMemory + ?Sized>(
     pdir: &PageDir,
     mem: &M,
     rq: &WorkQueue,
     slot: u32,
 ) -> Option<Result<RecvWr, u64>> {
-    let w = WqeBytes::read(pdir, mem, rq, slot, RQ_WQE_HDR_SIZE)?;
-    let hdr: RqWqeHdr = w.hdr();
-    let Some(n) = wqe::checked_num_sge(hdr.num_sge, rq.max_sge) else {
-        return Some(Err(hdr.wr_id));
-    };
-    Some(Ok(wqe::parse_recv(&hdr, &w.sges(n)?[..n])))
+    let mut wr = NO_RECV;
+    Some(fetch_recv_into(pdir, mem, rq, slot, &mut wr)?.map(|()| wr))
 }
 
-/// Reads the send WQE in `slot` (header and SGEs) into local memory and parses it. `None` when
-/// the WQE cannot be read (the queue is broken); `Err((wr_id, error))` when it completes in error.
+/// Reads the send WQE in `slot` (header and SGEs) and parses it into `out`, in place. `None`
+/// when the WQE cannot be read (the queue is broken); `Err((wr_id, error))` when it completes
+/// in error (`out` is then partly written and must not be posted).
+#[inline]
+fn fetch_send_into<M: GuestMemory + ?Sized>(
+    pdir: &PageDir,
+    mem: &M,
+    sq: &WorkQueue,
+    slot: u32,
+    qp_type: QpType,
+    sq_sig_all: bool,
+    out: &mut SendWr,
+) -> Option<Result<(), (u64, wqe::WqeError)>> {
+    let w = WqeBytes::read(pdir, mem, sq, slot, SQ_WQE_HDR_SIZE)?;
+    let hdr: SqWqeHdr = w.hdr();
+    let parsed = match wqe::checked_num_sge(hdr.num_sge, sq.max_sge) {
+        None => Err(wqe::WqeError {
+            status: WcStatus::LocLenErr,
+            opcode: wqe::wc_opcode_of(hdr.opcode),
+        }),
+        Some(n) => {
+            w.sges_into(n, &mut out.sges)?;
+            wqe::parse_send(&hdr, qp_type, sq_sig_all, out)
+        }
+    };
+    Some(parsed.map_err(|e| (hdr.wr_id, e)))
+}
+
+/// [`fetch_send_into`] into a fresh WR.
 pub(crate) fn fetch_send<M: GuestMemory + ?Sized>(
     pdir: &PageDir,
     mem: &M,
@@ -288,16 +340,9 @@ pub(crate) fn fetch_send<M: GuestMemory + ?Sized>(
     qp_type: QpType,
     sq_sig_all: bool,
 ) -> Option<Result<SendWr, (u64, wqe::WqeError)>> {
-    let w = WqeBytes::read(pdir, mem, sq, slot, SQ_WQE_HDR_SIZE)?;
-    let hdr: SqWqeHdr = w.hdr();
-    let parsed = match wqe::checked_num_sge(hdr.num_sge, sq.max_sge) {
-        None => Err(wqe::WqeError {
-            status: WcStatus::LocLenErr,
-            opcode: wqe::wc_opcode_of(hdr.opcode),
-        }),
-        Some(n) => wqe::parse_send(&hdr, &w.sges(n)?[..n], qp_type, sq_sig_all),
-    };
-    Some(parsed.map_err(|e| (hdr.wr_id, e)))
+    let mut wr = NO_SEND;
+    let r = fetch_send_into(pdir, mem, sq, slot, qp_type, sq_sig_all, &mut wr)?;
+    Some(r.map(|()| wr))
 }
 
 /// Drains a QP's receive queue, then its send queue, into the backend. Bounded: at most one
@@ -402,11 +447,11 @@ const NO_SEND: SendWr = SendWr {
     ud: None,
 };
 
-/// Takes up to [`BATCH`] WQEs off `ring` (at most `limit`): reads each with `fetch` into `good`
-/// (emptied first; for one that completes in error, `filler` there and the error in `bad`), then
-/// gives their slots back at once. Returns how many, and whether the WQE after them could not be
-/// read (the queue is broken: those before it are still executed); `None` when the ring's
-/// indices are unusable.
+/// Takes up to [`BATCH`] WQEs off `ring` (at most `limit`): reads each with `fetch` straight
+/// into its place in `good` (sized to [`BATCH`] with `filler` on first use; for one that
+/// completes in error, the error goes to `bad`), then gives their slots back at once. Returns
+/// how many, and whether the WQE after them could not be read (the queue is broken: those
+/// before it are still executed); `None` when the ring's indices are unusable.
 fn take_batch<W: Copy, E>(
     ring: &ConsumerRing,
     mem: &(impl GuestMemory + ?Sized),
@@ -414,26 +459,21 @@ fn take_batch<W: Copy, E>(
     good: &mut Vec<W>,
     bad: &mut [Option<E>; BATCH],
     filler: W,
-    mut fetch: impl FnMut(u32) -> Option<Result<W, E>>,
+    mut fetch: impl FnMut(u32, &mut W) -> Option<Result<(), E>>,
 ) -> Option<(usize, bool)> {
     let avail = ring.available(mem).ok()?;
     let want = avail.min(limit).min(BATCH as u32) as usize;
-    good.clear();
-    while good.len() < want {
-        let k = good.len();
-        match fetch(ring.slot_ahead(k as u32)) {
-            Some(Ok(w)) => {
-                good.push(w);
-                bad[k] = None;
-            }
-            Some(Err(e)) => {
-                good.push(filler);
-                bad[k] = Some(e);
-            }
+    if good.len() < BATCH {
+        good.resize(BATCH, filler);
+    }
+    let mut k = 0;
+    for (wr, bad) in good.iter_mut().zip(bad.iter_mut()).take(want) {
+        match fetch(ring.slot_ahead(k as u32), wr) {
+            Some(r) => *bad = r.err(),
             None => break,
         }
+        k += 1;
     }
-    let k = good.len();
     ring.advance_by(mem, k as u32).ok()?;
     Some((k, k < want))
 }
@@ -507,7 +547,7 @@ fn drain_ring<W: Copy, E: Copy>(
     left: &mut VecDeque<Result<W, E>>,
     good: &mut Vec<W>,
     filler: W,
-    mut fetch: impl FnMut(u32) -> Option<Result<W, E>>,
+    mut fetch: impl FnMut(u32, &mut W) -> Option<Result<(), E>>,
     mut post_run: impl FnMut(&[W]) -> (usize, rdma_backend::Result<()>),
     mut handle_bad: impl FnMut(E),
 ) -> QueueEnd {
@@ -559,7 +599,7 @@ fn drain_rq(
                 left,
                 &mut s.recv,
                 NO_RECV,
-                |slot| fetch_recv(&shared.pdir, mem, rq, slot),
+                |slot, wr| fetch_recv_into(&shared.pdir, mem, rq, slot, wr),
                 |run| env.backend.post_recv_batch(shared.backend_qp, run),
                 |wr_id| {
                     handle_recv(shared, env, &Err(wr_id));
@@ -602,14 +642,15 @@ fn drain_sq(
                 left,
                 &mut s.send,
                 NO_SEND,
-                |slot| {
-                    fetch_send(
+                |slot, wr| {
+                    fetch_send_into(
                         &shared.pdir,
                         mem,
                         sq,
                         slot,
                         shared.qp_type,
                         shared.sq_sig_all,
+                        wr,
                     )
                 },
                 |run| env.backend.post_send_batch(shared.backend_qp, run),

@@ -1,26 +1,16 @@
 //! WQE parsing (spec/device-abi.md §7): every field the opcode defines is checked, stale fields
 //! are ignored, INLINE is a no-op, and userspace opcodes ≥ 7 are rejected.
 
-use rdma_backend::{AddressVector, Gid, QpType, RecvWr, SendOp, SendWr, Sge, SgeList, UdDest};
+use rdma_backend::{AddressVector, Gid, QpType, SendOp, SendWr, UdDest};
 use rdma_backend::{WcOpcode, WcStatus, MAX_SGE};
 
-use crate::abi::{send_flags, wr_opcode, RqWqeHdr, SqWqeHdr, WireSge};
+use crate::abi::{send_flags, wr_opcode, SqWqeHdr};
 
 /// Why a WQE cannot be executed; it completes with this status and opcode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct WqeError {
     pub status: WcStatus,
     pub opcode: WcOpcode,
-}
-
-fn to_sges(wire: &[WireSge]) -> SgeList {
-    wire.iter()
-        .map(|s| Sge {
-            addr: s.addr,
-            length: s.length,
-            lkey: s.lkey,
-        })
-        .collect()
 }
 
 /// The CQE opcode a send opcode completes with (for error completions too).
@@ -44,13 +34,14 @@ pub(crate) fn checked_num_sge(num_sge: u32, max_sge: u32) -> Option<usize> {
     }
 }
 
-/// Builds a backend send WR from a send WQE header and its SGEs.
+/// Fills a backend send WR from a send WQE header (everything but its SGEs, which the caller
+/// has put in `out` already).
 pub(crate) fn parse_send(
     hdr: &SqWqeHdr,
-    sges: &[WireSge],
     qp_type: QpType,
     sq_sig_all: bool,
-) -> Result<SendWr, WqeError> {
+    out: &mut SendWr,
+) -> Result<(), WqeError> {
     let opcode = hdr.opcode;
     let err = |status| WqeError {
         status,
@@ -121,28 +112,49 @@ pub(crate) fn parse_send(
         }
     };
     // INLINE (8) is never honoured by the producers: the SGEs are still addresses.
-    Ok(SendWr {
-        wr_id: hdr.wr_id,
-        op,
-        sges: to_sges(sges),
-        signaled: sq_sig_all || hdr.send_flags & send_flags::SIGNALED != 0,
-        solicited: hdr.send_flags & send_flags::SOLICITED != 0,
-        ud,
-    })
-}
-
-/// Builds a backend receive WR.
-pub(crate) fn parse_recv(hdr: &RqWqeHdr, sges: &[WireSge]) -> RecvWr {
-    RecvWr {
-        wr_id: hdr.wr_id,
-        sges: to_sges(sges),
-    }
+    out.wr_id = hdr.wr_id;
+    out.op = op;
+    out.signaled = sq_sig_all || hdr.send_flags & send_flags::SIGNALED != 0;
+    out.solicited = hdr.send_flags & send_flags::SOLICITED != 0;
+    out.ud = ud;
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rdma_backend::Sge;
     use vm_memory::ByteValued;
+
+    use rdma_backend::SgeList;
+
+    fn one_sge() -> SgeList {
+        [Sge {
+            addr: 0x1000,
+            length: 64,
+            lkey: 5,
+        }]
+        .into_iter()
+        .collect()
+    }
+
+    /// `parse_send` into a fresh WR carrying `sges`.
+    fn parse(
+        hdr: &SqWqeHdr,
+        sges: SgeList,
+        qp_type: QpType,
+        sq_sig_all: bool,
+    ) -> Result<SendWr, WqeError> {
+        let mut wr = SendWr {
+            wr_id: 0,
+            op: SendOp::Send { imm: None },
+            sges,
+            signaled: false,
+            solicited: false,
+            ud: None,
+        };
+        parse_send(hdr, qp_type, sq_sig_all, &mut wr).map(|()| wr)
+    }
 
     fn hdr(opcode: u32, flags: u32) -> SqWqeHdr {
         SqWqeHdr {
@@ -158,16 +170,12 @@ mod tests {
 
     #[test]
     fn send_and_imm() {
-        let s = [WireSge {
-            addr: 0x1000,
-            length: 64,
-            lkey: 5,
-        }];
-        let w = parse_send(&hdr(wr_opcode::SEND, 2), &s, QpType::Rc, false).unwrap();
+        let s = one_sge();
+        let w = parse(&hdr(wr_opcode::SEND, 2), s, QpType::Rc, false).unwrap();
         assert_eq!(w.op, SendOp::Send { imm: None });
         assert!(w.signaled);
         assert_eq!(w.sges.as_slice().len(), 1);
-        let w = parse_send(&hdr(wr_opcode::SEND_WITH_IMM, 0), &s, QpType::Rc, false).unwrap();
+        let w = parse(&hdr(wr_opcode::SEND_WITH_IMM, 0), s, QpType::Rc, false).unwrap();
         assert_eq!(
             w.op,
             SendOp::Send {
@@ -175,14 +183,14 @@ mod tests {
             }
         );
         assert!(!w.signaled, "unsignaled without sq_sig_all");
-        let w = parse_send(&hdr(wr_opcode::SEND, 0), &s, QpType::Rc, true).unwrap();
+        let w = parse(&hdr(wr_opcode::SEND, 0), s, QpType::Rc, true).unwrap();
         assert!(w.signaled, "sq_sig_all signals everything");
     }
 
     #[test]
     fn userspace_opcodes_from_7_are_rejected() {
         for op in 7..=20 {
-            let e = parse_send(&hdr(op, 2), &[], QpType::Rc, false).unwrap_err();
+            let e = parse(&hdr(op, 2), SgeList::EMPTY, QpType::Rc, false).unwrap_err();
             assert_eq!(e.status, WcStatus::LocQpOpErr);
         }
     }
@@ -190,9 +198,9 @@ mod tests {
     #[test]
     fn rdma_and_atomics_not_allowed_on_ud() {
         for op in [0, 1, 4, 5, 6] {
-            assert!(parse_send(&hdr(op, 2), &[], QpType::Ud, false).is_err());
-            assert!(parse_send(&hdr(op, 2), &[], QpType::Gsi, false).is_err());
-            assert!(parse_send(&hdr(op, 2), &[], QpType::Rc, false).is_ok());
+            assert!(parse(&hdr(op, 2), SgeList::EMPTY, QpType::Ud, false).is_err());
+            assert!(parse(&hdr(op, 2), SgeList::EMPTY, QpType::Gsi, false).is_err());
+            assert!(parse(&hdr(op, 2), SgeList::EMPTY, QpType::Rc, false).is_ok());
         }
     }
 
@@ -207,7 +215,7 @@ mod tests {
         b[65] = 2; // gid index
         b[67] = 64; // hop limit
         b[68..74].copy_from_slice(&[1, 2, 3, 4, 5, 6]);
-        let w = parse_send(&h, &[], QpType::Ud, false).unwrap();
+        let w = parse(&h, SgeList::EMPTY, QpType::Ud, false).unwrap();
         let ud = w.ud.unwrap();
         assert_eq!(ud.remote_qpn, 7);
         assert_eq!(ud.remote_qkey, 0x8000_0000);
