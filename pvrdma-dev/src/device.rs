@@ -754,6 +754,8 @@ pub(crate) struct Core {
     /// Pages listed by all user MRs (bounded by `max_mr_pages`).
     pub mr_pages: u64,
     pub stats: DeviceStats,
+    /// CQs written by the current run of completions (kept for its allocation).
+    cqs_written: Vec<u32>,
 }
 
 impl std::fmt::Debug for Core {
@@ -808,6 +810,7 @@ impl Core {
             gids: vec![None; cfg.gid_tbl_len as usize],
             mr_pages: 0,
             stats: DeviceStats::default(),
+            cqs_written: Vec::new(),
             cfg,
             opts,
             mem,
@@ -1438,6 +1441,8 @@ impl Core {
         let mut notify: Vec<u32> = Vec::new();
         let mut overflowed: Vec<u32> = Vec::new();
         let mut restart: Vec<u32> = Vec::new();
+        let mut written = std::mem::take(&mut self.cqs_written);
+        written.clear();
         for wc in wcs {
             let Some(qh) = self.live_qp(wc.qp_cookie) else {
                 self.stats.stale_completions += 1;
@@ -1460,6 +1465,9 @@ impl Core {
             match cq.ring.push(&*mem, &cqe, cq::solicited_or_error(wc)) {
                 Pushed::Written { notify: n } => {
                     self.stats.cqes += 1;
+                    if written.last() != Some(&cqh) && !written.contains(&cqh) {
+                        written.push(cqh);
+                    }
                     if n && !notify.contains(&cqh) {
                         notify.push(cqh);
                     }
@@ -1473,6 +1481,15 @@ impl Core {
                 Pushed::Dropped | Pushed::Broken => self.stats.cq_overflows += 1,
             }
         }
+        // Each CQ's prod_tail once for the run, before any notification about it.
+        for &cqh in &written {
+            if let Some(cq) = self.cqs.get_mut(cqh) {
+                if !cq.ring.publish(&*mem) {
+                    self.stats.cq_overflows += 1;
+                }
+            }
+        }
+        self.cqs_written = written;
         drop(mem);
         let mut any = false;
         for cqh in notify {

@@ -399,6 +399,29 @@ impl ProducerRing {
     /// The slot to write the next element into, `None` when the ring is full.
     pub fn free_slot<M: GuestMemory + ?Sized>(&self, mem: &M) -> Result<Option<u32>> {
         let head = self.ring.load(mem, Index::ConsHead)?;
+        self.slot_with_head(head)
+    }
+
+    /// [`free_slot`](ProducerRing::free_slot) against a `cons_head` read earlier (`seen`),
+    /// loading it from the guest again only when that old value shows no room. The consumer
+    /// only moves `cons_head` forward, so an old value can only understate the room; a guest
+    /// that moves it backwards only delays when the device sees it.
+    pub fn free_slot_seen<M: GuestMemory + ?Sized>(
+        &self,
+        mem: &M,
+        seen: &mut Option<u32>,
+    ) -> Result<Option<u32>> {
+        if let Some(head) = *seen {
+            if let Ok(Some(s)) = self.slot_with_head(head) {
+                return Ok(Some(s));
+            }
+        }
+        let head = self.ring.load(mem, Index::ConsHead)?;
+        *seen = Some(head);
+        self.slot_with_head(head)
+    }
+
+    fn slot_with_head(&self, head: u32) -> Result<Option<u32>> {
         let tail = self.tail();
         let n = self.ring.n;
         let used = self.ring.distance(tail, head)?;
@@ -417,12 +440,18 @@ impl ProducerRing {
         self.advance_tail(mem)
     }
 
-    /// [`produce`](ProducerRing::produce) without loading `cons_head` again: for a caller that
-    /// has just had a slot from [`free_slot`](ProducerRing::free_slot) and holds the ring
-    /// exclusively (`&mut`), so nothing else produced meanwhile and the guest can only have
-    /// freed more room.
-    pub fn publish<M: GuestMemory + ?Sized>(&mut self, mem: &M) -> Result<()> {
-        self.advance_tail(mem)
+    /// Counts the element written at [`free_slot`](ProducerRing::free_slot) as produced
+    /// without telling the guest yet: [`publish_tail`](ProducerRing::publish_tail) stores
+    /// `prod_tail` once for everything produced so far.
+    pub fn produce_unpublished(&mut self) {
+        self.tail
+            .store(inc(self.tail(), self.ring.n), Ordering::Relaxed);
+    }
+
+    /// A `Release` store of the device's `prod_tail`: every element produced before becomes
+    /// visible to the guest.
+    pub fn publish_tail<M: GuestMemory + ?Sized>(&self, mem: &M) -> Result<()> {
+        self.ring.store(mem, Index::ProdTail, self.tail())
     }
 
     fn advance_tail<M: GuestMemory + ?Sized>(&self, mem: &M) -> Result<()> {
@@ -661,19 +690,31 @@ mod tests {
     }
 
     #[test]
-    fn publish_after_free_slot_is_produce_without_the_second_load() {
+    fn produced_entries_show_at_publish_and_an_old_head_is_reread_only_when_full() {
         let m = mem();
         let mut r = ProducerRing::new(RingAddr { addr: RING, n: 4 }).unwrap();
+        let mut seen = None;
         for i in 0..4u32 {
-            assert_eq!(r.free_slot(&m).unwrap(), Some(i));
-            r.publish(&m).unwrap();
-            assert_eq!(get(&m, Index::ProdTail), i + 1);
+            assert_eq!(r.free_slot_seen(&m, &mut seen).unwrap(), Some(i));
+            r.produce_unpublished();
+            assert_eq!(get(&m, Index::ProdTail), 0, "not visible before publish");
         }
-        assert_eq!(r.free_slot(&m).unwrap(), None);
+        r.publish_tail(&m).unwrap();
+        assert_eq!(get(&m, Index::ProdTail), 4);
+        assert_eq!(r.free_slot_seen(&m, &mut seen).unwrap(), None);
+        // The guest consumes two: the old head shows no room, so it is read again.
         set(&m, Index::ConsHead, 2);
-        assert_eq!(r.free_slot(&m).unwrap(), Some(0));
-        r.publish(&m).unwrap();
-        assert_eq!((r.tail(), get(&m, Index::ProdTail)), (5, 5));
+        assert_eq!(r.free_slot_seen(&m, &mut seen).unwrap(), Some(0));
+        assert_eq!(seen, Some(2));
+        r.produce_unpublished();
+        // A head moved backwards is not seen while the old one shows room...
+        set(&m, Index::ConsHead, 0);
+        assert_eq!(r.free_slot_seen(&m, &mut seen).unwrap(), Some(1));
+        r.produce_unpublished();
+        // ...and is, once it does not: 6 produced against a head of 0 is an error, not room.
+        assert!(r.free_slot_seen(&m, &mut seen).is_err());
+        r.publish_tail(&m).unwrap();
+        assert_eq!((r.tail(), get(&m, Index::ProdTail)), (6, 6));
     }
 
     #[test]

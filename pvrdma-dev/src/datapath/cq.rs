@@ -39,6 +39,10 @@ pub(crate) struct CqRing {
     pub arm: Arm,
     /// A CQ_ERR was already reported; no more CQEs are written to this CQ.
     pub overflowed: bool,
+    /// The guest's `cons_head` as last read (see [`ProducerRing::free_slot_seen`]).
+    head_seen: Option<u32>,
+    /// CQEs written that `prod_tail` does not show yet ([`CqRing::publish`]).
+    unpublished: bool,
 }
 
 impl CqRing {
@@ -55,6 +59,8 @@ impl CqRing {
             ring,
             arm: Arm::Off,
             overflowed: false,
+            head_seen: None,
+            unpublished: false,
         })
     }
 
@@ -74,7 +80,9 @@ impl CqRing {
         CqRing::new(self.pdir.clone(), n)
     }
 
-    /// Writes one CQE: element first, then the producer index with release ordering.
+    /// Writes one CQE. The guest sees it at the next [`CqRing::publish`], which the caller
+    /// must do before it notifies or answers anything about this CQ: the main loop writes a
+    /// run of CQEs, then stores each CQ's `prod_tail` once.
     pub(crate) fn push<M: GuestMemory>(
         &mut self,
         mem: &M,
@@ -84,7 +92,7 @@ impl CqRing {
         if self.overflowed {
             return Pushed::Dropped;
         }
-        let slot = match self.ring.free_slot(mem) {
+        let slot = match self.ring.free_slot_seen(mem, &mut self.head_seen) {
             Ok(Some(s)) => s,
             Ok(None) => {
                 self.overflowed = true;
@@ -93,10 +101,11 @@ impl CqRing {
             Err(_) => return Pushed::Broken,
         };
         let off = PAGE_SIZE + u64::from(slot) * u64::from(CQE_SIZE);
-        // `&mut self`: nothing produced since `free_slot`, so no second `cons_head` load.
-        if self.pdir.write_obj(mem, off, cqe).is_err() || self.ring.publish(mem).is_err() {
+        if self.pdir.write_obj(mem, off, cqe).is_err() {
             return Pushed::Broken;
         }
+        self.ring.produce_unpublished();
+        self.unpublished = true;
         let notify = match self.arm {
             Arm::Off => false,
             Arm::Any => true,
@@ -106,6 +115,15 @@ impl CqRing {
             self.arm = Arm::Off;
         }
         Pushed::Written { notify }
+    }
+
+    /// Makes the CQEs written since the last call visible: one `Release` store of `prod_tail`
+    /// (after the CQEs themselves). `false` when the guest's ring state cannot be written.
+    pub(crate) fn publish<M: GuestMemory>(&mut self, mem: &M) -> bool {
+        if !std::mem::take(&mut self.unpublished) {
+            return true;
+        }
+        self.ring.publish_tail(mem).is_ok()
     }
 }
 
