@@ -134,16 +134,21 @@ pub(crate) struct Drained {
 /// Bytes read per WQE at most: a send header and [`rdma_backend::MAX_SGE`] SGEs.
 const MAX_WQE_READ: usize = (SQ_WQE_HDR_SIZE + SGE_SIZE * rdma_backend::MAX_SGE as u32) as usize;
 
+/// Bytes read per WQE of a queue with at most [`FEW_SGES`] SGEs (the common case; a smaller
+/// buffer to clear).
+const FEW_SGES: u32 = 2;
+const FEW_WQE_READ: usize = (SQ_WQE_HDR_SIZE + SGE_SIZE * FEW_SGES) as usize;
+
 /// A WQE copied out of guest memory in one read: its header and the queue's `max_sge` SGEs
 /// (all inside the WQE's slot, which is at least that big), or as much of them as the queue's
-/// pages hold.
-struct WqeBytes {
-    buf: [u8; MAX_WQE_READ],
+/// pages hold. `N` bytes of buffer: [`FEW_WQE_READ`] or [`MAX_WQE_READ`].
+struct WqeBytes<const N: usize> {
+    buf: [u8; N],
     hdr_size: usize,
     len: usize,
 }
 
-impl WqeBytes {
+impl<const N: usize> WqeBytes<N> {
     /// `None` when not even the header can be read. Inlined so the buffer is built in its
     /// caller's frame rather than copied out.
     #[inline(always)]
@@ -153,7 +158,7 @@ impl WqeBytes {
         q: &WorkQueue,
         slot: u32,
         hdr_size: u32,
-    ) -> Option<WqeBytes> {
+    ) -> Option<Self> {
         let off = q.wqe_offset(slot);
         let max_sge = (q.max_sge as usize).min(rdma_backend::MAX_SGE);
         let in_pages = pdir.byte_len().saturating_sub(off);
@@ -163,18 +168,20 @@ impl WqeBytes {
             return None;
         }
         let mut w = WqeBytes {
-            buf: [0; MAX_WQE_READ],
+            buf: [0; N],
             hdr_size: hdr_size as usize,
             len,
         };
-        pdir.read_at(mem, off, &mut w.buf[..len]).ok()?;
+        pdir.read_at(mem, off, w.buf.get_mut(..len)?).ok()?;
         Some(w)
     }
 
+    /// The header (`T` is exactly the queue's header size; a constant-size copy).
     fn hdr<T: ByteValued>(&self) -> T {
         let mut h = T::zeroed();
-        let n = std::mem::size_of::<T>().min(self.hdr_size);
-        h.as_mut_slice()[..n].copy_from_slice(&self.buf[..n]);
+        if let Some(b) = self.buf.get(..std::mem::size_of::<T>()) {
+            h.as_mut_slice().copy_from_slice(b);
+        }
         h
     }
 
@@ -282,7 +289,22 @@ fn fetch_recv_into<M: GuestMemory + ?Sized>(
     slot: u32,
     out: &mut RecvWr,
 ) -> Option<Result<(), u64>> {
-    let w = WqeBytes::read(pdir, mem, rq, slot, RQ_WQE_HDR_SIZE)?;
+    if rq.max_sge <= FEW_SGES {
+        recv_from::<FEW_WQE_READ, M>(pdir, mem, rq, slot, out)
+    } else {
+        recv_from::<MAX_WQE_READ, M>(pdir, mem, rq, slot, out)
+    }
+}
+
+#[inline(always)]
+fn recv_from<const N: usize, M: GuestMemory + ?Sized>(
+    pdir: &PageDir,
+    mem: &M,
+    rq: &WorkQueue,
+    slot: u32,
+    out: &mut RecvWr,
+) -> Option<Result<(), u64>> {
+    let w = WqeBytes::<N>::read(pdir, mem, rq, slot, RQ_WQE_HDR_SIZE)?;
     let hdr: RqWqeHdr = w.hdr();
     let Some(n) = wqe::checked_num_sge(hdr.num_sge, rq.max_sge) else {
         return Some(Err(hdr.wr_id));
@@ -316,7 +338,24 @@ fn fetch_send_into<M: GuestMemory + ?Sized>(
     sq_sig_all: bool,
     out: &mut SendWr,
 ) -> Option<Result<(), (u64, wqe::WqeError)>> {
-    let w = WqeBytes::read(pdir, mem, sq, slot, SQ_WQE_HDR_SIZE)?;
+    if sq.max_sge <= FEW_SGES {
+        send_from::<FEW_WQE_READ, M>(pdir, mem, sq, slot, qp_type, sq_sig_all, out)
+    } else {
+        send_from::<MAX_WQE_READ, M>(pdir, mem, sq, slot, qp_type, sq_sig_all, out)
+    }
+}
+
+#[inline(always)]
+fn send_from<const N: usize, M: GuestMemory + ?Sized>(
+    pdir: &PageDir,
+    mem: &M,
+    sq: &WorkQueue,
+    slot: u32,
+    qp_type: QpType,
+    sq_sig_all: bool,
+    out: &mut SendWr,
+) -> Option<Result<(), (u64, wqe::WqeError)>> {
+    let w = WqeBytes::<N>::read(pdir, mem, sq, slot, SQ_WQE_HDR_SIZE)?;
     let hdr: SqWqeHdr = w.hdr();
     let parsed = match wqe::checked_num_sge(hdr.num_sge, sq.max_sge) {
         None => Err(wqe::WqeError {
@@ -736,4 +775,71 @@ pub(crate) fn drain_srq(shared: &SrqShared, env: &Env) -> Drained {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::abi::{send_flags, wr_opcode};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    /// A queue in two pages: the ring state, then WQEs of `wqe_size` bytes from `base`.
+    fn queue(max_sge: u32, wqe_size: u32, base: u64) -> (GuestMemoryMmap, PageDir, WorkQueue) {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x4000)]).unwrap();
+        let pdir = PageDir::from_pages(vec![GuestAddress(0x1000), GuestAddress(0x2000)].into());
+        let q = WorkQueue::new(&pdir, 0, 4, base, wqe_size, max_sge).unwrap();
+        (mem, pdir, q)
+    }
+
+    fn put_send(mem: &GuestMemoryMmap, at: u64, num_sge: u32) {
+        let hdr = SqWqeHdr {
+            wr_id: 0x77,
+            num_sge,
+            opcode: wr_opcode::SEND,
+            send_flags: send_flags::SIGNALED,
+            ..SqWqeHdr::default()
+        };
+        mem.write_obj(hdr, GuestAddress(at)).unwrap();
+        for i in 0..u64::from(num_sge) {
+            let sge = crate::abi::WireSge {
+                addr: 0x1_0000 * (i + 1),
+                length: 100 + i as u32,
+                lkey: 7 + i as u32,
+            };
+            mem.write_obj(sge, GuestAddress(at + 80 + 16 * i)).unwrap();
+        }
+    }
+
+    #[test]
+    fn small_and_large_wqe_buffers_decode_the_same_wr() {
+        let (mem, pdir, few) = queue(2, 128, PAGE_SIZE);
+        put_send(&mem, 0x2000 + 128, 2);
+        let a = fetch_send(&pdir, &mem, &few, 1, QpType::Rc, false)
+            .unwrap()
+            .unwrap();
+        let (_, _, many) = queue(16, 512, PAGE_SIZE);
+        put_send(&mem, 0x2000, 2);
+        let b = fetch_send(&pdir, &mem, &many, 0, QpType::Rc, false)
+            .unwrap()
+            .unwrap();
+        for w in [&a, &b] {
+            assert_eq!((w.wr_id, w.signaled), (0x77, true));
+            let s = w.sges.as_slice();
+            assert_eq!(s.len(), 2);
+            assert_eq!((s[0].addr, s[0].length, s[0].lkey), (0x1_0000, 100, 7));
+            assert_eq!((s[1].addr, s[1].length, s[1].lkey), (0x2_0000, 101, 8));
+        }
+    }
+
+    #[test]
+    fn sges_beyond_the_queue_pages_break_the_queue() {
+        // Slot 0 starts 96 bytes before the end of the queue's pages: room for the header and
+        // one SGE; claiming two runs past them.
+        let (mem, pdir, q) = queue(2, 128, 2 * PAGE_SIZE - 96);
+        let at = 0x3000 - 96;
+        put_send(&mem, at, 1);
+        assert!(fetch_send(&pdir, &mem, &q, 0, QpType::Rc, false).is_some());
+        mem.write_obj(2u32, GuestAddress(at + 8)).unwrap();
+        assert!(fetch_send(&pdir, &mem, &q, 0, QpType::Rc, false).is_none());
+    }
 }
