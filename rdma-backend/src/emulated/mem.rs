@@ -173,20 +173,27 @@ fn slice_at(mem: &GuestMemoryMmap, gpa: u64, n: u64) -> Option<VolatileSlice<'_,
 /// The guest memory region a copy used last, as one volatile slice: the next run in the same
 /// region (the usual case: guest RAM is one or two regions and an MR's pages are scattered in
 /// it) is a bounds-checked subslice instead of a region lookup. For 4 KiB runs the lookup cost
-/// about 8 % of the copy (docs/benchmarks.md, session 4).
-struct Window<'m> {
+/// about 8 % of the copy (docs/benchmarks.md, session 4); a send queue keeps one window per
+/// side for a whole run of WRs, so small copies skip it too.
+pub(crate) struct Window<'m> {
     mem: &'m GuestMemoryMmap,
     start: u64,
     whole: Option<VolatileSlice<'m, ()>>,
 }
 
 impl<'m> Window<'m> {
-    fn new(mem: &'m GuestMemoryMmap) -> Self {
+    /// A window over `mem` (nothing looked up yet).
+    pub(crate) fn new(mem: &'m GuestMemoryMmap) -> Self {
         Window {
             mem,
             start: 0,
             whole: None,
         }
+    }
+
+    /// The guest memory the window is over.
+    pub(crate) fn mem(&self) -> &'m GuestMemoryMmap {
+        self.mem
     }
 
     /// Like [`slice_at`]: at most `n` bytes at `gpa`, clamped to the end of its region.
@@ -213,16 +220,15 @@ impl<'m> Window<'m> {
     }
 }
 
-/// Copies `len` bytes from `src` (in `smem`) to `dst` (in `dmem`).
+/// Copies `len` bytes from `src` (in the memory of `sw`) to `dst` (in that of `dw`).
 pub(crate) fn copy(
-    smem: &GuestMemoryMmap,
+    sw: &mut Window<'_>,
     src: &mut Cursor<'_>,
-    dmem: &GuestMemoryMmap,
+    dw: &mut Window<'_>,
     dst: &mut Cursor<'_>,
     len: u64,
 ) -> Result<(), Fault> {
     let (mut left, mut sa, mut sl, mut da, mut dl) = (len, 0u64, 0u64, 0u64, 0u64);
-    let (mut sw, mut dw) = (Window::new(smem), Window::new(dmem));
     while left > 0 {
         if sl == 0 {
             (sa, sl) = src.next_run(left).map_err(|()| Fault::Src)?;
@@ -291,7 +297,7 @@ pub(crate) fn atomic_target(segs: &Segs) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
-    use super::{copy, Fault, Mr, Segs};
+    use super::{copy, Fault, Mr, Segs, Window};
     use crate::{Access, MrKind, PdId};
     use std::sync::Arc;
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -352,7 +358,14 @@ mod tests {
             12 * K,
         ];
         let (src, dst) = (dma(48 * K, 32 * K), user(&pages, 32 * K));
-        copy(&mem, &mut src.cursor(), &mem, &mut dst.cursor(), 32 * K).unwrap();
+        copy(
+            &mut Window::new(&mem),
+            &mut src.cursor(),
+            &mut Window::new(&mem),
+            &mut dst.cursor(),
+            32 * K,
+        )
+        .unwrap();
         for (i, &p) in pages.iter().enumerate() {
             let mut got = vec![0u8; 4096];
             mem.read_slice(&mut got, GuestAddress(p)).unwrap();
@@ -365,26 +378,26 @@ mod tests {
         let mem = memory();
         // [120K, 136K) crosses from the second region into the hole at 128K.
         let err = copy(
-            &mem,
+            &mut Window::new(&mem),
             &mut dma(120 * K, 16 * K).cursor(),
-            &mem,
+            &mut Window::new(&mem),
             &mut dma(256 * K, 16 * K).cursor(),
             16 * K,
         );
         assert_eq!(err, Err(Fault::Src));
         let err = copy(
-            &mem,
+            &mut Window::new(&mem),
             &mut dma(0, 16 * K).cursor(),
-            &mem,
+            &mut Window::new(&mem),
             &mut dma(316 * K, 16 * K).cursor(),
             16 * K,
         );
         assert_eq!(err, Err(Fault::Dst));
         // A page list entry in the hole.
         let err = copy(
-            &mem,
+            &mut Window::new(&mem),
             &mut dma(0, 8 * K).cursor(),
-            &mem,
+            &mut Window::new(&mem),
             &mut user(&[4 * K, 200 * K], 8 * K).cursor(),
             8 * K,
         );

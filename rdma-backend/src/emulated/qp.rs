@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use vm_memory::{atomic::GuestMemoryLoadGuard, GuestAddressSpace, GuestMemoryMmap};
 
-use super::mem::{atomic_at, atomic_target, copy, write_bytes, Fault, Segs};
+use super::mem::{atomic_at, atomic_target, copy, write_bytes, Fault, Segs, Window};
 use super::{lock, EmulatedBackend};
 use crate::{
     Access, AddressVector, AsyncEvent, CqId, PdId, QpState, QpType, RecvWr, SendOp, SendWr, SrqId,
@@ -362,10 +362,15 @@ pub(crate) fn drive(be: &EmulatedBackend, qp: &Arc<Qp>, sq: &mut Sq, mut trigger
         }),
         QpType::Ud | QpType::Gsi => None,
     };
+    let mut lw = Window::new(&mem);
+    let mut rw = peer.as_ref().map(|p| Window::new(&p.tmem));
     while let Some(wr) = sq.pending.front() {
         let outcome = match qp.ty {
-            QpType::Rc => execute_rc(be, qp, &mem, peer.as_ref(), sq.timeout, wr),
-            QpType::Ud | QpType::Gsi => execute_ud(be, qp, &mem, sq, wr),
+            QpType::Rc => {
+                let peer = peer.as_ref().zip(rw.as_mut());
+                execute_rc(be, qp, &mut lw, peer, sq.timeout, wr)
+            }
+            QpType::Ud | QpType::Gsi => execute_ud(be, qp, &mut lw, sq, wr),
         };
         let (wr_id, signaled, opcode) = (wr.wr_id, wr.signaled, send_opcode(&wr.op));
         match outcome {
@@ -549,12 +554,13 @@ fn rnr_delay(enc: u8) -> Duration {
     Duration::from_micros(u64::from(RNR_US[usize::from(enc & 31)]))
 }
 
-/// Executes one RC send WR against `peer` (`None`: the responder cannot be reached).
+/// Executes one RC send WR against `peer` and a window on its memory (`None`: the responder
+/// cannot be reached); `lw` is a window on the requester's memory.
 fn execute_rc(
     be: &EmulatedBackend,
     qp: &Arc<Qp>,
-    mem: &GuestMemoryMmap,
-    peer: Option<&Peer>,
+    lw: &mut Window<'_>,
+    peer: Option<(&Peer, &mut Window<'_>)>,
     timeout: u8,
     wr: &SendWr,
 ) -> Outcome {
@@ -574,40 +580,39 @@ fn execute_rc(
         return Outcome::Error(WcStatus::LocProtErr);
     };
     let stall_timeout = Outcome::Stall(StallKind::Timeout, timeout_delay(timeout));
-    let Some(Peer { tb, tqp, tmem }) = peer else {
+    let Some((Peer { tb, tqp, .. }, rw)) = peer else {
         return stall_timeout;
     };
     if !tqp.can_receive() || tqp.is_dead() {
         return stall_timeout;
     }
-    let tmem: &GuestMemoryMmap = tmem;
     let res = match wr.op {
-        SendOp::Send { imm } => rc_send(qp, mem, &local, tb, tqp, tmem, imm, wr.solicited),
+        SendOp::Send { imm } => rc_send(qp, lw, &local, tb, tqp, rw, imm, wr.solicited),
         SendOp::RdmaWrite {
             remote_addr,
             rkey,
             imm,
         } => rc_write(
             qp,
-            mem,
+            lw,
             &local,
             tb,
             tqp,
-            tmem,
+            rw,
             remote_addr,
             rkey,
             imm,
             wr.solicited,
         ),
         SendOp::RdmaRead { remote_addr, rkey } => {
-            rc_read(mem, &local, tb, tqp, tmem, remote_addr, rkey)
+            rc_read(lw, &local, tb, tqp, rw, remote_addr, rkey)
         }
         SendOp::CmpSwap {
             remote_addr,
             rkey,
             compare,
             swap,
-        } => rc_atomic(mem, &local, tb, tqp, tmem, remote_addr, rkey, |a| {
+        } => rc_atomic(lw, &local, tb, tqp, rw, remote_addr, rkey, |a| {
             match a.compare_exchange(compare, swap, Ordering::SeqCst, Ordering::SeqCst) {
                 Ok(v) | Err(v) => v,
             }
@@ -616,7 +621,7 @@ fn execute_rc(
             remote_addr,
             rkey,
             add,
-        } => rc_atomic(mem, &local, tb, tqp, tmem, remote_addr, rkey, |a| {
+        } => rc_atomic(lw, &local, tb, tqp, rw, remote_addr, rkey, |a| {
             a.fetch_add(add, Ordering::SeqCst)
         }),
     };
@@ -633,11 +638,11 @@ fn execute_rc(
 #[allow(clippy::too_many_arguments)]
 fn rc_send(
     qp: &Arc<Qp>,
-    mem: &GuestMemoryMmap,
+    lw: &mut Window<'_>,
     src: &Segs,
     tb: &EmulatedBackend,
     tqp: &Arc<Qp>,
-    tmem: &GuestMemoryMmap,
+    rw: &mut Window<'_>,
     imm: Option<u32>,
     solicited: bool,
 ) -> Result<u64, Resp> {
@@ -664,7 +669,7 @@ fn rc_send(
     if dst.total() < len {
         return fail(&mut rq, WcStatus::LocLenErr, WcStatus::RemInvReqErr);
     }
-    match copy(mem, &mut src.cursor(), tmem, &mut dst.cursor(), len) {
+    match copy(lw, &mut src.cursor(), rw, &mut dst.cursor(), len) {
         Ok(()) => {}
         Err(Fault::Src) => {
             untake_recv(tqp, &mut rq, rwr);
@@ -736,11 +741,11 @@ fn remote_fault(tb: &EmulatedBackend, tqp: &Arc<Qp>) -> Resp {
 #[allow(clippy::too_many_arguments)]
 fn rc_write(
     qp: &Arc<Qp>,
-    mem: &GuestMemoryMmap,
+    lw: &mut Window<'_>,
     src: &Segs,
     tb: &EmulatedBackend,
     tqp: &Arc<Qp>,
-    tmem: &GuestMemoryMmap,
+    rw: &mut Window<'_>,
     addr: u64,
     rkey: u32,
     imm: Option<u32>,
@@ -753,7 +758,7 @@ fn rc_write(
         Segs::new()
     };
     let Some(imm) = imm else {
-        return match copy(mem, &mut src.cursor(), tmem, &mut dst.cursor(), len) {
+        return match copy(lw, &mut src.cursor(), rw, &mut dst.cursor(), len) {
             Ok(()) => Ok(len),
             Err(Fault::Src) => Err(Resp::LocalFault),
             Err(Fault::Dst) => Err(remote_fault(tb, tqp)),
@@ -766,7 +771,7 @@ fn rc_write(
     let Some(rwr) = take_recv(tb, tqp, &mut rq, Some(qp)) else {
         return Err(Resp::Rnr(rq.min_rnr_timer));
     };
-    match copy(mem, &mut src.cursor(), tmem, &mut dst.cursor(), len) {
+    match copy(lw, &mut src.cursor(), rw, &mut dst.cursor(), len) {
         Ok(()) => {}
         Err(Fault::Src) => {
             untake_recv(tqp, &mut rq, rwr);
@@ -801,11 +806,11 @@ fn rc_write(
 
 /// RDMA READ.
 fn rc_read(
-    mem: &GuestMemoryMmap,
+    lw: &mut Window<'_>,
     dst: &Segs,
     tb: &EmulatedBackend,
     tqp: &Arc<Qp>,
-    tmem: &GuestMemoryMmap,
+    rw: &mut Window<'_>,
     addr: u64,
     rkey: u32,
 ) -> Result<u64, Resp> {
@@ -815,7 +820,7 @@ fn rc_read(
     } else {
         Segs::new()
     };
-    match copy(tmem, &mut src.cursor(), mem, &mut dst.cursor(), len) {
+    match copy(rw, &mut src.cursor(), lw, &mut dst.cursor(), len) {
         Ok(()) => Ok(len),
         Err(Fault::Dst) => Err(Resp::LocalFault),
         Err(Fault::Src) => Err(remote_fault(tb, tqp)),
@@ -825,11 +830,11 @@ fn rc_read(
 /// Atomics: `f` runs on the remote 8 bytes and returns the original value.
 #[allow(clippy::too_many_arguments)]
 fn rc_atomic(
-    mem: &GuestMemoryMmap,
+    lw: &mut Window<'_>,
     dst: &Segs,
     tb: &EmulatedBackend,
     tqp: &Arc<Qp>,
-    tmem: &GuestMemoryMmap,
+    rw: &mut Window<'_>,
     addr: u64,
     rkey: u32,
     f: impl FnOnce(&std::sync::atomic::AtomicU64) -> u64,
@@ -844,10 +849,10 @@ fn rc_atomic(
     let Some(gpa) = atomic_target(&target) else {
         return Err(remote_fault(tb, tqp));
     };
-    let Some(orig) = atomic_at(tmem, gpa, f) else {
+    let Some(orig) = atomic_at(rw.mem(), gpa, f) else {
         return Err(remote_fault(tb, tqp));
     };
-    if !write_bytes(mem, &mut dst.cursor(), &orig.to_ne_bytes()) {
+    if !write_bytes(lw.mem(), &mut dst.cursor(), &orig.to_ne_bytes()) {
         return Err(Resp::LocalFault);
     }
     Ok(8)
@@ -873,7 +878,7 @@ fn grh(av: &AddressVector, sgid: &[u8; 16], len: u64) -> [u8; 40] {
 fn execute_ud(
     be: &EmulatedBackend,
     qp: &Arc<Qp>,
-    mem: &GuestMemoryMmap,
+    lw: &mut Window<'_>,
     sq: &Sq,
     wr: &SendWr,
 ) -> Outcome {
@@ -921,6 +926,7 @@ fn execute_ud(
         tb.resolve_local(rwr.sges.as_slice(), tqp.pd, Access::LOCAL_WRITE)
     };
     let tmem = tb.mem.memory();
+    let mut rw = Window::new(&tmem);
     match dst {
         None => wc.status = WcStatus::LocProtErr,
         Some(dst) if dst.total() < 40 + len => wc.status = WcStatus::LocLenErr,
@@ -928,7 +934,7 @@ fn execute_ud(
             let mut c = dst.cursor();
             let header = grh(&ud.av, &sgid.0, len);
             let res = if write_bytes(&tmem, &mut c, &header) {
-                copy(mem, &mut src.cursor(), &tmem, &mut c, len)
+                copy(lw, &mut src.cursor(), &mut rw, &mut c, len)
             } else {
                 Err(Fault::Dst)
             };
