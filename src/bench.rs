@@ -3,6 +3,7 @@
 //! path latencies; resident memory of `pvrdma serve`. A human table on stdout and one JSON line
 //! per case (prefixed `JSON `), so `grep '^JSON ' | cut -c6-` gives JSON lines.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::hint::black_box;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -201,6 +202,80 @@ fn json_line(fields: &[(&str, String)]) -> String {
 
 fn q(s: &str) -> String {
     format!("\"{s}\"")
+}
+
+/// CPU time (ns) of each thread of process `pid`, summed by thread name, from
+/// `/proc/PID/task/*/{comm,schedstat}` (the first schedstat field is the time on a CPU). Threads
+/// that cannot be read (gone meanwhile) are skipped; `prefix` goes before each name.
+fn thread_cpu(pid: u32, prefix: &str, into: &mut BTreeMap<String, u64>) {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return;
+    };
+    for t in tasks.flatten() {
+        let dir = t.path();
+        let name = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        let ns = std::fs::read_to_string(dir.join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok());
+        if let Some(ns) = ns {
+            *into.entry(format!("{prefix}{}", name.trim())).or_default() += ns;
+        }
+    }
+}
+
+/// CPU time per thread name of this process and, for the vfio-user rig, of `pvrdma serve`.
+fn cpu_snapshot(rig: &Rig) -> BTreeMap<String, u64> {
+    let mut m = BTreeMap::new();
+    thread_cpu(std::process::id(), "", &mut m);
+    if let Some(serve) = &rig._serve {
+        thread_cpu(serve.pid(), "serve:", &mut m);
+    }
+    m
+}
+
+/// Prints the CPU time each thread spent per message between two snapshots (time on a CPU, so
+/// a thread's polling while it waits counts too), and the rate the busiest thread's time alone
+/// would allow. On a host with a core for every busy thread that thread's work bounds the rate;
+/// on this one the threads share cores and the sum of their times matters. Returns the JSON
+/// fields for the case's `cpu` line.
+fn cpu_per_msg(
+    before: &BTreeMap<String, u64>,
+    after: &BTreeMap<String, u64>,
+    msgs: u64,
+) -> Vec<(&'static str, String)> {
+    let per: Vec<(String, f64)> = after
+        .iter()
+        .map(|(k, &v)| {
+            let d = v.saturating_sub(before.get(k).copied().unwrap_or(0));
+            (k.clone(), d as f64 / msgs.max(1) as f64)
+        })
+        .filter(|(_, ns)| *ns >= 1.0)
+        .collect();
+    let Some((busiest, max)) = per
+        .iter()
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .map(|(k, v)| (k.clone(), *v))
+    else {
+        return Vec::new();
+    };
+    let list: Vec<String> = per.iter().map(|(k, v)| format!("{k} {v:.0}")).collect();
+    let total: f64 = per.iter().map(|(_, v)| v).sum();
+    println!(
+        "{:<8} cpu ns/msg: {} (sum {total:.0}); busiest {busiest} = {:.2} M msg/s alone",
+        "",
+        list.join(", "),
+        1e3 / max
+    );
+    let obj: Vec<String> = per
+        .iter()
+        .map(|(k, v)| format!("{}:{}", q(k), f(*v)))
+        .collect();
+    vec![
+        ("cpu_ns_per_msg", format!("{{{}}}", obj.join(","))),
+        ("cpu_ns_per_msg_sum", f(total)),
+        ("busiest_thread", q(&busiest)),
+        ("mmsg_s_busiest_alone", f(1e3 / max)),
+    ]
 }
 
 fn f(v: f64) -> String {
@@ -487,9 +562,24 @@ fn data_section(rig: &Rig, o: &Opts, memcpy: &[(u64, f64)]) -> Result<(), String
                         batch: o.batch,
                         sig_every: o.sig,
                     };
+                    let before = cpu_snapshot(rig);
                     let s = perf::bw_lean(&rig.drv, &mut pairs, test, bo)
                         .map_err(|e| format!("{} {size}: {e}", test.name()))?;
+                    let after = cpu_snapshot(rig);
                     report(rig.name, &s, o.pairs, o.workers, o, mc(size), &[]);
+                    if size <= 4096 {
+                        let extra = cpu_per_msg(&before, &after, s.iters);
+                        if !extra.is_empty() {
+                            let mut fields = vec![
+                                ("kind", q("cpu")),
+                                ("transport", q(rig.name)),
+                                ("test", q(test.name())),
+                                ("size", size.to_string()),
+                            ];
+                            fields.extend(extra);
+                            println!("{}", json_line(&fields));
+                        }
+                    }
                 }
             }
         }
@@ -511,11 +601,25 @@ fn multi_section(o: &Opts) -> Result<(), String> {
             batch: o.batch.min(32),
             sig_every: o.sig.min(32),
         };
+        let before = cpu_snapshot(&rig);
         let s = perf::bw_lean_threads(&rig.drv, &mut pairs, Test::SendBw, bo, 1)
             .map_err(|e| format!("multi-QP send_bw: {e}"))?;
+        let after = cpu_snapshot(&rig);
         rates.push(s.mmsg_per_s());
         let extra = [("harness_threads", "1".to_string())];
         report("inproc", &s, o.qps, workers, o, None, &extra);
+        let cpu = cpu_per_msg(&before, &after, s.iters);
+        if !cpu.is_empty() {
+            let mut fields = vec![
+                ("kind", q("cpu")),
+                ("transport", q("inproc")),
+                ("test", q("send_bw")),
+                ("qps", o.qps.to_string()),
+                ("workers", workers.to_string()),
+            ];
+            fields.extend(cpu);
+            println!("{}", json_line(&fields));
+        }
     }
     let scale = rates[1] / rates[0];
     println!(
