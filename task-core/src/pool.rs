@@ -3,11 +3,11 @@
 use std::fmt;
 use std::io;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 
 use crate::error::panic_message;
 
@@ -39,6 +39,80 @@ impl Drop for Job {
     }
 }
 
+/// How often a worker that finds the queue empty yields its core (taking a job if one came)
+/// before it goes to sleep.
+const IDLE_YIELDS: u32 = 16;
+
+/// How workers wait for jobs.
+///
+/// crossbeam's blocking receive spins on the CPU (~127 `pause` instructions, a few microseconds)
+/// and yields four times before it sleeps. A pool's workers wait like that after every burst of
+/// work, and on a host with fewer cores than busy threads (the device's main loop, its workers,
+/// the vCPUs) the spin holds a core that a thread with work could have had; sleeping at once is
+/// worse still (a futex wake-up per burst, measured). So a worker takes jobs with `try_recv`,
+/// yields its core between tries ([`IDLE_YIELDS`] times), and then sleeps on a condition variable
+/// until a submitter wakes it (docs/benchmarks.md, session 5). A queue of capacity 0 is a
+/// rendezvous (a submission waits for a worker blocked in `recv`), so its workers keep
+/// crossbeam's wait.
+#[derive(Default)]
+struct Idle {
+    rendezvous: bool,
+    sleeping: AtomicUsize,
+    lock: Mutex<()>,
+    cv: Condvar,
+}
+
+impl Idle {
+    /// After a job was queued: wakes one sleeping worker, if any.
+    fn wake_one(&self) {
+        // Pairs with the fence in `next`: either the worker sees the job, or we see it asleep.
+        fence(Ordering::SeqCst);
+        if self.sleeping.load(Ordering::SeqCst) > 0 {
+            let _g = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+            self.cv.notify_one();
+        }
+    }
+
+    /// After the queue was closed: wakes every worker.
+    fn wake_all(&self) {
+        let _g = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        self.cv.notify_all();
+    }
+
+    /// The next job, waiting while the queue is empty; `None` once it is closed and empty.
+    fn next(&self, rx: &Receiver<Job>) -> Option<Job> {
+        if self.rendezvous {
+            return rx.recv().ok();
+        }
+        for i in 0..=IDLE_YIELDS {
+            match rx.try_recv() {
+                Ok(job) => return Some(job),
+                Err(TryRecvError::Disconnected) => return None,
+                Err(TryRecvError::Empty) => {}
+            }
+            if i < IDLE_YIELDS {
+                std::thread::yield_now();
+            }
+        }
+        let mut g = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        self.sleeping.fetch_add(1, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        let job = loop {
+            match rx.try_recv() {
+                Ok(job) => break Some(job),
+                Err(TryRecvError::Disconnected) => break None,
+                // A submitter that queued after our check takes `lock` before it notifies, so
+                // the notification cannot fall between the check and the wait.
+                Err(TryRecvError::Empty) => {
+                    g = self.cv.wait(g).unwrap_or_else(PoisonError::into_inner);
+                }
+            }
+        };
+        self.sleeping.fetch_sub(1, Ordering::SeqCst);
+        job
+    }
+}
+
 /// A fixed-size worker pool. Threads are named `{name}-{i}`.
 ///
 /// Submission blocks while the queue is full (back-pressure); [`try_execute`](Self::try_execute)
@@ -50,6 +124,7 @@ pub struct Pool {
     /// An inline pool ([`Pool::inline`]): jobs run on the submitting thread.
     inline: bool,
     pub(crate) shutting_down: Arc<AtomicBool>,
+    idle: Arc<Idle>,
     threads: Vec<JoinHandle<()>>,
     capacity: usize,
 }
@@ -79,21 +154,27 @@ impl Pool {
         }
         let (tx, rx) = crossbeam_channel::bounded::<Job>(queue_capacity);
         let shutting_down = Arc::new(AtomicBool::new(false));
+        let idle = Arc::new(Idle {
+            rendezvous: queue_capacity == 0,
+            ..Idle::default()
+        });
         let mut pool = Pool {
             name: name.to_owned(),
             tx: Some(tx),
             inline: false,
             shutting_down: shutting_down.clone(),
+            idle: idle.clone(),
             threads: Vec::with_capacity(threads),
             capacity: queue_capacity,
         };
         for i in 0..threads {
             let rx = rx.clone();
             let stop = shutting_down.clone();
+            let idle = idle.clone();
             // On error `pool` is dropped, which stops the threads already started.
             let handle = std::thread::Builder::new()
                 .name(format!("{name}-{i}"))
-                .spawn(move || worker_loop(rx, stop))?;
+                .spawn(move || worker_loop(rx, stop, &idle))?;
             pool.threads.push(handle);
         }
         Ok(pool)
@@ -110,6 +191,7 @@ impl Pool {
             tx: None,
             inline: true,
             shutting_down: Arc::new(AtomicBool::new(false)),
+            idle: Arc::default(),
             threads: Vec::new(),
             capacity: 0,
         }
@@ -149,7 +231,9 @@ impl Pool {
         if let Some(tx) = &self.tx {
             // On error (cannot happen while we hold a sender and workers run) the job is dropped,
             // i.e. cancelled.
-            let _ = tx.send(job);
+            if tx.send(job).is_ok() {
+                self.idle.wake_one();
+            }
         }
     }
 
@@ -171,12 +255,17 @@ impl Pool {
             return true;
         }
         let Some(tx) = &self.tx else { return false };
-        tx.send(Job::new(move |cancelled| {
-            if !cancelled {
-                f();
-            }
-        }))
-        .is_ok()
+        let sent = tx
+            .send(Job::new(move |cancelled| {
+                if !cancelled {
+                    f();
+                }
+            }))
+            .is_ok();
+        if sent {
+            self.idle.wake_one();
+        }
+        sent
     }
 
     /// Like [`execute`](Self::execute) but never blocks: gives `f` back if the queue is full or the
@@ -207,7 +296,10 @@ impl Pool {
             }
         });
         match tx.try_send(job) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.idle.wake_one();
+                Ok(())
+            }
             Err(TrySendError::Full(job)) | Err(TrySendError::Disconnected(job)) => {
                 // Take `f` back before dropping the job (whose cancel path would drop `f`).
                 let f = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
@@ -228,6 +320,7 @@ impl Pool {
         self.shutting_down.store(true, Ordering::SeqCst);
         // Workers drain the rest of the queue, cancelling, then see the disconnect.
         self.tx = None;
+        self.idle.wake_all();
         for t in self.threads.drain(..) {
             if t.join().is_err() {
                 log::error!("a worker thread of pool {} died", self.name);
@@ -253,8 +346,8 @@ fn run_inline(job: Job, stop: &AtomicBool) {
     }
 }
 
-fn worker_loop(rx: Receiver<Job>, stop: Arc<AtomicBool>) {
-    while let Ok(job) = rx.recv() {
+fn worker_loop(rx: Receiver<Job>, stop: Arc<AtomicBool>, idle: &Idle) {
+    while let Some(job) = idle.next(&rx) {
         if stop.load(Ordering::Relaxed) {
             drop(job); // cancelled
             continue;
@@ -305,6 +398,44 @@ mod tests {
                 name
             })
             .collect()
+    }
+
+    /// Waits until every worker of `pool` has gone to sleep (after its yields).
+    fn all_asleep(pool: &Pool) {
+        let end = Instant::now() + Duration::from_secs(10);
+        while pool.idle.sleeping.load(Ordering::SeqCst) < pool.threads() {
+            assert!(Instant::now() < end, "workers did not go to sleep");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn sleeping_workers_wake_for_every_kind_of_submission_and_for_shutdown() {
+        let pool = Pool::new("sleepy", 2, 8).unwrap();
+        let (tx, rx) = crossbeam_channel::unbounded();
+        for round in 0..3 {
+            all_asleep(&pool);
+            let tx = tx.clone();
+            match round {
+                0 => assert!(pool.execute(move || tx.send(0).unwrap())),
+                1 => assert!(pool.try_execute(move || tx.send(1).unwrap()).is_ok()),
+                _ => pool.submit(Job::new(move |cancelled| {
+                    assert!(!cancelled);
+                    tx.send(2).unwrap();
+                })),
+            }
+            assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(round));
+        }
+        all_asleep(&pool);
+        let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+        std::thread::spawn(move || {
+            pool.shutdown();
+            done_tx.send(()).unwrap();
+        });
+        assert!(
+            done_rx.recv_timeout(Duration::from_secs(10)).is_ok(),
+            "shutdown did not wake the sleeping workers"
+        );
     }
 
     #[test]
