@@ -1259,6 +1259,55 @@ pub fn recv_too_small(f: &Factory<'_>) {
     assert_eq!(d.be.query_qp_state(qb).unwrap(), QpState::Err);
 }
 
+/// Several WRs posted in one batch: each queue's completions come in the order of its queue,
+/// around a responder error in the middle and across more WRs than a backend may hold back.
+pub fn order_in_batches(f: &Factory<'_>) {
+    let d = Dev::new(f, 1);
+    let buf = d.buf(8192, ALL);
+    let of = |wcs: &[WorkCompletion],
+              qp_wcs: &dyn Fn(&WorkCompletion) -> bool|
+     -> Vec<(u64, WcStatus)> {
+        wcs.iter()
+            .filter(|w| qp_wcs(w))
+            .map(|w| (w.wr_id, w.status))
+            .collect()
+    };
+    // 40 SENDs in one batch, each into its own receive.
+    let (qa, qb, _, _) = rc_pair(&d, &d, RcOpts::default());
+    for i in 0..40 {
+        d.recv(qb, 100 + i, buf.sges(4096, 64, 1));
+    }
+    let wrs: Vec<SendWr> = (0..40).map(|i| wr(i, SEND, buf.sges(0, 8, 1))).collect();
+    assert_eq!(d.be.post_send_batch(qa, &wrs).0, 40);
+    let wcs = d.wait(80);
+    let recvs = of(&wcs, &|w| w.opcode == WcOpcode::Recv);
+    let sends = of(&wcs, &|w| w.opcode == WcOpcode::Send);
+    let ok = WcStatus::Success;
+    assert_eq!(recvs, (0..40).map(|i| (100 + i, ok)).collect::<Vec<_>>());
+    assert_eq!(sends, (0..40).map(|i| (i, ok)).collect::<Vec<_>>());
+    // The second of three SENDs overflows its receive: the responder's completions are the
+    // first receive, the error, then the flush of the third, in that order; the requester's the
+    // same way (see recv_too_small for the two status pairs HCAs use).
+    let (qa, qb, _, _) = rc_pair(&d, &d, RcOpts::default());
+    d.recv(qb, 201, buf.sges(4096, 64, 1));
+    d.recv(qb, 202, buf.sges(4096, 4, 1));
+    d.recv(qb, 203, buf.sges(4096, 64, 1));
+    let wrs: Vec<SendWr> = (1..=3).map(|i| wr(i, SEND, buf.sges(0, 8, 1))).collect();
+    let taken = d.be.post_send_batch(qa, &wrs).0;
+    assert!(taken >= 2, "{taken}");
+    let wcs = d.wait(3 + taken);
+    let recvs = of(&wcs, &|w| w.opcode == WcOpcode::Recv);
+    let sends = of(&wcs, &|w| w.opcode == WcOpcode::Send);
+    let (rerr, serr) = match recvs.get(1).map(|r| r.1) {
+        Some(WcStatus::LocQpOpErr) => (WcStatus::LocQpOpErr, WcStatus::RemOpErr),
+        _ => (WcStatus::LocLenErr, WcStatus::RemInvReqErr),
+    };
+    let flush = WcStatus::WrFlushErr;
+    assert_eq!(recvs, [(201, ok), (202, rerr), (203, flush)]);
+    assert_eq!(sends[..2], [(1, ok), (2, serr)]);
+    assert!(sends[2..].iter().all(|s| s.1 == flush), "{sends:?}");
+}
+
 /// Work outstanding when a QP goes to ERR, and work posted afterwards, completes with
 /// `WrFlushErr`.
 pub fn flush_on_error(f: &Factory<'_>) {
@@ -1626,6 +1675,7 @@ pub const CASES: &[(&str, Case)] = &[
     ("rnr_exhausted", rnr_exhausted),
     ("access_errors", access_errors),
     ("recv_too_small", recv_too_small),
+    ("order_in_batches", order_in_batches),
     ("flush_on_error", flush_on_error),
     ("state_transitions", state_transitions),
     ("destroy_busy", destroy_busy),

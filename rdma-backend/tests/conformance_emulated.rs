@@ -1,10 +1,13 @@
 //! The conformance suite on the emulated backend.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use rdma_backend::conformance::{self, Factory};
-use rdma_backend::emulated::{EmulatedBackend, Fabric};
-use rdma_backend::{Backend, CompletionSink, GuestMem};
+use rdma_backend::conformance::{self, rc_pair, wr, Dev, Factory, RcOpts, SEND};
+use rdma_backend::emulated::{EmulatedBackend, Fabric, HOLD_MAX};
+use rdma_backend::{
+    Access, AsyncEvent, Backend, CompletionSink, GuestMem, SendWr, WcStatus, WorkCompletion,
+};
 
 fn run(case: fn(&Factory<'_>)) {
     let fabric = Fabric::new();
@@ -42,6 +45,7 @@ cases!(
     rnr_exhausted,
     access_errors,
     recv_too_small,
+    order_in_batches,
     flush_on_error,
     state_transitions,
     destroy_busy,
@@ -51,3 +55,52 @@ cases!(
     bidirectional_stress,
     device_reset,
 );
+
+/// Forwards to the suite's sink and counts the calls.
+struct Counting {
+    inner: Arc<dyn CompletionSink>,
+    calls: Arc<AtomicUsize>,
+}
+
+impl CompletionSink for Counting {
+    fn complete(&self, wcs: &[WorkCompletion]) {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.inner.complete(wcs);
+    }
+    fn event(&self, ev: AsyncEvent) {
+        self.inner.event(ev);
+    }
+}
+
+/// A batch of WRs is one run of the send queue, and the run hands each queue's completions to
+/// the sink together ([`HOLD_MAX`] at a time), not one call per WR; the order is checked by
+/// `order_in_batches`.
+#[test]
+fn a_run_hands_over_each_queues_completions_together() {
+    let fabric = Fabric::new();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let f = move |mem: GuestMem, sink: Arc<dyn CompletionSink>| -> Arc<dyn Backend> {
+        let calls = c.clone();
+        EmulatedBackend::new(&fabric, mem, Arc::new(Counting { inner: sink, calls }))
+    };
+    let d = Dev::new(&f, 1);
+    let (qa, qb, _, _) = rc_pair(&d, &d, RcOpts::default());
+    let buf = d.buf(8192, Access::LOCAL_WRITE);
+    for i in 0..64 {
+        d.recv(qb, 100 + i, buf.sges(4096, 64, 1));
+    }
+    calls.store(0, Ordering::SeqCst);
+    let wrs: Vec<SendWr> = (0..64).map(|i| wr(i, SEND, buf.sges(0, 8, 1))).collect();
+    assert_eq!(d.be.post_send_batch(qa, &wrs).0, 64);
+    let wcs = d.wait(128);
+    assert!(wcs.iter().all(|w| w.status == WcStatus::Success));
+    // 64 receives and 64 sends, HOLD_MAX per call.
+    assert_eq!(calls.load(Ordering::SeqCst), 2 * 64 / HOLD_MAX);
+    // A single WR: one call per queue, as before.
+    d.recv(qb, 300, buf.sges(4096, 64, 1));
+    calls.store(0, Ordering::SeqCst);
+    d.send(qa, 301, SEND, buf.sges(0, 8, 1));
+    assert_eq!(d.wait(2).len(), 2);
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}

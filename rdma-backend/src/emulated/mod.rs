@@ -39,7 +39,8 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 
 pub use fabric::Fabric;
 use mem::{Mr, Segs};
-use qp::{drive, kick, Qp, Rq, Sq, Srq, SrqQ, Trigger};
+pub use qp::HOLD_MAX;
+use qp::{drive, kick, Held, Qp, Rq, Sq, Srq, SrqQ, Trigger};
 
 use crate::{
     Access, Backend, CompletionSink, CqId, Error, Gid, GidType, GuestMem, MrId, MrKeys, MrKind,
@@ -277,7 +278,7 @@ impl EmulatedBackend {
                 drive(self, qp, sq, Trigger::Post);
                 let opcode = qp::send_opcode(&wr.op);
                 let wc = qp.wc(qp.send_cq, wr.wr_id, WcStatus::WrFlushErr, opcode, 0);
-                self.sink.complete(std::slice::from_ref(&wc));
+                sq.held.deliver_then(&*self.sink, std::slice::from_ref(&wc));
                 return Ok(());
             }
             QpState::Rts | QpState::Sqd => {}
@@ -312,7 +313,7 @@ impl EmulatedBackend {
                     WcOpcode::Recv,
                     0,
                 );
-                self.sink.complete(std::slice::from_ref(&wc));
+                rq.held.deliver_then(&*self.sink, std::slice::from_ref(&wc));
                 return Ok(());
             }
             _ => {}
@@ -328,6 +329,10 @@ impl EmulatedBackend {
         {
             let mut sq = lock(&qp.sq);
             let mut rq = lock(&qp.rq);
+            // What a sender's run made before the destroy is delivered, as it would have been
+            // had it not been held; nothing after.
+            rq.held.deliver(&*self.sink);
+            sq.held.deliver(&*self.sink);
             qp.dead.store(true, Ordering::Release);
             sq.pending.clear();
             sq.stall = None;
@@ -643,6 +648,7 @@ impl Backend for EmulatedBackend {
             dead: AtomicBool::new(false),
             sq: Mutex::new(Sq {
                 pending: VecDeque::new(),
+                held: Held::default(),
                 stall: None,
                 token: 1,
                 path_mtu: 0,
@@ -656,6 +662,7 @@ impl Backend for EmulatedBackend {
             }),
             rq: Mutex::new(Rq {
                 wqes: VecDeque::new(),
+                held: Held::default(),
                 waiters: Vec::new(),
                 qkey: 0,
                 min_rnr_timer: 0,
@@ -730,6 +737,8 @@ impl Backend for EmulatedBackend {
         qp.set_state(to);
         match to {
             QpState::Reset => {
+                rq.held.deliver(&*self.sink);
+                sq.held.deliver(&*self.sink);
                 sq.pending.clear();
                 sq.stall = None;
                 sq.token += 1;
