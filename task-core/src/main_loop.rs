@@ -227,6 +227,14 @@ struct Inner {
     poll: Cell<Duration>,
 }
 
+/// How often a loop with nothing ready and no [`MainLoop::set_poll`] yields its core, checking
+/// its channels and timers, before it parks. Parking goes through crossbeam's `Select`, which
+/// spins (~127 `pause` instructions) and yields 4 times first: on a host with fewer cores than
+/// busy threads (the loop, a pool's workers, vCPUs) that spin holds a core a thread with work
+/// could have had, and the loop of a busy device waits like that every few microseconds. The
+/// pool's workers wait the same way (`pool.rs`; docs/benchmarks.md, sessions 5 and 6).
+const IDLE_YIELDS: u32 = 16;
+
 /// The main loop. It lives on the thread that created it (it is neither `Send` nor `Sync`).
 ///
 /// Cloning gives another reference to the same loop, so that a callback can capture the loop it
@@ -299,9 +307,10 @@ impl MainLoop {
 
     /// Polling before blocking, like QEMU's AioContext `poll-max-ns`: when nothing is ready,
     /// [`iterate`](Self::iterate) first polls for up to `d`, checking its channels and yielding
-    /// the core between checks, and only then parks the thread. Work that arrives within `d` of the last is picked up without a
-    /// wake-up (several microseconds on a busy or virtualized host) at the price of a busy core
-    /// for at most `d` after each burst. Zero (the default) never spins.
+    /// the core between checks, and only then parks the thread. Work that arrives within `d` of
+    /// the last is picked up without a wake-up (several microseconds on a busy or virtualized
+    /// host) at the price of a busy core for at most `d` after each burst. Zero (the default)
+    /// only yields its core 16 times, checking, before parking.
     pub fn set_poll(&self, d: Duration) {
         self.inner.poll.set(d);
     }
@@ -329,11 +338,17 @@ impl MainLoop {
             .any(|s| s.pending() > 0)
     }
 
-    /// Spins until something is ready, `poll` has passed or `deadline` is reached; true if
-    /// something is ready.
+    /// Polls until something is ready, `poll` has passed or `deadline` is reached (without a
+    /// `poll`, [`IDLE_YIELDS`] times); true if something is ready.
     fn poll_for_work(&self, deadline: Option<Instant>) -> bool {
         let poll = self.inner.poll.get();
         if poll.is_zero() {
+            for _ in 0..IDLE_YIELDS {
+                std::thread::yield_now();
+                if self.ready_now(Instant::now()) {
+                    return true;
+                }
+            }
             return false;
         }
         let start = Instant::now();
