@@ -6,8 +6,10 @@ use std::sync::Arc;
 use rdma_backend::conformance::{self, rc_pair, wr, Dev, Factory, RcOpts, SEND};
 use rdma_backend::emulated::{EmulatedBackend, Fabric, HOLD_MAX};
 use rdma_backend::{
-    Access, AsyncEvent, Backend, CompletionSink, GuestMem, SendWr, WcStatus, WorkCompletion,
+    Access, AsyncEvent, Backend, CompletionSink, GuestMem, MrKind, QpType, RecvWr, SendWr, Sge,
+    SgeList, WcStatus, WorkCompletion,
 };
+use vm_memory::GuestAddress;
 
 fn run(case: fn(&Factory<'_>)) {
     let fabric = Fabric::new();
@@ -103,4 +105,75 @@ fn a_run_hands_over_each_queues_completions_together() {
     d.send(qa, 301, SEND, buf.sges(0, 8, 1));
     assert_eq!(d.wait(2).len(), 2);
     assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+/// A SEND whose source memory faults (an MR page outside guest memory) fails at the requester
+/// before any effect at the responder: the receive it would have used stays first in line, on
+/// the QP's own receive queue and on an SRQ alike, and the next SEND (from another requester
+/// aimed at the same QP) lands in it.
+#[test]
+fn a_faulting_sender_leaves_the_receive_in_place() {
+    let fabric = Fabric::new();
+    let f = move |mem: GuestMem, sink: Arc<dyn CompletionSink>| -> Arc<dyn Backend> {
+        EmulatedBackend::new(&fabric, mem, sink)
+    };
+    let d = Dev::new(&f, 1);
+    let buf = d.buf(8192, Access::LOCAL_WRITE);
+    // One page, far beyond the 64 MiB of guest memory.
+    let bad_pages: Arc<[GuestAddress]> = vec![GuestAddress(1 << 40)].into();
+    let bad =
+        d.be.create_mr(
+            d.pd,
+            MrKind::User {
+                iova: 0x5000,
+                length: 64,
+                pages: bad_pages,
+            },
+            Access::LOCAL_WRITE,
+        )
+        .unwrap();
+    let bad_sge: SgeList = [Sge {
+        addr: 0x5000,
+        length: 8,
+        lkey: bad.lkey,
+    }]
+    .into_iter()
+    .collect();
+    let srq = d.be.create_srq(d.pd, 16, 1, 0, 0x2000).unwrap();
+    for on_srq in [false, true] {
+        let (qb, nb) = d.qp(QpType::Rc, on_srq.then_some(srq));
+        let (qa, na) = d.qp(QpType::Rc, None);
+        let (qc, _) = d.qp(QpType::Rc, None);
+        d.connect(qa, d.gid, nb, RcOpts::default());
+        d.connect(qc, d.gid, nb, RcOpts::default());
+        d.connect(qb, d.gid, na, RcOpts::default());
+        for id in [1, 2] {
+            let wr = RecvWr {
+                wr_id: id,
+                sges: buf.sges(4096, 64, 1),
+            };
+            if on_srq {
+                d.be.post_srq_recv(srq, &wr).unwrap();
+            } else {
+                d.be.post_recv(qb, &wr).unwrap();
+            }
+        }
+        d.send(qa, 10, SEND, bad_sge);
+        let w = d.wait(1);
+        assert_eq!((w[0].wr_id, w[0].status), (10, WcStatus::LocProtErr));
+        d.send(qc, 11, SEND, buf.sges(0, 8, 1));
+        let mut w = d.wait(2);
+        w.sort_by_key(|w| w.wr_id);
+        let got: Vec<(u64, WcStatus)> = w.iter().map(|w| (w.wr_id, w.status)).collect();
+        assert_eq!(
+            got,
+            [(1, WcStatus::Success), (11, WcStatus::Success)],
+            "SRQ: {on_srq}"
+        );
+        // The second receive is still there for the next one.
+        d.send(qc, 12, SEND, buf.sges(0, 8, 1));
+        let mut w = d.wait(2);
+        w.sort_by_key(|w| w.wr_id);
+        assert_eq!((w[0].wr_id, w[1].wr_id), (2, 12), "SRQ: {on_srq}");
+    }
 }

@@ -546,48 +546,72 @@ fn add_waiter(list: &mut Vec<Weak<Qp>>, qp: &Arc<Qp>) {
     }
 }
 
-/// Takes one receive for `qp` (rq locked), from its SRQ or its own queue; registers `waiter`
-/// for a kick when there is none.
-fn take_recv(
-    be: &EmulatedBackend,
-    qp: &Qp,
-    rq: &mut Rq,
-    waiter: Option<&Arc<Qp>>,
-) -> Option<RecvWr> {
-    match &qp.srq {
-        None => {
-            let w = rq.wqes.pop_front();
-            if w.is_none() {
+/// The receive an incoming message lands in (its QP's `rq` locked), found with [`Landing::find`].
+/// A receive of the QP's own queue stays at the head of that queue and is read in place (a
+/// receive WR is a few hundred bytes: its SGE list is inline) until the message is known to use
+/// it; one of an SRQ is taken out at once, since the SRQ's lock is not held across the copy.
+/// Made once per message and never moved.
+#[derive(Default)]
+struct Landing {
+    /// The receive taken from the QP's SRQ (`None`: the head of its own queue).
+    from_srq: Option<RecvWr>,
+}
+
+impl Landing {
+    /// Finds the receive for a message to `qp` (rq locked), from its SRQ or its own queue;
+    /// registers `waiter` for a kick when there is none. False if there is none.
+    fn find(
+        &mut self,
+        be: &EmulatedBackend,
+        qp: &Qp,
+        rq: &mut Rq,
+        waiter: Option<&Arc<Qp>>,
+    ) -> bool {
+        let Some(srq) = &qp.srq else {
+            if rq.wqes.is_empty() {
                 if let Some(s) = waiter {
                     add_waiter(&mut rq.waiters, s);
                 }
+                return false;
             }
-            w
+            return true;
+        };
+        let mut q = lock(&srq.q);
+        if q.wqes.is_empty() {
+            if let Some(s) = waiter {
+                add_waiter(&mut q.waiters, s);
+            }
+            return false;
         }
-        Some(srq) => {
-            let mut q = lock(&srq.q);
-            let Some(w) = q.wqes.pop_front() else {
-                if let Some(s) = waiter {
-                    add_waiter(&mut q.waiters, s);
-                }
-                return None;
-            };
-            if q.limit > 0 && (q.wqes.len() as u64) < u64::from(q.limit) {
-                q.limit = 0;
-                be.sink.event(AsyncEvent::SrqLimitReached {
-                    srq_cookie: srq.cookie,
-                });
-            }
-            Some(w)
+        self.from_srq = q.wqes.pop_front();
+        if q.limit > 0 && (q.wqes.len() as u64) < u64::from(q.limit) {
+            q.limit = 0;
+            be.sink.event(AsyncEvent::SrqLimitReached {
+                srq_cookie: srq.cookie,
+            });
+        }
+        true
+    }
+
+    /// The receive found (`None` only if the own queue's head vanished, which the `rq` lock
+    /// rules out).
+    fn wr<'a>(&'a self, rq: &'a Rq) -> Option<&'a RecvWr> {
+        self.from_srq.as_ref().or_else(|| rq.wqes.front())
+    }
+
+    /// The message used the receive: it completes (successfully or with an error).
+    fn consume(&self, rq: &mut Rq) {
+        if self.from_srq.is_none() {
+            rq.wqes.pop_front();
         }
     }
-}
 
-/// Puts a receive back at the head of its queue (the sender faulted before any effect).
-fn untake_recv(qp: &Qp, rq: &mut Rq, w: RecvWr) {
-    match &qp.srq {
-        None => rq.wqes.push_front(w),
-        Some(srq) => lock(&srq.q).wqes.push_front(w),
+    /// The message did not use the receive (the sender faulted before any effect): it stays
+    /// first in line.
+    fn put_back(&mut self, qp: &Qp) {
+        if let (Some(w), Some(srq)) = (self.from_srq.take(), &qp.srq) {
+            lock(&srq.q).wqes.push_front(w);
+        }
     }
 }
 
@@ -720,39 +744,53 @@ fn rc_send(
     if tqp.is_dead() || !tqp.can_receive() {
         return Err(Resp::Dropped);
     }
-    let Some(rwr) = take_recv(tb, tqp, &mut rq, Some(qp)) else {
+    let mut landing = Landing::default();
+    if !landing.find(tb, tqp, &mut rq, Some(qp)) {
         return Err(Resp::Rnr(rq.min_rnr_timer));
+    }
+    // The receive's id, and its SGEs checked and resolved against the message (or the receive
+    // and NAK statuses of why not).
+    let (wr_id, dst) = {
+        let Some(rwr) = landing.wr(&rq) else {
+            return Err(Resp::Rnr(rq.min_rnr_timer));
+        };
+        let dst = if rwr.sges.as_slice().len() > tqp.max_recv_sge as usize {
+            Err((WcStatus::LocLenErr, WcStatus::RemInvReqErr))
+        } else {
+            match tb.resolve_local(rwr.sges.as_slice(), tqp.pd, Access::LOCAL_WRITE) {
+                None => Err((WcStatus::LocProtErr, WcStatus::RemOpErr)),
+                Some(d) if d.total() < len => Err((WcStatus::LocLenErr, WcStatus::RemInvReqErr)),
+                Some(d) => Ok(d),
+            }
+        };
+        (rwr.wr_id, dst)
     };
-    let fail = |rq: &mut Rq, status: WcStatus, nak: WcStatus| {
-        let wc = tqp.wc(tqp.recv_cq, rwr.wr_id, status, WcOpcode::Recv, 0);
+    let fail = |rq: &mut Rq, landing: &Landing, (status, nak): (WcStatus, WcStatus)| {
+        landing.consume(rq);
+        let wc = tqp.wc(tqp.recv_cq, wr_id, status, WcOpcode::Recv, 0);
         rq.held.deliver_then(&*tb.sink, std::slice::from_ref(&wc));
         responder_err(tb, tqp, rq, None);
         Err(Resp::Nak(nak))
     };
-    if rwr.sges.as_slice().len() > tqp.max_recv_sge as usize {
-        return fail(&mut rq, WcStatus::LocLenErr, WcStatus::RemInvReqErr);
-    }
-    let Some(dst) = tb.resolve_local(rwr.sges.as_slice(), tqp.pd, Access::LOCAL_WRITE) else {
-        return fail(&mut rq, WcStatus::LocProtErr, WcStatus::RemOpErr);
+    let dst = match dst {
+        Ok(d) => d,
+        Err(why) => return fail(&mut rq, &landing, why),
     };
-    if dst.total() < len {
-        return fail(&mut rq, WcStatus::LocLenErr, WcStatus::RemInvReqErr);
-    }
     match copy(lw, &mut src.cursor(), rw, &mut dst.cursor(), len) {
-        Ok(()) => {}
+        Ok(()) => landing.consume(&mut rq),
         Err(Fault::Src) => {
-            untake_recv(tqp, &mut rq, rwr);
+            landing.put_back(tqp);
             return Err(Resp::LocalFault);
         }
-        Err(Fault::Dst) => return fail(&mut rq, WcStatus::LocProtErr, WcStatus::RemOpErr),
+        Err(Fault::Dst) => {
+            return fail(
+                &mut rq,
+                &landing,
+                (WcStatus::LocProtErr, WcStatus::RemOpErr),
+            )
+        }
     }
-    let mut wc = tqp.wc(
-        tqp.recv_cq,
-        rwr.wr_id,
-        WcStatus::Success,
-        WcOpcode::Recv,
-        len,
-    );
+    let mut wc = tqp.wc(tqp.recv_cq, wr_id, WcStatus::Success, WcOpcode::Recv, len);
     wc.imm_data = imm;
     wc.src_qp = qp.qpn;
     wc.solicited = solicited;
@@ -837,19 +875,24 @@ fn rc_write(
     if tqp.is_dead() || !tqp.can_receive() {
         return Err(Resp::Dropped);
     }
-    let Some(rwr) = take_recv(tb, tqp, &mut rq, Some(qp)) else {
+    let mut landing = Landing::default();
+    if !landing.find(tb, tqp, &mut rq, Some(qp)) {
+        return Err(Resp::Rnr(rq.min_rnr_timer));
+    }
+    let Some(wr_id) = landing.wr(&rq).map(|w| w.wr_id) else {
         return Err(Resp::Rnr(rq.min_rnr_timer));
     };
     match copy(lw, &mut src.cursor(), rw, &mut dst.cursor(), len) {
-        Ok(()) => {}
+        Ok(()) => landing.consume(&mut rq),
         Err(Fault::Src) => {
-            untake_recv(tqp, &mut rq, rwr);
+            landing.put_back(tqp);
             return Err(Resp::LocalFault);
         }
         Err(Fault::Dst) => {
+            landing.consume(&mut rq);
             let wc = tqp.wc(
                 tqp.recv_cq,
-                rwr.wr_id,
+                wr_id,
                 WcStatus::LocProtErr,
                 WcOpcode::RecvRdmaWithImm,
                 0,
@@ -861,7 +904,7 @@ fn rc_write(
     }
     let mut wc = tqp.wc(
         tqp.recv_cq,
-        rwr.wr_id,
+        wr_id,
         WcStatus::Success,
         WcOpcode::RecvRdmaWithImm,
         len,
@@ -985,15 +1028,22 @@ fn execute_ud(
     if tqp.is_dead() || !tqp.can_receive() || rq.qkey != qkey {
         return Outcome::Done(len);
     }
-    let Some(rwr) = take_recv(&tb, &tqp, &mut rq, None) else {
+    let mut landing = Landing::default();
+    if !landing.find(&tb, &tqp, &mut rq, None) {
         return Outcome::Done(len);
+    }
+    let (wr_id, dst) = {
+        let Some(rwr) = landing.wr(&rq) else {
+            return Outcome::Done(len);
+        };
+        let dst = if rwr.sges.as_slice().len() > tqp.max_recv_sge as usize {
+            None
+        } else {
+            tb.resolve_local(rwr.sges.as_slice(), tqp.pd, Access::LOCAL_WRITE)
+        };
+        (rwr.wr_id, dst)
     };
-    let mut wc = tqp.wc(tqp.recv_cq, rwr.wr_id, WcStatus::Success, WcOpcode::Recv, 0);
-    let dst = if rwr.sges.as_slice().len() > tqp.max_recv_sge as usize {
-        None
-    } else {
-        tb.resolve_local(rwr.sges.as_slice(), tqp.pd, Access::LOCAL_WRITE)
-    };
+    let mut wc = tqp.wc(tqp.recv_cq, wr_id, WcStatus::Success, WcOpcode::Recv, 0);
     let tmem = tb.mem.memory();
     let mut rw = Window::new(&tmem);
     match dst {
@@ -1016,13 +1066,14 @@ fn execute_ud(
                     wc.solicited = wr.solicited;
                 }
                 Err(Fault::Src) => {
-                    untake_recv(&tqp, &mut rq, rwr);
+                    landing.put_back(&tqp);
                     return Outcome::Error(WcStatus::LocProtErr);
                 }
                 Err(Fault::Dst) => wc.status = WcStatus::LocProtErr,
             }
         }
     }
+    landing.consume(&mut rq);
     rq.held.deliver_then(&*tb.sink, std::slice::from_ref(&wc));
     Outcome::Done(len)
 }
