@@ -58,10 +58,10 @@ pub struct DeviceConfig {
     /// thread ([`task_core::MainLoop::set_poll`]; QEMU's `poll-max-ns`), and a
     /// [`DeviceHandle`](crate::DeviceHandle) access polls for its answer. 0 (the default): an
     /// access does not poll, and the loop only yields its core a few times before it parks (as
-    /// every [`task_core::MainLoop`] does). Polling, which yields the core between checks, pays where an access already
-    /// crosses several threads (`pvrdma serve` uses 32: the socket, the server thread, the
-    /// loop); with the device called directly by the vCPU thread on a quiet host, a futex
-    /// wake-up is cheaper than the yields (docs/benchmarks.md has both).
+    /// every [`task_core::MainLoop`] does). Polling, which yields the core between checks, pays
+    /// where an access already crosses several threads (`pvrdma serve` uses 32: the socket, the
+    /// server thread, the loop); with the device called directly by the vCPU thread on a quiet
+    /// host, a futex wake-up is cheaper than the yields (docs/benchmarks.md has both).
     pub poll_us: u32,
 }
 
