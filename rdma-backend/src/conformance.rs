@@ -549,8 +549,8 @@ pub fn rc_opcodes(f: &Factory<'_>) {
         let dst = d.buf(len + 64, ALL);
         let data = d.random(len as usize);
         src.write(&d.mem, 3, &data);
-        // SEND with immediate, 3 source SGEs, 2 target SGEs (with room to spare).
-        d.recv(qb, k + 1, dst.sges(0, len + 64, 2));
+        // SEND with immediate, 3 source SGEs, 3 target SGEs (with room to spare).
+        d.recv(qb, k + 1, dst.sges(0, len + 64, 3));
         d.send(
             qa,
             k + 2,

@@ -40,7 +40,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 pub use fabric::Fabric;
 use mem::{Mr, Segs};
 pub use qp::HOLD_MAX;
-use qp::{drive, kick, Held, Qp, Rq, Sq, Srq, SrqQ, Trigger};
+use qp::{drive, kick, Held, Qp, QueuedRecv, QueuedSend, Rq, Sq, Srq, SrqQ, Trigger};
 
 use crate::{
     Access, Backend, CompletionSink, CqId, Error, Gid, GidType, GuestMem, MrId, MrKeys, MrKind,
@@ -291,7 +291,7 @@ impl EmulatedBackend {
                 return Err(Error::QueueFull);
             }
         }
-        sq.pending.push_back(*wr);
+        sq.pending.push_back(QueuedSend::from(wr));
         Ok(())
     }
 
@@ -321,7 +321,7 @@ impl EmulatedBackend {
         if rq.wqes.len() >= qp.max_recv_wr.max(1) as usize {
             return Err(Error::QueueFull);
         }
-        rq.wqes.push_back(*wr);
+        rq.wqes.push_back(QueuedRecv::from(wr));
         Ok(())
     }
 
@@ -572,7 +572,7 @@ impl Backend for EmulatedBackend {
         if q.wqes.len() >= s.max_wr as usize {
             return Err(Error::QueueFull);
         }
-        q.wqes.push_back(*wr);
+        q.wqes.push_back(QueuedRecv::from(wr));
         let waiters = std::mem::take(&mut q.waiters);
         drop(q);
         kick(waiters);

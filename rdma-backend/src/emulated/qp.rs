@@ -24,13 +24,14 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use smallvec::SmallVec;
 use vm_memory::{atomic::GuestMemoryLoadGuard, GuestAddressSpace, GuestMemoryMmap};
 
 use super::mem::{atomic_at, atomic_target, copy, write_bytes, Fault, Segs, Window};
 use super::{lock, EmulatedBackend};
 use crate::{
     Access, AddressVector, AsyncEvent, CompletionSink, CqId, PdId, QpState, QpType, RecvWr, SendOp,
-    SendWr, SrqId, WcOpcode, WcStatus, WorkCompletion,
+    SendWr, Sge, SrqId, UdDest, WcOpcode, WcStatus, WorkCompletion,
 };
 
 /// Token of a timer entry that only flushes a QP that went to ERR as a responder.
@@ -83,11 +84,58 @@ impl Held {
     }
 }
 
+/// The SGE list of a queued WR. A guest's WQEs nearly always carry one or two SGEs, so two are
+/// kept inline and a longer list (at most [`crate::MAX_SGE`], checked when the WR is posted)
+/// goes to the heap: a queued receive of one SGE takes 48 bytes, not the 272 of a [`RecvWr`]
+/// with its 16 inline slots, and posted receives nobody consumes are most of what a guest can
+/// make the backend hold.
+pub(crate) type QueuedSges = SmallVec<[Sge; 2]>;
+
+/// A send WR as a send queue keeps it: a [`SendWr`] with a compact SGE list.
+#[derive(Debug)]
+pub(crate) struct QueuedSend {
+    pub wr_id: u64,
+    pub op: SendOp,
+    pub sges: QueuedSges,
+    pub signaled: bool,
+    pub solicited: bool,
+    pub ud: Option<UdDest>,
+}
+
+impl From<&SendWr> for QueuedSend {
+    fn from(wr: &SendWr) -> Self {
+        QueuedSend {
+            wr_id: wr.wr_id,
+            op: wr.op,
+            sges: QueuedSges::from_slice(wr.sges.as_slice()),
+            signaled: wr.signaled,
+            solicited: wr.solicited,
+            ud: wr.ud,
+        }
+    }
+}
+
+/// A receive WR as a receive queue or SRQ keeps it: a [`RecvWr`] with a compact SGE list.
+#[derive(Debug)]
+pub(crate) struct QueuedRecv {
+    pub wr_id: u64,
+    pub sges: QueuedSges,
+}
+
+impl From<&RecvWr> for QueuedRecv {
+    fn from(wr: &RecvWr) -> Self {
+        QueuedRecv {
+            wr_id: wr.wr_id,
+            sges: QueuedSges::from_slice(wr.sges.as_slice()),
+        }
+    }
+}
+
 /// The send-side state of a QP.
 #[derive(Debug)]
 pub(crate) struct Sq {
     /// WRs posted and not yet completed, in order.
-    pub pending: VecDeque<SendWr>,
+    pub pending: VecDeque<QueuedSend>,
     /// Completions of the current run not yet delivered.
     pub held: Held,
     /// The head WR is waiting for a retry.
@@ -125,7 +173,7 @@ pub(crate) struct Stall {
 /// The receive-side state of a QP.
 #[derive(Debug)]
 pub(crate) struct Rq {
-    pub wqes: VecDeque<RecvWr>,
+    pub wqes: VecDeque<QueuedRecv>,
     /// Completions made by a sender's run not yet delivered.
     pub held: Held,
     /// Senders waiting (RNR) for a receive here.
@@ -148,7 +196,7 @@ pub(crate) struct Srq {
 /// The queue of an SRQ.
 #[derive(Debug)]
 pub(crate) struct SrqQ {
-    pub wqes: VecDeque<RecvWr>,
+    pub wqes: VecDeque<QueuedRecv>,
     pub limit: u32,
     pub waiters: Vec<Weak<Qp>>,
 }
@@ -554,7 +602,7 @@ fn add_waiter(list: &mut Vec<Weak<Qp>>, qp: &Arc<Qp>) {
 #[derive(Default)]
 struct Landing {
     /// The receive taken from the QP's SRQ (`None`: the head of its own queue).
-    from_srq: Option<RecvWr>,
+    from_srq: Option<QueuedRecv>,
 }
 
 impl Landing {
@@ -595,7 +643,7 @@ impl Landing {
 
     /// The receive found (`None` only if the own queue's head vanished, which the `rq` lock
     /// rules out).
-    fn wr<'a>(&'a self, rq: &'a Rq) -> Option<&'a RecvWr> {
+    fn wr<'a>(&'a self, rq: &'a Rq) -> Option<&'a QueuedRecv> {
         self.from_srq.as_ref().or_else(|| rq.wqes.front())
     }
 
@@ -655,7 +703,7 @@ fn execute_rc(
     lw: &mut Window<'_>,
     peer: Option<(&Peer, &mut Window<'_>)>,
     timeout: u8,
-    wr: &SendWr,
+    wr: &QueuedSend,
 ) -> Outcome {
     if wr.sges.as_slice().len() > qp.max_send_sge as usize {
         return Outcome::Error(WcStatus::LocLenErr);
@@ -992,7 +1040,7 @@ fn execute_ud(
     qp: &Arc<Qp>,
     lw: &mut Window<'_>,
     sq: &Sq,
-    wr: &SendWr,
+    wr: &QueuedSend,
 ) -> Outcome {
     let (SendOp::Send { imm }, Some(ud)) = (wr.op, wr.ud) else {
         return Outcome::Error(WcStatus::LocQpOpErr);
@@ -1076,4 +1124,42 @@ fn execute_ud(
     landing.consume(&mut rq);
     rq.held.deliver_then(&*tb.sink, std::slice::from_ref(&wc));
     Outcome::Done(len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{QueuedRecv, QueuedSend};
+    use crate::{RecvWr, SendWr, Sge, SgeList};
+
+    #[test]
+    fn queued_wrs_keep_short_sge_lists_inline_and_long_ones_whole() {
+        // What a posted WR costs the host while it waits (docs/benchmarks.md, memory).
+        assert_eq!(std::mem::size_of::<QueuedRecv>(), 48);
+        assert!(std::mem::size_of::<QueuedSend>() <= 160);
+        assert!(std::mem::size_of::<RecvWr>() >= 5 * std::mem::size_of::<QueuedRecv>());
+        for n in [0u32, 1, 2, 3, 16] {
+            let mut sges = SgeList::new();
+            for i in 0..n {
+                assert!(sges.push(Sge {
+                    addr: u64::from(i) << 12,
+                    length: i + 1,
+                    lkey: 100 + i,
+                }));
+            }
+            let r = QueuedRecv::from(&RecvWr { wr_id: 7, sges });
+            assert_eq!((r.wr_id, r.sges.as_slice()), (7, sges.as_slice()));
+            assert_eq!(r.sges.spilled(), n > 2);
+            let wr = SendWr {
+                wr_id: 9,
+                op: crate::SendOp::Send { imm: Some(1) },
+                sges,
+                signaled: true,
+                solicited: false,
+                ud: None,
+            };
+            let s = QueuedSend::from(&wr);
+            assert_eq!(s.sges.as_slice(), sges.as_slice());
+            assert_eq!((s.wr_id, s.signaled, s.solicited), (9, true, false));
+        }
+    }
 }
