@@ -775,7 +775,11 @@ fn rss(pid: u32) -> (u64, u64) {
     (field("VmRSS:"), field("RssAnon:"))
 }
 
-/// Resident memory of a `pvrdma serve` process: idle, then per idle CQ, QP and MR.
+/// Receives `mem_section` posts to each QP (its receive queue's size).
+const RECVS_PER_QP: u64 = 64;
+
+/// Resident memory of a `pvrdma serve` process: idle, then per idle CQ, QP and MR, and per
+/// receive posted and not consumed.
 fn mem_section(o: &Opts) -> Result<(), String> {
     let serve = spawn_serve(o.workers)?;
     let pid = serve.pid();
@@ -814,12 +818,30 @@ fn mem_section(o: &Opts) -> Result<(), String> {
         );
     }
     let after_mr = rss(pid);
-    let per = |a: (u64, u64), b: (u64, u64)| {
+    // Receives posted and not (yet) consumed: once the device has moved one from the guest's
+    // ring to the backend, the ring slot is the guest's again and the backend keeps the WR.
+    for (qp, mr) in qps.iter_mut().zip(&mrs) {
+        let sge = [mr.sge(0, 64)];
+        for r in 0..RECVS_PER_QP {
+            let ok = if r + 1 < RECVS_PER_QP {
+                d.push_recv(qp, r, &sge)
+            } else {
+                d.post_recv(qp, r, &sge)
+            };
+            if !ok {
+                return Err(format!("receive queue of QP {} full", qp.qpn));
+            }
+        }
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let after_recv = rss(pid);
+    let per_n = |a: (u64, u64), b: (u64, u64), n: f64| {
         (
-            (b.0 as f64 - a.0 as f64) * 1024.0 / n as f64,
-            (b.1 as f64 - a.1 as f64) * 1024.0 / n as f64,
+            (b.0 as f64 - a.0 as f64) * 1024.0 / n,
+            (b.1 as f64 - a.1 as f64) * 1024.0 / n,
         )
     };
+    let per = |a, b| per_n(a, b, n as f64);
     println!("pvrdma serve (pid {pid}), {} worker threads", o.workers);
     println!(
         "{:<40} {:>12} {:>12}",
@@ -831,6 +853,7 @@ fn mem_section(o: &Opts) -> Result<(), String> {
         ("+ idle CQs", after_cq),
         ("+ idle QPs (RTS)", after_qp),
         ("+ idle MRs (4 KiB)", after_mr),
+        ("+ 64 receives posted per QP", after_recv),
     ] {
         println!("{what:<40} {:>12} {:>12}", v.0, v.1);
     }
@@ -853,12 +876,19 @@ fn mem_section(o: &Opts) -> Result<(), String> {
     for (what, (vm, anon)) in rows {
         println!("{:<40} {vm:>12.0} {anon:>12.0}", format!("per idle {what}"));
     }
+    let recv = per_n(after_mr, after_recv, (n as u64 * RECVS_PER_QP) as f64);
+    println!(
+        "{:<40} {:>12.0} {:>12.0}",
+        "per posted receive (1 SGE)", recv.0, recv.1
+    );
     fields.push(("per_cq_rss_bytes", f(rows[0].1 .0)));
     fields.push(("per_cq_anon_bytes", f(rows[0].1 .1)));
     fields.push(("per_qp_rss_bytes", f(rows[1].1 .0)));
     fields.push(("per_qp_anon_bytes", f(rows[1].1 .1)));
     fields.push(("per_mr_rss_bytes", f(rows[2].1 .0)));
     fields.push(("per_mr_anon_bytes", f(rows[2].1 .1)));
+    fields.push(("per_recv_rss_bytes", f(recv.0)));
+    fields.push(("per_recv_anon_bytes", f(recv.1)));
     println!("{}", json_line(&fields));
     d.remove();
     Ok(())
