@@ -595,9 +595,9 @@ fn add_waiter(list: &mut Vec<Weak<Qp>>, qp: &Arc<Qp>) {
 }
 
 /// The receive an incoming message lands in (its QP's `rq` locked), found with [`Landing::find`].
-/// A receive of the QP's own queue stays at the head of that queue and is read in place (a
-/// receive WR is a few hundred bytes: its SGE list is inline) until the message is known to use
-/// it; one of an SRQ is taken out at once, since the SRQ's lock is not held across the copy.
+/// A receive of the QP's own queue stays at the head of that queue and is read in place (no
+/// copy out and back) until the message is known to use it; one of an SRQ is taken out at once,
+/// since the SRQ's lock is not held across the copy.
 /// Made once per message and never moved.
 #[derive(Default)]
 struct Landing {
