@@ -177,3 +177,23 @@ fn a_faulting_sender_leaves_the_receive_in_place() {
         assert_eq!((w[0].wr_id, w[1].wr_id), (2, 12), "SRQ: {on_srq}");
     }
 }
+
+/// A sender that waits without end for a receive (RNR with `rnr_retry` 7) is retried at once by
+/// a posted receive; its timer is only a backstop, and this is what it is for: the responder
+/// goes away instead, the backstop retry finds no responder, and the transport retries
+/// (`retry_cnt` 7, `timeout` 10: ~4 ms each) run out with `RetryExcErr`.
+#[test]
+fn an_endless_rnr_wait_ends_when_the_responder_goes() {
+    let fabric = Fabric::new();
+    let f = move |mem: GuestMem, sink: Arc<dyn CompletionSink>| -> Arc<dyn Backend> {
+        EmulatedBackend::new(&fabric, mem, sink)
+    };
+    let d = Dev::new(&f, 1);
+    let (qa, qb, _, _) = rc_pair(&d, &d, RcOpts::default());
+    let buf = d.buf(4096, Access::LOCAL_WRITE);
+    d.send(qa, 1, SEND, buf.sges(0, 8, 1));
+    d.quiet(std::time::Duration::from_millis(20));
+    d.be.destroy_qp(qb).unwrap();
+    let wcs = d.wait(1);
+    assert_eq!((wcs[0].wr_id, wcs[0].status), (1, WcStatus::RetryExcErr));
+}

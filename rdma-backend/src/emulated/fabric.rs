@@ -6,7 +6,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
 use std::thread::{self, JoinHandle, ThreadId};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::qp::{on_timer, Qp};
 use super::{lock, EmulatedBackend};
@@ -22,7 +22,12 @@ pub struct Fabric {
     next_backend: AtomicU64,
     timer: Arc<Timer>,
     thread: Mutex<Option<(JoinHandle<()>, ThreadId)>>,
+    /// Origin of the [`BACKSTOP`] grid.
+    epoch: Instant,
 }
+
+/// Granularity and least delay of backstop timers ([`Fabric::backstop`]).
+pub(crate) const BACKSTOP: Duration = Duration::from_millis(1);
 
 impl fmt::Debug for Fabric {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -132,6 +137,7 @@ impl Fabric {
             next_backend: AtomicU64::new(1),
             timer,
             thread: Mutex::new(Some((handle, id))),
+            epoch: Instant::now(),
         })
     }
 
@@ -164,6 +170,19 @@ impl Fabric {
         }
     }
 
+    /// The deadline of a timer that only backs up another wake-up (an RNR wait with infinite
+    /// retries, which a posted receive ends at once): at least `after` and [`BACKSTOP`] from
+    /// now, rounded up to the [`BACKSTOP`] grid, so that such timers share the timer thread's
+    /// wake-ups instead of costing one each.
+    pub(crate) fn backstop(&self, after: Duration) -> Instant {
+        let at = Instant::now() + after.max(BACKSTOP);
+        let grid = BACKSTOP.as_nanos();
+        let since = at.saturating_duration_since(self.epoch).as_nanos();
+        let up = since.div_ceil(grid).saturating_mul(grid);
+        let add = u64::try_from(up - since).unwrap_or(0);
+        at + Duration::from_nanos(add)
+    }
+
     /// Calls [`on_timer`]`(qp, token)` from the timer thread at `at`.
     pub(crate) fn schedule(&self, at: Instant, qp: Weak<Qp>, token: u64) {
         let mut q = lock(&self.timer.q);
@@ -188,5 +207,45 @@ impl Drop for Fabric {
                 let _ = h.join();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::{Fabric, BACKSTOP};
+
+    #[test]
+    fn backstop_deadlines_fall_on_a_shared_grid() {
+        let f = Fabric::new();
+        let grid = BACKSTOP.as_nanos();
+        let on_grid = |at: Instant| at.duration_since(f.epoch).as_nanos() % grid == 0;
+        for after in [
+            Duration::ZERO,
+            Duration::from_micros(10),
+            Duration::from_millis(5),
+        ] {
+            let before = Instant::now();
+            let at = f.backstop(after);
+            assert!(on_grid(at), "{after:?}");
+            assert!(at >= before + after.max(BACKSTOP), "{after:?}");
+            assert!(
+                at <= Instant::now() + after.max(BACKSTOP) + BACKSTOP,
+                "{after:?}"
+            );
+        }
+        // Short waits begun close together share one deadline (one wake-up of the timer).
+        let t = Instant::now();
+        let mut deadlines: Vec<Instant> = (0..100)
+            .map(|_| f.backstop(Duration::from_micros(10)))
+            .collect();
+        let ms = t.elapsed().as_millis() as usize;
+        deadlines.dedup();
+        assert!(
+            deadlines.len() <= ms + 2,
+            "{} deadlines in {ms} ms",
+            deadlines.len()
+        );
     }
 }

@@ -26,7 +26,10 @@
 //! QP in RESET, fails with [`Error::Invalid`] (IB returns `EINVAL` from `post_send`).
 //!
 //! The transport-retry delay is `4.096 µs × 2^timeout`, capped at 100 ms (and 100 ms for the
-//! "infinite" encoding 0); RNR delays follow the IB table unscaled.
+//! "infinite" encoding 0); RNR delays follow the IB table unscaled, except with infinite RNR
+//! retries (`rnr_retry` 7): the receive that ends the wait retries the send at once, and the
+//! timer only backs that up (a responder that changes state meanwhile), so it waits at least
+//! 1 ms, rounded up to a 1 ms grid shared by all such waits.
 
 mod fabric;
 mod mem;

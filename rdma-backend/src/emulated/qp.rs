@@ -549,8 +549,15 @@ fn run(be: &EmulatedBackend, qp: &Arc<Qp>, sq: &mut Sq, mut trigger: Trigger, pe
                     left: left.map(|l| l - 1),
                 });
                 sq.token += 1;
-                be.fabric
-                    .schedule(Instant::now() + delay, Arc::downgrade(qp), sq.token);
+                // With infinite RNR retries a receive posted to the responder retries at once
+                // (the waiter registered by `Landing::find`): the timer is only a backstop for a
+                // responder that changes state, and need not wake the timer thread per stall.
+                let at = if kind == StallKind::Rnr && left.is_none() {
+                    be.fabric.backstop(delay)
+                } else {
+                    Instant::now() + delay
+                };
+                be.fabric.schedule(at, Arc::downgrade(qp), sq.token);
                 return;
             }
         }
