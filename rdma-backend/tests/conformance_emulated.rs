@@ -11,12 +11,16 @@ use rdma_backend::{
 };
 use vm_memory::GuestAddress;
 
-fn run(case: fn(&Factory<'_>)) {
+/// Emulated backends on a fabric of their own.
+fn emulated() -> impl Fn(GuestMem, Arc<dyn CompletionSink>) -> Arc<dyn Backend> {
     let fabric = Fabric::new();
-    let f = move |mem: GuestMem, sink: Arc<dyn CompletionSink>| -> Arc<dyn Backend> {
+    move |mem: GuestMem, sink: Arc<dyn CompletionSink>| -> Arc<dyn Backend> {
         EmulatedBackend::new(&fabric, mem, sink)
-    };
-    case(&f);
+    }
+}
+
+fn run(case: fn(&Factory<'_>)) {
+    case(&emulated());
 }
 
 macro_rules! cases {
@@ -113,10 +117,7 @@ fn a_run_hands_over_each_queues_completions_together() {
 /// aimed at the same QP) lands in it.
 #[test]
 fn a_faulting_sender_leaves_the_receive_in_place() {
-    let fabric = Fabric::new();
-    let f = move |mem: GuestMem, sink: Arc<dyn CompletionSink>| -> Arc<dyn Backend> {
-        EmulatedBackend::new(&fabric, mem, sink)
-    };
+    let f = emulated();
     let d = Dev::new(&f, 1);
     let buf = d.buf(8192, Access::LOCAL_WRITE);
     // One page, far beyond the 64 MiB of guest memory.
@@ -184,10 +185,7 @@ fn a_faulting_sender_leaves_the_receive_in_place() {
 /// (`retry_cnt` 7, `timeout` 10: ~4 ms each) run out with `RetryExcErr`.
 #[test]
 fn an_endless_rnr_wait_ends_when_the_responder_goes() {
-    let fabric = Fabric::new();
-    let f = move |mem: GuestMem, sink: Arc<dyn CompletionSink>| -> Arc<dyn Backend> {
-        EmulatedBackend::new(&fabric, mem, sink)
-    };
+    let f = emulated();
     let d = Dev::new(&f, 1);
     let (qa, qb, _, _) = rc_pair(&d, &d, RcOpts::default());
     let buf = d.buf(4096, Access::LOCAL_WRITE);
