@@ -85,8 +85,8 @@ impl Held {
 }
 
 /// The SGE list of a queued WR. A guest's WQEs nearly always carry one or two SGEs, so two are
-/// kept inline and a longer list (at most [`crate::MAX_SGE`], checked when the WR is posted)
-/// goes to the heap: a queued receive of one SGE takes 48 bytes, not the 272 of a [`RecvWr`]
+/// kept inline and a longer list (at most [`crate::MAX_SGE`], the bound of an `SgeList`) goes
+/// to the heap: a queued receive of one SGE takes 48 bytes, not the 272 of a [`RecvWr`]
 /// with its 16 inline slots, and posted receives nobody consumes are most of what a guest can
 /// make the backend hold.
 pub(crate) type QueuedSges = SmallVec<[Sge; 2]>;
