@@ -9,7 +9,7 @@ use rdma_backend::MAX_SGE;
 pub const MAX_QP_LIMIT: u32 = 0xffff;
 
 /// Device configuration.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceConfig {
     /// MAC of the paired vmxnet3; the node GUID and default GID derive from it.
     pub mac: [u8; 6],

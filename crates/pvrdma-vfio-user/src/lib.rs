@@ -9,10 +9,15 @@
 //!    DMA_MAP/UNMAP ────── GuestMemoryAtomic::replace   (workers take snapshots)
 //!    SET_IRQS ─────────── EventfdIrqs ◀─────────────── InterruptSink::trigger / set_intx
 //! ```
-//! The server thread serves one client at a time, one message at a time; every write is
-//! non-posted (answered after the device handled it). When the client disconnects, its device is
-//! shut down and the next client gets a fresh one (new device, empty guest memory). One emulated
-//! RDMA fabric is shared by every device of the process.
+//! A [`Server`] is one device's socket: its thread serves one client at a time, one message at
+//! a time; every write is non-posted (answered after the device handled it). When the client
+//! disconnects, its device is shut down and the next client gets a fresh one (new device, empty
+//! guest memory). A [`Host`] runs many such servers at once, one per VM, each on its own thread
+//! with its own socket, MAC and limits, all on one emulated RDMA fabric: that is how the VMs of
+//! one host reach each other.
+//!
+//! A client whose message makes the protocol layer panic loses its connection (its device is
+//! shut down as at a disconnect); the socket goes on accepting, and no other device notices.
 //!
 //! Guest mistakes (accesses outside a region, unknown regions or interrupt indexes) are logged
 //! and answered, never turned into protocol errors. Client mistakes in DMA_MAP/UNMAP (overlaps,
@@ -21,6 +26,7 @@
 
 pub mod conn;
 pub mod dma;
+pub mod host;
 pub mod irq;
 pub mod regions;
 pub mod vmm;
@@ -37,6 +43,7 @@ use pvrdma_dev::{DeviceConfig, DeviceHandle};
 use rdma_backend::emulated::Fabric;
 
 pub use conn::Connection;
+pub use host::{DeviceSpec, Host, HostLimits};
 
 /// Errors of the server.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +72,14 @@ pub enum Error {
     /// The server thread panicked.
     #[error("the server thread panicked")]
     Panicked,
+    /// A device cannot be added to a host (duplicate socket, MAC or name; too many devices).
+    #[error("cannot add device `{name}`: {why}")]
+    Refused {
+        /// The device's name.
+        name: String,
+        /// Why.
+        why: String,
+    },
 }
 
 /// Result of this crate.
@@ -73,6 +88,8 @@ pub type Result<T> = std::result::Result<T, Error>;
 /// Where to listen and what device to serve.
 #[derive(Debug)]
 pub struct ServeOptions {
+    /// The device's name in logs and thread names (each client's device is `NAME.N`).
+    pub name: String,
     /// Socket path to create (must not exist; removed when the server is dropped). Ignored
     /// when `listen_fd` is set.
     pub socket: PathBuf,
@@ -99,6 +116,7 @@ impl ServeOptions {
     /// A default device on `socket`.
     pub fn new(socket: impl Into<PathBuf>) -> ServeOptions {
         ServeOptions {
+            name: "pvrdma".into(),
             socket: socket.into(),
             listen_fd: None,
             device: DeviceConfig::default(),
@@ -195,7 +213,9 @@ impl Stopper {
 pub struct Server {
     server: vfio_user::Server,
     path: Option<PathBuf>,
-    device: DeviceConfig,
+    name: String,
+    /// The configuration of the next client's device (a host may change it meanwhile).
+    device: Arc<Mutex<DeviceConfig>>,
     backend: BackendChoice,
     fabric: Arc<Fabric>,
     stopper: Stopper,
@@ -205,14 +225,20 @@ pub struct Server {
 impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Server")
+            .field("name", &self.name)
             .field("path", &self.path)
             .finish_non_exhaustive()
     }
 }
 
 impl Server {
-    /// Listens on `opts.socket` (or `opts.listen_fd`).
+    /// Listens on `opts.socket` (or `opts.listen_fd`), with a fabric of its own.
     pub fn bind(opts: ServeOptions) -> Result<Server> {
+        Server::bind_on(opts, Fabric::new())
+    }
+
+    /// Listens on `opts.socket` (or `opts.listen_fd`); each client's device joins `fabric`.
+    pub fn bind_on(opts: ServeOptions, fabric: Arc<Fabric>) -> Result<Server> {
         opts.device
             .validate()
             .map_err(|e| Error::Device(pvrdma_dev::DeviceError::Config(e)))?;
@@ -234,9 +260,10 @@ impl Server {
         Ok(Server {
             server,
             path,
-            device: opts.device,
+            name: opts.name,
+            device: Arc::new(Mutex::new(opts.device)),
             backend: opts.backend,
-            fabric: Fabric::new(),
+            fabric,
             stopper: Stopper {
                 stop: Arc::new(AtomicBool::new(false)),
                 wake: addr,
@@ -256,39 +283,55 @@ impl Server {
         self.path.as_deref()
     }
 
+    /// The device's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Where the configuration of the next client's device is kept.
+    fn config(&self) -> Arc<Mutex<DeviceConfig>> {
+        self.device.clone()
+    }
+
     /// Serves clients one after the other, each with a fresh device, until stopped.
     pub fn run(&self) -> Result<()> {
+        let name = &self.name;
         while !self.stopper.stopping() {
             let n = self.clients.fetch_add(1, Ordering::Relaxed);
-            let mut conn = Connection::new(
-                &self.device,
-                format!("pvrdma{n}"),
-                &self.fabric,
-                &self.backend,
-            )
-            .map_err(Error::Device)?;
-            if let Ok(mut g) = self.stopper.current.lock() {
-                *g = Some(conn.device().clone());
-            }
-            let r = self.server.run(&mut conn);
-            if let Ok(mut g) = self.stopper.current.lock() {
-                *g = None;
-            }
+            let cfg = lock(&self.device).clone();
+            let mut conn =
+                Connection::new(&cfg, format!("{name}.{n}"), &self.fabric, &self.backend)
+                    .map_err(Error::Device)?;
+            *lock(&self.stopper.current) = Some(conn.device().clone());
+            // The protocol layer is a dependency that trusts the client more than it should: a
+            // panic there ends this client's connection (the stream is dropped on the way out),
+            // never the process or another device.
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.server.run(&mut conn)
+            }));
+            *lock(&self.stopper.current) = None;
             conn.shutdown();
             match r {
-                Ok(()) if self.stopper.stopping() => log::debug!("woken to stop"),
-                Ok(()) => log::info!("client disconnected"),
-                Err(e) if self.stopper.stopping() => log::debug!("stopping: {e}"),
-                Err(vfio_user::Error::SocketAccept(e)) => {
-                    log::error!("accept failed: {e}");
+                Err(_) => log::error!(
+                    "{name}: a client message broke the protocol layer; connection closed"
+                ),
+                Ok(Ok(())) if self.stopper.stopping() => log::debug!("{name}: woken to stop"),
+                Ok(Ok(())) => log::info!("{name}: client disconnected"),
+                Ok(Err(e)) if self.stopper.stopping() => log::debug!("{name}: stopping: {e}"),
+                Ok(Err(vfio_user::Error::SocketAccept(e))) => {
+                    log::error!("{name}: accept failed: {e}");
                     std::thread::sleep(Duration::from_millis(100));
                 }
-                Err(e) => log::warn!("client connection ended: {e}"),
+                Ok(Err(e)) => log::warn!("{name}: client connection ended: {e}"),
             }
         }
-        log::info!("server stopped");
+        log::info!("{name}: server stopped");
         Ok(())
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Drop for Server {
@@ -304,24 +347,39 @@ impl Drop for Server {
 pub struct RunningServer {
     stopper: Stopper,
     path: Option<PathBuf>,
+    config: Arc<Mutex<DeviceConfig>>,
     thread: Option<JoinHandle<Result<()>>>,
 }
 
 impl RunningServer {
-    /// Binds and starts serving on a thread named `pvrdma-vfio-user`.
+    /// Binds and starts serving on a thread named `vfio-user:NAME`, with a fabric of its own.
     pub fn spawn(opts: ServeOptions) -> Result<RunningServer> {
-        let server = Server::bind(opts)?;
+        RunningServer::spawn_on(opts, Fabric::new())
+    }
+
+    /// Binds and starts serving on a thread named `vfio-user:NAME`; each client's device joins
+    /// `fabric`.
+    pub fn spawn_on(opts: ServeOptions, fabric: Arc<Fabric>) -> Result<RunningServer> {
+        let server = Server::bind_on(opts, fabric)?;
         let stopper = server.stopper();
         let path = server.path().map(Path::to_path_buf);
+        let config = server.config();
         let thread = std::thread::Builder::new()
-            .name("pvrdma-vfio-user".into())
+            .name(format!("vfio-user:{}", server.name()))
             .spawn(move || server.run())
             .map_err(Error::Spawn)?;
         Ok(RunningServer {
             stopper,
             path,
+            config,
             thread: Some(thread),
         })
+    }
+
+    /// Replaces the configuration the next client's device gets (a connected client keeps the
+    /// device it has).
+    pub fn set_config(&self, cfg: DeviceConfig) {
+        *lock(&self.config) = cfg;
     }
 
     /// The stop handle.
@@ -362,39 +420,81 @@ impl RunningServer {
     }
 }
 
-/// Serves until SIGINT or SIGTERM (then returns `Ok`), or until the server fails.
+/// Serves one device until SIGINT or SIGTERM (then returns `Ok`), or until its server fails.
 pub fn serve(opts: ServeOptions) -> Result<()> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
+    let host = Host::new(opts.backend.clone(), HostLimits::default())?;
+    host.add(DeviceSpec {
+        name: opts.name,
+        socket: opts.socket,
+        listen_fd: opts.listen_fd,
+        device: opts.device,
+    })?;
+    serve_host(
+        &host,
+        None::<fn() -> std::result::Result<Vec<DeviceSpec>, String>>,
+    )
+}
+
+/// Serves `host`'s devices until SIGINT or SIGTERM (then returns `Ok`). On SIGHUP, `reload`
+/// (if given) says which devices the host should now serve, and [`Host::apply`] makes it so; a
+/// reload that fails changes nothing. A device whose server fails is taken out and logged; the
+/// call fails only if that leaves the host with no device.
+pub fn serve_host<R>(host: &Host, mut reload: Option<R>) -> Result<()>
+where
+    R: FnMut() -> std::result::Result<Vec<DeviceSpec>, String>,
+{
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let mut signals =
-        signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).map_err(Error::Signals)?;
-    let running = RunningServer::spawn(opts)?;
-    let (tx, rx) = std::sync::mpsc::channel::<Option<i32>>();
+        signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]).map_err(Error::Signals)?;
+    let (tx, rx) = std::sync::mpsc::channel::<i32>();
     let sig_handle = signals.handle();
-    let stx = tx.clone();
     let sig_thread = std::thread::Builder::new()
         .name("pvrdma-signals".into())
         .spawn(move || {
-            if let Some(s) = signals.forever().next() {
-                let _ = stx.send(Some(s));
+            for s in signals.forever() {
+                if tx.send(s).is_err() {
+                    break;
+                }
             }
         })
         .map_err(Error::Spawn)?;
+    let mut result = Ok(());
     loop {
         match rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(Some(sig)) => {
+            Ok(SIGHUP) => match reload.as_mut().map(|r| r()) {
+                None => log::info!("SIGHUP: no configuration file to reload"),
+                Some(Err(e)) => log::error!("reload: {e}; nothing changed"),
+                Some(Ok(specs)) => match host.apply(specs) {
+                    Ok(c) => log::info!(
+                        "reload: added {:?}, removed {:?}, updated {:?}",
+                        c.added,
+                        c.removed,
+                        c.updated
+                    ),
+                    Err(e) => log::error!("reload: {e}"),
+                },
+            },
+            Ok(sig) => {
                 log::info!("signal {sig}: stopping");
                 break;
             }
-            Ok(None) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                if running.is_finished() {
-                    break;
+                let failed = host.reap();
+                for (name, e) in &failed {
+                    log::error!("device {name} failed and is no longer served: {e}");
+                }
+                if host.devices().is_empty() {
+                    if let Some((_, e)) = failed.into_iter().next() {
+                        result = Err(e);
+                        break;
+                    }
                 }
             }
         }
     }
-    drop(tx);
     sig_handle.close();
     let _ = sig_thread.join();
-    running.stop(Duration::from_millis(500))
+    host.stop(Duration::from_millis(500));
+    result
 }
