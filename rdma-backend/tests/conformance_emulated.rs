@@ -6,8 +6,8 @@ use std::sync::Arc;
 use rdma_backend::conformance::{self, rc_pair, wr, Dev, Factory, RcOpts, SEND};
 use rdma_backend::emulated::{EmulatedBackend, Fabric, HOLD_MAX};
 use rdma_backend::{
-    Access, AsyncEvent, Backend, CompletionSink, GuestMem, MrKind, QpType, RecvWr, SendWr, Sge,
-    SgeList, WcStatus, WorkCompletion,
+    Access, AsyncEvent, Backend, CompletionSink, GuestMem, MrKind, QpAttrs, QpState, QpType,
+    RecvWr, SendOp, SendWr, Sge, SgeList, WcStatus, WorkCompletion,
 };
 use vm_memory::GuestAddress;
 
@@ -144,9 +144,7 @@ fn a_faulting_sender_leaves_the_receive_in_place() {
     for on_srq in [false, true] {
         let (qb, nb) = d.qp(QpType::Rc, on_srq.then_some(srq));
         let (qa, na) = d.qp(QpType::Rc, None);
-        let (qc, _) = d.qp(QpType::Rc, None);
         d.connect(qa, d.gid, nb, RcOpts::default());
-        d.connect(qc, d.gid, nb, RcOpts::default());
         d.connect(qb, d.gid, na, RcOpts::default());
         for id in [1, 2] {
             let wr = RecvWr {
@@ -162,7 +160,14 @@ fn a_faulting_sender_leaves_the_receive_in_place() {
         d.send(qa, 10, SEND, bad_sge);
         let w = d.wait(1);
         assert_eq!((w[0].wr_id, w[0].status), (10, WcStatus::LocProtErr));
-        d.send(qc, 11, SEND, buf.sges(0, 8, 1));
+        // The requester is in ERR now: reset it and connect it again to the same responder.
+        let reset = QpAttrs {
+            state: Some(QpState::Reset),
+            ..Default::default()
+        };
+        d.be.modify_qp(qa, &reset).unwrap();
+        d.connect(qa, d.gid, nb, RcOpts::default());
+        d.send(qa, 11, SEND, buf.sges(0, 8, 1));
         let mut w = d.wait(2);
         w.sort_by_key(|w| w.wr_id);
         let got: Vec<(u64, WcStatus)> = w.iter().map(|w| (w.wr_id, w.status)).collect();
@@ -172,7 +177,7 @@ fn a_faulting_sender_leaves_the_receive_in_place() {
             "SRQ: {on_srq}"
         );
         // The second receive is still there for the next one.
-        d.send(qc, 12, SEND, buf.sges(0, 8, 1));
+        d.send(qa, 12, SEND, buf.sges(0, 8, 1));
         let mut w = d.wait(2);
         w.sort_by_key(|w| w.wr_id);
         assert_eq!((w[0].wr_id, w[1].wr_id), (2, 12), "SRQ: {on_srq}");
@@ -194,4 +199,51 @@ fn an_endless_rnr_wait_ends_when_the_responder_goes() {
     d.be.destroy_qp(qb).unwrap();
     let wcs = d.wait(1);
     assert_eq!((wcs[0].wr_id, wcs[0].status), (1, WcStatus::RetryExcErr));
+}
+
+/// An RC responder serves only the requester it is connected to, whatever that requester's
+/// guest wrote: a third QP (on another backend of the fabric, as another VM would be) that
+/// names the responder's GID and QPN, with a valid rkey, reaches nothing. Its requests are
+/// dropped as a real HCA drops them, so it sees a missing responder (`RetryExcErr`), and the
+/// responder's receive and memory are untouched.
+#[test]
+fn a_responder_serves_only_its_connected_requester() {
+    let f = emulated();
+    let (a, b, c) = (Dev::new(&f, 1), Dev::new(&f, 2), Dev::new(&f, 3));
+    let (qa, qb, _, nb) = rc_pair(&a, &b, RcOpts::default());
+    let (qc, _) = c.qp(QpType::Rc, None);
+    c.connect(qc, b.gid, nb, RcOpts::default());
+    let target = b.buf(4096, Access::LOCAL_WRITE | Access::REMOTE_WRITE);
+    b.be.post_recv(
+        qb,
+        &RecvWr {
+            wr_id: 1,
+            sges: target.sges(0, 64, 1),
+        },
+    )
+    .unwrap();
+    let src = c.buf(4096, Access::LOCAL_WRITE);
+    src.write(&c.mem, 0, &[0x5a; 64]);
+    let write = SendOp::RdmaWrite {
+        remote_addr: target.iova,
+        rkey: target.keys.rkey,
+        imm: None,
+    };
+    c.send(qc, 20, write, src.sges(0, 64, 1));
+    c.send(qc, 21, SEND, src.sges(0, 8, 1));
+    let w = c.wait(2);
+    assert!(
+        w.iter().any(|w| w.status == WcStatus::RetryExcErr),
+        "the intruder sees no responder: {w:?}"
+    );
+    assert!(
+        target.read(&b.mem, 0, 64).iter().all(|&x| x == 0),
+        "nothing written"
+    );
+    // The connected requester still gets the receive.
+    let sbuf = a.buf(4096, Access::LOCAL_WRITE);
+    a.send(qa, 30, SEND, sbuf.sges(0, 8, 1));
+    let w = b.wait(1);
+    assert_eq!((w[0].wr_id, w[0].status), (1, WcStatus::Success));
+    assert_eq!(a.wait(1)[0].status, WcStatus::Success);
 }

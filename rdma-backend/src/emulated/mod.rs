@@ -649,6 +649,7 @@ impl Backend for EmulatedBackend {
             state: AtomicU8::new(QpState::Reset as u8),
             access: AtomicU32::new(0),
             dead: AtomicBool::new(false),
+            connected: Mutex::new(qp::Connected::default()),
             sq: Mutex::new(Sq {
                 pending: VecDeque::new(),
                 held: Held::default(),
@@ -718,6 +719,12 @@ impl Backend for EmulatedBackend {
         if let Some(av) = attrs.ah {
             sq.ah = Some(av);
             sq.remote = Weak::new();
+        }
+        if attrs.dest_qp_num.is_some() || attrs.ah.is_some() {
+            *lock(&qp.connected) = qp::Connected {
+                qpn: sq.dest_qpn,
+                gid: sq.ah.map(|a| a.dgid),
+            };
         }
         if let Some(a) = attrs.access {
             qp.access.store(a.bits(), Ordering::Release);

@@ -30,8 +30,8 @@ use vm_memory::{atomic::GuestMemoryLoadGuard, GuestAddressSpace, GuestMemoryMmap
 use super::mem::{atomic_at, atomic_target, copy, write_bytes, Fault, Segs, Window};
 use super::{lock, EmulatedBackend};
 use crate::{
-    Access, AddressVector, AsyncEvent, CompletionSink, CqId, PdId, QpState, QpType, RecvWr, SendOp,
-    SendWr, Sge, SrqId, UdDest, WcOpcode, WcStatus, WorkCompletion,
+    Access, AddressVector, AsyncEvent, CompletionSink, CqId, Gid, PdId, QpState, QpType, RecvWr,
+    SendOp, SendWr, Sge, SrqId, UdDest, WcOpcode, WcStatus, WorkCompletion,
 };
 
 /// Token of a timer entry that only flushes a QP that went to ERR as a responder.
@@ -222,8 +222,35 @@ pub(crate) struct Qp {
     pub access: AtomicU32,
     /// Set (under both locks) by destroy: nothing of the QP is delivered afterwards.
     pub dead: AtomicBool,
+    /// The one requester an RC QP serves as responder (set with the QP's own destination; a
+    /// leaf lock, taken by requesters of other QPs while they hold their own `sq`).
+    pub connected: Mutex<Connected>,
     pub sq: Mutex<Sq>,
     pub rq: Mutex<Rq>,
+}
+
+/// The peer an RC QP is connected to: its QPN and, with an address vector, its GID.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Connected {
+    pub qpn: u32,
+    pub gid: Option<Gid>,
+}
+
+impl Qp {
+    /// Whether QP `qpn` of backend `from` is the requester this QP is connected to. The fabric
+    /// knows which backend sent a request, so a guest cannot pose as another VM's QP: the GID
+    /// this QP was connected to must belong to `from` (without an address vector, the peer is
+    /// on this QP's own backend).
+    pub(crate) fn serves(&self, from: &EmulatedBackend, qpn: u32) -> bool {
+        let c = *lock(&self.connected);
+        if c.qpn != qpn {
+            return false;
+        }
+        match c.gid {
+            Some(g) => from.fabric.lookup(&g).is_some_and(|b| b.id == from.id),
+            None => self.backend.upgrade().is_some_and(|b| b.id == from.id),
+        }
+    }
 }
 
 pub(crate) fn state_from(v: u8) -> QpState {
@@ -436,7 +463,7 @@ pub(crate) fn drive(be: &EmulatedBackend, qp: &Arc<Qp>, sq: &mut Sq, trigger: Tr
         return;
     }
     let peer = match qp.ty {
-        QpType::Rc => rc_target(be, sq).map(|(tb, tqp)| Peer {
+        QpType::Rc => rc_target(be, qp.qpn, sq).map(|(tb, tqp)| Peer {
             tmem: tb.mem.memory(),
             tb,
             tqp,
@@ -670,12 +697,19 @@ impl Landing {
     }
 }
 
-/// Resolves the RC responder of `sq`.
-fn rc_target(be: &EmulatedBackend, sq: &mut Sq) -> Option<(Arc<EmulatedBackend>, Arc<Qp>)> {
+/// Resolves the RC responder of QP `qpn` (whose `sq` this is). A responder that is not
+/// connected back to this QP drops the request, as an HCA drops packets for a QP from a source
+/// it is not connected to: to the requester that looks like a missing responder.
+fn rc_target(
+    be: &EmulatedBackend,
+    qpn: u32,
+    sq: &mut Sq,
+) -> Option<(Arc<EmulatedBackend>, Arc<Qp>)> {
     if let Some(t) = sq.remote.upgrade() {
         if !t.is_dead() {
             if let Some(tb) = t.backend.upgrade() {
-                return Some((tb, t));
+                // Checked on every run: the responder may have been connected elsewhere since.
+                return t.serves(be, qpn).then_some((tb, t));
             }
         }
     }
@@ -688,7 +722,7 @@ fn rc_target(be: &EmulatedBackend, sq: &mut Sq) -> Option<(Arc<EmulatedBackend>,
         return None;
     }
     sq.remote = Arc::downgrade(&t);
-    Some((tb, t))
+    t.serves(be, qpn).then_some((tb, t))
 }
 
 fn timeout_delay(enc: u8) -> Duration {
