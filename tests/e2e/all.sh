@@ -3,22 +3,28 @@
 # `pvrdma serve` process whose exit status is checked. Logs: target/e2e-logs/.
 # rdma_core_backend needs no pvrdma device: it runs the rdma-core backend's conformance suite on
 # soft-RoCE in the guest, with the test binary built by rdma-core-test-bin.sh.
+# vm2vm boots two guests (then a third) on ONE server with two devices (vms.sh, guest/vm2vm.sh).
 #
-#   tests/e2e/all.sh [TEST...]      default: probe pingpong perftest reload rping compare
+#   tests/e2e/all.sh [TEST...]      default: probe pingpong perftest reload rping compare vm2vm
 #                                   rdma_core_backend
+# PVRDMA_E2E_BIN=PATH: use that pvrdma binary instead of building target/release/pvrdma with cargo.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 cd "$REPO"
 TESTS=("$@")
-[ ${#TESTS[@]} -gt 0 ] || TESTS=(probe pingpong perftest reload rping compare rdma_core_backend)
+[ ${#TESTS[@]} -gt 0 ] || TESTS=(probe pingpong perftest reload rping compare vm2vm rdma_core_backend)
 
 "$HERE/setup.sh"
 # The pvrdma server, unless rdma_core_backend (which needs none) is the only test.
-if printf '%s\n' "${TESTS[@]}" | grep -qvx rdma_core_backend; then
-    cargo build --release --bin pvrdma
+if [ -n "${PVRDMA_E2E_BIN:-}" ]; then
+    BIN=$PVRDMA_E2E_BIN
+else
+    if printf '%s\n' "${TESTS[@]}" | grep -qvx rdma_core_backend; then
+        cargo build --release --bin pvrdma
+    fi
+    BIN=$REPO/target/release/pvrdma
 fi
-BIN=$REPO/target/release/pvrdma
 SOCKDIR=$REPO/target/e2e-sock
 mkdir -p "$SOCKDIR"
 
@@ -26,6 +32,21 @@ passed=0
 failed=0
 failures=()
 for t in "${TESTS[@]}"; do
+    if [ "$t" = vm2vm ]; then
+        # Two guests, then a third, on one server process with two devices: its own runner.
+        if PVRDMA_E2E_QUIET=1 "$HERE/vms.sh" --name "$t" --bin "$BIN" --timeout 400; then
+            passed=$((passed + 1))
+        else
+            failed=$((failed + 1))
+            failures+=("$t")
+        fi
+        for r in a b c; do
+            [ -e "$REPO/target/e2e-logs/$t-$r.console.log" ] || continue
+            grep -aE '^\[e2e\] (PASS|FAIL|figure|peer-death: ib_write_bw exited)' \
+                "$REPO/target/e2e-logs/$t-$r.console.log" | tr -d '\r' | sed "s/^/  [$t-$r] /" || true
+        done
+        continue
+    fi
     if [ "$t" = rdma_core_backend ]; then
         # No device and no server; the test binary goes into the guest.
         mkdir -p "$REPO/target/e2e-logs"

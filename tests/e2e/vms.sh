@@ -130,7 +130,7 @@ boot() { # ROLE
         -netdev "dgram,id=n0,local.type=unix,local.path=/e2e/work/link/${LOCAL[$r]},remote.type=unix,remote.path=/e2e/work/link/${REMOTE[$r]}"
         -device "vmxnet3,addr=0x10.0,multifunction=on,netdev=n0,mac=${MAC[$r]}"
         "${dev_args[@]}")
-    log "booting $r: ${IP[$r]} mac ${MAC[$r]}${NODEV:+ (no device)}${NODEV:- on ${SOCK[$r]}}, console log $log"
+    log "booting $r: ${IP[$r]} mac ${MAC[$r]}$([ -n "$NODEV" ] && echo " (no device)" || echo " on ${SOCK[$r]}"), console log $log"
     (
         exec timeout -k 10 "$TIMEOUT" unshare -m --propagation private /bin/bash -c '
             set -e
@@ -158,7 +158,8 @@ boot() { # ROLE
 reap() { # ROLE: wait for its QEMU (already ended or being stopped), keep the status
     local r=$1 st
     [ -n "${QPID[$r]:-}" ] || return 0
-    wait "${QPID[$r]}" && st=0 || st=$?
+    # (braces: no "Killed" notice from bash when b's timeout re-raises QEMU's SIGKILL)
+    { wait "${QPID[$r]}"; } 2>/dev/null && st=0 || st=$?
     QRC[$r]=$st
     unset "QPID[$r]"
     log "$r: QEMU ended (status $st) after $((SECONDS - START[$r]))s"
@@ -180,7 +181,7 @@ kill_qemu() { # ROLE
 if [ -n "$SERVER_CMD" ]; then
     rm -f "$SOCKDIR/a.sock" "$SOCKDIR/b.sock"
     log "starting server: $SERVER_CMD (log: $SERVER_LOG)"
-    RUST_LOG=${RUST_LOG:-info} bash -c "$SERVER_CMD" </dev/null >"$SERVER_LOG" 2>&1 &
+    RUST_LOG=${RUST_LOG:-info} NO_COLOR=1 bash -c "$SERVER_CMD" </dev/null >"$SERVER_LOG" 2>&1 &
     SERVER_PID=$!
     t=0
     while [ ! -S "$SOCKDIR/a.sock" ] || [ ! -S "$SOCKDIR/b.sock" ]; do

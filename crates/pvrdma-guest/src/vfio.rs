@@ -215,12 +215,12 @@ impl Transport for VfioUser {
     }
 }
 
-/// A `pvrdma serve` child process on a socket in a fresh temporary directory.
+/// A `pvrdma serve` child process on one or more sockets in a fresh temporary directory.
 #[derive(Debug)]
 pub struct ServeProcess {
     child: Option<Child>,
     dir: PathBuf,
-    socket: PathBuf,
+    sockets: Vec<PathBuf>,
 }
 
 impl ServeProcess {
@@ -228,6 +228,17 @@ impl ServeProcess {
     /// to accept connections. `bin` is the `pvrdma` binary (`env!("CARGO_BIN_EXE_pvrdma")` in
     /// the root package's tests).
     pub fn spawn(bin: &Path, args: &[&str]) -> io::Result<ServeProcess> {
+        Self::start(bin, None, args)
+    }
+
+    /// Starts one `pvrdma serve` with a device per MAC of `macs` (`--device
+    /// socket=DIR/vmI.sock,mac=MAC` each: the VMs of one host), then ARGS, and waits for every
+    /// socket. [`ServeProcess::sockets`] lists them in the order of `macs`.
+    pub fn spawn_devices(bin: &Path, macs: &[[u8; 6]], args: &[&str]) -> io::Result<ServeProcess> {
+        Self::start(bin, Some(macs), args)
+    }
+
+    fn start(bin: &Path, macs: Option<&[[u8; 6]]>, args: &[&str]) -> io::Result<ServeProcess> {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let dir = std::env::temp_dir().join(format!(
             "pvrdma-vfio-{}-{}",
@@ -235,26 +246,42 @@ impl ServeProcess {
             N.fetch_add(1, Ordering::Relaxed)
         ));
         std::fs::create_dir_all(&dir)?;
-        let socket = dir.join("pvrdma.sock");
-        let child = Command::new(bin)
-            .arg("serve")
-            .arg("--socket")
-            .arg(&socket)
-            .args(args)
-            .stdin(Stdio::null())
-            .spawn()?;
+        let mut cmd = Command::new(bin);
+        cmd.arg("serve");
+        let sockets = match macs {
+            None => {
+                let socket = dir.join("pvrdma.sock");
+                cmd.arg("--socket").arg(&socket);
+                vec![socket]
+            }
+            Some(macs) => macs
+                .iter()
+                .enumerate()
+                .map(|(i, m)| {
+                    let socket = dir.join(format!("vm{i}.sock"));
+                    let mac: Vec<String> = m.iter().map(|b| format!("{b:02x}")).collect();
+                    cmd.arg("--device").arg(format!(
+                        "socket={},mac={}",
+                        socket.display(),
+                        mac.join(":")
+                    ));
+                    socket
+                })
+                .collect(),
+        };
+        let child = cmd.args(args).stdin(Stdio::null()).spawn()?;
         let mut p = ServeProcess {
             child: Some(child),
             dir,
-            socket,
+            sockets,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !p.socket.exists() {
+        while !p.sockets.iter().all(|s| s.exists()) {
             if let Some(st) = p.child_mut().try_wait()? {
                 return Err(io::Error::other(format!("pvrdma serve exited: {st}")));
             }
             if Instant::now() > deadline {
-                return Err(io::Error::other("pvrdma serve did not create its socket"));
+                return Err(io::Error::other("pvrdma serve did not create its sockets"));
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -265,9 +292,14 @@ impl ServeProcess {
         self.child.as_mut().expect("child is present until drop")
     }
 
-    /// The socket path.
+    /// The (first) socket path.
     pub fn socket(&self) -> &Path {
-        &self.socket
+        &self.sockets[0]
+    }
+
+    /// Every device's socket path.
+    pub fn sockets(&self) -> &[PathBuf] {
+        &self.sockets
     }
 
     /// The process id.

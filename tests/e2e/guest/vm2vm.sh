@@ -67,7 +67,7 @@ client_retry() {
         [ "$(since "$t0" | cut -d. -f1)" -lt "$RETRY" ] || break
         sleep 1
     done
-    sed "s/^/[$name cli] /" "/tmp/$name.cli" | tail -n 25
+    sed "s/^/[$name cli] /" "/tmp/$name.cli" | tail -n "${CLI_LINES:-25}"
     say "$name: client rc=$rc after $n attempt(s), $(since "$t0") s"
     return $rc
 }
@@ -130,7 +130,7 @@ peer_death() {
     local port=$1 t0 rc pid
     rm -f /tmp/death.rc
     say "peer-death: client: ib_write_bw -d $DEV -x $X -F -s 65536 -D 100 -p $port $PEER"
-    ( client_retry death "$CONNECT_PAT" ib_write_bw -d "$DEV" -x "$X" -F -s 65536 -D 100 -p "$port" "$PEER"
+    ( CLI_LINES=1000 client_retry death "$CONNECT_PAT" ib_write_bw -d "$DEV" -x "$X" -F -s 65536 -D 100 -p "$port" "$PEER"
       echo $? >/tmp/death.rc ) &
     pid=$!
     if ! wait_for "$RETRY" rts_or_ended || [ -e /tmp/death.rc ]; then
@@ -152,6 +152,7 @@ peer_death() {
             rdma resource show qp link "$DEV/1"
             kill $pid $(pidof ib_write_bw) 2>/dev/null
             wait $pid
+            sed "s/^/[death cli] /" /tmp/death.cli
             return 1
         fi
         sleep 0.2

@@ -1,0 +1,620 @@
+//! Many VMs on one host: a device per VM, all on one emulated fabric, exchanging RDMA through
+//! their own guest rings. In-process by default; with `PVRDMA_TRANSPORT=vfio-user` the devices
+//! are those of ONE `pvrdma serve` process (`--device` per VM), each reached by its own client
+//! with its own guest RAM, as separate QEMUs would.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use pvrdma_dev::abi::{wr_opcode, Cqe};
+use pvrdma_dev::DeviceConfig;
+use pvrdma_guest::driver::{rc_connect_attrs, ud_attrs};
+use pvrdma_guest::transport::DEFAULT_RAM;
+use pvrdma_guest::vfio::{ServeProcess, VfioUser};
+use pvrdma_guest::{Cq, Ctx, Driver, InProcess, Mr, Qp, QpKind, SendWqe, Transport, UdAddr};
+use rdma_backend::emulated::Fabric;
+use rdma_backend::WcStatus;
+
+/// One VM's device, probed, with a user context and a PD.
+struct Vm {
+    drv: Driver,
+    mac: [u8; 6],
+    gid: [u8; 16],
+    ctx: Ctx,
+    pd: u32,
+}
+
+/// The host: the `pvrdma serve` process (vfio-user) or the shared fabric (in-process).
+#[allow(dead_code)]
+enum Host {
+    Serve(ServeProcess),
+    Fabric(Arc<Fabric>),
+}
+
+impl Host {
+    /// VM `i` of the host (again, after it went away: a fresh device on the same socket).
+    fn boot(&self, i: usize) -> Vm {
+        let mac = mac_of(i);
+        let t: Arc<dyn Transport> = match self {
+            Host::Serve(s) => Arc::new(VfioUser::connect(&s.sockets()[i]).expect("connect")),
+            Host::Fabric(f) => {
+                let cfg = DeviceConfig {
+                    mac,
+                    workers: 1,
+                    ..DeviceConfig::default()
+                };
+                Arc::new(InProcess::new(cfg, DEFAULT_RAM, f))
+            }
+        };
+        let drv = Driver::probe(t).expect("probe");
+        let gid = gid_of(mac);
+        drv.create_bind(0, gid, 1).expect("bind GID 0");
+        let ctx = drv.create_uc(1).expect("context");
+        let pd = drv.create_pd(ctx).expect("pd");
+        Vm {
+            drv,
+            mac,
+            gid,
+            ctx,
+            pd,
+        }
+    }
+}
+
+fn mac_of(i: usize) -> [u8; 6] {
+    [0x52, 0x54, 0x00, 0x17, 0x00, i as u8 + 1]
+}
+
+/// `n` VMs on one host.
+fn host(n: usize) -> (Host, Vec<Vm>) {
+    let host = if over_vfio_user() {
+        let macs: Vec<[u8; 6]> = (0..n).map(mac_of).collect();
+        Host::Serve(
+            ServeProcess::spawn_devices(
+                std::path::Path::new(env!("CARGO_BIN_EXE_pvrdma")),
+                &macs,
+                &["--workers", "1"],
+            )
+            .expect("pvrdma serve starts"),
+        )
+    } else {
+        Host::Fabric(Fabric::new())
+    };
+    let vms = (0..n).map(|i| host.boot(i)).collect();
+    (host, vms)
+}
+
+/// One end of an RC connection between two VMs: its QP and its own CQ.
+struct End {
+    qp: Qp,
+    cq: Cq,
+}
+
+/// Connects an RC QP of `a` with one of `b` (depth `depth`, 4 SGEs).
+fn connect(a: &Vm, b: &Vm, depth: u32) -> (End, End) {
+    let end = |v: &Vm| {
+        let cq = v
+            .drv
+            .create_cq(v.ctx, 4 * depth.next_power_of_two())
+            .expect("cq");
+        let qp = v
+            .drv
+            .create_qp(
+                v.ctx,
+                QpKind::Rc,
+                v.pd,
+                &cq,
+                &cq,
+                None,
+                (depth, depth, 4, 4),
+                false,
+            )
+            .expect("qp");
+        End { qp, cq }
+    };
+    let (ea, eb) = (end(a), end(b));
+    for m in rc_connect_attrs(eb.qp.qpn, b.gid, ALL_ACCESS) {
+        a.drv.modify_qp(&ea.qp, m).expect("modify a");
+    }
+    for m in rc_connect_attrs(ea.qp.qpn, a.gid, ALL_ACCESS) {
+        b.drv.modify_qp(&eb.qp, m).expect("modify b");
+    }
+    (ea, eb)
+}
+
+fn wqe(wr_id: u64, opcode: u32, sges: Vec<pvrdma_dev::abi::WireSge>, remote: &Mr) -> SendWqe {
+    SendWqe {
+        wr_id,
+        opcode,
+        flags: 2,
+        sges,
+        remote_addr: remote.iova,
+        rkey: remote.rkey,
+        ..Default::default()
+    }
+}
+
+fn one_on(v: &Vm, cq: &mut Cq) -> Cqe {
+    one(&v.drv, cq)
+}
+
+/// Every RC opcode from `a` to `b` with checksummed payloads of several sizes: SEND,
+/// SEND_WITH_IMM, WRITE, WRITE_WITH_IMM, READ, then both atomics on a counter of `b`.
+fn every_opcode(a: &Vm, b: &Vm, ea: &mut End, eb: &mut End, seed: u8) {
+    const LEN: u64 = (1 << 20) + 4096;
+    let la = a.drv.reg_mr(a.pd, 0x10_0000_0000, LEN, ALL_ACCESS).unwrap();
+    let lb = b.drv.reg_mr(b.pd, 0x20_0000_0000, LEN, ALL_ACCESS).unwrap();
+    for (k, &size) in [1usize, 4097, 1 << 20].iter().enumerate() {
+        let seed = seed.wrapping_add(k as u8 * 16);
+        let data = pattern(size, seed);
+        la.write(a.drv.mem(), 0, &data);
+        let mut got = vec![0u8; size];
+        // SEND and SEND_WITH_IMM land in a posted receive.
+        for (op, imm) in [
+            (wr_opcode::SEND, 0),
+            (wr_opcode::SEND_WITH_IMM, 0x5eed_0000 | size as u32),
+        ] {
+            lb.write(b.drv.mem(), 0, &vec![0u8; size]);
+            assert!(b.drv.post_recv(&mut eb.qp, 7, &[lb.sge(0, LEN as u32)]));
+            let w = SendWqe {
+                imm,
+                ..wqe(1, op, vec![la.sge(0, size as u32)], &lb)
+            };
+            assert!(a.drv.post_send(&mut ea.qp, &w));
+            assert_eq!(one_on(a, &mut ea.cq).status, 0, "send {op} of {size}");
+            let r = one_on(b, &mut eb.cq);
+            assert_eq!(
+                (r.status, r.byte_len),
+                (0, size as u32),
+                "recv {op} of {size}"
+            );
+            if op == wr_opcode::SEND_WITH_IMM {
+                assert_eq!((r.imm_data, r.wc_flags & 2), (imm, 2), "immediate");
+            }
+            lb.read(b.drv.mem(), 0, &mut got);
+            assert!(got == data, "SEND {op} of {size} bytes corrupted");
+        }
+        // WRITE, then WRITE_WITH_IMM at an odd offset (consumes a receive).
+        lb.write(b.drv.mem(), 0, &vec![0u8; size + 3]);
+        let w = wqe(2, wr_opcode::RDMA_WRITE, vec![la.sge(0, size as u32)], &lb);
+        assert!(a.drv.post_send(&mut ea.qp, &w));
+        assert_eq!(one_on(a, &mut ea.cq).status, 0, "write of {size}");
+        lb.read(b.drv.mem(), 0, &mut got);
+        assert!(got == data, "WRITE of {size} bytes corrupted");
+        assert!(b.drv.post_recv(&mut eb.qp, 8, &[lb.sge(0, 16)]));
+        let w = SendWqe {
+            imm: 0xfeed_0000 | k as u32,
+            remote_addr: lb.iova + 3,
+            ..wqe(
+                3,
+                wr_opcode::RDMA_WRITE_WITH_IMM,
+                vec![la.sge(0, size as u32)],
+                &lb,
+            )
+        };
+        assert!(a.drv.post_send(&mut ea.qp, &w));
+        assert_eq!(one_on(a, &mut ea.cq).status, 0, "write-imm of {size}");
+        let r = one_on(b, &mut eb.cq);
+        assert_eq!(
+            (r.status, r.opcode, r.imm_data),
+            (0, 129, 0xfeed_0000 | k as u32)
+        );
+        lb.read(b.drv.mem(), 3, &mut got);
+        assert!(got == data, "WRITE_WITH_IMM of {size} bytes corrupted");
+        // READ it back from b into a cleared buffer of a.
+        la.write(a.drv.mem(), 0, &vec![0u8; size]);
+        let w = SendWqe {
+            remote_addr: lb.iova + 3,
+            ..wqe(4, wr_opcode::RDMA_READ, vec![la.sge(0, size as u32)], &lb)
+        };
+        assert!(a.drv.post_send(&mut ea.qp, &w));
+        assert_eq!(one_on(a, &mut ea.cq).status, 0, "read of {size}");
+        la.read(a.drv.mem(), 0, &mut got);
+        assert!(got == data, "READ of {size} bytes corrupted");
+    }
+    // Atomics on b's counter, results in a's buffer.
+    lb.write(b.drv.mem(), 64, &100u64.to_le_bytes());
+    let faa = SendWqe {
+        compare_add: 5,
+        remote_addr: lb.iova + 64,
+        ..wqe(5, wr_opcode::ATOMIC_FETCH_AND_ADD, vec![la.sge(0, 8)], &lb)
+    };
+    assert!(a.drv.post_send(&mut ea.qp, &faa));
+    assert_eq!(one_on(a, &mut ea.cq).status, 0, "fetch-add");
+    let mut v = [0u8; 8];
+    la.read(a.drv.mem(), 0, &mut v);
+    assert_eq!(u64::from_le_bytes(v), 100);
+    let cas = SendWqe {
+        opcode: wr_opcode::ATOMIC_CMP_AND_SWP,
+        compare_add: 105,
+        swap: 7,
+        ..faa
+    };
+    assert!(a.drv.post_send(&mut ea.qp, &cas));
+    assert_eq!(one_on(a, &mut ea.cq).status, 0, "compare-swap");
+    lb.read(b.drv.mem(), 64, &mut v);
+    assert_eq!(u64::from_le_bytes(v), 7);
+    a.drv.destroy_mr(la).unwrap();
+    b.drv.destroy_mr(lb).unwrap();
+}
+
+#[test]
+fn every_rc_opcode_both_ways_between_two_vms() {
+    let (_host, vms) = host(2);
+    let (a, b) = (&vms[0], &vms[1]);
+    let (mut ea, mut eb) = connect(a, b, 16);
+    every_opcode(a, b, &mut ea, &mut eb, 1);
+    every_opcode(b, a, &mut eb, &mut ea, 2);
+}
+
+#[test]
+fn ud_and_gsi_between_two_vms() {
+    let (_host, vms) = host(2);
+    let (a, b) = (&vms[0], &vms[1]);
+    // UD: a datagram with the right Q_Key arrives with a GRH naming the sender; a wrong Q_Key
+    // is dropped (the sender still completes, as on a real network).
+    let mut cqa = a.drv.create_cq(a.ctx, 64).unwrap();
+    let mut cqb = b.drv.create_cq(b.ctx, 64).unwrap();
+    let caps = (16, 16, 1, 1);
+    let mut ua = a
+        .drv
+        .create_qp(a.ctx, QpKind::Ud, a.pd, &cqa, &cqa, None, caps, false)
+        .unwrap();
+    let mut ub = b
+        .drv
+        .create_qp(b.ctx, QpKind::Ud, b.pd, &cqb, &cqb, None, caps, false)
+        .unwrap();
+    for m in ud_attrs(0x1234) {
+        a.drv.modify_qp(&ua, m).unwrap();
+        b.drv.modify_qp(&ub, m).unwrap();
+    }
+    let ma = a.drv.reg_mr(a.pd, 0x4000_0000, 4096, ALL_ACCESS).unwrap();
+    let mb = b.drv.reg_mr(b.pd, 0x4000_0000, 8192, ALL_ACCESS).unwrap();
+    let payload = pattern(700, 9);
+    ma.write(a.drv.mem(), 0, &payload);
+    let ub_qpn = ub.qpn;
+    let to_b = |qkey| SendWqe {
+        ud: Some(UdAddr {
+            remote_qpn: ub_qpn,
+            qkey,
+            dgid: b.gid,
+            gid_index: 0,
+            dmac: b.mac,
+            pd: a.pd,
+        }),
+        ..send(1, ma.sge(0, 700))
+    };
+    assert!(b.drv.post_recv(&mut ub, 5, &[mb.sge(0, 40 + 1024)]));
+    assert!(a.drv.post_send(&mut ua, &to_b(0x9999)));
+    assert_eq!(one(&a.drv, &mut cqa).status, 0);
+    assert!(
+        b.drv
+            .wait_cqes(&mut cqb, 1, Duration::from_millis(200))
+            .is_empty(),
+        "wrong Q_Key dropped"
+    );
+    assert!(a.drv.post_send(&mut ua, &to_b(0x1234)));
+    assert_eq!(one(&a.drv, &mut cqa).status, 0);
+    let r = one(&b.drv, &mut cqb);
+    assert_eq!((r.status, r.byte_len, r.src_qp), (0, 740, ua.qpn));
+    let mut grh = [0u8; 40];
+    mb.read(b.drv.mem(), 0, &mut grh);
+    assert_eq!(
+        (&grh[8..24], &grh[24..40]),
+        (&a.gid[..], &b.gid[..]),
+        "GRH sgid, dgid"
+    );
+    let mut got = vec![0u8; 700];
+    mb.read(b.drv.mem(), 40, &mut got);
+    assert_eq!(got, payload);
+
+    // GSI: a MAD from a's QP1 to b's QP1 (what ib_cm and rdma_cm send), and the reply.
+    let mut ka = pvrdma_guest::kernel::ib_register(&a.drv, a.mac).unwrap();
+    let mut kb = pvrdma_guest::kernel::ib_register(&b.drv, b.mac).unwrap();
+    let mad = |from: &Vm,
+               k: &mut pvrdma_guest::kernel::KernelSetup,
+               to: &Vm,
+               kto: &mut pvrdma_guest::kernel::KernelSetup| {
+        let mad = pattern(256, 0x4d);
+        let buf = from.drv.alloc.contiguous(from.drv.mem(), 1);
+        use vm_memory::Bytes;
+        from.drv.mem().write_slice(&mad, buf).unwrap();
+        let w = SendWqe {
+            wr_id: 0x51,
+            opcode: wr_opcode::SEND,
+            flags: 2,
+            sges: vec![pvrdma_dev::abi::WireSge {
+                addr: buf.0,
+                length: 256,
+                lkey: k.dma_mr.lkey,
+            }],
+            ud: Some(UdAddr {
+                remote_qpn: 1,
+                qkey: 0x8000_0000,
+                dgid: kto.gid,
+                gid_index: 0,
+                dmac: to.mac,
+                pd: k.pd,
+            }),
+            ..Default::default()
+        };
+        assert!(from.drv.post_send(&mut k.gsi, &w));
+        assert_eq!(one(&from.drv, &mut k.cq).status, 0, "MAD sent");
+        let r = one(&to.drv, &mut kto.cq);
+        assert_eq!(
+            (r.status, r.byte_len, r.src_qp, r.opcode),
+            (0, 296, 1, 128),
+            "MAD received"
+        );
+    };
+    mad(a, &mut ka, b, &mut kb);
+    mad(b, &mut kb, a, &mut ka);
+    let _ = (&mut ua, &mut ub);
+}
+
+/// A VM reaches another VM's memory only through an rkey of an MR that VM registered with the
+/// matching remote access, within its bounds, on the QP connected to it. Every other attempt
+/// is a remote access error on the initiator, with nothing written or read.
+#[test]
+fn a_vm_reaches_another_only_with_its_keys_within_bounds() {
+    let (_host, vms) = host(3);
+    let (a, b, c) = (&vms[0], &vms[1], &vms[2]);
+    let la = a.drv.reg_mr(a.pd, 0x1000, 8192, ALL_ACCESS).unwrap();
+    la.write(a.drv.mem(), 0, &[0xa5; 8192]);
+    // b: an MR with remote write and read, one with none; c: an MR of its own.
+    let rw = b.drv.reg_mr(b.pd, 0x50_0000, 4096, ALL_ACCESS).unwrap();
+    let local_only = b.drv.reg_mr(b.pd, 0x60_0000, 4096, 1).unwrap();
+    // c's MR comes after others of its own, so that its rkey names no MR of b (keys are
+    // per device: the same number may be valid on two devices, each for its own MR).
+    for i in 0..4 {
+        c.drv
+            .reg_mr(c.pd, 0x80_0000 + i * 0x1_0000, 4096, ALL_ACCESS)
+            .unwrap();
+    }
+    let of_c = c.drv.reg_mr(c.pd, 0x50_0000, 4096, ALL_ACCESS).unwrap();
+    let zero = vec![0u8; 4096];
+    rw.write(b.drv.mem(), 0, &zero);
+    local_only.write(b.drv.mem(), 0, &zero);
+    of_c.write(c.drv.mem(), 0, &zero);
+    type Bad = (&'static str, u32, u64, u32, u32);
+    let cases: [Bad; 7] = [
+        (
+            "wrong rkey",
+            wr_opcode::RDMA_WRITE,
+            rw.iova,
+            rw.rkey ^ 0x00ff_0000,
+            8,
+        ),
+        (
+            "rkey of another VM's MR",
+            wr_opcode::RDMA_WRITE,
+            of_c.iova,
+            of_c.rkey,
+            8,
+        ),
+        (
+            "one byte past the end",
+            wr_opcode::RDMA_WRITE,
+            rw.iova + 1,
+            rw.rkey,
+            4096,
+        ),
+        (
+            "one byte before the start",
+            wr_opcode::RDMA_WRITE,
+            rw.iova - 1,
+            rw.rkey,
+            8,
+        ),
+        (
+            "no remote write",
+            wr_opcode::RDMA_WRITE,
+            local_only.iova,
+            local_only.rkey,
+            8,
+        ),
+        (
+            "no remote read",
+            wr_opcode::RDMA_READ,
+            local_only.iova,
+            local_only.rkey,
+            8,
+        ),
+        (
+            "read past the end",
+            wr_opcode::RDMA_READ,
+            rw.iova + 4095,
+            rw.rkey,
+            2,
+        ),
+    ];
+    for (what, op, addr, rkey, len) in cases {
+        // A fresh connection each time: the error moves the initiator's QP to ERR.
+        let (mut ea, _eb) = connect(a, b, 4);
+        let w = SendWqe {
+            wr_id: 1,
+            opcode: op,
+            flags: 2,
+            sges: vec![la.sge(0, len)],
+            remote_addr: addr,
+            rkey,
+            ..Default::default()
+        };
+        assert!(a.drv.post_send(&mut ea.qp, &w));
+        let c = one(&a.drv, &mut ea.cq);
+        assert_eq!(c.status, WcStatus::RemAccessErr as u32, "{what}");
+    }
+    let mut got = vec![0u8; 4096];
+    for (mr, vm) in [(&rw, b), (&local_only, b), (&of_c, c)] {
+        mr.read(vm.drv.mem(), 0, &mut got);
+        assert!(got == zero, "nothing written into an MR of another VM");
+    }
+    // The same MR, in bounds, with the right key, works.
+    let (mut ea, _eb) = connect(a, b, 4);
+    let w = wqe(2, wr_opcode::RDMA_WRITE, vec![la.sge(0, 4096)], &rw);
+    assert!(a.drv.post_send(&mut ea.qp, &w));
+    assert_eq!(one(&a.drv, &mut ea.cq).status, 0);
+    rw.read(b.drv.mem(), 0, &mut got);
+    assert!(got.iter().all(|&x| x == 0xa5));
+}
+
+/// 16 VMs, each connected to each of the others: SENDs and WRITEs all to all, every payload
+/// checked, every completion accounted for.
+#[test]
+fn sixteen_vms_all_to_all() {
+    const N: usize = 16;
+    const ROUNDS: u64 = 4;
+    const SIZE: usize = 3000;
+    let (_host, vms) = host(N);
+    // links[(i, j)] for i < j.
+    let mut links = BTreeMap::new();
+    for i in 0..N {
+        for j in i + 1..N {
+            links.insert((i, j), connect(&vms[i], &vms[j], 8));
+        }
+    }
+    // One buffer per VM: a send area per peer (at peer * 8 KiB) and a receive area per peer
+    // (at 128 KiB + peer * 8 KiB).
+    let mrs: Vec<Mr> = vms
+        .iter()
+        .map(|v| {
+            v.drv
+                .reg_mr(v.pd, 0x7000_0000, 256 << 10, ALL_ACCESS)
+                .unwrap()
+        })
+        .collect();
+    let send_at = |peer: usize| (peer * 8192) as u64;
+    let recv_at = |peer: usize| (128 * 1024 + peer * 8192) as u64;
+    let payload = |from: usize, to: usize, round: u64| {
+        pattern(SIZE, (from * 17 + to * 3) as u8 ^ round as u8)
+    };
+    for round in 0..ROUNDS {
+        // Everyone posts a receive for each peer, then sends to each peer (SEND on even
+        // rounds, WRITE_WITH_IMM on odd ones, which also consumes the receive).
+        for (&(i, j), (ei, ej)) in links.iter_mut() {
+            for (me, e, peer) in [(i, &mut *ei, j), (j, &mut *ej, i)] {
+                let v = &vms[me];
+                assert!(v
+                    .drv
+                    .post_recv(&mut e.qp, round, &[mrs[me].sge(recv_at(peer), 8192)]));
+            }
+        }
+        for (&(i, j), (ei, ej)) in links.iter_mut() {
+            for (me, e, peer) in [(i, &mut *ei, j), (j, &mut *ej, i)] {
+                let v = &vms[me];
+                mrs[me].write(v.drv.mem(), send_at(peer), &payload(me, peer, round));
+                let sge = vec![mrs[me].sge(send_at(peer), SIZE as u32)];
+                let w = if round % 2 == 0 {
+                    wqe(round, wr_opcode::SEND, sge, &mrs[peer])
+                } else {
+                    SendWqe {
+                        imm: (me * 100 + peer) as u32,
+                        remote_addr: mrs[peer].iova + recv_at(me),
+                        ..wqe(round, wr_opcode::RDMA_WRITE_WITH_IMM, sge, &mrs[peer])
+                    }
+                };
+                assert!(v.drv.post_send(&mut e.qp, &w));
+            }
+        }
+        // Each end sees its send and its peer's message complete, exactly once.
+        for (&(i, j), (ei, ej)) in links.iter_mut() {
+            for (me, e, peer) in [(i, &mut *ei, j), (j, &mut *ej, i)] {
+                let v = &vms[me];
+                let c = v.drv.wait_cqes(&mut e.cq, 2, WAIT);
+                assert_eq!(c.len(), 2, "vm {me} from/to {peer} round {round}");
+                assert!(c.iter().all(|c| c.status == 0 && c.wr_id == round), "{c:?}");
+                let r = c.iter().find(|c| c.opcode >= 128).expect("a receive");
+                assert_eq!(r.byte_len, SIZE as u32);
+                let mut got = vec![0u8; SIZE];
+                mrs[me].read(v.drv.mem(), recv_at(peer), &mut got);
+                assert!(
+                    got == payload(peer, me, round),
+                    "vm {me} from {peer} round {round}"
+                );
+            }
+        }
+    }
+    // Nothing completed twice.
+    for (&(i, j), (ei, ej)) in links.iter_mut() {
+        for (me, e) in [(i, ei), (j, ej)] {
+            let extra = vms[me]
+                .drv
+                .wait_cqes(&mut e.cq, 1, Duration::from_millis(1));
+            assert!(extra.is_empty(), "vm {me}: {extra:?}");
+        }
+    }
+}
+
+/// A VM that goes away (its client disconnects, as when its QEMU is killed) in the middle of
+/// WRITEs and READs from another VM: the survivor's outstanding work completes — each WR
+/// exactly once, successes or a transport error — its QP ends in error, nothing hangs, and
+/// the survivor then talks to the VM that takes the socket next.
+#[test]
+fn a_peer_that_goes_away_mid_transfer_costs_only_error_completions() {
+    let (host, mut vms) = host(2);
+    let b = vms.pop().unwrap();
+    let a = &vms[0];
+    let (mut ea, eb) = connect(a, &b, 64);
+    const SIZE: u64 = 1 << 20;
+    const N: u64 = 48;
+    let la = a
+        .drv
+        .reg_mr(a.pd, 0x10_0000_0000, SIZE, ALL_ACCESS)
+        .unwrap();
+    let lb = b
+        .drv
+        .reg_mr(b.pd, 0x20_0000_0000, SIZE, ALL_ACCESS)
+        .unwrap();
+    for i in 0..N {
+        let op = if i % 2 == 0 {
+            wr_opcode::RDMA_WRITE
+        } else {
+            wr_opcode::RDMA_READ
+        };
+        assert!(a
+            .drv
+            .post_send(&mut ea.qp, &wqe(i, op, vec![la.sge(0, SIZE as u32)], &lb)));
+    }
+    // b goes away with the transfers in flight (in-process: its device is shut down).
+    drop(eb);
+    drop(b);
+    let start = Instant::now();
+    let mut seen = BTreeMap::new();
+    while seen.len() < N as usize {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "completions stopped at {}",
+            seen.len()
+        );
+        for c in a.drv.wait_cqes(
+            &mut ea.cq,
+            N as usize - seen.len(),
+            Duration::from_millis(200),
+        ) {
+            assert!(
+                seen.insert(c.wr_id, c.status).is_none(),
+                "wr {} completed twice",
+                c.wr_id
+            );
+        }
+    }
+    let ok = [0, WcStatus::RetryExcErr as u32, WcStatus::WrFlushErr as u32];
+    assert!(seen.values().all(|s| ok.contains(s)), "{seen:?}");
+    assert!(
+        seen.values().any(|&s| s == WcStatus::RetryExcErr as u32),
+        "the peer's loss is seen as a transport error: {seen:?}"
+    );
+    assert_eq!(
+        a.drv.query_qp(&ea.qp).unwrap().qp_state,
+        6,
+        "the QP is in ERR"
+    );
+    // A new VM on the gone VM's socket (a fresh device, same MAC) and the survivor talk.
+    let b = host.boot(1);
+    let (mut ea, mut eb) = connect(a, &b, 8);
+    every_opcode(a, &b, &mut ea, &mut eb, 3);
+}
