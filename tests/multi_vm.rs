@@ -22,6 +22,8 @@ use rdma_backend::WcStatus;
 /// One VM's device, probed, with a user context and a PD.
 struct Vm {
     drv: Driver,
+    /// The vfio-user client (its DMA_MAP/UNMAP), when the device is in `pvrdma serve`.
+    vfio: Option<Arc<VfioUser>>,
     mac: [u8; 6],
     gid: [u8; 16],
     ctx: Ctx,
@@ -39,17 +41,27 @@ impl Host {
     /// VM `i` of the host (again, after it went away: a fresh device on the same socket).
     fn boot(&self, i: usize) -> Vm {
         let mac = mac_of(i);
-        let t: Arc<dyn Transport> = match self {
-            Host::Serve(s) => Arc::new(VfioUser::connect(&s.sockets()[i]).expect("connect")),
+        let (t, vfio): (Arc<dyn Transport>, _) = match self {
+            Host::Serve(s) => {
+                let t = Arc::new(VfioUser::connect(&s.sockets()[i]).expect("connect"));
+                (t.clone(), Some(t))
+            }
             Host::Fabric(f) => {
                 let cfg = DeviceConfig {
                     mac,
                     workers: 1,
                     ..DeviceConfig::default()
                 };
-                Arc::new(InProcess::new(cfg, DEFAULT_RAM, f))
+                (Arc::new(InProcess::new(cfg, DEFAULT_RAM, f)), None)
             }
         };
+        vm_on(t, vfio, mac)
+    }
+}
+
+/// A VM whose device is reached through `t`: probed, GID 0 bound, a user context and a PD.
+fn vm_on(t: Arc<dyn Transport>, vfio: Option<Arc<VfioUser>>, mac: [u8; 6]) -> Vm {
+    {
         let drv = Driver::probe(t).expect("probe");
         let gid = gid_of(mac);
         drv.create_bind(0, gid, 1).expect("bind GID 0");
@@ -57,6 +69,7 @@ impl Host {
         let pd = drv.create_pd(ctx).expect("pd");
         Vm {
             drv,
+            vfio,
             mac,
             gid,
             ctx,
@@ -617,4 +630,135 @@ fn a_peer_that_goes_away_mid_transfer_costs_only_error_completions() {
     let b = host.boot(1);
     let (mut ea, mut eb) = connect(a, &b, 8);
     every_opcode(a, &b, &mut ea, &mut eb, 3);
+}
+
+/// A VM's guest RAM is unmapped (DMA_UNMAP) while another VM WRITEs into it and it WRITEs out
+/// of it. The unmap is answered promptly; from its answer on, no byte of the unmapped RAM
+/// changes (the device can no longer even write the unmapped VM's CQEs); the other VM's WRs
+/// all complete, exactly once, successes or errors; after a remap and a reset the unmapped
+/// VM's device serves a new driver that talks to the other VM. (vfio-user only: DMA_UNMAP is a
+/// message of that protocol.)
+#[test]
+fn unmapping_a_vms_memory_during_copies_both_ways() {
+    if !over_vfio_user() {
+        return;
+    }
+    let (_host, mut vms) = host(2);
+    let b = vms.pop().unwrap();
+    let a = &vms[0];
+    let (mut ea, mut eb) = connect(a, &b, 128);
+    const CHUNK: u64 = 1 << 20;
+    const N: u64 = 128;
+    // a WRITEs each chunk of b's zeroed MR once: a WRITE that lands late changes b's bytes.
+    let la = a
+        .drv
+        .reg_mr(a.pd, 0x10_0000_0000, CHUNK, ALL_ACCESS)
+        .unwrap();
+    la.write(a.drv.mem(), 0, &pattern(CHUNK as usize, 0x77));
+    let lb = b
+        .drv
+        .reg_mr(b.pd, 0x20_0000_0000, N * CHUNK, ALL_ACCESS)
+        .unwrap();
+    let ta = a
+        .drv
+        .reg_mr(a.pd, 0x30_0000_0000, CHUNK, ALL_ACCESS)
+        .unwrap();
+    for i in 0..N {
+        let w = SendWqe {
+            remote_addr: lb.iova + i * CHUNK,
+            ..wqe(i, wr_opcode::RDMA_WRITE, vec![la.sge(0, CHUNK as u32)], &lb)
+        };
+        assert!(a.drv.post_send(&mut ea.qp, &w));
+        if i < 32 {
+            let w = wqe(
+                1000 + i,
+                wr_opcode::RDMA_WRITE,
+                vec![lb.sge(i * CHUNK, CHUNK as u32)],
+                &ta,
+            );
+            assert!(b.drv.post_send(&mut eb.qp, &w));
+        }
+    }
+    // Once the copies are under way, pull all of b's RAM out from under them.
+    let mut seen = BTreeMap::new();
+    for c in a.drv.wait_cqes(&mut ea.cq, 1, WAIT) {
+        seen.insert(c.wr_id, c.status);
+    }
+    let vb = b.vfio.clone().expect("vfio-user");
+    let ram = pvrdma_guest::vfio::DEFAULT_RAM as u64;
+    let t = Instant::now();
+    vb.with_client(|c| c.dma_unmap(0, ram))
+        .expect("DMA_UNMAP answered");
+    let answered_in = t.elapsed();
+    // b's whole RAM as the device left it when the unmap was answered.
+    let snapshot = || {
+        let mut v = vec![0u8; ram as usize];
+        use vm_memory::Bytes;
+        b.drv
+            .mem()
+            .read_slice(&mut v, vm_memory::GuestAddress(0))
+            .unwrap();
+        v
+    };
+    let at_answer = snapshot();
+    let start = Instant::now();
+    while seen.len() < N as usize && start.elapsed() < Duration::from_secs(30) {
+        for c in a.drv.wait_cqes(
+            &mut ea.cq,
+            N as usize - seen.len(),
+            Duration::from_millis(100),
+        ) {
+            assert!(c.wr_id < N, "{c:?}");
+            assert!(
+                seen.insert(c.wr_id, c.status).is_none(),
+                "wr {} twice",
+                c.wr_id
+            );
+        }
+    }
+    assert_eq!(seen.len(), N as usize, "every WR of a completes: {seen:?}");
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        snapshot() == at_answer,
+        "the device wrote into b's RAM after its unmap was answered"
+    );
+    assert!(
+        answered_in < Duration::from_secs(1),
+        "unmap answered in {answered_in:?}"
+    );
+    let ok = seen.values().filter(|&&s| s == 0).count();
+    eprintln!("unmap answered in {answered_in:?}; a's WRITEs into b: {ok} of {N} landed");
+    assert!(
+        ok < N as usize,
+        "the unmap came after every copy: the test saw nothing in flight"
+    );
+    // In order: the WRITEs that landed, then one error, then flushes. The error is a remote
+    // one if the responder faulted on the unmapped memory, or a transport one if b's QP went
+    // to ERR first (its own send queue lost its ring) and stopped answering.
+    let st: Vec<u32> = seen.values().copied().collect();
+    assert!(st[..ok].iter().all(|&s| s == 0), "{seen:?}");
+    let remote = [
+        WcStatus::RemOpErr as u32,
+        WcStatus::RemAccessErr as u32,
+        WcStatus::RetryExcErr as u32,
+    ];
+    assert!(remote.contains(&st[ok]), "{seen:?}");
+    assert!(
+        st[ok + 1..]
+            .iter()
+            .all(|&s| s == WcStatus::WrFlushErr as u32),
+        "{seen:?}"
+    );
+    // b maps its RAM again and resets its device (what QEMU does on a guest reboot); a new
+    // driver on it connects to a, and every opcode works both ways.
+    let fd = std::os::fd::AsRawFd::as_raw_fd(vb.ram_file());
+    vb.with_client(|c| c.dma_map(0, 0, ram, fd))
+        .expect("DMA_MAP again");
+    vb.reset();
+    let mac = b.mac;
+    drop((eb, b));
+    let b = vm_on(vb.clone(), Some(vb), mac);
+    let (mut ea, mut eb) = connect(a, &b, 8);
+    every_opcode(a, &b, &mut ea, &mut eb, 4);
+    every_opcode(&b, a, &mut eb, &mut ea, 5);
 }

@@ -285,6 +285,10 @@ if [ -n "${QRC[b]:-}" ]; then
     [ -n "$t_kill" ] || fail+=("b was not killed")
     [ -z "$(done_rc b)" ] || fail+=("b: ended by itself (E2E-DONE rc=$(done_rc b))")
 fi
+if [ -s "$SERVER_LOG" ] && grep -Eq ' (WARN|ERROR) ' "$SERVER_LOG"; then
+    log "server log: $(grep -Ec ' (WARN|ERROR) ' "$SERVER_LOG") WARN/ERROR line(s), the first ones:"
+    grep -E ' (WARN|ERROR) ' "$SERVER_LOG" | head -n 10 | cut -c1-300 >&2
+fi
 log "timeline: a and b booted at 0s${t_kill:+, b killed at $((t_kill - t0))s}${t_c:+, c booted at $((t_c - t0))s}, all ended at ${elapsed}s"
 if [ ${#fail[@]} -gt 0 ]; then
     for f in "${fail[@]}"; do log "FAIL: $f"; done
