@@ -222,20 +222,6 @@ fn client_disconnect_mid_transfer_then_a_new_client() {
     assert_device_healthy(&drv);
 }
 
-fn proc_counts(pid: u32) -> (usize, usize, u64) {
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    (fds, field("Threads:") as usize, field("VmRSS:"))
-}
-
 #[test]
 fn connect_reset_disconnect_cycles_do_not_grow_the_server() {
     let server = serve_process();

@@ -6,6 +6,7 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,6 +22,8 @@ use rdma_backend::WcStatus;
 
 /// One VM's device, probed, with a user context and a PD.
 struct Vm {
+    /// The device's transport (for a reset).
+    t: Arc<dyn Transport>,
     drv: Driver,
     /// The vfio-user client (its DMA_MAP/UNMAP), when the device is in `pvrdma serve`.
     vfio: Option<Arc<VfioUser>>,
@@ -62,12 +65,13 @@ impl Host {
 /// A VM whose device is reached through `t`: probed, GID 0 bound, a user context and a PD.
 fn vm_on(t: Arc<dyn Transport>, vfio: Option<Arc<VfioUser>>, mac: [u8; 6]) -> Vm {
     {
-        let drv = Driver::probe(t).expect("probe");
+        let drv = Driver::probe(t.clone()).expect("probe");
         let gid = gid_of(mac);
         drv.create_bind(0, gid, 1).expect("bind GID 0");
         let ctx = drv.create_uc(1).expect("context");
         let pd = drv.create_pd(ctx).expect("pd");
         Vm {
+            t,
             drv,
             vfio,
             mac,
@@ -761,4 +765,228 @@ fn unmapping_a_vms_memory_during_copies_both_ways() {
     let (mut ea, mut eb) = connect(a, &b, 8);
     every_opcode(a, &b, &mut ea, &mut eb, 4);
     every_opcode(&b, a, &mut eb, &mut ea, 5);
+}
+
+/// A soak across VMs: four VMs move random-size transfers over RC connections between them,
+/// every byte checked, while a fifth VM joins again and again, talks to one of the four, and
+/// leaves in the middle of transfers (disconnect, device reset, or its QP destroyed). The four
+/// see no corruption and no lost or duplicated completion; the VM that left costs the one it
+/// talked to error completions only; the `pvrdma serve` process ends with the threads and
+/// fds it had. Short by default; `PVRDMA_SOAK_LONG=1` runs at least 10^6 transfers.
+#[test]
+fn cross_vm_soak_with_a_vm_joining_and_leaving() {
+    let long = std::env::var_os("PVRDMA_SOAK_LONG").is_some();
+    let transfers: u64 = if long { 1_000_000 } else { 4_000 };
+    const BUF: u64 = 64 * 1024;
+    let (host, mut vms) = host(5);
+    drop(vms.pop()); // VM 4 is the one that comes and goes
+    let stable = &vms;
+    // Links 0-1, 2-3, 0-2, 1-3, each with an MR per side.
+    let pairs = [(0, 1), (2, 3), (0, 2), (1, 3)];
+    let mut links: Vec<_> = pairs
+        .iter()
+        .enumerate()
+        .map(|(n, &(i, j))| {
+            let (ei, ej) = connect(&stable[i], &stable[j], 16);
+            let iova = 0x1_0000_0000 * (n as u64 + 1);
+            let mi = stable[i]
+                .drv
+                .reg_mr(stable[i].pd, iova, BUF, ALL_ACCESS)
+                .unwrap();
+            let mj = stable[j]
+                .drv
+                .reg_mr(stable[j].pd, iova, BUF, ALL_ACCESS)
+                .unwrap();
+            ((i, ei, mi), (j, ej, mj))
+        })
+        .collect();
+    let baseline = |pid: u32| {
+        // The server's threads and fds once a VM's device is gone (teardown is asynchronous).
+        let t = Instant::now();
+        let mut c = proc_counts(pid);
+        while t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(50));
+            let n = proc_counts(pid);
+            if (n.0, n.1) == (c.0, c.1) {
+                break;
+            }
+            c = n;
+        }
+        (c.0, c.1)
+    };
+    let pid = match &host {
+        Host::Serve(s) => Some(s.pid()),
+        Host::Fabric(_) => None,
+    };
+    let before = pid.map(baseline);
+    let done = AtomicU64::new(0);
+    let stop = AtomicBool::new(false);
+    let start = Instant::now();
+    let per_link = transfers.div_ceil(links.len() as u64);
+    let cycles = std::thread::scope(|s| {
+        let churner = s.spawn(|| {
+            let mut cycles = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let v = host.boot(4);
+                let k = &stable[(cycles % 4) as usize];
+                let (mut ek, mut ev) = connect(k, &v, 32);
+                // One verified exchange each way.
+                every_opcode_light(k, &v, &mut ek, &mut ev, cycles as u8);
+                every_opcode_light(&v, k, &mut ev, &mut ek, cycles as u8 ^ 0x55);
+                // WRITEs in flight from k when v leaves.
+                let mk = k.drv.reg_mr(k.pd, 0x77_0000_0000, BUF, ALL_ACCESS).unwrap();
+                let mv = v.drv.reg_mr(v.pd, 0x77_0000_0000, BUF, ALL_ACCESS).unwrap();
+                for i in 0..16 {
+                    let w = wqe(i, wr_opcode::RDMA_WRITE, vec![mk.sge(0, BUF as u32)], &mv);
+                    assert!(k.drv.post_send(&mut ek.qp, &w));
+                }
+                match cycles % 3 {
+                    0 => drop(v),
+                    1 => {
+                        v.t.reset();
+                        drop(v);
+                    }
+                    _ => {
+                        v.drv.destroy_qp(ev.qp).unwrap();
+                        drop(v);
+                    }
+                }
+                let mut seen = BTreeMap::new();
+                let t = Instant::now();
+                while seen.len() < 16 {
+                    assert!(
+                        t.elapsed() < Duration::from_secs(30),
+                        "k's WRs stopped: {seen:?}"
+                    );
+                    for c in
+                        k.drv
+                            .wait_cqes(&mut ek.cq, 16 - seen.len(), Duration::from_millis(100))
+                    {
+                        assert!(
+                            c.wr_id < 16 && seen.insert(c.wr_id, c.status).is_none(),
+                            "{c:?}"
+                        );
+                    }
+                }
+                let allowed = [0, WcStatus::RetryExcErr as u32, WcStatus::WrFlushErr as u32];
+                assert!(seen.values().all(|s| allowed.contains(s)), "{seen:?}");
+                k.drv.destroy_qp(ek.qp).unwrap();
+                k.drv.destroy_cq(ek.cq).unwrap();
+                k.drv.destroy_mr(mk).unwrap();
+                cycles += 1;
+            }
+            cycles
+        });
+        let mut workers = Vec::new();
+        for (ti, group) in links.chunks_mut(2).enumerate() {
+            let done = &done;
+            workers.push(s.spawn(move || {
+                let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ (ti as u64 + 1);
+                let mut next = move || {
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    rng
+                };
+                for round in 0..per_link {
+                    for link in group.iter_mut() {
+                        let ((i, ei, mi), (j, ej, mj)) = link;
+                        // Alternate the direction and the opcode.
+                        let (from, ef, mf, to, et, mt) = if round % 4 < 2 {
+                            (&stable[*i], &mut *ei, &*mi, &stable[*j], &mut *ej, &*mj)
+                        } else {
+                            (&stable[*j], &mut *ej, &*mj, &stable[*i], &mut *ei, &*mi)
+                        };
+                        let size = (next() % BUF) as u32 + 1;
+                        let off = next() % (BUF - u64::from(size) + 1);
+                        let data = pattern(size as usize, next() as u8);
+                        mf.write(from.drv.mem(), off, &data);
+                        let write = round % 2 == 1;
+                        if write {
+                            let w = SendWqe {
+                                remote_addr: mt.iova + off,
+                                ..wqe(round, wr_opcode::RDMA_WRITE, vec![mf.sge(off, size)], mt)
+                            };
+                            assert!(from.drv.post_send(&mut ef.qp, &w));
+                        } else {
+                            assert!(to
+                                .drv
+                                .post_recv(&mut et.qp, round, &[mt.sge(0, BUF as u32)]));
+                            assert!(from
+                                .drv
+                                .post_send(&mut ef.qp, &send(round, mf.sge(off, size))));
+                            let r = one(&to.drv, &mut et.cq);
+                            assert_eq!((r.wr_id, r.status, r.byte_len), (round, 0, size));
+                        }
+                        let c = one(&from.drv, &mut ef.cq);
+                        assert_eq!((c.wr_id, c.status), (round, 0));
+                        let mut got = vec![0u8; size as usize];
+                        mt.read(to.drv.mem(), if write { off } else { 0 }, &mut got);
+                        assert!(got == data, "corrupted transfer of {size} bytes");
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }));
+        }
+        for w in workers {
+            w.join().expect("soak worker");
+        }
+        stop.store(true, Ordering::Relaxed);
+        churner.join().expect("churn thread")
+    });
+    let n = done.load(Ordering::Relaxed);
+    let el = start.elapsed();
+    eprintln!(
+        "cross-VM soak: {n} transfers in {el:.2?} ({:.0}/s); a VM joined and left {cycles} times",
+        n as f64 / el.as_secs_f64().max(1e-9)
+    );
+    assert!(n >= transfers);
+    assert!(cycles > 0, "the joining VM ran");
+    // Nothing completed twice on the stable VMs.
+    for ((i, ei, _), (j, ej, _)) in links.iter_mut() {
+        for (v, e) in [(&stable[*i], ei), (&stable[*j], ej)] {
+            assert!(v
+                .drv
+                .wait_cqes(&mut e.cq, 1, Duration::from_millis(1))
+                .is_empty());
+        }
+    }
+    if let (Some(pid), Some((fds0, threads0))) = (pid, before) {
+        let (fds1, threads1) = baseline(pid);
+        assert!(
+            fds1 <= fds0 && threads1 <= threads0,
+            "pvrdma serve grew: fds {fds0} -> {fds1}, threads {threads0} -> {threads1}"
+        );
+    }
+}
+
+/// A verified SEND and WRITE of a few KiB from `a` to `b`.
+fn every_opcode_light(a: &Vm, b: &Vm, ea: &mut End, eb: &mut End, seed: u8) {
+    let la = a
+        .drv
+        .reg_mr(a.pd, 0x66_0000_0000, 8192, ALL_ACCESS)
+        .unwrap();
+    let lb = b
+        .drv
+        .reg_mr(b.pd, 0x66_1000_0000, 8192, ALL_ACCESS)
+        .unwrap();
+    let data = pattern(5000, seed);
+    la.write(a.drv.mem(), 0, &data);
+    assert!(b.drv.post_recv(&mut eb.qp, 1, &[lb.sge(0, 8192)]));
+    assert!(a.drv.post_send(&mut ea.qp, &send(2, la.sge(0, 5000))));
+    assert_eq!(one(&a.drv, &mut ea.cq).status, 0);
+    assert_eq!(one(&b.drv, &mut eb.cq).status, 0);
+    let mut got = vec![0u8; 5000];
+    lb.read(b.drv.mem(), 0, &mut got);
+    assert!(got == data, "SEND corrupted");
+    let w = SendWqe {
+        remote_addr: lb.iova + 100,
+        ..wqe(3, wr_opcode::RDMA_WRITE, vec![la.sge(0, 5000)], &lb)
+    };
+    assert!(a.drv.post_send(&mut ea.qp, &w));
+    assert_eq!(one(&a.drv, &mut ea.cq).status, 0);
+    lb.read(b.drv.mem(), 100, &mut got);
+    assert!(got == data, "WRITE corrupted");
+    a.drv.destroy_mr(la).unwrap();
+    b.drv.destroy_mr(lb).unwrap();
 }

@@ -280,3 +280,18 @@ pub fn post_writes_in_flight(
     }
     (local, remote)
 }
+
+/// Open fds, threads and VmRSS (KiB) of process `pid`.
+pub fn proc_counts(pid: u32) -> (usize, usize, u64) {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (fds, field("Threads:") as usize, field("VmRSS:"))
+}
