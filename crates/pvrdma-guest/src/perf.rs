@@ -81,10 +81,12 @@ impl Sample {
 /// A connected RC pair with MRs on both sides, as a perftest client and server in one guest.
 #[derive(Debug)]
 pub struct Pair {
-    /// User context.
+    /// User context of the client side.
     pub ctx: Ctx,
-    /// PD.
+    /// PD of the client side.
     pub pd: u32,
+    /// User context of the server side (`ctx` when both sides are on one device).
+    pub ctx_b: Ctx,
     /// Client CQ.
     pub cq_a: Cq,
     /// Server CQ.
@@ -104,28 +106,63 @@ pub struct Pair {
 /// Full access.
 const ACCESS: u32 = 1 | 2 | 4 | 8;
 
+/// One side of a [`Pair`]: a device's driver, a UAR page for the side's user context, and
+/// the device's GID.
+#[derive(Debug, Clone, Copy)]
+pub struct Side<'d> {
+    /// The driver of the side's device.
+    pub drv: &'d Driver,
+    /// UAR page of the side's new user context.
+    pub uar: u32,
+    /// The GID the other side connects to.
+    pub gid: [u8; 16],
+}
+
 impl Pair {
     /// Creates a pair in a new user context on UAR page `uar`, with `buf` bytes per side.
     pub fn new(drv: &Driver, uar: u32, gid: [u8; 16], depth: u32, buf: u64) -> Result<Pair> {
-        let ctx = drv.create_uc(uar)?;
-        let pd = drv.create_pd(ctx)?;
+        let side = Side { drv, uar, gid };
+        Pair::build(side, None, depth, buf)
+    }
+
+    /// Creates a pair whose client is on `a`'s device and whose server is on `b`'s (two VMs),
+    /// each side in a new user context, with `buf` bytes per side.
+    pub fn between(a: Side<'_>, b: Side<'_>, depth: u32, buf: u64) -> Result<Pair> {
+        Pair::build(a, Some(b), depth, buf)
+    }
+
+    /// Side `b` on its own device, or (`None`) in `a`'s context.
+    fn build(a: Side<'_>, b: Option<Side<'_>>, depth: u32, buf: u64) -> Result<Pair> {
+        let ctx = a.drv.create_uc(a.uar)?;
+        let pd = a.drv.create_pd(ctx)?;
+        let (db, ctx_b, pd_b, gid_b) = match b {
+            Some(b) => {
+                let c = b.drv.create_uc(b.uar)?;
+                (b.drv, c, b.drv.create_pd(c)?, b.gid)
+            }
+            None => (a.drv, ctx, pd, a.gid),
+        };
         let cqn = (2 * depth).next_power_of_two();
-        let cq_a = drv.create_cq(ctx, cqn)?;
-        let cq_b = drv.create_cq(ctx, cqn)?;
+        let cq_a = a.drv.create_cq(ctx, cqn)?;
+        let cq_b = db.create_cq(ctx_b, cqn)?;
         let caps = (depth, depth, 1, 1);
-        let a = drv.create_qp(ctx, QpKind::Rc, pd, &cq_a, &cq_a, None, caps, false)?;
-        let b = drv.create_qp(ctx, QpKind::Rc, pd, &cq_b, &cq_b, None, caps, false)?;
-        for m in rc_connect_attrs(b.qpn, gid, ACCESS) {
-            drv.modify_qp(&a, m)?;
+        let qa = a
+            .drv
+            .create_qp(ctx, QpKind::Rc, pd, &cq_a, &cq_a, None, caps, false)?;
+        let qb = db.create_qp(ctx_b, QpKind::Rc, pd_b, &cq_b, &cq_b, None, caps, false)?;
+        for m in rc_connect_attrs(qb.qpn, gid_b, ACCESS) {
+            a.drv.modify_qp(&qa, m)?;
         }
-        for m in rc_connect_attrs(a.qpn, gid, ACCESS) {
-            drv.modify_qp(&b, m)?;
+        for m in rc_connect_attrs(qa.qpn, a.gid, ACCESS) {
+            db.modify_qp(&qb, m)?;
         }
-        let mr_a = drv.reg_mr(pd, 0x7f10_0000_0000, buf, ACCESS)?;
-        let mr_b = drv.reg_mr(pd, 0x7f20_0000_0000, buf, ACCESS)?;
+        let mr_a = a.drv.reg_mr(pd, 0x7f10_0000_0000, buf, ACCESS)?;
+        let mr_b = db.reg_mr(pd_b, 0x7f20_0000_0000, buf, ACCESS)?;
+        let (a, b) = (qa, qb);
         Ok(Pair {
             ctx,
             pd,
+            ctx_b,
             cq_a,
             cq_b,
             a,
@@ -521,29 +558,57 @@ struct Lane<'m> {
 /// A lean bandwidth test over `pairs` (each pair moves `o.iters` messages), driven from the
 /// calling thread. Returns the aggregate sample (iters = all messages of all pairs).
 pub fn bw_lean(drv: &Driver, pairs: &mut [Pair], test: Test, o: BwOpts) -> Result<Sample> {
-    let mem = drv.mem();
+    bw_lean_between(drv, drv, pairs, test, o)
+}
+
+/// [`bw_lean`] over pairs whose clients are on `da`'s device and servers on `db`'s
+/// ([`Pair::between`]; the same driver twice for pairs of one device).
+pub fn bw_lean_between(
+    da: &Driver,
+    db: &Driver,
+    pairs: &mut [Pair],
+    test: Test,
+    o: BwOpts,
+) -> Result<Sample> {
+    let drivers = vec![(da, db); pairs.len()];
+    bw_lean_on(&drivers, pairs, test, o)
+}
+
+/// [`bw_lean`] over pairs each on its own devices: `drivers[i]` are the client's and the
+/// server's drivers of `pairs[i]`.
+pub fn bw_lean_on(
+    drivers: &[(&Driver, &Driver)],
+    pairs: &mut [Pair],
+    test: Test,
+    o: BwOpts,
+) -> Result<Sample> {
+    assert_eq!(drivers.len(), pairs.len(), "a driver pair per QP pair");
     let is_send = test == Test::SendBw;
     let sig = u64::from(o.sig_every.max(1));
     let batch = o.batch.max(1);
     let mut lanes: Vec<Lane<'_>> = pairs
         .iter()
-        .map(|p| Lane {
-            sq: RingWriter::new(
-                mem,
-                &p.a.pdir,
-                &p.a.sq,
-                &template(p, test, o.size, p.a.sq.wqe_size),
-            ),
-            rq: is_send.then(|| {
-                let rq = p.b.rq.as_ref().expect("RQ");
-                RingWriter::new(mem, &p.b.pdir, rq, &recv_template(p, o.size))
-            }),
-            cq_a: CqReader::new(mem, &p.cq_a),
-            cq_b: is_send.then(|| CqReader::new(mem, &p.cq_b)),
-            posted: 0,
-            done: 0,
-            recv_posted: 0,
-            recv_done: 0,
+        .zip(drivers)
+        .map(|(p, (da, db))| {
+            let (mem, mem_b) = (da.mem(), db.mem());
+            Lane {
+                sq: RingWriter::new(
+                    mem,
+                    &p.a.pdir,
+                    &p.a.sq,
+                    &template(p, test, o.size, p.a.sq.wqe_size),
+                ),
+                rq: is_send.then(|| {
+                    let rq = p.b.rq.as_ref().expect("RQ");
+                    RingWriter::new(mem_b, &p.b.pdir, rq, &recv_template(p, o.size))
+                }),
+                cq_a: CqReader::new(mem, &p.cq_a),
+                cq_b: is_send.then(|| CqReader::new(mem_b, &p.cq_b)),
+                posted: 0,
+                done: 0,
+                recv_posted: 0,
+                recv_done: 0,
+            }
         })
         .collect();
     let iters = o.iters;
@@ -553,19 +618,22 @@ pub fn bw_lean(drv: &Driver, pairs: &mut [Pair], test: Test, o: BwOpts) -> Resul
     loop {
         let mut progress = false;
         let mut finished = 0;
-        for (l, p) in lanes.iter_mut().zip(pairs.iter()) {
+        for ((l, p), (da, db)) in lanes.iter_mut().zip(pairs.iter()).zip(drivers) {
+            let (mem, mem_b) = (da.mem(), db.mem());
             let depth = u64::from(p.depth);
             if let Some(rq) = l.rq.as_mut() {
                 let mut n = 0;
-                while l.recv_posted < iters && l.recv_posted - l.recv_done < depth && rq.space(mem)
+                while l.recv_posted < iters
+                    && l.recv_posted - l.recv_done < depth
+                    && rq.space(mem_b)
                 {
                     rq.push(l.recv_posted, None);
                     l.recv_posted += 1;
                     n += 1;
                 }
                 if n > 0 {
-                    rq.publish(mem);
-                    drv.doorbell(p.ctx, uar::QP, p.b.handle | (1 << 31));
+                    rq.publish(mem_b);
+                    db.doorbell(p.ctx_b, uar::QP, p.b.handle | (1 << 31));
                 }
             }
             let limit = if is_send { l.recv_posted } else { iters };
@@ -579,7 +647,7 @@ pub fn bw_lean(drv: &Driver, pairs: &mut [Pair], test: Test, o: BwOpts) -> Resul
             }
             if n > 0 {
                 l.sq.publish(mem);
-                drv.ring_sq(&p.a);
+                da.ring_sq(&p.a);
                 progress = true;
             }
             let mut last = None;
@@ -590,7 +658,7 @@ pub fn bw_lean(drv: &Driver, pairs: &mut [Pair], test: Test, o: BwOpts) -> Resul
                 l.done = w + 1;
             }
             if let Some(cq) = l.cq_b.as_mut() {
-                let got = cq.poll(mem, |_| {})?;
+                let got = cq.poll(mem_b, |_| {})?;
                 l.recv_done += u64::from(got);
                 progress |= got > 0;
             }
@@ -678,17 +746,35 @@ pub fn bw_lean_threads(
 
 /// perftest's `ib_send_lat` with pre-posted receives: ping-pong, half the round trip.
 pub fn send_lat_lean(drv: &Driver, p: &mut Pair, size: u64, iters: u64) -> Result<Sample> {
-    lat_lean(drv, p, Test::SendLat, size, iters)
+    lat_lean(drv, drv, p, Test::SendLat, size, iters)
+}
+
+/// [`send_lat_lean`] over a pair whose client is on `da`'s device and server on `db`'s.
+pub fn send_lat_between(
+    da: &Driver,
+    db: &Driver,
+    p: &mut Pair,
+    size: u64,
+    iters: u64,
+) -> Result<Sample> {
+    lat_lean(da, db, p, Test::SendLat, size, iters)
 }
 
 /// perftest's `ib_write_lat`: each side RDMA-writes into the other's buffer and spins on the
 /// buffer's last byte; half the round trip.
 pub fn write_lat(drv: &Driver, p: &mut Pair, size: u64, iters: u64) -> Result<Sample> {
-    lat_lean(drv, p, Test::WriteLat, size, iters)
+    lat_lean(drv, drv, p, Test::WriteLat, size, iters)
 }
 
-fn lat_lean(drv: &Driver, p: &mut Pair, test: Test, size: u64, iters: u64) -> Result<Sample> {
-    let mem = drv.mem();
+fn lat_lean(
+    da: &Driver,
+    db: &Driver,
+    p: &mut Pair,
+    test: Test,
+    size: u64,
+    iters: u64,
+) -> Result<Sample> {
+    let (mem, mem_b) = (da.mem(), db.mem());
     let size = size.max(1);
     let is_send = test == Test::SendLat;
     let kind = if is_send {
@@ -713,9 +799,9 @@ fn lat_lean(drv: &Driver, p: &mut Pair, test: Test, size: u64, iters: u64) -> Re
         }
     }
     let mut sqa = RingWriter::new(mem, &p.a.pdir, &p.a.sq, &ta);
-    let mut sqb = RingWriter::new(mem, &p.b.pdir, &p.b.sq, &tb);
+    let mut sqb = RingWriter::new(mem_b, &p.b.pdir, &p.b.sq, &tb);
     let mut cqa = CqReader::new(mem, &p.cq_a);
-    let mut cqb = CqReader::new(mem, &p.cq_b);
+    let mut cqb = CqReader::new(mem_b, &p.cq_b);
     let rq_tmpl = |mr: &Mr| {
         let hdr = RqWqeHdr {
             wr_id: 0,
@@ -735,15 +821,15 @@ fn lat_lean(drv: &Driver, p: &mut Pair, test: Test, size: u64, iters: u64) -> Re
     let mut rqb =
         p.b.rq
             .as_ref()
-            .map(|w| RingWriter::new(mem, &p.b.pdir, w, &rb))
+            .map(|w| RingWriter::new(mem_b, &p.b.pdir, w, &rb))
             .expect("RQ");
     // The byte each side spins on: the last byte of what lands in its buffer.
     let last = |mr: &Mr| {
         let off = (mr.iova % PAGE) + land + size - 1;
-        let pd = mr.pdir.as_ref().expect("user MR");
-        mem.get_slice(pd.addr(off), 1).expect("last byte")
+        mr.pdir.as_ref().expect("user MR").addr(off)
     };
-    let (la, lb) = (last(&p.mr_a), last(&p.mr_b));
+    let la = mem.get_slice(last(&p.mr_a), 1).expect("last byte");
+    let lb = mem_b.get_slice(last(&p.mr_b), 1).expect("last byte");
     let depth = u64::from(p.depth);
     let sig = depth.div_ceil(2).max(1);
     let mut posted_recv = 0u64;
@@ -781,9 +867,9 @@ fn lat_lean(drv: &Driver, p: &mut Pair, test: Test, size: u64, iters: u64) -> Re
             }
             if n > 0 {
                 rqa.publish(mem);
-                rqb.publish(mem);
-                drv.doorbell(p.ctx, uar::QP, p.a.handle | (1 << 31));
-                drv.doorbell(p.ctx, uar::QP, p.b.handle | (1 << 31));
+                rqb.publish(mem_b);
+                da.doorbell(p.ctx, uar::QP, p.a.handle | (1 << 31));
+                db.doorbell(p.ctx_b, uar::QP, p.b.handle | (1 << 31));
             }
         }
         let tag = (i % 251) as u8 + 1;
@@ -801,21 +887,21 @@ fn lat_lean(drv: &Driver, p: &mut Pair, test: Test, size: u64, iters: u64) -> Re
         spin(&mut || Ok(sqa.space(mem)))?;
         sqa.push(i, Some(flags));
         sqa.publish(mem);
-        drv.ring_sq(&p.a);
+        da.ring_sq(&p.a);
         if is_send {
-            spin(&mut || Ok(cq_recvs(&mut cqb, mem)? > 0))?;
+            spin(&mut || Ok(cq_recvs(&mut cqb, mem_b)? > 0))?;
         } else {
             spin(&mut || Ok(lb.read_obj::<u8>(0).unwrap_or(0) == tag))?;
         }
         // pong
         if !is_send {
             let pd = p.mr_b.pdir.as_ref().expect("user MR");
-            let _ = mem.write_obj(tag, pd.addr((p.mr_b.iova % PAGE) + size - 1));
+            let _ = mem_b.write_obj(tag, pd.addr((p.mr_b.iova % PAGE) + size - 1));
         }
-        spin(&mut || Ok(sqb.space(mem)))?;
+        spin(&mut || Ok(sqb.space(mem_b)))?;
         sqb.push(i, Some(flags));
-        sqb.publish(mem);
-        drv.ring_sq(&p.b);
+        sqb.publish(mem_b);
+        db.ring_sq(&p.b);
         if is_send {
             spin(&mut || Ok(cq_recvs(&mut cqa, mem)? > 0))?;
         } else {
@@ -825,7 +911,7 @@ fn lat_lean(drv: &Driver, p: &mut Pair, test: Test, size: u64, iters: u64) -> Re
         if !is_send {
             // Reap signaled send completions so the CQs never fill.
             cqa.poll(mem, |_| {})?;
-            cqb.poll(mem, |_| {})?;
+            cqb.poll(mem_b, |_| {})?;
         }
     }
     let elapsed = start.elapsed();
@@ -833,13 +919,13 @@ fn lat_lean(drv: &Driver, p: &mut Pair, test: Test, size: u64, iters: u64) -> Re
     let t0 = Instant::now();
     while t0.elapsed() < Duration::from_millis(200) {
         cqa.poll(mem, |_| {})?;
-        cqb.poll(mem, |_| {})?;
+        cqb.poll(mem_b, |_| {})?;
         if sqa.head == sqa.prod && sqb.head == sqb.prod {
             break;
         }
         sqa.space(mem);
-        sqb.space(mem);
-        let _ = (sqa.refresh(mem), sqb.refresh(mem));
+        sqb.space(mem_b);
+        let _ = (sqa.refresh(mem), sqb.refresh(mem_b));
     }
     p.a.sq.prod = sqa.prod;
     p.b.sq.prod = sqb.prod;

@@ -3,6 +3,8 @@
 //! path latencies; resident memory of `pvrdma serve`. A human table on stdout and one JSON line
 //! per case (prefixed `JSON `), so `grep '^JSON ' | cut -c6-` gives JSON lines.
 
+mod vms;
+
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::hint::black_box;
@@ -47,7 +49,9 @@ options:\n\
 \x20 --poll-us N          device polling before a thread sleeps, in µs (default: the device's 0\n\
 \x20                      in-process, `pvrdma serve`'s 32 over vfio-user)\n\
 \x20 --bytes N            bytes per bandwidth case (default 1 GiB; iterations derive from it)\n\
-\x20 --only SECTIONS      data,multi,cmd,mem (default all)\n";
+\x20 --only SECTIONS      data,multi,cmd,mem,vms (default all); vms: devices of one\n\
+\x20                      `pvrdma serve` as VMs of one host (VM to VM next to loopback,\n\
+\x20                      fairness under a flooding VM, 16 VMs)\n";
 
 #[derive(Debug, Clone)]
 struct Opts {
@@ -100,7 +104,9 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         sig: 32,
         workers: 2,
         bytes: 1 << 30,
-        sections: ["data", "multi", "cmd", "mem"].map(String::from).to_vec(),
+        sections: ["data", "multi", "cmd", "mem", "vms"]
+            .map(String::from)
+            .to_vec(),
     };
     let mut sizes_set = false;
     let mut it = args.iter();
@@ -996,6 +1002,11 @@ pub fn run(args: &[String]) -> Result<(), String> {
         println!();
         println!("== resident memory of `pvrdma serve`");
         mem_section(&o)?;
+    }
+    if has(&o, "vms") {
+        println!();
+        println!("== VMs of one host: the devices of one `pvrdma serve`, a vfio-user client each");
+        vms::vms_section(&o)?;
     }
     println!();
     let stalls = STALLS.load(std::sync::atomic::Ordering::Relaxed);

@@ -1,0 +1,371 @@
+//! The `vms` section of `pvrdma bench`: VMs of one host, i.e. devices of ONE `pvrdma serve`
+//! process (`--device` each), each reached by its own vfio-user client with its own guest RAM,
+//! as separate QEMUs would be.
+//!
+//! - VM to VM against the same device's loopback, case by case in the same run: SEND, WRITE and
+//!   READ bandwidth 64 B to 1 MiB, SEND latency 8 B.
+//! - Fairness: one VM pair's 8 B SEND latency, idle and while two other VMs flood 64 B SENDs.
+//! - 16 VMs with 4 QPs each, connected around a ring: the aggregate rate, and host memory per
+//!   device.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pvrdma_guest::kernel::ib_register;
+use pvrdma_guest::perf::{self, BwOpts, Pair, Sample, Side, Test};
+use pvrdma_guest::vfio::{ServeProcess, VfioUser};
+use pvrdma_guest::{Driver, Transport};
+
+use super::{f, header, iters_for, json_line, q, report, rss, Opts, POLL_US, STALLS};
+
+/// One VM: its device's driver and GID.
+struct Vm {
+    drv: Driver,
+    gid: [u8; 16],
+    /// The next free UAR page for a user context.
+    uar: std::cell::Cell<u32>,
+}
+
+impl Vm {
+    fn side(&self) -> Side<'_> {
+        let uar = self.uar.get();
+        self.uar.set(uar + 1);
+        Side {
+            drv: &self.drv,
+            uar,
+            gid: self.gid,
+        }
+    }
+}
+
+fn mac(i: usize) -> [u8; 6] {
+    [0x52, 0x54, 0x00, 0x42, (i >> 8) as u8, i as u8 + 1]
+}
+
+/// A `pvrdma serve` with `n` devices.
+fn serve(o: &Opts, n: usize) -> Result<ServeProcess, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
+    let w = o.workers.to_string();
+    let p = POLL_US
+        .load(std::sync::atomic::Ordering::Relaxed)
+        .to_string();
+    let mut args = vec!["--workers", &w];
+    if !p.starts_with('-') {
+        args.extend(["--poll-us", &p]);
+    }
+    let macs: Vec<[u8; 6]> = (0..n).map(mac).collect();
+    ServeProcess::spawn_devices(&exe, &macs, &args).map_err(|e| format!("pvrdma serve: {e}"))
+}
+
+/// VM `i` of `serve`: connected with `ram` bytes of guest RAM, probed and registered with ib
+/// core as the Linux driver is (GID 0, the GSI QP).
+fn boot(serve: &ServeProcess, i: usize, ram: usize) -> Result<Vm, String> {
+    let t = VfioUser::connect_with_ram(&serve.sockets()[i], ram)
+        .map_err(|e| format!("connect VM {i}: {e}"))?;
+    let drv =
+        Driver::probe(Arc::new(t) as Arc<dyn Transport>).map_err(|e| format!("probe: {e}"))?;
+    let k = ib_register(&drv, mac(i)).map_err(|e| format!("ib registration: {e}"))?;
+    Ok(Vm {
+        drv,
+        gid: k.gid,
+        uar: std::cell::Cell::new(1),
+    })
+}
+
+fn pair(a: &Vm, b: Option<&Vm>, depth: u32, buf: u64) -> Result<Pair, String> {
+    match b {
+        Some(b) => Pair::between(a.side(), b.side(), depth, buf),
+        None => {
+            let s = a.side();
+            Pair::new(s.drv, s.uar, s.gid, depth, buf)
+        }
+    }
+    .map_err(|e| format!("QP pair: {e}"))
+}
+
+/// One case on `pair` from `a` to `b` (`b` = `a` for loopback).
+fn case(a: &Vm, b: &Vm, p: &mut Pair, test: Test, size: u64, o: &Opts) -> Result<Sample, String> {
+    let r = if test == Test::SendLat {
+        let n = if o.quick { 200 } else { 20_000 };
+        perf::send_lat_between(&a.drv, &b.drv, p, size, n)
+    } else {
+        let bo = BwOpts {
+            size,
+            iters: iters_for(o, size, test),
+            batch: o.batch,
+            sig_every: o.sig,
+        };
+        perf::bw_lean_between(&a.drv, &b.drv, std::slice::from_mut(p), test, bo)
+    };
+    r.map_err(|e| format!("{} {size}: {e}", test.name()))
+}
+
+/// The figure a case is compared by: MB/s, or the median latency for a latency case.
+fn figure(s: &Sample) -> f64 {
+    if s.lat.is_empty() {
+        s.mb_per_s()
+    } else {
+        s.lat_us(0.5)
+    }
+}
+
+/// VM to VM next to loopback on the same device, case by case.
+fn vm_to_vm(o: &Opts, a: &Vm, b: &Vm) -> Result<(), String> {
+    let sizes: Vec<u64> = o
+        .sizes
+        .iter()
+        .copied()
+        .filter(|&s| (64..=1 << 20).contains(&s))
+        .collect();
+    let buf = sizes.iter().copied().max().unwrap_or(4096).max(2 << 16);
+    let mut lp = pair(a, None, o.depth, buf)?;
+    let mut vp = pair(a, Some(b), o.depth, buf)?;
+    header();
+    for &test in &o.tests {
+        let sizes: Vec<u64> = match test {
+            Test::SendLat => vec![8],
+            Test::SendBw | Test::WriteBw | Test::ReadBw => sizes.clone(),
+            _ => continue,
+        };
+        for size in sizes {
+            let (mut l, mut v) = (None, None);
+            // Loopback first, then VM to VM, so a drift of the host hits both alike.
+            for (to, p, out, name) in [(a, &mut lp, &mut l, "loop"), (b, &mut vp, &mut v, "vm2vm")]
+            {
+                match case(a, to, p, test, size, o) {
+                    Ok(s) => {
+                        report(name, &s, 1, o.workers, o, None, &[]);
+                        *out = Some(s);
+                    }
+                    Err(e) => {
+                        println!("{name:<8} {:<10} {size:>9} FAILED: {e}", test.name());
+                        STALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            }
+            if let (Some(l), Some(v)) = (l, v) {
+                // Latency: loopback / VM-to-VM (above 1: VM to VM is faster), so that for
+                // every row 1.0 means "as good as loopback" and the target reads >= 0.9.
+                let ratio = if test == Test::SendLat {
+                    figure(&l) / figure(&v)
+                } else {
+                    figure(&v) / figure(&l)
+                };
+                println!(
+                    "{:<8} {:<10} {size:>9} VM-to-VM / loopback: {ratio:.3}",
+                    "ratio",
+                    test.name()
+                );
+                println!(
+                    "{}",
+                    json_line(&[
+                        ("kind", q("vm2vm")),
+                        ("test", q(test.name())),
+                        ("size", size.to_string()),
+                        ("loop", f(figure(&l))),
+                        ("vm2vm", f(figure(&v))),
+                        ("ratio", f(ratio)),
+                    ])
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One pair's 8 B SEND latency, idle and while another pair of VMs floods 64 B SENDs.
+fn fairness(o: &Opts, a: &Vm, b: &Vm, c: &Vm, d: &Vm) -> Result<(), String> {
+    let n = if o.quick { 500 } else { 20_000 };
+    let mut lat = pair(a, Some(b), o.depth, 2 << 16)?;
+    let mut flood = pair(c, Some(d), o.depth, 4096)?;
+    let bo = |iters| BwOpts {
+        size: 64,
+        iters,
+        batch: o.batch,
+        sig_every: o.sig,
+    };
+    // The flooder's rate alone, to size its run to outlast the loaded latency run.
+    let probe = if o.quick { 20_000 } else { 200_000 };
+    let alone = perf::bw_lean_between(
+        &c.drv,
+        &d.drv,
+        std::slice::from_mut(&mut flood),
+        Test::SendBw,
+        bo(probe),
+    )
+    .map_err(|e| format!("flood alone: {e}"))?;
+    let idle = perf::send_lat_between(&a.drv, &b.drv, &mut lat, 8, n)
+        .map_err(|e| format!("idle latency: {e}"))?;
+    // Loaded latency runs take longer than idle ones; give the flood 20 times the idle run.
+    let secs = idle.elapsed.as_secs_f64() * 20.0 + 0.5;
+    let iters = ((alone.mmsg_per_s() * 1e6 * secs) as u64).max(probe);
+    let (loaded, flooded) = std::thread::scope(|s| {
+        let (c, d, flood) = (&c.drv, &d.drv, &mut flood);
+        let h = s.spawn(move || {
+            perf::bw_lean_between(c, d, std::slice::from_mut(flood), Test::SendBw, bo(iters))
+        });
+        // Let the flood get going first.
+        std::thread::sleep(Duration::from_millis(50));
+        let t = Instant::now();
+        let r = perf::send_lat_between(&a.drv, &b.drv, &mut lat, 8, n);
+        let during = t.elapsed();
+        (r.map(|s| (s, during)), h.join().expect("flood thread"))
+    });
+    let (loaded, during) = loaded.map_err(|e| format!("loaded latency: {e}"))?;
+    let flooded = flooded.map_err(|e| format!("flood: {e}"))?;
+    let overlap = flooded.elapsed > during;
+    header();
+    report("idle", &idle, 1, o.workers, o, None, &[]);
+    report("flooded", &loaded, 1, o.workers, o, None, &[]);
+    report(
+        "flood",
+        &alone,
+        1,
+        o.workers,
+        o,
+        None,
+        &[("while", q("alone"))],
+    );
+    report(
+        "flood",
+        &flooded,
+        1,
+        o.workers,
+        o,
+        None,
+        &[("while", q("latency"))],
+    );
+    let ratio = loaded.lat_us(0.99) / idle.lat_us(0.99);
+    println!(
+        "fairness: 8 B send_lat p99 {:.2} us idle, {:.2} us while another VM pair floods \
+         (64 B SEND at {:.3} M msg/s, {}): {ratio:.2}x",
+        idle.lat_us(0.99),
+        loaded.lat_us(0.99),
+        flooded.mmsg_per_s(),
+        if overlap {
+            "the whole time"
+        } else {
+            "ENDED EARLY"
+        }
+    );
+    println!(
+        "{}",
+        json_line(&[
+            ("kind", q("fairness")),
+            ("idle_p50_us", f(idle.lat_us(0.5))),
+            ("idle_p99_us", f(idle.lat_us(0.99))),
+            ("loaded_p50_us", f(loaded.lat_us(0.5))),
+            ("loaded_p99_us", f(loaded.lat_us(0.99))),
+            ("p99_ratio", f(ratio)),
+            ("flood_mmsg_s", f(flooded.mmsg_per_s())),
+            ("flood_alone_mmsg_s", f(alone.mmsg_per_s())),
+            ("flood_covered_latency_run", overlap.to_string()),
+        ])
+    );
+    Ok(())
+}
+
+/// 16 VMs, 4 QPs each (pairs i -> i+1 and i -> i+2 around a ring): aggregate 64 B SEND and
+/// 64 KiB WRITE rates, and the host memory of each device.
+fn sixteen(o: &Opts) -> Result<(), String> {
+    const N: usize = 16;
+    let serve = serve(o, N)?;
+    let pid = serve.pid();
+    std::thread::sleep(Duration::from_millis(200));
+    let idle = rss(pid);
+    let ram = 32 << 20;
+    let vms = (0..N)
+        .map(|i| boot(&serve, i, ram))
+        .collect::<Result<Vec<_>, _>>()?;
+    std::thread::sleep(Duration::from_millis(100));
+    let active = rss(pid);
+    let depth = o.depth.min(64);
+    let mut links = Vec::new();
+    let mut pairs = Vec::new();
+    for i in 0..N {
+        for k in [1, 2] {
+            let j = (i + k) % N;
+            pairs.push(pair(&vms[i], Some(&vms[j]), depth, 64 << 10)?);
+            links.push((&vms[i].drv, &vms[j].drv));
+        }
+    }
+    let with_qps = rss(pid);
+    header();
+    for (test, size) in [(Test::SendBw, 64), (Test::WriteBw, 65536)] {
+        let per = if o.quick {
+            500
+        } else {
+            iters_for(o, size, test) / 8
+        };
+        let bo = BwOpts {
+            size,
+            iters: per.max(16),
+            batch: o.batch.min(32),
+            sig_every: o.sig.min(32),
+        };
+        let s = perf::bw_lean_on(&links, &mut pairs, test, bo)
+            .map_err(|e| format!("16 VMs {}: {e}", test.name()))?;
+        report("16vms", &s, pairs.len(), o.workers, o, None, &[]);
+    }
+    let busy = rss(pid);
+    let per_dev = |a: (u64, u64), b: (u64, u64)| {
+        (
+            (b.0 as f64 - a.0 as f64) / N as f64,
+            (b.1 as f64 - a.1 as f64) / N as f64,
+        )
+    };
+    println!(
+        "pvrdma serve with {N} devices (pid {pid}), {} worker threads each",
+        o.workers
+    );
+    println!(
+        "{:<44} {:>12} {:>12}",
+        "state", "VmRSS[KiB]", "RssAnon[KiB]"
+    );
+    for (what, v) in [
+        ("16 devices, no client", idle),
+        ("16 clients, devices active", active),
+        ("+ 4 RC QPs per device, 64 KiB MRs", with_qps),
+        ("after the traffic", busy),
+    ] {
+        println!("{what:<44} {:>12} {:>12}", v.0, v.1);
+    }
+    let (act, traffic) = (per_dev(idle, active), per_dev(idle, busy));
+    println!(
+        "per device: {:.0} KiB ({:.0} KiB anonymous) once active, {:.0} KiB ({:.0}) after the traffic",
+        act.0, act.1, traffic.0, traffic.1
+    );
+    println!(
+        "{}",
+        json_line(&[
+            ("kind", q("mem16")),
+            ("idle_rss_kib", idle.0.to_string()),
+            ("active_rss_kib", active.0.to_string()),
+            ("busy_rss_kib", busy.0.to_string()),
+            ("per_device_active_kib", f(act.0)),
+            ("per_device_active_anon_kib", f(act.1)),
+            ("per_device_busy_kib", f(traffic.0)),
+            ("per_device_busy_anon_kib", f(traffic.1)),
+        ])
+    );
+    Ok(())
+}
+
+/// The `vms` section.
+pub(super) fn vms_section(o: &Opts) -> Result<(), String> {
+    let serve = serve(o, 4)?;
+    let ram = pvrdma_guest::transport::DEFAULT_RAM;
+    let vms = (0..4)
+        .map(|i| boot(&serve, i, ram))
+        .collect::<Result<Vec<_>, _>>()?;
+    println!("-- VM to VM (two devices, two clients) next to loopback on the first device");
+    vm_to_vm(o, &vms[0], &vms[1])?;
+    println!();
+    println!("-- fairness: VMs 0-1 measure latency while VMs 2-3 flood 64 B SENDs");
+    fairness(o, &vms[0], &vms[1], &vms[2], &vms[3])?;
+    drop(vms);
+    drop(serve);
+    println!();
+    println!("-- 16 VMs, 4 RC QPs each");
+    sixteen(o)
+}
