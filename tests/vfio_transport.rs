@@ -274,3 +274,57 @@ fn sigterm_with_a_client_connected_exits_zero() {
     assert!(st.success(), "exit status {st}");
     drop(drv);
 }
+
+/// A VERSION message the protocol layer cannot parse (shorter than its fixed part, or JSON
+/// without the NUL) panics inside the `vfio_user` crate. That costs the sender its connection and
+/// nothing else: the process lives, a client of another device of the same process goes on as
+/// if nothing happened, and the attacked socket serves the next client.
+#[test]
+fn a_malformed_version_costs_its_sender_the_connection_only() {
+    let macs = [MAC, [0x00, 0x50, 0x56, 0x12, 0x34, 0x57]];
+    let mut server = pvrdma_guest::vfio::ServeProcess::spawn_devices(
+        std::path::Path::new(env!("CARGO_BIN_EXE_pvrdma")),
+        &macs,
+        &["--workers", "1"],
+    )
+    .expect("pvrdma serve starts");
+    let other = Arc::new(pvrdma_guest::vfio::VfioUser::connect(&server.sockets()[1]).unwrap());
+    let other_drv = Driver::probe(other.clone() as Arc<dyn Transport>).expect("probe");
+    // VERSION: header (id, command 1, size, flags 0, error 0), then major/minor and JSON.
+    let version = |size: u32, json: &[u8]| {
+        let mut m = Vec::new();
+        m.extend_from_slice(&0u16.to_le_bytes());
+        m.extend_from_slice(&1u16.to_le_bytes());
+        m.extend_from_slice(&size.to_le_bytes());
+        m.extend_from_slice(&[0u8; 8]);
+        m.extend_from_slice(&[0, 0, 1, 0]);
+        m.extend_from_slice(json);
+        m
+    };
+    let json = b"{\"capabilities\":{}}";
+    for bad in [version(16, b""), version(20 + json.len() as u32, json)] {
+        let mut s = UnixStream::connect(&server.sockets()[0]).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.write_all(&bad).unwrap();
+        let mut buf = [0u8; 64];
+        // The connection ends (EOF or reset), with no reply.
+        assert!(matches!(s.read(&mut buf), Ok(0) | Err(_)));
+        assert!(
+            server.try_wait().unwrap().is_none(),
+            "pvrdma serve is alive"
+        );
+        // The neighbour's device still answers, commands and data path alike.
+        assert_eq!(other_drv.query_port(1).unwrap().state, 4);
+    }
+    let k = ib_register(&other_drv, macs[1]).expect("the neighbour registers");
+    assert_eq!(k.gsi.qpn, 1);
+    // The attacked socket serves the next, well-behaved client.
+    let (_t, drv) = probed_over_socket(&server.sockets()[0]);
+    assert_eq!(drv.query_port(1).unwrap().state, 4);
+}
+
+fn probed_over_socket(p: &std::path::Path) -> (Arc<pvrdma_guest::vfio::VfioUser>, Driver) {
+    let t = Arc::new(pvrdma_guest::vfio::VfioUser::connect(p).expect("connect"));
+    let drv = Driver::probe(t.clone() as Arc<dyn Transport>).expect("probe");
+    (t, drv)
+}

@@ -93,8 +93,6 @@ pub struct DeviceInfo {
     pub socket: PathBuf,
     /// Its MAC.
     pub mac: [u8; 6],
-    /// Whether a client is connected now.
-    pub connected: bool,
 }
 
 /// What [`Host::apply`] changed.
@@ -344,7 +342,6 @@ impl Host {
                 name: d.name.clone(),
                 socket: d.socket.clone(),
                 mac: d.config.mac,
-                connected: d.server.stopper().current_device().is_some(),
             })
             .collect()
     }

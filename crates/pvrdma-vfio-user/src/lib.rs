@@ -203,7 +203,8 @@ impl Stopper {
         self.stop.load(Ordering::SeqCst)
     }
 
-    /// The device of the connected client, if one is connected.
+    /// The device of the connected client, or of the client the server waits for (each device
+    /// is started before its client is accepted).
     pub fn current_device(&self) -> Option<DeviceHandle> {
         self.current.lock().ok().and_then(|g| g.clone())
     }
