@@ -567,7 +567,7 @@ fn sixteen_vms_all_to_all() {
 }
 
 /// A VM that goes away (its client disconnects, as when its QEMU is killed) in the middle of
-/// WRITEs and READs from another VM: the survivor's outstanding work completes — each WR
+/// WRITEs, READs and atomics from another VM: the survivor's outstanding work completes — each WR
 /// exactly once, successes or a transport error — its QP ends in error, nothing hangs, and
 /// the survivor then talks to the VM that takes the socket next.
 #[test]
@@ -587,14 +587,15 @@ fn a_peer_that_goes_away_mid_transfer_costs_only_error_completions() {
         .reg_mr(b.pd, 0x20_0000_0000, SIZE, ALL_ACCESS)
         .unwrap();
     for i in 0..N {
-        let op = if i % 2 == 0 {
-            wr_opcode::RDMA_WRITE
-        } else {
-            wr_opcode::RDMA_READ
+        let w = match i % 3 {
+            0 => wqe(i, wr_opcode::RDMA_WRITE, vec![la.sge(0, SIZE as u32)], &lb),
+            1 => wqe(i, wr_opcode::RDMA_READ, vec![la.sge(0, SIZE as u32)], &lb),
+            _ => SendWqe {
+                compare_add: 1,
+                ..wqe(i, wr_opcode::ATOMIC_FETCH_AND_ADD, vec![la.sge(0, 8)], &lb)
+            },
         };
-        assert!(a
-            .drv
-            .post_send(&mut ea.qp, &wqe(i, op, vec![la.sge(0, SIZE as u32)], &lb)));
+        assert!(a.drv.post_send(&mut ea.qp, &w));
     }
     // b goes away with the transfers in flight (in-process: its device is shut down).
     drop(eb);
