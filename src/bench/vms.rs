@@ -4,12 +4,14 @@
 //!
 //! - VM to VM against the same device's loopback, case by case in the same run: SEND, WRITE and
 //!   READ bandwidth 64 B to 1 MiB, SEND latency 8 B.
-//! - Fairness: one VM pair's 8 B SEND latency, idle and while two other VMs flood 64 B SENDs.
+//! - Fairness: one VM pair's 8 B SEND latency, idle, while two other VMs of the process flood
+//!   64 B SENDs, and while the same flood runs in a second process (the CPU contention alone).
 //! - 16 VMs with 4 QPs each, connected around a ring: the aggregate rate, and host memory per
 //!   device.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pvrdma_guest::kernel::ib_register;
 use pvrdma_guest::perf::{self, BwOpts, Pair, Sample, Side, Test};
@@ -173,93 +175,95 @@ fn vm_to_vm(o: &Opts, a: &Vm, b: &Vm) -> Result<(), String> {
     Ok(())
 }
 
-/// One pair's 8 B SEND latency, idle and while another pair of VMs floods 64 B SENDs.
-fn fairness(o: &Opts, a: &Vm, b: &Vm, c: &Vm, d: &Vm) -> Result<(), String> {
-    let n = if o.quick { 500 } else { 20_000 };
-    let mut lat = pair(a, Some(b), o.depth, 2 << 16)?;
+/// `n` 8 B SEND round trips between `a` and `b` on `lat` while `flooders` (if any) flood 64 B
+/// SENDs with `o.batch` WQEs per doorbell until the latency run ends; the latency sample and
+/// the flood's.
+fn under_flood(
+    o: &Opts,
+    (a, b): (&Vm, &Vm),
+    lat: &mut Pair,
+    n: u64,
+    flooders: Option<(&Vm, &Vm)>,
+) -> Result<(Sample, Option<Sample>), String> {
+    let Some((c, d)) = flooders else {
+        let s = perf::send_lat_between(&a.drv, &b.drv, lat, 8, n)
+            .map_err(|e| format!("idle latency: {e}"))?;
+        return Ok((s, None));
+    };
+    // A fresh flooding pair each time: a stopped flood leaves sends in flight.
     let mut flood = pair(c, Some(d), o.depth, 4096)?;
-    let bo = |iters| BwOpts {
+    let bo = BwOpts {
         size: 64,
-        iters,
+        iters: u64::MAX / 2,
         batch: o.batch,
         sig_every: o.sig,
     };
-    // The flooder's rate alone, to size its run to outlast the loaded latency run.
-    let probe = if o.quick { 20_000 } else { 200_000 };
-    let alone = perf::bw_lean_between(
-        &c.drv,
-        &d.drv,
-        std::slice::from_mut(&mut flood),
-        Test::SendBw,
-        bo(probe),
-    )
-    .map_err(|e| format!("flood alone: {e}"))?;
-    let idle = perf::send_lat_between(&a.drv, &b.drv, &mut lat, 8, n)
-        .map_err(|e| format!("idle latency: {e}"))?;
-    // Loaded latency runs take longer than idle ones; give the flood 20 times the idle run.
-    let secs = idle.elapsed.as_secs_f64() * 20.0 + 0.5;
-    let iters = ((alone.mmsg_per_s() * 1e6 * secs) as u64).max(probe);
+    let stop = AtomicBool::new(false);
     let (loaded, flooded) = std::thread::scope(|s| {
-        let (c, d, flood) = (&c.drv, &d.drv, &mut flood);
+        let links = [(&c.drv, &d.drv)];
+        let (flood, stop) = (&mut flood, &stop);
         let h = s.spawn(move || {
-            perf::bw_lean_between(c, d, std::slice::from_mut(flood), Test::SendBw, bo(iters))
+            let pairs = std::slice::from_mut(flood);
+            perf::bw_lean_until(&links, pairs, Test::SendBw, bo, Some(stop))
         });
         // Let the flood get going first.
         std::thread::sleep(Duration::from_millis(50));
-        let t = Instant::now();
-        let r = perf::send_lat_between(&a.drv, &b.drv, &mut lat, 8, n);
-        let during = t.elapsed();
-        (r.map(|s| (s, during)), h.join().expect("flood thread"))
+        let r = perf::send_lat_between(&a.drv, &b.drv, lat, 8, n);
+        stop.store(true, Ordering::Relaxed);
+        (r, h.join().expect("flood thread"))
     });
-    let (loaded, during) = loaded.map_err(|e| format!("loaded latency: {e}"))?;
+    let loaded = loaded.map_err(|e| format!("loaded latency: {e}"))?;
     let flooded = flooded.map_err(|e| format!("flood: {e}"))?;
-    let overlap = flooded.elapsed > during;
+    Ok((loaded, Some(flooded)))
+}
+
+/// One VM pair's 8 B SEND latency, idle and while another VM pair floods 64 B SENDs: the flood
+/// from devices of the same `pvrdma serve` (what one tenant can do to another), and the same
+/// flood from a second `pvrdma serve` process (what the machine's two cores alone do: the same
+/// CPU contention with nothing shared).
+fn fairness(o: &Opts, a: &Vm, b: &Vm, same: (&Vm, &Vm), other: (&Vm, &Vm)) -> Result<(), String> {
+    let n = if o.quick { 500 } else { 20_000 };
+    let mut lat = pair(a, Some(b), o.depth, 2 << 16)?;
     header();
-    report("idle", &idle, 1, o.workers, o, None, &[]);
-    report("flooded", &loaded, 1, o.workers, o, None, &[]);
-    report(
-        "flood",
-        &alone,
-        1,
-        o.workers,
-        o,
-        None,
-        &[("while", q("alone"))],
-    );
-    report(
-        "flood",
-        &flooded,
-        1,
-        o.workers,
-        o,
-        None,
-        &[("while", q("latency"))],
-    );
-    let ratio = loaded.lat_us(0.99) / idle.lat_us(0.99);
-    println!(
-        "fairness: 8 B send_lat p99 {:.2} us idle, {:.2} us while another VM pair floods \
-         (64 B SEND at {:.3} M msg/s, {}): {ratio:.2}x",
-        idle.lat_us(0.99),
-        loaded.lat_us(0.99),
-        flooded.mmsg_per_s(),
-        if overlap {
-            "the whole time"
-        } else {
-            "ENDED EARLY"
+    let mut rows = Vec::new();
+    for (name, flooders) in [
+        ("idle", None),
+        ("flooded", Some(same)),
+        ("elsewhere", Some(other)),
+    ] {
+        let (l, fl) = under_flood(o, (a, b), &mut lat, n, flooders)?;
+        report(name, &l, 1, o.workers, o, None, &[]);
+        if let Some(fl) = &fl {
+            report("flood", fl, 1, o.workers, o, None, &[("while", q(name))]);
         }
+        rows.push((l, fl.map_or(0.0, |s| s.mmsg_per_s())));
+    }
+    let p99 = |i: usize| rows[i].0.lat_us(0.99);
+    let (same_x, other_x) = (p99(1) / p99(0), p99(2) / p99(0));
+    println!(
+        "fairness: 8 B send_lat p99 {:.2} us idle; {:.2} us ({same_x:.2}x) while VMs of the same \
+         process flood 64 B SENDs at {:.3} M msg/s; {:.2} us ({other_x:.2}x) while the same flood \
+         runs in another process at {:.3} M msg/s",
+        p99(0),
+        p99(1),
+        rows[1].1,
+        p99(2),
+        rows[2].1
     );
     println!(
         "{}",
         json_line(&[
             ("kind", q("fairness")),
-            ("idle_p50_us", f(idle.lat_us(0.5))),
-            ("idle_p99_us", f(idle.lat_us(0.99))),
-            ("loaded_p50_us", f(loaded.lat_us(0.5))),
-            ("loaded_p99_us", f(loaded.lat_us(0.99))),
-            ("p99_ratio", f(ratio)),
-            ("flood_mmsg_s", f(flooded.mmsg_per_s())),
-            ("flood_alone_mmsg_s", f(alone.mmsg_per_s())),
-            ("flood_covered_latency_run", overlap.to_string()),
+            ("idle_p50_us", f(rows[0].0.lat_us(0.5))),
+            ("idle_p99_us", f(p99(0))),
+            ("same_process_p50_us", f(rows[1].0.lat_us(0.5))),
+            ("same_process_p99_us", f(p99(1))),
+            ("other_process_p50_us", f(rows[2].0.lat_us(0.5))),
+            ("other_process_p99_us", f(p99(2))),
+            ("same_process_ratio", f(same_x)),
+            ("other_process_ratio", f(other_x)),
+            ("flood_same_mmsg_s", f(rows[1].1)),
+            ("flood_other_mmsg_s", f(rows[2].1)),
         ])
     );
     Ok(())
@@ -361,10 +365,23 @@ pub(super) fn vms_section(o: &Opts) -> Result<(), String> {
     println!("-- VM to VM (two devices, two clients) next to loopback on the first device");
     vm_to_vm(o, &vms[0], &vms[1])?;
     println!();
-    println!("-- fairness: VMs 0-1 measure latency while VMs 2-3 flood 64 B SENDs");
-    fairness(o, &vms[0], &vms[1], &vms[2], &vms[3])?;
-    drop(vms);
-    drop(serve);
+    println!(
+        "-- fairness: VMs 0-1 measure latency while VMs 2-3 flood 64 B SENDs, then while VMs of \
+         another process do"
+    );
+    let elsewhere = self::serve(o, 2)?;
+    let others = (0..2)
+        .map(|i| boot(&elsewhere, i, ram))
+        .collect::<Result<Vec<_>, _>>()?;
+    fairness(
+        o,
+        &vms[0],
+        &vms[1],
+        (&vms[2], &vms[3]),
+        (&others[0], &others[1]),
+    )?;
+    drop((vms, others));
+    drop((serve, elsewhere));
     println!();
     println!("-- 16 VMs, 4 RC QPs each");
     sixteen(o)

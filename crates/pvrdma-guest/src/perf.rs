@@ -582,6 +582,20 @@ pub fn bw_lean_on(
     test: Test,
     o: BwOpts,
 ) -> Result<Sample> {
+    bw_lean_until(drivers, pairs, test, o, None)
+}
+
+/// [`bw_lean_on`] that also ends, early, once `stop` is set: no more WRs are posted, the
+/// signaled ones in flight are waited for, and the sample counts the messages completed up to
+/// the last signaled one (a load generator; the pairs are not for further use then, since up
+/// to `sig_every - 1` unsignaled sends may still be in flight).
+pub fn bw_lean_until(
+    drivers: &[(&Driver, &Driver)],
+    pairs: &mut [Pair],
+    test: Test,
+    o: BwOpts,
+    stop: Option<&std::sync::atomic::AtomicBool>,
+) -> Result<Sample> {
     assert_eq!(drivers.len(), pairs.len(), "a driver pair per QP pair");
     let is_send = test == Test::SendBw;
     let sig = u64::from(o.sig_every.max(1));
@@ -636,7 +650,14 @@ pub fn bw_lean_on(
                     db.doorbell(p.ctx_b, uar::QP, p.b.handle | (1 << 31));
                 }
             }
-            let limit = if is_send { l.recv_posted } else { iters };
+            let stopping = stop.is_some_and(|s| s.load(Ordering::Relaxed));
+            let limit = if stopping {
+                l.posted
+            } else if is_send {
+                l.recv_posted
+            } else {
+                iters
+            };
             let mut n = 0;
             while n < batch && l.posted < limit && l.posted - l.done < depth && l.sq.space(mem) {
                 let i = l.posted;
@@ -662,7 +683,9 @@ pub fn bw_lean_on(
                 l.recv_done += u64::from(got);
                 progress |= got > 0;
             }
-            if l.done >= iters && (!is_send || l.recv_done >= iters) {
+            if (l.done >= iters && (!is_send || l.recv_done >= iters))
+                || (stopping && l.done + sig > l.posted)
+            {
                 finished += 1;
             }
         }
@@ -701,7 +724,7 @@ pub fn bw_lean_on(
     Ok(Sample {
         test,
         size: o.size,
-        iters: iters * pairs.len() as u64,
+        iters: lanes.iter().map(|l| l.done.min(iters)).sum(),
         elapsed,
         lat: Vec::new(),
     })
