@@ -18,7 +18,9 @@ use pvrdma_guest::perf::{self, BwOpts, Pair, Sample, Side, Test};
 use pvrdma_guest::vfio::{ServeProcess, VfioUser};
 use pvrdma_guest::{Driver, Transport};
 
-use super::{f, header, iters_for, json_line, q, report, rss, Opts, POLL_US, STALLS};
+use super::{
+    cpu_per_msg, f, header, iters_for, json_line, q, report, rss, thread_cpu, Opts, POLL_US, STALLS,
+};
 
 /// One VM: its device's driver and GID.
 struct Vm {
@@ -111,8 +113,18 @@ fn figure(s: &Sample) -> f64 {
     }
 }
 
-/// VM to VM next to loopback on the same device, case by case.
-fn vm_to_vm(o: &Opts, a: &Vm, b: &Vm) -> Result<(), String> {
+/// CPU time by thread name of this process and of `serve`.
+fn cpu(serve: &ServeProcess) -> std::collections::BTreeMap<String, u64> {
+    let mut m = std::collections::BTreeMap::new();
+    thread_cpu(std::process::id(), "", &mut m);
+    thread_cpu(serve.pid(), "serve:", &mut m);
+    m
+}
+
+/// VM to VM next to loopback on the same device, case by case; for messages up to 4 KiB also
+/// the CPU time each thread spent per message (two cores: where the rate is bound by the sum of
+/// the threads' times, a case with more busy threads is slower without doing more work).
+fn vm_to_vm(o: &Opts, serve: &ServeProcess, a: &Vm, b: &Vm) -> Result<(), String> {
     let sizes: Vec<u64> = o
         .sizes
         .iter()
@@ -134,9 +146,21 @@ fn vm_to_vm(o: &Opts, a: &Vm, b: &Vm) -> Result<(), String> {
             // Loopback first, then VM to VM, so a drift of the host hits both alike.
             for (to, p, out, name) in [(a, &mut lp, &mut l, "loop"), (b, &mut vp, &mut v, "vm2vm")]
             {
+                let before = cpu(serve);
                 match case(a, to, p, test, size, o) {
                     Ok(s) => {
+                        let after = cpu(serve);
                         report(name, &s, 1, o.workers, o, None, &[]);
+                        if size <= 4096 {
+                            let mut fields = vec![
+                                ("kind", q("cpu")),
+                                ("transport", q(name)),
+                                ("test", q(test.name())),
+                                ("size", size.to_string()),
+                            ];
+                            fields.extend(cpu_per_msg(&before, &after, s.iters));
+                            println!("{}", json_line(&fields));
+                        }
                         *out = Some(s);
                     }
                     Err(e) => {
@@ -363,7 +387,7 @@ pub(super) fn vms_section(o: &Opts) -> Result<(), String> {
         .map(|i| boot(&serve, i, ram))
         .collect::<Result<Vec<_>, _>>()?;
     println!("-- VM to VM (two devices, two clients) next to loopback on the first device");
-    vm_to_vm(o, &vms[0], &vms[1])?;
+    vm_to_vm(o, &serve, &vms[0], &vms[1])?;
     println!();
     println!(
         "-- fairness: VMs 0-1 measure latency while VMs 2-3 flood 64 B SENDs, then while VMs of \
