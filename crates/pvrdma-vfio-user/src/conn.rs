@@ -1,5 +1,5 @@
 //! One client connection: a fresh device, its guest memory and interrupts, and the
-//! `vfio_user::ServerBackend` that forwards the client's messages to it.
+//! `vfio_user::ServerBackend` that the message loop ([`crate::protocol`]) hands each message to.
 
 use std::fs::File;
 use std::io;

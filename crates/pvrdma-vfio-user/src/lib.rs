@@ -3,7 +3,7 @@
 //!
 //! # Threads
 //! ```text
-//!  server thread (vfio_user::Server::run)          device main loop (pvrdma-dev, owns all state)
+//!  server thread (protocol::serve_connection)      device main loop (pvrdma-dev, owns all state)
 //!    REGION_READ/WRITE ── DeviceHandle::read/write ──▶ registers, doorbells, config space
 //!    DEVICE_RESET ─────── DeviceHandle::reset ───────▶ back to power-on
 //!    DMA_MAP/UNMAP ────── GuestMemoryAtomic::replace   (workers take snapshots)
@@ -16,8 +16,11 @@
 //! with its own socket, MAC and limits, all on one emulated RDMA fabric: that is how the VMs of
 //! one host reach each other.
 //!
-//! A client whose message makes the protocol layer panic loses its connection (its device is
-//! shut down as at a disconnect); the socket goes on accepting, and no other device notices.
+//! The protocol's server side is this crate's own ([`protocol`]): any byte sequence a client
+//! sends costs it at most an error reply or its connection, and one message at most
+//! [`protocol::MAX_MESSAGE`] bytes of buffer. Should the device code behind a connection panic
+//! all the same, that connection ends (its device is shut down as at a disconnect); the socket
+//! goes on accepting, and no other device notices.
 //!
 //! Guest mistakes (accesses outside a region, unknown regions or interrupt indexes) are logged
 //! and answered, never turned into protocol errors. Client mistakes in DMA_MAP/UNMAP (overlaps,
@@ -28,6 +31,7 @@ pub mod conn;
 pub mod dma;
 pub mod host;
 pub mod irq;
+pub mod protocol;
 pub mod regions;
 pub mod vmm;
 
@@ -66,6 +70,9 @@ pub enum Error {
     /// A thread could not be started.
     #[error("cannot start the server thread")]
     Spawn(#[source] std::io::Error),
+    /// The client broke the protocol; its connection was closed.
+    #[error("client connection closed")]
+    Protocol(#[source] protocol::Error),
     /// Signal handlers could not be installed.
     #[error("cannot install the SIGINT/SIGTERM handlers")]
     Signals(#[source] std::io::Error),
@@ -181,6 +188,8 @@ pub struct Stopper {
     /// Where to connect to wake the server's accept().
     wake: Wake,
     current: Arc<Mutex<Option<DeviceHandle>>>,
+    /// The connected client's stream (a clone), to end the connection from outside.
+    stream: Arc<Mutex<Option<UnixStream>>>,
 }
 
 impl Stopper {
@@ -198,6 +207,14 @@ impl Stopper {
         }
     }
 
+    /// Ends the connected client's connection, if any (the server thread then sees it end and
+    /// shuts its device down as at a disconnect).
+    pub fn disconnect(&self) {
+        if let Some(s) = lock(&self.stream).as_ref() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
     /// Whether stop was asked.
     pub fn stopping(&self) -> bool {
         self.stop.load(Ordering::SeqCst)
@@ -212,7 +229,9 @@ impl Stopper {
 
 /// A bound server, not yet running.
 pub struct Server {
-    server: vfio_user::Server,
+    listener: UnixListener,
+    regions: Vec<vfio_user::ServerRegion>,
+    irqs: Vec<vfio_user::IrqInfo>,
     path: Option<PathBuf>,
     name: String,
     /// The configuration of the next client's device (a host may change it meanwhile).
@@ -257,9 +276,10 @@ impl Server {
                 (listener, Some(opts.socket), wake)
             }
         };
-        let server = vfio_user::Server::from_owned_fd(OwnedFd::from(listener), true, irqs, regions);
         Ok(Server {
-            server,
+            listener,
+            regions,
+            irqs,
             path,
             name: opts.name,
             device: Arc::new(Mutex::new(opts.device)),
@@ -269,6 +289,7 @@ impl Server {
                 stop: Arc::new(AtomicBool::new(false)),
                 wake: addr,
                 current: Arc::new(Mutex::new(None)),
+                stream: Arc::new(Mutex::new(None)),
             },
             clients: AtomicU64::new(0),
         })
@@ -297,6 +318,11 @@ impl Server {
     /// Serves clients one after the other, each with a fresh device, until stopped.
     pub fn run(&self) -> Result<()> {
         let name = &self.name;
+        let layout = protocol::DeviceLayout {
+            regions: &self.regions,
+            irqs: &self.irqs,
+            resettable: true,
+        };
         while !self.stopper.stopping() {
             let n = self.clients.fetch_add(1, Ordering::Relaxed);
             let cfg = lock(&self.device).clone();
@@ -304,26 +330,42 @@ impl Server {
                 Connection::new(&cfg, format!("{name}.{n}"), &self.fabric, &self.backend)
                     .map_err(Error::Device)?;
             *lock(&self.stopper.current) = Some(conn.device().clone());
-            // The protocol layer is a dependency that trusts the client more than it should: a
-            // panic there ends this client's connection (the stream is dropped on the way out),
-            // never the process or another device.
-            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                self.server.run(&mut conn)
-            }));
+            let accepted = self.listener.accept();
+            let r = match accepted {
+                Err(e) => Err(Error::Socket(e)),
+                Ok(_) if self.stopper.stopping() => Ok(()),
+                Ok((mut stream, _)) => {
+                    *lock(&self.stopper.stream) = stream.try_clone().ok();
+                    // The device code behind the connection must not take the process down
+                    // with it: a panic ends this client's connection (the stream is dropped on
+                    // the way out), never another device's.
+                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        protocol::serve_connection(&mut stream, &mut conn, layout)
+                    }));
+                    *lock(&self.stopper.stream) = None;
+                    match r {
+                        Ok(r) => r.map_err(Error::Protocol),
+                        Err(_) => {
+                            log::error!("{name}: the device panicked on a client message");
+                            Ok(())
+                        }
+                    }
+                }
+            };
             *lock(&self.stopper.current) = None;
             conn.shutdown();
             match r {
-                Err(_) => log::error!(
-                    "{name}: a client message broke the protocol layer; connection closed"
-                ),
-                Ok(Ok(())) if self.stopper.stopping() => log::debug!("{name}: woken to stop"),
-                Ok(Ok(())) => log::info!("{name}: client disconnected"),
-                Ok(Err(e)) if self.stopper.stopping() => log::debug!("{name}: stopping: {e}"),
-                Ok(Err(vfio_user::Error::SocketAccept(e))) => {
+                Ok(()) if self.stopper.stopping() => log::debug!("{name}: woken to stop"),
+                Ok(()) => log::info!("{name}: client disconnected"),
+                Err(e) if self.stopper.stopping() => log::debug!("{name}: stopping: {e}"),
+                Err(Error::Socket(e)) => {
                     log::error!("{name}: accept failed: {e}");
                     std::thread::sleep(Duration::from_millis(100));
                 }
-                Ok(Err(e)) => log::warn!("{name}: client connection ended: {e}"),
+                Err(e) => log::warn!(
+                    "{name}: {e}: {}",
+                    std::error::Error::source(&e).map_or(String::new(), |s| s.to_string())
+                ),
             }
         }
         log::info!("{name}: server stopped");
@@ -405,12 +447,22 @@ impl RunningServer {
         }
         let r = match t {
             Some(t) if t.is_finished() => t.join().map_err(|_| Error::Panicked)?,
-            Some(_) => {
-                log::warn!("a client is still connected: shutting its device down");
-                if let Some(d) = self.stopper.current_device() {
-                    d.shutdown();
+            Some(t) => {
+                log::warn!("a client is still connected: closing its connection");
+                self.stopper.disconnect();
+                // The server thread sees the connection end, shuts its device down and returns.
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while !t.is_finished() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(5));
                 }
-                Ok(())
+                if t.is_finished() {
+                    t.join().map_err(|_| Error::Panicked)?
+                } else {
+                    if let Some(d) = self.stopper.current_device() {
+                        d.shutdown();
+                    }
+                    Ok(())
+                }
             }
             None => Ok(()),
         };
