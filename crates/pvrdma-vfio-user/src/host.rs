@@ -249,9 +249,8 @@ impl Host {
         Ok(())
     }
 
-    /// Stops serving the device `name`: its socket is removed at once; a connected client's
-    /// device is shut down (its accesses are answered with all-ones until it disconnects).
-    /// `false` if there is no such device.
+    /// Stops serving the device `name`: its socket is removed, a connected client's connection
+    /// is closed and its device shut down. `false` if there is no such device.
     pub fn remove(&self, name: &str) -> bool {
         let hosted = {
             let mut devs = lock(&self.devices);
@@ -488,6 +487,30 @@ mod tests {
         let before = host.devices();
         assert!(host.apply(set(&[("a", 1, 32), ("e", 1, 16)])).is_err());
         assert_eq!(host.devices(), before);
+        host.stop(Duration::from_secs(1));
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn removing_a_device_closes_its_clients_connection() {
+        let d = dir("remove");
+        let host = Host::new(BackendChoice::Emulated, HostLimits::default()).unwrap();
+        host.add(DeviceSpec::new(d.join("a.sock"), cfg(1))).unwrap();
+        host.add(DeviceSpec::new(d.join("b.sock"), cfg(2))).unwrap();
+        let mut a = vfio_user::Client::new(&d.join("a.sock")).unwrap();
+        let mut b = vfio_user::Client::new(&d.join("b.sock")).unwrap();
+        let mut id = [0u8; 4];
+        a.region_read(7, 0, &mut id).unwrap();
+        let t = Instant::now();
+        assert!(host.remove("a"));
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        assert!(
+            a.region_read(7, 0, &mut id).is_err(),
+            "a's connection is closed"
+        );
+        // The other device's client is untouched.
+        b.region_read(7, 0, &mut id).unwrap();
+        assert_eq!(u32::from_le_bytes(id), 0x0820_15ad);
         host.stop(Duration::from_secs(1));
         let _ = std::fs::remove_dir_all(&d);
     }
