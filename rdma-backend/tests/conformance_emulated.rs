@@ -247,3 +247,42 @@ fn a_responder_serves_only_its_connected_requester() {
     assert_eq!((w[0].wr_id, w[0].status), (1, WcStatus::Success));
     assert_eq!(a.wait(1)[0].status, WcStatus::Success);
 }
+
+/// An MR's keys are not predictable from another MR's (ReDMArk): beyond the slot, each key has
+/// 11 random bits, drawn anew at every registration; a slot registered again gets a key its
+/// old holders cannot use.
+#[test]
+fn keys_carry_random_bits_and_stale_keys_miss() {
+    let f = emulated();
+    let d = Dev::new(&f, 1);
+    let keys: Vec<u32> = (0..64)
+        .map(|_| {
+            d.buf(4096, Access::LOCAL_WRITE | Access::REMOTE_WRITE)
+                .keys
+                .rkey
+        })
+        .collect();
+    let random = |k: u32| k & 0x7000_00ff;
+    let distinct: std::collections::HashSet<u32> = keys.iter().map(|&k| random(k)).collect();
+    assert!(distinct.len() > 48, "random bits repeat: {keys:x?}");
+    let steps: std::collections::HashSet<u32> =
+        keys.windows(2).map(|w| w[1].wrapping_sub(w[0])).collect();
+    assert!(steps.len() > 48, "keys follow a pattern: {keys:x?}");
+    // A slot freed and registered again: the old key finds nothing.
+    let b = d.buf(4096, Access::LOCAL_WRITE | Access::REMOTE_WRITE);
+    let old = b.keys;
+    d.be.destroy_mr(old.id).unwrap();
+    let again = d.buf(4096, Access::LOCAL_WRITE | Access::REMOTE_WRITE);
+    assert_eq!(again.keys.id, old.id, "the slot is reused");
+    assert_ne!(again.keys.rkey, old.rkey);
+    let (qa, qb, _, _) = rc_pair(&d, &d, RcOpts::default());
+    let _ = qb;
+    let src = d.buf(64, Access::LOCAL_WRITE);
+    let write = SendOp::RdmaWrite {
+        remote_addr: again.iova,
+        rkey: old.rkey,
+        imm: None,
+    };
+    d.send(qa, 1, write, src.sges(0, 8, 1));
+    assert_eq!(d.wait(1)[0].status, WcStatus::RemAccessErr);
+}

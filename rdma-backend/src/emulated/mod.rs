@@ -53,8 +53,13 @@ use crate::{
 
 /// GID table entries per backend (the device reports a smaller `gid_tbl_len`).
 pub const MAX_GIDS: u32 = 128;
-/// MRs per backend: the MR slot must fit in 23 bits of a key.
+/// MRs per backend: the MR slot fills bits 8-27 of a key.
 const MAX_MRS: usize = 1 << 20;
+/// The bits of a key (without [`RKEY_BIT`]) drawn at random for each registration: the low 8
+/// and bits 28-30. The slot (bits 8-27) says where the MR is; the random bits make a key
+/// unguessable from another key (ReDMArk: keys must not be predictable), and a stale key of a
+/// reused slot very likely invalid.
+const KEY_RANDOM_BITS: u32 = 0x7000_00ff;
 /// Work requests per queue: bounds what a guest can make the backend buffer.
 pub const MAX_WR: u32 = 1 << 16;
 /// QPs per backend.
@@ -102,14 +107,41 @@ fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 
 #[derive(Debug, Default)]
 struct MrSlot {
-    gen: u8,
+    /// The lkey of the MR registered in the slot now (its rkey is `key | RKEY_BIT`).
+    key: u32,
     mr: Option<Arc<Mr>>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct MrTable {
     slots: Vec<MrSlot>,
     free: Vec<u32>,
+    /// SplitMix64 state for the random bits of keys, seeded from the OS (through `RandomState`).
+    rng: u64,
+}
+
+impl Default for MrTable {
+    fn default() -> Self {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(0x6b65_7973);
+        MrTable {
+            slots: Vec::new(),
+            free: Vec::new(),
+            rng: h.finish(),
+        }
+    }
+}
+
+impl MrTable {
+    /// The next SplitMix64 output.
+    fn random(&mut self) -> u32 {
+        self.rng = self.rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        (z ^ (z >> 31)) as u32
+    }
 }
 
 /// Control-plane state (one command at a time).
@@ -224,10 +256,11 @@ impl EmulatedBackend {
         if (key & RKEY_BIT != 0) != remote {
             return None;
         }
-        let slot = ((key & !RKEY_BIT) >> 8) as usize;
+        let key = key & !RKEY_BIT;
+        let slot = ((key & !KEY_RANDOM_BITS) >> 8) as usize;
         let t = read(&self.mrs);
         let s = t.slots.get(slot)?;
-        if s.gen != key as u8 {
+        if s.key != key {
             return None;
         }
         s.mr.clone()
@@ -456,10 +489,15 @@ impl Backend for EmulatedBackend {
             }
             None => return Err(Error::Exhausted("MRs")),
         };
+        // Random bits, never those of the slot's previous key (whose holders must miss).
+        let mut bits = t.random() & KEY_RANDOM_BITS;
+        while bits == t.slots[slot].key & KEY_RANDOM_BITS {
+            bits = t.random() & KEY_RANDOM_BITS;
+        }
+        let lkey = ((slot as u32) << 8) | bits;
         let s = &mut t.slots[slot];
-        s.gen = s.gen.wrapping_add(1).max(1);
+        s.key = lkey;
         s.mr = Some(Arc::new(Mr { pd, access, kind }));
-        let lkey = ((slot as u32) << 8) | u32::from(s.gen);
         *refs += 1;
         ctl.mr_pd.insert(slot as u32, pd);
         Ok(MrKeys {
@@ -842,7 +880,8 @@ impl Backend for EmulatedBackend {
             self.destroy_qp_inner(qp);
         }
         {
-            // Keep the generations so keys from before the reset stay stale.
+            // Keep each slot's last key: a new key of the slot gets other random bits, so keys
+            // from before the reset stay stale.
             let mut t = write(&self.mrs);
             for s in t.slots.iter_mut() {
                 s.mr = None;
