@@ -500,6 +500,14 @@ impl Running {
     }
 }
 
+/// Jobs a device can have queued on its pool: one drain per QP and per SRQ (`Sched` keeps at
+/// most one in flight each), one command, and the same again from before a reset whose old jobs
+/// have not run yet. Sized so that the main loop never blocks in a submission (it would stop
+/// answering the guest while the workers copy).
+fn pool_queue(cfg: &DeviceConfig) -> usize {
+    2 * (cfg.max_qp as usize + cfg.max_srq as usize + 1) + 16
+}
+
 fn run_main_loop(
     cfg: DeviceConfig,
     opts: DeviceOptions,
@@ -508,7 +516,8 @@ fn run_main_loop(
     backend: BackendFactory,
     rx: Receiver<Msg>,
 ) {
-    let pool = match task_core::Pool::new(&format!("{}-worker", opts.name), cfg.workers, 1024) {
+    let queue = pool_queue(&cfg);
+    let pool = match task_core::Pool::new(&format!("{}-worker", opts.name), cfg.workers, queue) {
         Ok(p) => p,
         Err(e) => {
             log::error!("cannot start the worker pool: {e}");
