@@ -8,13 +8,10 @@
 use std::fs::File;
 use std::os::fd::FromRawFd;
 use std::os::unix::fs::FileExt;
-use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
 use pvrdma_dev::regs::offset;
-use pvrdma_fuzz::{small_cfg, Cursor};
-use pvrdma_vfio_user::Connection;
-use rdma_backend::emulated::Fabric;
+use pvrdma_fuzz::{local_connection, small_cfg, Cursor};
 use vfio_user::{DmaMapFlags, DmaUnmapFlags, ServerBackend};
 
 fn memfd(len: u64) -> File {
@@ -46,18 +43,8 @@ fn region_offset(c: &mut Cursor) -> u64 {
 }
 
 fuzz_target!(|data: &[u8]| {
-    thread_local! {
-        static FABRIC: Arc<Fabric> = Fabric::new();
-    }
     let cfg = small_cfg();
-    // The device on this thread (no threads per input, exact replay), one fabric per process.
-    let mut conn = Connection::new_local(
-        &cfg,
-        "fuzz".into(),
-        &FABRIC.with(Arc::clone),
-        &pvrdma_vfio_user::BackendChoice::Emulated,
-    )
-    .expect("device starts");
+    let mut conn = local_connection();
     let mut rams: Vec<File> = Vec::new();
     let mut c = Cursor::new(data);
     let mut ops = 0;

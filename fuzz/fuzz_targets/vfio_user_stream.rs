@@ -7,27 +7,15 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
-use pvrdma_fuzz::small_cfg;
+use pvrdma_fuzz::{local_connection, small_cfg};
 use pvrdma_vfio_user::protocol::{serve_connection, DeviceLayout};
 use pvrdma_vfio_user::regions::{server_irqs, server_regions};
-use pvrdma_vfio_user::Connection;
-use rdma_backend::emulated::Fabric;
 
 fuzz_target!(|data: &[u8]| {
-    thread_local! {
-        static FABRIC: Arc<Fabric> = Fabric::new();
-    }
     let cfg = small_cfg();
-    let mut conn = Connection::new_local(
-        &cfg,
-        "fuzz".into(),
-        &FABRIC.with(Arc::clone),
-        &pvrdma_vfio_user::BackendChoice::Emulated,
-    )
-    .expect("device starts");
+    let mut conn = local_connection();
     let (mut client, mut server) = UnixStream::pair().expect("socketpair");
     // The client writes everything and reads every reply on its own thread, so that neither
     // side's socket buffer can fill up and stall the other.

@@ -85,11 +85,15 @@ pub fn small_cfg() -> DeviceConfig {
 /// input replays the same way every time, and one fabric (with its timer thread) serves every
 /// input of the process.
 pub fn device(cfg: &DeviceConfig) -> Arc<Local> {
+    Arc::new(Local::new(cfg.clone(), RAM, &fabric()).expect("a local device"))
+}
+
+/// The process's one emulated fabric (with its timer thread), shared by every input.
+fn fabric() -> Arc<Fabric> {
     thread_local! {
         static FABRIC: Arc<Fabric> = Fabric::new();
     }
-    let fabric = FABRIC.with(Arc::clone);
-    Arc::new(Local::new(cfg.clone(), RAM, &fabric).expect("a local device"))
+    FABRIC.with(Arc::clone)
 }
 
 /// A device probed as `vmw_pvrdma` does (DSR, rings, ACTIVATE).
@@ -330,4 +334,16 @@ pub fn run_registers(data: &[u8]) {
     drop(drv);
     let drv = Driver::probe(t.clone() as Arc<dyn Transport>).expect("probe after CTL RESET");
     drv.query_port(1).expect("QUERY_PORT after reset and probe");
+}
+
+/// A vfio-user connection's device on the fuzzer's thread (`Connection::new_local`: no thread
+/// per input, exact replay) with [`small_cfg`], on one emulated fabric per process.
+pub fn local_connection() -> pvrdma_vfio_user::Connection<pvrdma_dev::LocalDevice> {
+    pvrdma_vfio_user::Connection::new_local(
+        &small_cfg(),
+        "fuzz".into(),
+        &fabric(),
+        &pvrdma_vfio_user::BackendChoice::Emulated,
+    )
+    .expect("device starts")
 }

@@ -70,30 +70,24 @@ struct Opts {
     sections: Vec<String>,
 }
 
+/// Every test, in the order the tables list them.
+const ALL_TESTS: [Test; 6] = [
+    Test::SendBw,
+    Test::WriteBw,
+    Test::ReadBw,
+    Test::AtomicBw,
+    Test::SendLat,
+    Test::WriteLat,
+];
+
 fn test_by_name(s: &str) -> Option<Test> {
-    [
-        Test::SendBw,
-        Test::WriteBw,
-        Test::ReadBw,
-        Test::AtomicBw,
-        Test::SendLat,
-        Test::WriteLat,
-    ]
-    .into_iter()
-    .find(|t| t.name() == s)
+    ALL_TESTS.into_iter().find(|t| t.name() == s)
 }
 
 fn parse(args: &[String]) -> Result<Opts, String> {
     let mut o = Opts {
         quick: false,
-        tests: vec![
-            Test::SendBw,
-            Test::WriteBw,
-            Test::ReadBw,
-            Test::AtomicBw,
-            Test::SendLat,
-            Test::WriteLat,
-        ],
+        tests: ALL_TESTS.to_vec(),
         sizes: vec![2, 8, 64, 512, 4096, 65536, 1 << 20, 8 << 20],
         inproc: true,
         vfio: true,
