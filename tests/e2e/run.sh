@@ -101,25 +101,9 @@ fi
 QEMU+=("${QEMU_EXTRA[@]}")
 
 # ---- server ------------------------------------------------------------------------------------
+. "$HERE/server.sh"
 if [ -n "$SERVER_CMD" ]; then
-    if [ -n "$SOCKET" ] && [ -S "$SOCKET" ]; then rm -f "$SOCKET"; fi
-    log "starting server: $SERVER_CMD (log: $SERVER_LOG)"
-    bash -c "$SERVER_CMD" </dev/null >"$SERVER_LOG" 2>&1 &
-    SERVER_PID=$!
-    if [ -n "$SOCKET" ]; then
-        t=0
-        while [ ! -S "$SOCKET" ]; do
-            if ! kill -0 "$SERVER_PID" 2>/dev/null; then
-                wait "$SERVER_PID" && st=0 || st=$?
-                SERVER_PID=""
-                tail -n 20 "$SERVER_LOG" >&2 || true
-                die "server exited with status $st before creating $SOCKET"
-            fi
-            [ $t -lt $((SOCKET_WAIT * 10)) ] || die "server did not create $SOCKET within ${SOCKET_WAIT}s"
-            sleep 0.1; t=$((t + 1))
-        done
-        log "server listening on $SOCKET"
-    fi
+    if [ -n "$SOCKET" ]; then server_start "$SERVER_CMD" "$SOCKET"; else server_start "$SERVER_CMD"; fi
 fi
 
 # ---- QEMU, from the trixie chroot, in a private mount namespace -----------------------------------
@@ -166,24 +150,7 @@ if [ -n "$TAIL_PID" ]; then sleep 0.3; kill "$TAIL_PID" 2>/dev/null || true; wai
 
 # ---- verdict -----------------------------------------------------------------------------------
 fail=()
-if [ -n "$SERVER_PID" ]; then
-    if [ -n "$server_died" ]; then
-        wait "$SERVER_PID" && st=0 || st=$?
-        fail+=("server exited (status $st) before the guest ended")
-    else
-        kill -TERM "$SERVER_PID" 2>/dev/null || true
-        t=0
-        while kill -0 "$SERVER_PID" 2>/dev/null && [ $t -lt $((SERVER_STOP_TIMEOUT * 10)) ]; do sleep 0.1; t=$((t + 1)); done
-        if kill -0 "$SERVER_PID" 2>/dev/null; then
-            kill -KILL "$SERVER_PID" 2>/dev/null || true
-            fail+=("server did not exit within ${SERVER_STOP_TIMEOUT}s of SIGTERM")
-        fi
-        wait "$SERVER_PID" && st=0 || st=$?
-        [ "$st" = 0 ] || fail+=("server exit status $st after SIGTERM (want 0)")
-        log "server stopped, exit status $st"
-    fi
-    SERVER_PID=""
-fi
+server_verdict "the guest"
 [ "$qemu_rc" = 124 ] || [ "$qemu_rc" = 137 ] && fail+=("timeout after ${TIMEOUT}s")
 marker=$(tr -d '\r' <"$CONSOLE_LOG" | grep -a -o '^E2E-DONE rc=[0-9]*' | tail -n1 || true)
 if [ -z "$marker" ]; then

@@ -178,23 +178,9 @@ kill_qemu() { # ROLE
 }
 
 # ---- server ------------------------------------------------------------------------------------
+. "$HERE/server.sh"
 if [ -n "$SERVER_CMD" ]; then
-    rm -f "$SOCKDIR/a.sock" "$SOCKDIR/b.sock"
-    log "starting server: $SERVER_CMD (log: $SERVER_LOG)"
-    RUST_LOG=${RUST_LOG:-info} NO_COLOR=1 bash -c "$SERVER_CMD" </dev/null >"$SERVER_LOG" 2>&1 &
-    SERVER_PID=$!
-    t=0
-    while [ ! -S "$SOCKDIR/a.sock" ] || [ ! -S "$SOCKDIR/b.sock" ]; do
-        if ! kill -0 "$SERVER_PID" 2>/dev/null; then
-            wait "$SERVER_PID" && st=0 || st=$?
-            SERVER_PID=""
-            tail -n 20 "$SERVER_LOG" >&2 || true
-            die "server exited with status $st before listening on a.sock and b.sock"
-        fi
-        [ $t -lt $((SOCKET_WAIT * 10)) ] || die "server did not create $SOCKDIR/{a,b}.sock within ${SOCKET_WAIT}s"
-        sleep 0.1; t=$((t + 1))
-    done
-    log "server listening on $SOCKDIR/a.sock and b.sock"
+    RUST_LOG=${RUST_LOG:-info} server_start "$SERVER_CMD" "$SOCKDIR/a.sock" "$SOCKDIR/b.sock"
 fi
 
 # ---- the guests ----------------------------------------------------------------------------------
@@ -253,24 +239,7 @@ for r in "${!TAILPID[@]}"; do sleep 0.3; kill "${TAILPID[$r]}" 2>/dev/null || tr
 TAILPID=()
 
 # ---- verdict -----------------------------------------------------------------------------------
-if [ -n "$SERVER_PID" ]; then
-    if [ -n "$server_died" ]; then
-        wait "$SERVER_PID" && st=0 || st=$?
-        fail+=("server exited (status $st) before the guests ended")
-    else
-        kill -TERM "$SERVER_PID" 2>/dev/null || true
-        t=0
-        while kill -0 "$SERVER_PID" 2>/dev/null && [ $t -lt $((SERVER_STOP_TIMEOUT * 10)) ]; do sleep 0.1; t=$((t + 1)); done
-        if kill -0 "$SERVER_PID" 2>/dev/null; then
-            kill -KILL "$SERVER_PID" 2>/dev/null || true
-            fail+=("server did not exit within ${SERVER_STOP_TIMEOUT}s of SIGTERM")
-        fi
-        wait "$SERVER_PID" && st=0 || st=$?
-        [ "$st" = 0 ] || fail+=("server exit status $st after SIGTERM (want 0)")
-        log "server stopped, exit status $st"
-    fi
-    SERVER_PID=""
-fi
+server_verdict "the guests"
 done_rc() { tr -d '\r' <"$(console "$1")" 2>/dev/null | grep -a -o '^E2E-DONE rc=[0-9]*' | tail -n1 | sed 's/.*rc=//'; }
 for r in a c; do
     if [ -z "${QRC[$r]:-}" ]; then fail+=("$r never booted"); continue; fi
