@@ -258,3 +258,71 @@ fn connect_reset_disconnect_cycles_do_not_grow_the_server() {
     let (_t, drv) = probed_over(&server);
     assert_device_healthy(&drv);
 }
+
+/// The main loop never waits for a worker: with its one worker busy copying for a long time,
+/// the guest rings the doorbells of more QPs than the pool's old queue (1,024 jobs) held, and a
+/// register read right after is still answered at once, not when the worker is free again.
+#[test]
+fn the_main_loop_answers_while_the_worker_copies_and_jobs_pile_up() {
+    const QPS: usize = 1100;
+    let cfg = DeviceConfig {
+        mac: MAC,
+        max_qp: 2048,
+        max_cq: 16,
+        workers: 1,
+        ..DeviceConfig::default()
+    };
+    let (t, drv) = probed_with(&Fabric::new(), cfg);
+    // The long job: 64 WRITEs of 64 MiB on one QP, drained by the one worker in one go.
+    let mut p = rc_pair(&drv, MAC, 64, 1);
+    const SIZE: u64 = 64 << 20;
+    let src = drv.reg_mr(p.pd, 0x10_0000_0000, SIZE, ALL_ACCESS).unwrap();
+    let dst = drv.reg_mr(p.pd, 0x20_0000_0000, SIZE, ALL_ACCESS).unwrap();
+    let ctx = fresh_ctx(&drv);
+    let pd = drv.create_pd(ctx).unwrap();
+    let cq = drv.create_cq(ctx, 16).unwrap();
+    let idle: Vec<_> = (0..QPS)
+        .map(|_| {
+            drv.create_qp(ctx, QpKind::Rc, pd, &cq, &cq, None, (1, 1, 1, 1), false)
+                .expect("idle qp")
+        })
+        .collect();
+    let start = Instant::now();
+    for i in 0..64 {
+        let w = pvrdma_guest::SendWqe {
+            wr_id: i,
+            opcode: pvrdma_dev::abi::wr_opcode::RDMA_WRITE,
+            flags: 2,
+            sges: vec![src.sge(0, SIZE as u32)],
+            remote_addr: dst.iova,
+            rkey: dst.rkey,
+            ..Default::default()
+        };
+        assert!(drv.push_send(&mut p.a, &w));
+    }
+    drv.ring_sq(&p.a);
+    std::thread::sleep(Duration::from_millis(20));
+    for q in &idle {
+        drv.ring_sq(q);
+    }
+    let t0 = Instant::now();
+    let mut v = [0u8; 4];
+    t.read(
+        pvrdma_dev::Region::Bar(1),
+        pvrdma_dev::regs::offset::IMR,
+        &mut v,
+    );
+    let answered = t0.elapsed();
+    let done = drv.wait_cqes(&mut p.cq_a, 64, Duration::from_secs(120));
+    let copies = start.elapsed();
+    assert_eq!(done.len(), 64);
+    assert!(done.iter().all(|c| c.status == 0));
+    assert!(
+        copies > Duration::from_millis(400),
+        "the copies took {copies:?}: too short to show anything"
+    );
+    assert!(
+        answered * 4 < copies,
+        "a register read took {answered:?} while the worker copied for {copies:?}"
+    );
+}
