@@ -171,10 +171,9 @@ impl Host {
     /// An empty host with a fresh fabric; every device it serves uses `backend`.
     pub fn new(backend: BackendChoice, limits: HostLimits) -> Result<Host> {
         if !(1..=MAX_DEVICES).contains(&limits.max_devices) {
-            return Err(Error::Refused {
-                name: String::new(),
-                why: format!("max_devices must be 1..={MAX_DEVICES}"),
-            });
+            return Err(Error::Limit(format!(
+                "max-devices must be 1..={MAX_DEVICES}"
+            )));
         }
         Ok(Host {
             fabric: Fabric::new(),
@@ -269,14 +268,11 @@ impl Host {
     /// device is refused, nothing changes.
     pub fn apply(&self, specs: Vec<DeviceSpec>) -> Result<Changes> {
         if specs.len() > self.limits.max_devices {
-            return Err(Error::Refused {
-                name: String::new(),
-                why: format!(
-                    "{} devices asked for, the process serves at most {}",
-                    specs.len(),
-                    self.limits.max_devices
-                ),
-            });
+            return Err(Error::Limit(format!(
+                "{} devices asked for, the process serves at most {} (max-devices)",
+                specs.len(),
+                self.limits.max_devices
+            )));
         }
         for (i, s) in specs.iter().enumerate() {
             let others = specs[..i]

@@ -79,6 +79,9 @@ pub enum Error {
     /// The server thread panicked.
     #[error("the server thread panicked")]
     Panicked,
+    /// A host's limits are out of range, or a set of devices exceeds them.
+    #[error("{0}")]
+    Limit(String),
     /// A device cannot be added to a host (duplicate socket, MAC or name; too many devices).
     #[error("cannot add device `{name}`: {why}")]
     Refused {
