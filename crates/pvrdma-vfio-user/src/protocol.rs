@@ -288,8 +288,9 @@ pub fn serve_connection(
             Err(r) => {
                 out.flags |= flags::ERROR;
                 out.error = r.errno();
+                // Debug, not warn: a client could otherwise write log lines as fast as it sends.
                 if let Refuse::Backend(e) = &r {
-                    log::warn!("command {}: {e}", hdr.command);
+                    log::debug!("command {}: {e}", hdr.command);
                 }
                 stream.write_all(out.as_slice())?;
             }
