@@ -334,3 +334,96 @@ fn probed_over_socket(p: &std::path::Path) -> (Arc<pvrdma_guest::vfio::VfioUser>
     let drv = Driver::probe(t.clone() as Arc<dyn Transport>).expect("probe");
     (t, drv)
 }
+
+/// A VM that starts later gets its device without a restart: `pvrdma serve --config FILE`
+/// re-reads the file on SIGHUP, starts the devices added to it and stops the ones taken out
+/// (closing their client's connection), while the device of the command line serves on.
+#[test]
+fn sighup_adds_and_removes_the_devices_of_the_config_file() {
+    let dir = std::env::temp_dir().join(format!("pvrdma-reload-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let conf = dir.join("devices.toml");
+    let device = |name: &str, last: u8| {
+        format!(
+            "[[device]]\nsocket = \"{}\"\nmac = \"52:54:00:00:10:{last:02x}\"\n",
+            dir.join(format!("{name}.sock")).display()
+        )
+    };
+    std::fs::write(&conf, device("b", 2)).unwrap();
+    let conf_arg = conf.display().to_string();
+    let mut server = pvrdma_guest::vfio::ServeProcess::spawn(
+        std::path::Path::new(env!("CARGO_BIN_EXE_pvrdma")),
+        &[
+            "--mac",
+            "52:54:00:00:10:01",
+            "--workers",
+            "1",
+            "--config",
+            &conf_arg,
+        ],
+    )
+    .expect("pvrdma serve starts");
+    let wait_for = |p: &std::path::Path, present: bool| {
+        let t = std::time::Instant::now();
+        while p.exists() != present {
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "{} present: {present}",
+                p.display()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    let (b_sock, c_sock) = (dir.join("b.sock"), dir.join("c.sock"));
+    wait_for(&b_sock, true);
+    let (_ta, a) = probed_over_socket(server.socket());
+    let (tb, b) = probed_over_socket(&b_sock);
+    let hup = |pid: u32| {
+        let st = std::process::Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    };
+    // c joins.
+    std::fs::write(&conf, device("b", 2) + &device("c", 3)).unwrap();
+    hup(server.pid());
+    wait_for(&c_sock, true);
+    let (_tc, c) = probed_over_socket(&c_sock);
+    let k = ib_register(&c, [0x52, 0x54, 0, 0, 0x10, 3]).expect("c registers");
+    assert_eq!(k.gsi.qpn, 1);
+    // b leaves: its socket goes, and its client's next access fails.
+    std::fs::write(&conf, device("c", 3)).unwrap();
+    hup(server.pid());
+    wait_for(&b_sock, false);
+    let mut v = [0u8; 4];
+    let t = std::time::Instant::now();
+    loop {
+        let r = tb.with_client(|cl| cl.region_read(1, 0, &mut v));
+        if r.is_err() {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "b's connection still open"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A file that does not parse changes nothing.
+    std::fs::write(&conf, "[[device]\n").unwrap();
+    hup(server.pid());
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(c_sock.exists());
+    // The others never noticed.
+    assert_eq!(a.query_port(1).unwrap().state, 4);
+    assert_eq!(c.query_port(1).unwrap().state, 4);
+    drop(b);
+    assert!(
+        server.try_wait().unwrap().is_none(),
+        "pvrdma serve is alive"
+    );
+    let st = server.terminate(Duration::from_secs(20)).unwrap();
+    assert!(st.success(), "{st}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
