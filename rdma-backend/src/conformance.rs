@@ -877,6 +877,45 @@ pub fn ud_send_grh(f: &Factory<'_>) {
     }
 }
 
+/// UD SENDs through 300 distinct address vectors (flow labels and traffic classes of the
+/// guest's choosing): each arrives, however many the backend has seen (an rdma-core backend
+/// creates a host address handle per vector and keeps a bounded cache of them).
+pub fn ud_many_address_vectors(f: &Factory<'_>) {
+    let d = Dev::new(f, 1);
+    let (qa, na) = d.qp(QpType::Ud, None);
+    let (qb, nb) = d.qp(QpType::Ud, None);
+    d.ud_up(qa, QKEY);
+    d.ud_up(qb, QKEY);
+    let src = d.buf(64, ALL);
+    let dst = d.buf(128, ALL);
+    for i in 0..300u32 {
+        d.recv(qb, u64::from(i) * 2 + 1, dst.sges(0, 128, 1));
+        let w = SendWr {
+            ud: Some(UdDest {
+                av: AddressVector {
+                    dgid: d.gid,
+                    hop_limit: 64,
+                    traffic_class: (i % 64) as u8,
+                    flow_label: 0x1000 + i,
+                    ..Default::default()
+                },
+                remote_qpn: nb,
+                remote_qkey: QKEY,
+            }),
+            ..wr(u64::from(i) * 2 + 2, SEND, src.sges(0, 32, 1))
+        };
+        d.be.post_send(qa, &w).unwrap();
+        let wcs = d.wait(2);
+        let r = find(&wcs, u64::from(i) * 2 + 1);
+        assert_eq!(
+            (r.status, r.byte_len, r.src_qp),
+            (WcStatus::Success, 72, na),
+            "AV {i}"
+        );
+        assert_eq!(find(&wcs, u64::from(i) * 2 + 2).status, WcStatus::Success);
+    }
+}
+
 /// UD length errors: a receive too small for GRH + payload completes with `LocLenErr` (the send
 /// succeeds); a send larger than the path MTU completes with `LocLenErr` and the QP goes to SQE.
 pub fn ud_length_errors(f: &Factory<'_>) {
@@ -1664,6 +1703,7 @@ pub const CASES: &[(&str, Case)] = &[
     ("atomics_concurrent", atomics_concurrent),
     ("ud_send_grh", ud_send_grh),
     ("ud_length_errors", ud_length_errors),
+    ("ud_many_address_vectors", ud_many_address_vectors),
     ("gsi_send", gsi_send),
     ("ud_qkey_mismatch", ud_qkey_mismatch),
     ("srq", srq),

@@ -44,6 +44,7 @@ cases!(
     atomics_concurrent,
     ud_send_grh,
     ud_length_errors,
+    ud_many_address_vectors,
     gsi_send,
     ud_qkey_mismatch,
     srq,

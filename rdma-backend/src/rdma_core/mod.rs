@@ -54,6 +54,10 @@ pub fn available() -> std::result::Result<(), String> {
 
 /// GID table entries the guest may set (the PVRDMA device exposes at most this many).
 const MAX_GIDS: usize = 128;
+/// Host address handles cached per PD. A guest chooses the address vectors of its UD sends, so
+/// without a bound it could make the host create AHs (objects of the host NIC) without end;
+/// past the bound the cache starts again (WRs in flight keep their own reference).
+const MAX_CACHED_AHS: usize = 256;
 /// Guest lkeys/rkeys the backend invents carry this tag in the top byte, so that they never equal
 /// a key of the host device (rxe and mlx keys stay below it) and a guest lkey is not a host rkey.
 const KEY_TAG: u32 = 0x8000_0000;
@@ -1530,6 +1534,9 @@ impl Backend for RdmaCoreBackend {
                 Some(a) => a.clone(),
                 None => {
                     let a = verbs::Ah::new(&pde.pd, av).map_err(host)?;
+                    if cache.len() >= MAX_CACHED_AHS {
+                        cache.clear();
+                    }
                     cache.insert(av, a.clone());
                     a
                 }
