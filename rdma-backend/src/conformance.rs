@@ -834,13 +834,19 @@ fn check_grh(g: &[u8], len: usize, imm: bool, sgid: Gid, dgid: Gid) {
     assert_eq!(&g[24..40], &dgid.0, "dgid");
 }
 
-/// UD SEND (loopback) with the GRH and immediate data checked.
-pub fn ud_send_grh(f: &Factory<'_>) {
-    let d = Dev::new(f, 1);
+/// Two UD QPs of `d` in RTS with Q_Key [`QKEY`]: (a, its QPN, b, its QPN).
+fn ud_pair(d: &Dev) -> (QpId, u32, QpId, u32) {
     let (qa, na) = d.qp(QpType::Ud, None);
     let (qb, nb) = d.qp(QpType::Ud, None);
     d.ud_up(qa, QKEY);
     d.ud_up(qb, QKEY);
+    (qa, na, qb, nb)
+}
+
+/// UD SEND (loopback) with the GRH and immediate data checked.
+pub fn ud_send_grh(f: &Factory<'_>) {
+    let d = Dev::new(f, 1);
+    let (qa, na, qb, nb) = ud_pair(&d);
     let src = d.buf(1024, ALL);
     let dst = d.buf(2048, ALL);
     for (i, len) in [0usize, 1, 1000, 1024].into_iter().enumerate() {
@@ -882,10 +888,7 @@ pub fn ud_send_grh(f: &Factory<'_>) {
 /// creates a host address handle per vector and keeps a bounded cache of them).
 pub fn ud_many_address_vectors(f: &Factory<'_>) {
     let d = Dev::new(f, 1);
-    let (qa, na) = d.qp(QpType::Ud, None);
-    let (qb, nb) = d.qp(QpType::Ud, None);
-    d.ud_up(qa, QKEY);
-    d.ud_up(qb, QKEY);
+    let (qa, na, qb, nb) = ud_pair(&d);
     let src = d.buf(64, ALL);
     let dst = d.buf(128, ALL);
     for i in 0..300u32 {
@@ -920,10 +923,7 @@ pub fn ud_many_address_vectors(f: &Factory<'_>) {
 /// succeeds); a send larger than the path MTU completes with `LocLenErr` and the QP goes to SQE.
 pub fn ud_length_errors(f: &Factory<'_>) {
     let d = Dev::new(f, 1);
-    let (qa, _) = d.qp(QpType::Ud, None);
-    let (qb, nb) = d.qp(QpType::Ud, None);
-    d.ud_up(qa, QKEY);
-    d.ud_up(qb, QKEY);
+    let (qa, _, qb, nb) = ud_pair(&d);
     let src = d.buf(1024, ALL);
     let dst = d.buf(2048, ALL);
     // A receive too small for GRH + payload completes with LocLenErr; the send succeeds.
@@ -991,10 +991,7 @@ pub fn gsi_send(f: &Factory<'_>) {
 /// A datagram with the wrong qkey is dropped without a receive completion.
 pub fn ud_qkey_mismatch(f: &Factory<'_>) {
     let d = Dev::new(f, 1);
-    let (qa, _) = d.qp(QpType::Ud, None);
-    let (qb, nb) = d.qp(QpType::Ud, None);
-    d.ud_up(qa, QKEY);
-    d.ud_up(qb, QKEY);
+    let (qa, _, qb, nb) = ud_pair(&d);
     let buf = d.buf(8192, ALL);
     buf.write(&d.mem, 0, b"bad!good");
     d.recv(qb, 1, buf.sges(4096, 100, 1));
