@@ -51,7 +51,7 @@ const IDLE_YIELDS: u32 = 16;
 /// the vCPUs) the spin holds a core that a thread with work could have had; sleeping at once is
 /// worse still (a futex wake-up per burst, measured). So a worker takes jobs with `try_recv`,
 /// yields its core between tries ([`IDLE_YIELDS`] times), and then sleeps on a condition variable
-/// until a submitter wakes it (docs/benchmarks.md, session 5). A queue of capacity 0 is a
+/// until a submitter wakes it (docs/benchmarks.md, "task-core engine"). A queue of capacity 0 is a
 /// rendezvous (a submission waits for a worker blocked in `recv`), so its workers keep
 /// crossbeam's wait.
 #[derive(Default)]

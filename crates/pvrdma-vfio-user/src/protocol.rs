@@ -238,6 +238,8 @@ pub fn serve_connection(
     layout: DeviceLayout<'_>,
 ) -> Result<()> {
     let mut body = Vec::new();
+    // The reply is built in place behind room for its header: one buffer, one write.
+    let mut out = Vec::new();
     loop {
         let mut hdr = Header::default();
         // The fd (at most one: the server advertises `max_msg_fds` 1) comes with the first
@@ -266,46 +268,44 @@ pub fn serve_connection(
         }
         body.resize(size - HEADER, 0);
         stream.read_exact(&mut body)?;
-        let reply = handle(&hdr, &body, fd, backend, layout);
+        out.clear();
+        out.resize(HEADER, 0);
+        let reply = handle(&hdr, &body, fd, backend, layout, &mut out);
         if hdr.flags & flags::NO_REPLY != 0 {
             continue;
         }
-        let mut out = Header {
+        let mut rh = Header {
             message_id: hdr.message_id,
             command: hdr.command,
-            message_size: HEADER as u32,
+            message_size: 0,
             flags: flags::REPLY,
             error: 0,
         };
-        match reply {
-            Ok(payload) => {
-                out.message_size = (HEADER + payload.len()) as u32;
-                let mut msg = Vec::with_capacity(HEADER + payload.len());
-                msg.extend_from_slice(out.as_slice());
-                msg.extend_from_slice(&payload);
-                stream.write_all(&msg)?;
-            }
-            Err(r) => {
-                out.flags |= flags::ERROR;
-                out.error = r.errno();
-                // Debug, not warn: a client could otherwise write log lines as fast as it sends.
-                if let Refuse::Backend(e) = &r {
-                    log::debug!("command {}: {e}", hdr.command);
-                }
-                stream.write_all(out.as_slice())?;
+        if let Err(r) = reply {
+            rh.flags |= flags::ERROR;
+            rh.error = r.errno();
+            out.truncate(HEADER);
+            // Debug, not warn: a client could otherwise write log lines as fast as it sends.
+            if let Refuse::Backend(e) = &r {
+                log::debug!("command {}: {e}", hdr.command);
             }
         }
+        rh.message_size = out.len() as u32;
+        out[..HEADER].copy_from_slice(rh.as_slice());
+        stream.write_all(&out)?;
     }
 }
 
-/// The reply body of one command (the header is added by the caller).
+/// Handles one command, appending its reply body to `out` (the caller writes the header in
+/// front of it).
 fn handle(
     hdr: &Header,
     body: &[u8],
     fd: Option<File>,
     backend: &mut dyn ServerBackend,
     layout: DeviceLayout<'_>,
-) -> std::result::Result<Vec<u8>, Refuse> {
+    out: &mut Vec<u8>,
+) -> std::result::Result<(), Refuse> {
     let exact = |n: usize| {
         if body.len() == n {
             Ok(())
@@ -332,10 +332,10 @@ fn handle(
                 "{{\"capabilities\":{{\"max_msg_fds\":1,\"max_data_xfer_size\":{MAX_DATA_XFER},\
                  \"migration\":{{\"pgsize\":4096}}}}}}"
             );
-            let mut reply = vec![0, 0, 0, 0]; // major 0, minor 0
-            reply.extend_from_slice(caps.as_bytes());
-            reply.push(0);
-            Ok(reply)
+            out.extend_from_slice(&[0, 0, 0, 0]); // major 0, minor 0
+            out.extend_from_slice(caps.as_bytes());
+            out.push(0);
+            Ok(())
         }
         cmd::DMA_MAP => {
             let m: DmaMap = take(body).ok_or(Refuse::Invalid)?;
@@ -349,7 +349,7 @@ fn handle(
                     fd,
                 )
                 .map_err(Refuse::Backend)?;
-            Ok(Vec::new())
+            Ok(())
         }
         cmd::DMA_UNMAP => {
             let u: DmaUnmap = take(body).ok_or(Refuse::Invalid)?;
@@ -361,7 +361,8 @@ fn handle(
                     u.size,
                 )
                 .map_err(Refuse::Backend)?;
-            Ok(u.as_slice().to_vec())
+            out.extend_from_slice(u.as_slice());
+            Ok(())
         }
         cmd::DEVICE_GET_INFO => {
             let info = DeviceInfo {
@@ -375,7 +376,8 @@ fn handle(
                 num_regions: layout.regions.len() as u32,
                 num_irqs: layout.irqs.len() as u32,
             };
-            Ok(info.as_slice().to_vec())
+            out.extend_from_slice(info.as_slice());
+            Ok(())
         }
         cmd::DEVICE_GET_REGION_INFO => {
             let q: RegionInfo = take(body).ok_or(Refuse::Invalid)?;
@@ -393,7 +395,8 @@ fn handle(
                 size: r.size,
                 offset: r.offset,
             };
-            Ok(info.as_slice().to_vec())
+            out.extend_from_slice(info.as_slice());
+            Ok(())
         }
         cmd::DEVICE_GET_IRQ_INFO => {
             let q: IrqInfoMsg = take(body).ok_or(Refuse::Invalid)?;
@@ -404,7 +407,8 @@ fn handle(
                 index: irq.index,
                 count: irq.count,
             };
-            Ok(info.as_slice().to_vec())
+            out.extend_from_slice(info.as_slice());
+            Ok(())
         }
         cmd::DEVICE_SET_IRQS => {
             let s: SetIrqs = take(body).ok_or(Refuse::Invalid)?;
@@ -414,7 +418,7 @@ fn handle(
             backend
                 .set_irqs(s.index, s.flags, s.start, s.count, fd.into_iter().collect())
                 .map_err(Refuse::Backend)?;
-            Ok(Vec::new())
+            Ok(())
         }
         cmd::REGION_READ => {
             let a: RegionAccess = take(body).ok_or(Refuse::Invalid)?;
@@ -422,13 +426,13 @@ fn handle(
             if a.count > MAX_DATA_XFER || a.region as usize >= layout.regions.len() {
                 return Err(Refuse::Invalid);
             }
-            let mut reply = a.as_slice().to_vec();
-            let at = reply.len();
-            reply.resize(at + a.count as usize, 0);
+            out.extend_from_slice(a.as_slice());
+            let at = out.len();
+            out.resize(at + a.count as usize, 0);
             backend
-                .region_read(a.region, a.offset, &mut reply[at..])
+                .region_read(a.region, a.offset, &mut out[at..])
                 .map_err(Refuse::Backend)?;
-            Ok(reply)
+            Ok(())
         }
         cmd::REGION_WRITE => {
             let a: RegionAccess = take(body).ok_or(Refuse::Invalid)?;
@@ -439,14 +443,15 @@ fn handle(
             backend
                 .region_write(a.region, a.offset, data)
                 .map_err(Refuse::Backend)?;
-            Ok(a.as_slice().to_vec())
+            out.extend_from_slice(a.as_slice());
+            Ok(())
         }
         cmd::DEVICE_RESET => {
             if !layout.resettable {
                 return Err(Refuse::Unsupported);
             }
             backend.reset().map_err(Refuse::Backend)?;
-            Ok(Vec::new())
+            Ok(())
         }
         other => {
             log::debug!("command {other}: not supported");
