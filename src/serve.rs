@@ -329,6 +329,7 @@ fn backend_choice(a: &Args) -> Result<pvrdma_vfio_user::BackendChoice, String> {
         impl rdma_backend::CompletionSink for NoSink {
             fn complete(&self, _: &[rdma_backend::WorkCompletion]) {}
             fn event(&self, _: rdma_backend::AsyncEvent) {}
+            fn progress_needed(&self) {}
         }
         let mem = rdma_backend::GuestMem::new(vm_memory::GuestMemoryMmap::new());
         rdma_core::RdmaCoreBackend::new(cfg.clone(), mem, std::sync::Arc::new(NoSink))

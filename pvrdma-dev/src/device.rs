@@ -165,6 +165,9 @@ enum Completion {
 struct Sink {
     pending: std::sync::Mutex<Vec<Completion>>,
     wake: Sender<()>,
+    /// Set by [`CompletionSink::progress_needed`]; the main loop starts the backend's progress
+    /// on a worker (`Core::start_progress`).
+    progress: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Sink {
@@ -196,6 +199,11 @@ impl CompletionSink for Sink {
     }
     fn event(&self, ev: AsyncEvent) {
         self.push(std::iter::once(Completion::Event(ev)));
+    }
+    fn progress_needed(&self) {
+        if !self.progress.swap(true, Ordering::AcqRel) {
+            let _ = self.wake.send(());
+        }
     }
 }
 
@@ -436,9 +444,11 @@ impl Running {
     ) -> Running {
         let main_loop = Rc::new(task_core::MainLoop::new());
         let (wake, crx) = unbounded::<()>();
+        let progress = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let device_sink = Arc::new(Sink {
             pending: std::sync::Mutex::new(Vec::new()),
             wake,
+            progress: progress.clone(),
         });
         let sink: Arc<dyn CompletionSink> = device_sink.clone();
         let backend = backend(mem.clone(), sink.clone());
@@ -446,6 +456,7 @@ impl Running {
             mem: mem.clone(),
             backend: backend.clone(),
             sink,
+            progress,
         });
         let core = Rc::new_cyclic(|weak| {
             RefCell::new(Core::new(
@@ -482,12 +493,13 @@ impl Running {
         let mut batch = Vec::new();
         main_loop.add_receiver(crx, move |()| {
             device_sink.take(&mut batch);
+            let Some(c) = c.upgrade() else { return };
+            let mut c = c.borrow_mut();
             if !batch.is_empty() {
-                if let Some(c) = c.upgrade() {
-                    c.borrow_mut().on_completions(&batch);
-                }
+                c.on_completions(&batch);
                 batch.clear();
             }
+            c.start_progress();
         });
         Running { main_loop, core }
     }
@@ -501,11 +513,11 @@ impl Running {
 }
 
 /// Jobs a device can have queued on its pool: one drain per QP and per SRQ (`Sched` keeps at
-/// most one in flight each), one command, and the same again from before a reset whose old jobs
-/// have not run yet. Sized so that the main loop never blocks in a submission (it would stop
+/// most one in flight each), one command and one run of the backend's progress, and the same
+/// again from before a reset whose old jobs have not run yet. Sized so that the main loop never blocks in a submission (it would stop
 /// answering the guest while the workers copy).
 fn pool_queue(cfg: &DeviceConfig) -> usize {
-    2 * (cfg.max_qp as usize + cfg.max_srq as usize + 1) + 16
+    2 * (cfg.max_qp as usize + cfg.max_srq as usize + 2) + 16
 }
 
 fn run_main_loop(
@@ -765,6 +777,8 @@ pub(crate) struct Core {
     pub stats: DeviceStats,
     /// CQs written by the current run of completions (kept for its allocation).
     cqs_written: Vec<u32>,
+    /// A job running [`Backend::progress`] is queued or running on the pool.
+    progress_running: bool,
 }
 
 impl std::fmt::Debug for Core {
@@ -820,6 +834,7 @@ impl Core {
             mr_pages: 0,
             stats: DeviceStats::default(),
             cqs_written: Vec::new(),
+            progress_running: false,
             cfg,
             opts,
             mem,
@@ -1104,6 +1119,34 @@ impl Core {
 
     fn teardown(&mut self) {
         self.reset_objects();
+    }
+
+    /// Runs the backend's deferred work on a worker if it asked for it: one job at a time (as a
+    /// queue's drain), queued behind the device's other work, and again for as long as the
+    /// backend says more remains. Not tied to the reset epoch: the backend drops what a reset
+    /// removes.
+    fn start_progress(&mut self) {
+        if self.progress_running || !self.env.progress.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        self.progress_running = true;
+        let weak = self.weak.clone();
+        self.exec.run_on(
+            false,
+            self.env.clone(),
+            |env: &Env| env.backend.progress(),
+            move |more| {
+                let Some(core) = weak.upgrade() else { return };
+                let mut core = core.borrow_mut();
+                core.progress_running = false;
+                match more {
+                    Ok(true) => core.env.progress.store(true, Ordering::Release),
+                    Ok(false) => {}
+                    Err(e) => log::error!("the backend's deferred work failed: {e}"),
+                }
+                core.start_progress();
+            },
+        );
     }
 
     // ---- interrupts ----------------------------------------------------------------------

@@ -20,8 +20,8 @@ use vm_memory::{Bytes, FileOffset, GuestAddress, GuestAddressSpace, GuestMemoryM
 
 use crate::{
     Access, AddressVector, AsyncEvent, Backend, CompletionSink, CqId, Error, Gid, GidType,
-    GuestMem, MrKeys, MrKind, PdId, QpAttrs, QpId, QpInit, QpState, QpType, RecvWr, SendOp, SendWr,
-    Sge, SgeList, SrqId, UdDest, WcOpcode, WcStatus, WorkCompletion,
+    GuestMem, MrKeys, MrKind, PdId, ProgressThread, QpAttrs, QpId, QpInit, QpState, QpType, RecvWr,
+    SendOp, SendWr, Sge, SgeList, SrqId, UdDest, WcOpcode, WcStatus, WorkCompletion,
 };
 
 /// Creates one device over `mem` delivering to the sink. Devices of one factory share a fabric.
@@ -36,12 +36,25 @@ pub const QKEY: u32 = 0x1234_5678;
 /// Qkey of the GSI QP.
 pub const GSI_QKEY: u32 = 0x8001_0000;
 
-/// A sink that records completions and events.
-#[derive(Debug, Default)]
+/// A sink that records completions and events, and resumes its backend's deferred work on a
+/// thread of its own.
+#[derive(Debug)]
 pub struct TestSink {
     wcs: Mutex<Vec<WorkCompletion>>,
     events: Mutex<Vec<AsyncEvent>>,
     cv: Condvar,
+    progress: ProgressThread,
+}
+
+impl Default for TestSink {
+    fn default() -> Self {
+        TestSink {
+            wcs: Mutex::default(),
+            events: Mutex::default(),
+            cv: Condvar::new(),
+            progress: ProgressThread::new("test-progress").expect("spawn a progress thread"),
+        }
+    }
 }
 
 impl CompletionSink for TestSink {
@@ -53,9 +66,16 @@ impl CompletionSink for TestSink {
         self.events.lock().unwrap().push(ev);
         self.cv.notify_all();
     }
+    fn progress_needed(&self) {
+        self.progress.notify();
+    }
 }
 
 impl TestSink {
+    /// The backend this sink's deferred work belongs to.
+    pub fn attach(&self, be: &Arc<dyn Backend>) {
+        self.progress.attach(be);
+    }
     /// Waits up to `timeout` for `n` completions and takes the first `n` (panics on timeout).
     pub fn wait(&self, n: usize, timeout: Duration) -> Vec<WorkCompletion> {
         let deadline = Instant::now() + timeout;
@@ -270,6 +290,7 @@ impl Dev {
         let mem = guest_memory();
         let sink = Arc::new(TestSink::default());
         let be = f(mem.clone(), sink.clone());
+        sink.attach(&be);
         let mut g = [0u8; 16];
         g[0] = 0xfe;
         g[1] = 0x80;

@@ -24,8 +24,11 @@ use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
 pub mod conformance;
 pub mod emulated;
+mod progress;
 #[cfg(feature = "rdma-core")]
 pub mod rdma_core;
+
+pub use progress::ProgressThread;
 
 /// Guest memory as the device and backends see it: swapped atomically when the VMM maps or unmaps.
 pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap>;
@@ -620,6 +623,12 @@ pub trait CompletionSink: Send + Sync {
     fn complete(&self, wcs: &[WorkCompletion]);
     /// An asynchronous event.
     fn event(&self, ev: AsyncEvent);
+    /// The backend has work to resume (a retry whose timer fired, a receive that ends an RNR
+    /// wait, the rest of a long transfer): call [`Backend::progress`] soon, on a worker thread
+    /// of the device this sink belongs to, and again for as long as it returns `true`. Never
+    /// from inside this call (it may be made with the backend's locks held). A backend that
+    /// never defers work never calls it.
+    fn progress_needed(&self);
 }
 
 /// A verbs-level RDMA backend.
@@ -709,6 +718,13 @@ pub trait Backend: Send + Sync {
 
     /// Drops every object (device RESET). No completion is delivered after this returns.
     fn reset(&self);
+
+    /// Resumes deferred work (see [`CompletionSink::progress_needed`]) for a bounded time, on
+    /// the caller's thread. Returns `true` if work remains: call it again (after letting the
+    /// device's other work run). The default has nothing to resume.
+    fn progress(&self) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]

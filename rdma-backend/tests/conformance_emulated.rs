@@ -77,6 +77,9 @@ impl CompletionSink for Counting {
     fn event(&self, ev: AsyncEvent) {
         self.inner.event(ev);
     }
+    fn progress_needed(&self) {
+        self.inner.progress_needed();
+    }
 }
 
 /// A batch of WRs is one run of the send queue, and the run hands each queue's completions to
@@ -286,4 +289,275 @@ fn keys_carry_random_bits_and_stale_keys_miss() {
     };
     d.send(qa, 1, write, src.sges(0, 8, 1));
     assert_eq!(d.wait(1)[0].status, WcStatus::RemAccessErr);
+}
+
+/// Forwards completions and events to the suite's sink, but runs the backend's deferred work
+/// only when the test calls [`Backend::progress`]; counts the requests for it.
+struct Manual {
+    inner: Arc<dyn CompletionSink>,
+    asked: Arc<AtomicUsize>,
+}
+
+impl CompletionSink for Manual {
+    fn complete(&self, wcs: &[WorkCompletion]) {
+        self.inner.complete(wcs);
+    }
+    fn event(&self, ev: AsyncEvent) {
+        self.inner.event(ev);
+    }
+    fn progress_needed(&self) {
+        self.asked.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// Emulated backends whose deferred work runs only in the test's own calls of `progress`,
+/// and the count of requests for such calls.
+fn manual() -> (Box<Factory<'static>>, Arc<AtomicUsize>) {
+    let fabric = Fabric::new();
+    let asked = Arc::new(AtomicUsize::new(0));
+    let a = asked.clone();
+    let f = move |mem: GuestMem, inner: Arc<dyn CompletionSink>| -> Arc<dyn Backend> {
+        let asked = a.clone();
+        EmulatedBackend::new(&fabric, mem, Arc::new(Manual { inner, asked }))
+    };
+    (Box::new(f), asked)
+}
+
+const MIB: u64 = 1 << 20;
+
+/// An MR of `len` bytes whose every page is guest page `page`, filled with a pattern: what a
+/// guest registers to make a large transfer out of 4 KiB of RAM.
+fn aliased(d: &Dev, page: u64, len: u64, access: Access) -> (rdma_backend::MrKeys, u64) {
+    let fill: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 3) as u8).collect();
+    use vm_memory::{Bytes, GuestAddressSpace};
+    d.mem
+        .memory()
+        .write_slice(&fill, GuestAddress(page))
+        .unwrap();
+    let iova = 0x40_0000_0000;
+    let pages: Arc<[GuestAddress]> = vec![GuestAddress(page); (len / 4096) as usize].into();
+    let keys =
+        d.be.create_mr(
+            d.pd,
+            MrKind::User {
+                iova,
+                length: len,
+                pages,
+            },
+            access,
+        )
+        .unwrap();
+    (keys, iova)
+}
+
+/// The SGE list of `len` bytes at `iova` of `keys`.
+fn sges(keys: &rdma_backend::MrKeys, iova: u64, len: u64) -> SgeList {
+    [Sge {
+        addr: iova,
+        length: len as u32,
+        lkey: keys.lkey,
+    }]
+    .into_iter()
+    .collect()
+}
+
+/// Runs the backend's deferred work until it has none left; returns how many calls it took.
+fn progress_all(d: &Dev) -> usize {
+    let mut calls = 1;
+    while d.be.progress() {
+        calls += 1;
+        assert!(calls < 10_000, "progress never ends");
+    }
+    calls
+}
+
+/// A transfer longer than one run's budget moves a budget's worth in the post that starts
+/// it; the rest goes on in calls of `progress` (on the device's workers), each bounded, and
+/// the bytes arrive whole and in place.
+#[test]
+fn a_long_transfer_moves_in_bounded_runs() {
+    let (f, asked) = manual();
+    let d = Dev::new(&f, 1);
+    let (qa, _qb, _, _) = rc_pair(&d, &d, RcOpts::default());
+    let len = 16 * MIB;
+    let (src, siova) = aliased(&d, 0x1000, len, Access::LOCAL_WRITE);
+    let dst = d.buf(len, Access::LOCAL_WRITE | Access::REMOTE_WRITE);
+    let write = SendOp::RdmaWrite {
+        remote_addr: dst.iova,
+        rkey: dst.keys.rkey,
+        imm: None,
+    };
+    asked.store(0, Ordering::SeqCst);
+    d.send(qa, 1, write, sges(&src, siova, len));
+    assert!(d.sink.is_empty(), "a 16 MiB WRITE finished in one run");
+    assert_eq!(asked.load(Ordering::SeqCst), 1, "the rest was handed on");
+    let moved = dst.read(&d.mem, 0, len);
+    let first_zero = moved.chunks(4096).position(|c| c.iter().all(|&b| b == 0));
+    let first_zero = first_zero.expect("something is left") as u64 * 4096;
+    assert!(
+        (MIB..len / 2).contains(&first_zero),
+        "the first run moved {first_zero} bytes"
+    );
+    let calls = progress_all(&d);
+    assert!(calls >= 2, "the rest took {calls} bounded calls");
+    let w = d.wait(1);
+    assert_eq!(
+        (w[0].wr_id, w[0].status, w[0].byte_len),
+        (1, WcStatus::Success, len as u32)
+    );
+    // Byte k of the source is byte k % 4096 of its one page.
+    let page: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 3) as u8).collect();
+    let moved = dst.read(&d.mem, 0, len);
+    let bad = moved
+        .iter()
+        .enumerate()
+        .position(|(k, &b)| b != page[k % 4096]);
+    assert_eq!(bad, None, "the first wrong byte");
+}
+
+/// A retry timer only wakes its QP: the retry runs in the device's `progress` call, never on
+/// the fabric's timer thread (whose delay would be every other device's).
+#[test]
+fn a_timer_retry_runs_in_progress_not_on_the_timer_thread() {
+    let (f, asked) = manual();
+    let d = Dev::new(&f, 1);
+    let o = RcOpts {
+        rnr_retry: 1,
+        ..RcOpts::default()
+    };
+    let (qa, _qb, _, _) = rc_pair(&d, &d, o);
+    let buf = d.buf(4096, Access::LOCAL_WRITE);
+    asked.store(0, Ordering::SeqCst);
+    // No receive: RNR, one retry after 10 µs from the timer.
+    d.send(qa, 1, SEND, buf.sges(0, 8, 1));
+    d.quiet(std::time::Duration::from_millis(50));
+    assert_eq!(asked.load(Ordering::SeqCst), 1, "the timer woke the QP");
+    progress_all(&d);
+    let w = d.wait(1);
+    assert_eq!((w[0].wr_id, w[0].status), (1, WcStatus::RnrRetryExcErr));
+}
+
+/// A QP destroyed, or reset, part-way through a long transfer stops at the next step: nothing
+/// more is written and nothing completes.
+#[test]
+fn a_transfer_stops_at_the_next_step_when_its_qp_goes() {
+    for destroy in [true, false] {
+        let (f, _) = manual();
+        let d = Dev::new(&f, 1);
+        let (qa, _qb, _, _) = rc_pair(&d, &d, RcOpts::default());
+        let len = 16 * MIB;
+        let (src, siova) = aliased(&d, 0x1000, len, Access::LOCAL_WRITE);
+        let dst = d.buf(len, Access::LOCAL_WRITE | Access::REMOTE_WRITE);
+        let write = SendOp::RdmaWrite {
+            remote_addr: dst.iova,
+            rkey: dst.keys.rkey,
+            imm: None,
+        };
+        d.send(qa, 1, write, sges(&src, siova, len));
+        let before = dst.read(&d.mem, 0, len);
+        assert!(before.iter().any(|&b| b != 0) && before.contains(&0));
+        if destroy {
+            d.be.destroy_qp(qa).unwrap();
+        } else {
+            let reset = QpAttrs {
+                state: Some(QpState::Reset),
+                ..Default::default()
+            };
+            d.be.modify_qp(qa, &reset).unwrap();
+        }
+        progress_all(&d);
+        assert!(
+            dst.read(&d.mem, 0, len) == before,
+            "destroy {destroy}: written on"
+        );
+        d.quiet(std::time::Duration::from_millis(20));
+    }
+}
+
+/// A SEND part-way through holds its receive. If the responder stops receiving (here: ERR),
+/// the SEND is retried from its start and a receive it took from an SRQ goes back first in
+/// line, where the next message finds it; one on the responder's own queue is flushed with it.
+#[test]
+fn a_send_part_way_through_gives_its_srq_receive_back() {
+    let (f, _) = manual();
+    let d = Dev::new(&f, 1);
+    let srq = d.be.create_srq(d.pd, 16, 1, 0, 0x2000).unwrap();
+    let (qb, nb) = d.qp(QpType::Rc, Some(srq));
+    let (qa, na) = d.qp(QpType::Rc, None);
+    d.connect(qa, d.gid, nb, RcOpts::default());
+    d.connect(qb, d.gid, na, RcOpts::default());
+    let len = 8 * MIB;
+    let (src, siova) = aliased(&d, 0x1000, len, Access::LOCAL_WRITE);
+    let sink = d.buf(len, Access::LOCAL_WRITE);
+    for id in [7, 8] {
+        let wr = RecvWr {
+            wr_id: id,
+            sges: sink.sges(0, len, 1),
+        };
+        d.be.post_srq_recv(srq, &wr).unwrap();
+    }
+    d.send(qa, 1, SEND, sges(&src, siova, len));
+    assert!(d.sink.is_empty(), "an 8 MiB SEND finished in one run");
+    let err = QpAttrs {
+        state: Some(QpState::Err),
+        ..Default::default()
+    };
+    d.be.modify_qp(qb, &err).unwrap();
+    // The requester's next step finds no responder: transport retries (~4 ms each), then
+    // RetryExcErr.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while d.sink.is_empty() && std::time::Instant::now() < deadline {
+        progress_all(&d);
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    let w = d.wait(1);
+    assert_eq!((w[0].wr_id, w[0].status), (1, WcStatus::RetryExcErr));
+    // Another QP on the SRQ gets receive 7 for the next message.
+    let (qd, nd) = d.qp(QpType::Rc, Some(srq));
+    let (qc, nc) = d.qp(QpType::Rc, None);
+    d.connect(qc, d.gid, nd, RcOpts::default());
+    d.connect(qd, d.gid, nc, RcOpts::default());
+    d.send(qc, 2, SEND, sges(&src, siova, 64));
+    let mut w = d.wait(2);
+    w.sort_by_key(|w| w.wr_id);
+    let got: Vec<(u64, WcStatus)> = w.iter().map(|w| (w.wr_id, w.status)).collect();
+    assert_eq!(got, [(2, WcStatus::Success), (7, WcStatus::Success)]);
+}
+
+/// A SEND part-way through whose receive vanishes (the responder is reset and connected
+/// again) starts over in a new receive, which gets the whole message.
+#[test]
+fn a_send_part_way_through_starts_over_when_its_receive_vanishes() {
+    let (f, _) = manual();
+    let d = Dev::new(&f, 1);
+    let (qa, qb, na, _) = rc_pair(&d, &d, RcOpts::default());
+    let len = 8 * MIB;
+    let (src, siova) = aliased(&d, 0x1000, len, Access::LOCAL_WRITE);
+    let sink = d.buf(len, Access::LOCAL_WRITE);
+    d.recv(qb, 7, sink.sges(0, len, 1));
+    d.send(qa, 1, SEND, sges(&src, siova, len));
+    assert!(d.sink.is_empty(), "an 8 MiB SEND finished in one run");
+    let reset = QpAttrs {
+        state: Some(QpState::Reset),
+        ..Default::default()
+    };
+    d.be.modify_qp(qb, &reset).unwrap();
+    d.connect(qb, d.gid, na, RcOpts::default());
+    d.recv(qb, 8, sink.sges(0, len, 1));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while d.sink.len() < 2 && std::time::Instant::now() < deadline {
+        progress_all(&d);
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    let mut w = d.wait(2);
+    w.sort_by_key(|w| w.wr_id);
+    let got: Vec<(u64, WcStatus, u32)> =
+        w.iter().map(|w| (w.wr_id, w.status, w.byte_len)).collect();
+    assert_eq!(
+        got,
+        [
+            (1, WcStatus::Success, len as u32),
+            (8, WcStatus::Success, len as u32)
+        ]
+    );
 }

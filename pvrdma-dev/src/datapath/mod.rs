@@ -108,6 +108,8 @@ pub(crate) struct Env {
     pub mem: GuestMem,
     pub backend: Arc<dyn Backend>,
     pub sink: Arc<dyn CompletionSink>,
+    /// The backend asked for [`Backend::progress`] and the main loop has not yet started it.
+    pub progress: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for Env {

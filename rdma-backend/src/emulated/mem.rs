@@ -113,11 +113,24 @@ impl Segs {
 
     /// A cursor at the start of the list.
     pub fn cursor(&self) -> Cursor<'_> {
-        Cursor {
+        self.cursor_at(0)
+    }
+
+    /// A cursor `at` bytes into the list (at its end if it is shorter).
+    pub fn cursor_at(&self, at: u64) -> Cursor<'_> {
+        let mut c = Cursor {
             segs: &self.segs,
             i: 0,
-            off: 0,
+            off: at,
+        };
+        while let Some(s) = self.segs.get(c.i) {
+            if c.off < s.len {
+                break;
+            }
+            c.off -= s.len;
+            c.i += 1;
         }
+        c
     }
 }
 

@@ -37,13 +37,13 @@ mod qp;
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 
 pub use fabric::Fabric;
 use mem::{Mr, Segs};
 pub use qp::HOLD_MAX;
-use qp::{drive, kick, Held, Qp, QueuedRecv, QueuedSend, Rq, Sq, Srq, SrqQ, Trigger};
+use qp::{drive, kick, resume, Held, Qp, QueuedRecv, QueuedSend, Rq, Sq, Srq, SrqQ, Trigger, Wake};
 
 use crate::{
     Access, Backend, CompletionSink, CqId, Error, Gid, GidType, GuestMem, MrId, MrKeys, MrKind,
@@ -196,6 +196,18 @@ pub struct EmulatedBackend {
     mrs: RwLock<MrTable>,
     qps: RwLock<QpMap>,
     ctl: Mutex<Ctl>,
+    /// QPs woken to go on, in order, for [`Backend::progress`].
+    ready: Mutex<Ready>,
+}
+
+/// The QPs of a backend that have work to resume on a worker. A QP is listed at most once (its
+/// [`Qp::wakes`] bits say it is), so the list is bounded by the number of QPs.
+#[derive(Debug, Default)]
+struct Ready {
+    qps: VecDeque<Weak<Qp>>,
+    /// The sink was asked for a call of [`Backend::progress`] that has not yet found the list
+    /// empty.
+    asked: bool,
 }
 
 impl fmt::Debug for EmulatedBackend {
@@ -228,7 +240,28 @@ impl EmulatedBackend {
                 next_qpn: 1,
                 ..Ctl::default()
             }),
+            ready: Mutex::new(Ready::default()),
         })
+    }
+
+    /// Lists `qp` (of this backend) to go on in [`Backend::progress`] for `why`; asks the sink
+    /// for a call of it unless one is due anyway. Never runs anything itself: the timer thread
+    /// and other devices' workers call this.
+    pub(crate) fn wake(&self, qp: &Arc<Qp>, why: Wake) {
+        if let Wake::Timer(t) = why {
+            qp.wake_token.fetch_max(t, Ordering::AcqRel);
+        }
+        if qp.wakes.fetch_or(why.bit(), Ordering::AcqRel) != 0 {
+            return;
+        }
+        let ask = {
+            let mut r = lock(&self.ready);
+            r.qps.push_back(Arc::downgrade(qp));
+            !std::mem::replace(&mut r.asked, true)
+        };
+        if ask {
+            self.sink.progress_needed();
+        }
     }
 
     /// The fabric this device is attached to.
@@ -370,9 +403,11 @@ impl EmulatedBackend {
             rq.held.deliver(&*self.sink);
             sq.held.deliver(&*self.sink);
             qp.dead.store(true, Ordering::Release);
+            sq.abandon();
             sq.pending.clear();
             sq.stall = None;
             sq.token += 1;
+            rq.taken += rq.wqes.len() as u64;
             rq.wqes.clear();
             rq.waiters.clear();
         }
@@ -616,7 +651,7 @@ impl Backend for EmulatedBackend {
         q.wqes.push_back(QueuedRecv::from(wr));
         let waiters = std::mem::take(&mut q.waiters);
         drop(q);
-        kick(waiters);
+        kick(self, waiters);
         Ok(())
     }
 
@@ -687,9 +722,12 @@ impl Backend for EmulatedBackend {
             state: AtomicU8::new(QpState::Reset as u8),
             access: AtomicU32::new(0),
             dead: AtomicBool::new(false),
+            wakes: AtomicU8::new(0),
+            wake_token: AtomicU64::new(0),
             connected: Mutex::new(qp::Connected::default()),
             sq: Mutex::new(Sq {
                 pending: VecDeque::new(),
+                partial: None,
                 held: Held::default(),
                 stall: None,
                 token: 1,
@@ -704,6 +742,7 @@ impl Backend for EmulatedBackend {
             }),
             rq: Mutex::new(Rq {
                 wqes: VecDeque::new(),
+                taken: 0,
                 held: Held::default(),
                 waiters: Vec::new(),
                 qkey: 0,
@@ -787,10 +826,12 @@ impl Backend for EmulatedBackend {
             QpState::Reset => {
                 rq.held.deliver(&*self.sink);
                 sq.held.deliver(&*self.sink);
+                sq.abandon();
                 sq.pending.clear();
                 sq.stall = None;
                 sq.token += 1;
                 sq.remote = Weak::new();
+                rq.taken += rq.wqes.len() as u64;
                 rq.wqes.clear();
                 rq.waiters.clear();
             }
@@ -798,9 +839,10 @@ impl Backend for EmulatedBackend {
                 drop(rq);
                 qp::to_err_locked_sq(self, &qp, &mut sq);
             }
-            QpState::Rts if from != QpState::Rts => {
-                drop(rq);
-                drive(self, &qp, &mut sq, Trigger::Post);
+            // Sends queued meanwhile run on a worker (this may be the device's main loop).
+            QpState::Rts if from != QpState::Rts && !sq.pending.is_empty() => {
+                drop((rq, sq));
+                self.wake(&qp, Wake::Resume);
             }
             _ => {}
         }
@@ -869,9 +911,30 @@ impl Backend for EmulatedBackend {
         let waiters = std::mem::take(&mut rq.waiters);
         drop(rq);
         if !waiters.is_empty() {
-            kick(waiters);
+            kick(self, waiters);
         }
         (taken, res)
+    }
+
+    /// Runs each QP listed when it is called, one budgeted run each, until the runs have spent
+    /// [`qp::RUN_BUDGET`]; a QP whose run ran out goes to the back of the list.
+    fn progress(&self) -> bool {
+        let listed = lock(&self.ready).qps.len();
+        let mut spent = 0u64;
+        for _ in 0..listed {
+            if spent >= qp::RUN_BUDGET {
+                break;
+            }
+            let Some(w) = lock(&self.ready).qps.pop_front() else {
+                break;
+            };
+            if let Some(qp) = w.upgrade() {
+                spent += resume(self, &qp).max(qp::WR_COST);
+            }
+        }
+        let mut r = lock(&self.ready);
+        r.asked = !r.qps.is_empty();
+        r.asked
     }
 
     fn reset(&self) {

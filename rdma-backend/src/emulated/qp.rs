@@ -18,9 +18,19 @@
 //! the queue. Under load this is one sink call per run and queue instead of one per message.
 //!
 //! Object tables (`qps`, `mrs`) are `RwLock`s held only for a lookup, never across a copy.
+//!
+//! # Bounded work
+//! A run of a send queue moves at most [`RUN_BUDGET`] (bytes, plus [`WR_COST`] per WR), and one
+//! message at most [`SLICE`] bytes per step under the responder's lock; a longer message keeps
+//! its progress in the queue ([`Partial`]) and goes on in the next run. A run out of budget asks
+//! its backend to resume the queue later ([`EmulatedBackend::wake`]), which the device does on
+//! one of its own workers ([`crate::Backend::progress`]). So a destroy, reset or state change
+//! waits for a send queue's lock about a millisecond at most, and a QP that dies stops at the
+//! next step. Runs happen only on the threads of the QP's own device: the fabric's timer and a
+//! receive posted by another device only wake the queue, they never run it.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -46,6 +56,35 @@ const RNR_US: [u32; 32] = [
     5120, 7680, 10_240, 15_360, 20_480, 30_720, 40_960, 61_440, 81_920, 122_880, 163_840, 245_760,
     327_680, 491_520,
 ];
+
+/// What a run of a send queue may move before it yields its thread: about a millisecond of
+/// copying.
+pub(crate) const RUN_BUDGET: u64 = 4 << 20;
+/// Most bytes of one message moved in one step (under one lock of the responder's queue).
+pub(crate) const SLICE: u64 = 1 << 20;
+/// What a WR costs a run besides its bytes: a queue of 64-byte messages yields too.
+pub(crate) const WR_COST: u64 = 256;
+
+/// Why a queue is woken ([`EmulatedBackend::wake`]); bits of [`Qp::wakes`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Wake {
+    /// Go on where a run stopped (out of budget, or newly able to send).
+    Resume,
+    /// A receive was posted where the head WR waits (RNR).
+    Kick,
+    /// The retry timer with this token fired.
+    Timer(u64),
+}
+
+impl Wake {
+    pub(crate) fn bit(self) -> u8 {
+        match self {
+            Wake::Resume => 1,
+            Wake::Kick => 2,
+            Wake::Timer(_) => 4,
+        }
+    }
+}
 
 /// Most completions a queue holds back before it hands them to the sink anyway: the batch the
 /// device posts at a time, and at most 16 × 48 bytes kept per queue that ever held any.
@@ -131,11 +170,34 @@ impl From<&RecvWr> for QueuedRecv {
     }
 }
 
+/// The head WR of a send queue part-way through: a message longer than a [`SLICE`], or one a
+/// run ran out of budget in.
+#[derive(Debug)]
+pub(crate) struct Partial {
+    /// Bytes moved so far.
+    done: u64,
+    /// The receive the message lands in (SEND, WRITE with immediate).
+    recv: Reserved,
+}
+
+/// The receive a message part-way through has taken at the responder.
+#[derive(Debug)]
+enum Reserved {
+    /// None (RDMA WRITE, READ).
+    None,
+    /// The head of the responder's own receive queue, as long as its [`Rq::taken`] is this.
+    Own(u64),
+    /// Taken from the responder's SRQ (put back first in line if the message is abandoned).
+    Srq(Arc<Srq>, QueuedRecv),
+}
+
 /// The send-side state of a QP.
 #[derive(Debug)]
 pub(crate) struct Sq {
     /// WRs posted and not yet completed, in order.
     pub pending: VecDeque<QueuedSend>,
+    /// The head WR's progress, when it is part-way through.
+    pub partial: Option<Partial>,
     /// Completions of the current run not yet delivered.
     pub held: Held,
     /// The head WR is waiting for a retry.
@@ -151,6 +213,20 @@ pub(crate) struct Sq {
     pub qkey: u32,
     /// Cached RC responder.
     pub remote: Weak<Qp>,
+}
+
+impl Sq {
+    /// Forgets the head WR's progress (it starts over if it runs again); a receive it took
+    /// from an SRQ goes back first in line.
+    pub(crate) fn abandon(&mut self) {
+        if let Some(Partial {
+            recv: Reserved::Srq(srq, w),
+            ..
+        }) = self.partial.take()
+        {
+            lock(&srq.q).wqes.push_front(w);
+        }
+    }
 }
 
 /// Why the head WR waits.
@@ -174,6 +250,9 @@ pub(crate) struct Stall {
 #[derive(Debug)]
 pub(crate) struct Rq {
     pub wqes: VecDeque<QueuedRecv>,
+    /// Receives ever removed from `wqes` (used or dropped): while it is unchanged, the head is
+    /// the receive a message part-way through has reserved.
+    pub taken: u64,
     /// Completions made by a sender's run not yet delivered.
     pub held: Held,
     /// Senders waiting (RNR) for a receive here.
@@ -222,6 +301,10 @@ pub(crate) struct Qp {
     pub access: AtomicU32,
     /// Set (under both locks) by destroy: nothing of the QP is delivered afterwards.
     pub dead: AtomicBool,
+    /// Why the QP waits in its backend's ready list (bits of [`Wake`]; 0: it is not there).
+    pub wakes: AtomicU8,
+    /// The newest timer token it was woken with.
+    pub wake_token: AtomicU64,
     /// The one requester an RC QP serves as responder (set with the QP's own destination; a
     /// leaf lock, taken by requesters of other QPs while they hold their own `sq`).
     pub connected: Mutex<Connected>,
@@ -333,10 +416,30 @@ pub(crate) enum Trigger {
 enum Outcome {
     /// Completed; the completion is delivered if signaled.
     Done(u64),
+    /// Moved this many more bytes of the WR, which goes on in the next step (its progress is
+    /// in the queue's [`Partial`]).
+    Partial(u64),
     /// Completed with an error: the QP leaves RTS.
     Error(WcStatus),
     /// Must be retried later.
     Stall(StallKind, Duration),
+}
+
+/// How far one step of an RC operation got.
+enum Step {
+    /// The operation is complete: its length.
+    Done(u64),
+    /// This many more bytes moved; more to go.
+    More(u64),
+}
+
+/// Where a message that uses a receive puts its bytes.
+#[derive(Clone, Copy)]
+enum Into {
+    /// In the receive's buffers (SEND).
+    Recv,
+    /// In the responder's MR (RDMA WRITE with immediate).
+    Remote { addr: u64, rkey: u32 },
 }
 
 /// Errors of the responder side of an RC operation.
@@ -354,6 +457,7 @@ enum Resp {
 /// Flushes the pending send WRs with `WrFlushErr` (sq locked), after the completions held.
 fn flush_sq(be: &EmulatedBackend, qp: &Qp, sq: &mut Sq) {
     sq.held.deliver(&*be.sink);
+    sq.abandon();
     if sq.pending.is_empty() {
         return;
     }
@@ -381,6 +485,7 @@ fn flush_sq(be: &EmulatedBackend, qp: &Qp, sq: &mut Sq) {
 /// on an SRQ gets the last-WQE-reached event instead.
 fn flush_rq(be: &EmulatedBackend, qp: &Qp, rq: &mut Rq) {
     rq.held.deliver(&*be.sink);
+    rq.taken += rq.wqes.len() as u64;
     if qp.is_dead() {
         rq.wqes.clear();
         return;
@@ -419,7 +524,7 @@ pub(crate) fn to_err_locked_sq(be: &EmulatedBackend, qp: &Qp, sq: &mut Sq) {
 }
 
 /// Moves a responder QP to ERR (its rq locked): flushes its receives now and its send queue
-/// from the timer thread (its `sq` may not be taken here).
+/// on a worker, through the timer (its `sq` may not be taken here).
 /// The responder refuses a request as invalid (IB's NAK Invalid Request): its QP goes to ERR
 /// with a QP_REQ_ERR event, and the requester completes with `RemInvReqErr`.
 fn invalid_request(be: &EmulatedBackend, qp: &Arc<Qp>) -> Resp {
@@ -455,12 +560,13 @@ struct Peer {
     tmem: GuestMemoryLoadGuard<GuestMemoryMmap>,
 }
 
-/// Runs the send queue of `qp` (its `sq` locked by the caller). Guest memory and, for RC, the
-/// responder are looked up once per run, not per WR; the completions the run made and held
-/// (the responder's receives, then the requester's sends) are handed to the sink at its end.
-pub(crate) fn drive(be: &EmulatedBackend, qp: &Arc<Qp>, sq: &mut Sq, trigger: Trigger) {
+/// Runs the send queue of `qp` (its `sq` locked by the caller) for at most [`RUN_BUDGET`];
+/// returns what the run cost. Guest memory and, for RC, the responder are looked up once per
+/// run, not per WR; the completions the run made and held (the responder's receives, then the
+/// requester's sends) are handed to the sink at its end.
+pub(crate) fn drive(be: &EmulatedBackend, qp: &Arc<Qp>, sq: &mut Sq, trigger: Trigger) -> u64 {
     if !may_run(be, qp, sq, trigger) {
-        return;
+        return 0;
     }
     let peer = match qp.ty {
         QpType::Rc => rc_target(be, qp.qpn, sq).map(|(tb, tqp)| Peer {
@@ -470,11 +576,12 @@ pub(crate) fn drive(be: &EmulatedBackend, qp: &Arc<Qp>, sq: &mut Sq, trigger: Tr
         }),
         QpType::Ud | QpType::Gsi => None,
     };
-    run(be, qp, sq, trigger, peer.as_ref());
+    let spent = run(be, qp, sq, trigger, peer.as_ref());
     if let Some(p) = &peer {
         lock(&p.tqp.rq).held.deliver(&*p.tb.sink);
     }
     sq.held.deliver(&*be.sink);
+    spent
 }
 
 /// Whether a run of the send queue has anything to do now (flushing it if the QP is in error).
@@ -503,22 +610,45 @@ fn may_run(be: &EmulatedBackend, qp: &Qp, sq: &mut Sq, trigger: Trigger) -> bool
     !sq.pending.is_empty()
 }
 
-/// The WRs of a run, in order, until the queue is empty, stalls or fails.
-fn run(be: &EmulatedBackend, qp: &Arc<Qp>, sq: &mut Sq, mut trigger: Trigger, peer: Option<&Peer>) {
+/// The WRs of a run, in order, until the queue is empty, stalls or fails, or the run has spent
+/// its budget (then the queue is woken to go on later). Returns what it spent.
+fn run(
+    be: &EmulatedBackend,
+    qp: &Arc<Qp>,
+    sq: &mut Sq,
+    mut trigger: Trigger,
+    peer: Option<&Peer>,
+) -> u64 {
     let mem = be.mem.memory();
     let mut lw = Window::new(&mem);
     let mut rw = peer.map(|p| Window::new(&p.tmem));
+    let mut spent = 0u64;
     while let Some(wr) = sq.pending.front() {
+        if spent >= RUN_BUDGET {
+            be.wake(qp, Wake::Resume);
+            return spent;
+        }
+        let mut part = sq.partial.take();
+        let before = part.as_ref().map_or(0, |p| p.done);
         let outcome = match qp.ty {
             QpType::Rc => {
                 let peer = peer.zip(rw.as_mut());
-                execute_rc(be, qp, &mut lw, peer, sq.timeout, wr)
+                execute_rc(be, qp, &mut lw, peer, sq.timeout, wr, &mut part)
             }
             QpType::Ud | QpType::Gsi => execute_ud(be, qp, &mut lw, sq, wr),
         };
         let (wr_id, signaled, opcode) = (wr.wr_id, wr.signaled, send_opcode(&wr.op));
+        spent += WR_COST;
         match outcome {
+            Outcome::Partial(n) => {
+                sq.partial = part;
+                spent += n;
+                if sq.stall.take().is_some() {
+                    sq.token += 1;
+                }
+            }
             Outcome::Done(len) => {
+                spent += len.saturating_sub(before);
                 sq.pending.pop_front();
                 if sq.stall.take().is_some() {
                     sq.token += 1;
@@ -529,6 +659,8 @@ fn run(be: &EmulatedBackend, qp: &Arc<Qp>, sq: &mut Sq, mut trigger: Trigger, pe
                 }
             }
             Outcome::Error(status) => {
+                sq.partial = part;
+                sq.abandon();
                 sq.pending.pop_front();
                 sq.stall = None;
                 sq.token += 1;
@@ -540,15 +672,18 @@ fn run(be: &EmulatedBackend, qp: &Arc<Qp>, sq: &mut Sq, mut trigger: Trigger, pe
                     qp.set_state(QpState::Sqe);
                     flush_sq(be, qp, sq);
                 }
-                return;
+                return spent;
             }
             Outcome::Stall(kind, delay) => {
+                // A message part-way through starts over when it is retried.
+                sq.partial = part;
+                sq.abandon();
                 let fresh = match (sq.stall, trigger) {
                     (None, _) => true,
                     (Some(st), _) if st.kind != kind => true,
                     (Some(_), Trigger::Timer(_)) => false,
                     // A kick that found no receive again: keep waiting for the timer.
-                    (Some(_), _) => return,
+                    (Some(_), _) => return spent,
                 };
                 let left = if fresh {
                     match kind {
@@ -569,7 +704,8 @@ fn run(be: &EmulatedBackend, qp: &Arc<Qp>, sq: &mut Sq, mut trigger: Trigger, pe
                     sq.token += 1;
                     let wc = qp.wc(qp.send_cq, wr_id, status, opcode, 0);
                     sq.held.deliver_then(&*be.sink, std::slice::from_ref(&wc));
-                    return to_err_locked_sq(be, qp, sq);
+                    to_err_locked_sq(be, qp, sq);
+                    return spent;
                 }
                 sq.stall = Some(Stall {
                     kind,
@@ -585,37 +721,56 @@ fn run(be: &EmulatedBackend, qp: &Arc<Qp>, sq: &mut Sq, mut trigger: Trigger, pe
                     Instant::now() + delay
                 };
                 be.fabric.schedule(at, Arc::downgrade(qp), sq.token);
-                return;
+                return spent;
             }
         }
         trigger = Trigger::Post;
     }
+    spent
 }
 
-/// Timer callback: retries the head WR, or flushes a QP that went to ERR as a responder.
+/// Timer callback (on the fabric's timer thread): wakes the QP, whose device retries its head
+/// WR, or flushes it if it went to ERR as a responder ([`FLUSH_TOKEN`]), on a worker.
 pub(crate) fn on_timer(qp: &Arc<Qp>, token: u64) {
-    let Some(be) = qp.backend.upgrade() else {
-        return;
-    };
-    let mut sq = lock(&qp.sq);
-    if token == FLUSH_TOKEN {
-        if qp.state() == QpState::Err && !qp.is_dead() {
-            flush_sq(&be, qp, &mut sq);
-        }
-        return;
+    if let Some(be) = qp.backend.upgrade() {
+        be.wake(qp, Wake::Timer(token));
     }
-    drive(&be, qp, &mut sq, Trigger::Timer(token));
 }
 
-/// Lets senders waiting for a receive retry now.
-pub(crate) fn kick(waiters: Vec<Weak<Qp>>) {
+/// Resumes the send queue of a woken QP (see [`crate::Backend::progress`]); returns what the
+/// run cost.
+pub(crate) fn resume(be: &EmulatedBackend, qp: &Arc<Qp>) -> u64 {
+    let mut sq = lock(&qp.sq);
+    let bits = qp.wakes.swap(0, Ordering::AcqRel);
+    let token = qp.wake_token.load(Ordering::Acquire);
+    let timer = bits & Wake::Timer(0).bit() != 0;
+    let trigger = if timer && token == sq.token {
+        Trigger::Timer(token)
+    } else if bits & Wake::Kick.bit() != 0 {
+        Trigger::Kick
+    } else if timer {
+        // A stale timer (or the responder-flush one): runs nothing while the queue waits.
+        Trigger::Timer(token)
+    } else {
+        Trigger::Post
+    };
+    drive(be, qp, &mut sq, trigger)
+}
+
+/// Lets senders waiting for a receive of `be` retry now: a sender of `be` itself on this
+/// thread (the device's own worker), one of another device by waking it there.
+pub(crate) fn kick(be: &EmulatedBackend, waiters: Vec<Weak<Qp>>) {
     for w in waiters {
         let Some(qp) = w.upgrade() else { continue };
-        let Some(be) = qp.backend.upgrade() else {
+        let Some(owner) = qp.backend.upgrade() else {
             continue;
         };
-        let mut sq = lock(&qp.sq);
-        drive(&be, &qp, &mut sq, Trigger::Kick);
+        if owner.id == be.id {
+            let mut sq = lock(&qp.sq);
+            drive(&owner, &qp, &mut sq, Trigger::Kick);
+        } else {
+            owner.wake(&qp, Wake::Kick);
+        }
     }
 }
 
@@ -685,6 +840,7 @@ impl Landing {
     fn consume(&self, rq: &mut Rq) {
         if self.from_srq.is_none() {
             rq.wqes.pop_front();
+            rq.taken += 1;
         }
     }
 
@@ -736,8 +892,9 @@ fn rnr_delay(enc: u8) -> Duration {
     Duration::from_micros(u64::from(RNR_US[usize::from(enc & 31)]))
 }
 
-/// Executes one RC send WR against `peer` and a window on its memory (`None`: the responder
-/// cannot be reached); `lw` is a window on the requester's memory.
+/// Executes one step of an RC send WR against `peer` and a window on its memory (`None`: the
+/// responder cannot be reached); `lw` is a window on the requester's memory, `part` the WR's
+/// progress so far (updated).
 fn execute_rc(
     be: &EmulatedBackend,
     qp: &Arc<Qp>,
@@ -745,6 +902,7 @@ fn execute_rc(
     peer: Option<(&Peer, &mut Window<'_>)>,
     timeout: u8,
     wr: &QueuedSend,
+    part: &mut Option<Partial>,
 ) -> Outcome {
     if wr.sges.as_slice().len() > qp.max_send_sge as usize {
         return Outcome::Error(WcStatus::LocLenErr);
@@ -758,6 +916,7 @@ fn execute_rc(
     } else {
         Access::empty()
     };
+    // Checked at every step: an MR deregistered part-way fails the rest of the transfer.
     let Some(local) = be.resolve_local(wr.sges.as_slice(), qp.pd, need) else {
         return Outcome::Error(WcStatus::LocProtErr);
     };
@@ -768,33 +927,36 @@ fn execute_rc(
     if !tqp.can_receive() || tqp.is_dead() {
         return stall_timeout;
     }
+    let at = part.as_ref().map_or(0, |p| p.done);
+    let io = Io {
+        lw,
+        src: &local,
+        rw,
+        at,
+    };
+    let solicited = wr.solicited;
     let res = match wr.op {
-        SendOp::Send { imm } => rc_send(qp, lw, &local, tb, tqp, rw, imm, wr.solicited),
+        SendOp::Send { imm } => rc_message(qp, io, tb, tqp, Into::Recv, imm, solicited, part),
+        SendOp::RdmaWrite {
+            remote_addr: addr,
+            rkey,
+            imm: Some(imm),
+        } => {
+            let into = Into::Remote { addr, rkey };
+            rc_message(qp, io, tb, tqp, into, Some(imm), solicited, part)
+        }
         SendOp::RdmaWrite {
             remote_addr,
             rkey,
-            imm,
-        } => rc_write(
-            qp,
-            lw,
-            &local,
-            tb,
-            tqp,
-            rw,
-            remote_addr,
-            rkey,
-            imm,
-            wr.solicited,
-        ),
-        SendOp::RdmaRead { remote_addr, rkey } => {
-            rc_read(lw, &local, tb, tqp, rw, remote_addr, rkey)
-        }
+            imm: None,
+        } => rc_write(io, tb, tqp, remote_addr, rkey),
+        SendOp::RdmaRead { remote_addr, rkey } => rc_read(io, tb, tqp, remote_addr, rkey),
         SendOp::CmpSwap {
             remote_addr,
             rkey,
             compare,
             swap,
-        } => rc_atomic(lw, &local, tb, tqp, rw, remote_addr, rkey, |a| {
+        } => rc_atomic(io, tb, tqp, remote_addr, rkey, |a| {
             match a.compare_exchange(compare, swap, Ordering::SeqCst, Ordering::SeqCst) {
                 Ok(v) | Err(v) => v,
             }
@@ -803,12 +965,25 @@ fn execute_rc(
             remote_addr,
             rkey,
             add,
-        } => rc_atomic(lw, &local, tb, tqp, rw, remote_addr, rkey, |a| {
+        } => rc_atomic(io, tb, tqp, remote_addr, rkey, |a| {
             a.fetch_add(add, Ordering::SeqCst)
         }),
     };
     match res {
-        Ok(len) => Outcome::Done(len),
+        Ok(Step::Done(len)) => Outcome::Done(len),
+        Ok(Step::More(n)) => {
+            // A receive the message reserved is already recorded in `part`.
+            match part {
+                Some(p) => p.done = at + n,
+                None => {
+                    *part = Some(Partial {
+                        done: at + n,
+                        recv: Reserved::None,
+                    })
+                }
+            }
+            Outcome::Partial(n)
+        }
         Err(Resp::Rnr(t)) => Outcome::Stall(StallKind::Rnr, rnr_delay(t)),
         Err(Resp::Dropped) => stall_timeout,
         Err(Resp::Nak(s)) => Outcome::Error(s),
@@ -816,47 +991,101 @@ fn execute_rc(
     }
 }
 
-/// RC SEND at the responder.
+/// The two sides of one step of a transfer: the requester's window and its validated SGEs,
+/// the responder's window, and how far the transfer has got.
+struct Io<'a, 'w, 'm> {
+    lw: &'a mut Window<'w>,
+    src: &'a Segs,
+    rw: &'a mut Window<'m>,
+    at: u64,
+}
+
+/// The bytes of the next step of a transfer of `len` bytes that has moved `at`.
+fn step_len(len: u64, at: u64) -> u64 {
+    len.saturating_sub(at).min(SLICE)
+}
+
+/// The result of a step that moved `n` of `len` bytes from `at`.
+fn step(len: u64, at: u64, n: u64) -> Step {
+    if at + n >= len {
+        Step::Done(len)
+    } else {
+        Step::More(n)
+    }
+}
+
+/// A message that uses a receive at the responder (SEND, RDMA WRITE with immediate), one step.
+/// The first step reserves the receive (RNR if there is none); the last uses it and makes its
+/// completion. A step after the first finds the reservation gone if the responder was reset,
+/// flushed or destroyed meanwhile: the message is dropped and retried from its start.
 #[allow(clippy::too_many_arguments)]
-fn rc_send(
+fn rc_message(
     qp: &Arc<Qp>,
-    lw: &mut Window<'_>,
-    src: &Segs,
+    io: Io<'_, '_, '_>,
     tb: &EmulatedBackend,
     tqp: &Arc<Qp>,
-    rw: &mut Window<'_>,
+    into: Into,
     imm: Option<u32>,
     solicited: bool,
-) -> Result<u64, Resp> {
-    let len = src.total();
+    part: &mut Option<Partial>,
+) -> Result<Step, Resp> {
+    let len = io.src.total();
+    let at = io.at;
+    let remote = match into {
+        Into::Remote { addr, rkey } if len > 0 => Some(remote_check(
+            tb,
+            tqp,
+            Access::REMOTE_WRITE,
+            rkey,
+            addr,
+            len,
+        )?),
+        Into::Remote { .. } => Some(Segs::new()),
+        Into::Recv => None,
+    };
     let mut rq = lock(&tqp.rq);
     if tqp.is_dead() || !tqp.can_receive() {
         return Err(Resp::Dropped);
     }
     let mut landing = Landing::default();
-    if !landing.find(tb, tqp, &mut rq, Some(qp)) {
-        return Err(Resp::Rnr(rq.min_rnr_timer));
+    match part
+        .as_mut()
+        .map(|p| std::mem::replace(&mut p.recv, Reserved::None))
+    {
+        Some(Reserved::Own(taken)) if rq.taken == taken && !rq.wqes.is_empty() => {}
+        Some(Reserved::Srq(_, w)) => landing.from_srq = Some(w),
+        Some(Reserved::Own(_)) => return Err(Resp::Dropped),
+        Some(Reserved::None) | None => {
+            if !landing.find(tb, tqp, &mut rq, Some(qp)) {
+                return Err(Resp::Rnr(rq.min_rnr_timer));
+            }
+        }
     }
-    // The receive's id, and its SGEs checked and resolved against the message (or the receive
-    // and NAK statuses of why not).
+    let opcode = match into {
+        Into::Recv => WcOpcode::Recv,
+        Into::Remote { .. } => WcOpcode::RecvRdmaWithImm,
+    };
+    // The receive's id, and where the bytes go (or the receive and NAK statuses of why not).
     let (wr_id, dst) = {
         let Some(rwr) = landing.wr(&rq) else {
             return Err(Resp::Rnr(rq.min_rnr_timer));
         };
-        let dst = if rwr.sges.as_slice().len() > tqp.max_recv_sge as usize {
-            Err((WcStatus::LocLenErr, WcStatus::RemInvReqErr))
-        } else {
-            match tb.resolve_local(rwr.sges.as_slice(), tqp.pd, Access::LOCAL_WRITE) {
+        let dst = match remote {
+            Some(r) => Ok(r),
+            None if rwr.sges.as_slice().len() > tqp.max_recv_sge as usize => {
+                Err((WcStatus::LocLenErr, WcStatus::RemInvReqErr))
+            }
+            None => match tb.resolve_local(rwr.sges.as_slice(), tqp.pd, Access::LOCAL_WRITE) {
                 None => Err((WcStatus::LocProtErr, WcStatus::RemOpErr)),
                 Some(d) if d.total() < len => Err((WcStatus::LocLenErr, WcStatus::RemInvReqErr)),
                 Some(d) => Ok(d),
-            }
+            },
         };
         (rwr.wr_id, dst)
     };
     let fail = |rq: &mut Rq, landing: &Landing, (status, nak): (WcStatus, WcStatus)| {
         landing.consume(rq);
-        let wc = tqp.wc(tqp.recv_cq, wr_id, status, WcOpcode::Recv, 0);
+        let wc = tqp.wc(tqp.recv_cq, wr_id, status, opcode, 0);
         rq.held.deliver_then(&*tb.sink, std::slice::from_ref(&wc));
         responder_err(tb, tqp, rq, None);
         Err(Resp::Nak(nak))
@@ -865,8 +1094,10 @@ fn rc_send(
         Ok(d) => d,
         Err(why) => return fail(&mut rq, &landing, why),
     };
-    match copy(lw, &mut src.cursor(), rw, &mut dst.cursor(), len) {
-        Ok(()) => landing.consume(&mut rq),
+    let n = step_len(len, at);
+    let Io { lw, src, rw, .. } = io;
+    match copy(lw, &mut src.cursor_at(at), rw, &mut dst.cursor_at(at), n) {
+        Ok(()) => {}
         Err(Fault::Src) => {
             landing.put_back(tqp);
             return Err(Resp::LocalFault);
@@ -879,12 +1110,21 @@ fn rc_send(
             )
         }
     }
-    let mut wc = tqp.wc(tqp.recv_cq, wr_id, WcStatus::Success, WcOpcode::Recv, len);
+    if let Step::More(n) = step(len, at, n) {
+        let recv = match (landing.from_srq.take(), &tqp.srq) {
+            (Some(w), Some(srq)) => Reserved::Srq(srq.clone(), w),
+            _ => Reserved::Own(rq.taken),
+        };
+        *part = Some(Partial { done: at, recv });
+        return Ok(Step::More(n));
+    }
+    landing.consume(&mut rq);
+    let mut wc = tqp.wc(tqp.recv_cq, wr_id, WcStatus::Success, opcode, len);
     wc.imm_data = imm;
     wc.src_qp = qp.qpn;
     wc.solicited = solicited;
     rq.held.hold(&*tb.sink, wc);
-    Ok(len)
+    Ok(Step::Done(len))
 }
 
 /// Checks an incoming RDMA/atomic request against the responder QP and its MR.
@@ -933,113 +1173,75 @@ fn remote_fault(tb: &EmulatedBackend, tqp: &Arc<Qp>) -> Resp {
     Resp::Nak(WcStatus::RemOpErr)
 }
 
-/// RDMA WRITE (with or without immediate).
-#[allow(clippy::too_many_arguments)]
+/// RDMA WRITE without immediate, one step. The remote range is checked at every step: an MR
+/// deregistered part-way stops the rest.
 fn rc_write(
-    qp: &Arc<Qp>,
-    lw: &mut Window<'_>,
-    src: &Segs,
+    io: Io<'_, '_, '_>,
     tb: &EmulatedBackend,
     tqp: &Arc<Qp>,
-    rw: &mut Window<'_>,
     addr: u64,
     rkey: u32,
-    imm: Option<u32>,
-    solicited: bool,
-) -> Result<u64, Resp> {
-    let len = src.total();
+) -> Result<Step, Resp> {
+    let len = io.src.total();
     let dst = if len > 0 {
         remote_check(tb, tqp, Access::REMOTE_WRITE, rkey, addr, len)?
     } else {
         Segs::new()
     };
-    let Some(imm) = imm else {
-        return match copy(lw, &mut src.cursor(), rw, &mut dst.cursor(), len) {
-            Ok(()) => Ok(len),
-            Err(Fault::Src) => Err(Resp::LocalFault),
-            Err(Fault::Dst) => Err(remote_fault(tb, tqp)),
-        };
-    };
-    let mut rq = lock(&tqp.rq);
-    if tqp.is_dead() || !tqp.can_receive() {
-        return Err(Resp::Dropped);
+    let (at, n) = (io.at, step_len(len, io.at));
+    match copy(
+        io.lw,
+        &mut io.src.cursor_at(at),
+        io.rw,
+        &mut dst.cursor_at(at),
+        n,
+    ) {
+        Ok(()) => Ok(step(len, at, n)),
+        Err(Fault::Src) => Err(Resp::LocalFault),
+        Err(Fault::Dst) => Err(remote_fault(tb, tqp)),
     }
-    let mut landing = Landing::default();
-    if !landing.find(tb, tqp, &mut rq, Some(qp)) {
-        return Err(Resp::Rnr(rq.min_rnr_timer));
-    }
-    let Some(wr_id) = landing.wr(&rq).map(|w| w.wr_id) else {
-        return Err(Resp::Rnr(rq.min_rnr_timer));
-    };
-    match copy(lw, &mut src.cursor(), rw, &mut dst.cursor(), len) {
-        Ok(()) => landing.consume(&mut rq),
-        Err(Fault::Src) => {
-            landing.put_back(tqp);
-            return Err(Resp::LocalFault);
-        }
-        Err(Fault::Dst) => {
-            landing.consume(&mut rq);
-            let wc = tqp.wc(
-                tqp.recv_cq,
-                wr_id,
-                WcStatus::LocProtErr,
-                WcOpcode::RecvRdmaWithImm,
-                0,
-            );
-            rq.held.deliver_then(&*tb.sink, std::slice::from_ref(&wc));
-            responder_err(tb, tqp, &mut rq, None);
-            return Err(Resp::Nak(WcStatus::RemOpErr));
-        }
-    }
-    let mut wc = tqp.wc(
-        tqp.recv_cq,
-        wr_id,
-        WcStatus::Success,
-        WcOpcode::RecvRdmaWithImm,
-        len,
-    );
-    wc.imm_data = Some(imm);
-    wc.src_qp = qp.qpn;
-    wc.solicited = solicited;
-    rq.held.hold(&*tb.sink, wc);
-    Ok(len)
 }
 
-/// RDMA READ.
+/// RDMA READ, one step (`io.src` is where the data goes, in the requester's memory).
 fn rc_read(
-    lw: &mut Window<'_>,
-    dst: &Segs,
+    io: Io<'_, '_, '_>,
     tb: &EmulatedBackend,
     tqp: &Arc<Qp>,
-    rw: &mut Window<'_>,
     addr: u64,
     rkey: u32,
-) -> Result<u64, Resp> {
+) -> Result<Step, Resp> {
+    let dst = io.src;
     let len = dst.total();
     let src = if len > 0 {
         remote_check(tb, tqp, Access::REMOTE_READ, rkey, addr, len)?
     } else {
         Segs::new()
     };
-    match copy(rw, &mut src.cursor(), lw, &mut dst.cursor(), len) {
-        Ok(()) => Ok(len),
+    let (at, n) = (io.at, step_len(len, io.at));
+    match copy(
+        io.rw,
+        &mut src.cursor_at(at),
+        io.lw,
+        &mut dst.cursor_at(at),
+        n,
+    ) {
+        Ok(()) => Ok(step(len, at, n)),
         Err(Fault::Dst) => Err(Resp::LocalFault),
         Err(Fault::Src) => Err(remote_fault(tb, tqp)),
     }
 }
 
-/// Atomics: `f` runs on the remote 8 bytes and returns the original value.
-#[allow(clippy::too_many_arguments)]
+/// Atomics: `f` runs on the remote 8 bytes and returns the original value, which lands in
+/// `io.src` (the requester's buffer).
 fn rc_atomic(
-    lw: &mut Window<'_>,
-    dst: &Segs,
+    io: Io<'_, '_, '_>,
     tb: &EmulatedBackend,
     tqp: &Arc<Qp>,
-    rw: &mut Window<'_>,
     addr: u64,
     rkey: u32,
     f: impl FnOnce(&std::sync::atomic::AtomicU64) -> u64,
-) -> Result<u64, Resp> {
+) -> Result<Step, Resp> {
+    let dst = io.src;
     if dst.total() < 8 {
         return Err(Resp::Nak(WcStatus::LocLenErr));
     }
@@ -1050,13 +1252,13 @@ fn rc_atomic(
     let Some(gpa) = atomic_target(&target) else {
         return Err(remote_fault(tb, tqp));
     };
-    let Some(orig) = atomic_at(rw.mem(), gpa, f) else {
+    let Some(orig) = atomic_at(io.rw.mem(), gpa, f) else {
         return Err(remote_fault(tb, tqp));
     };
-    if !write_bytes(lw.mem(), &mut dst.cursor(), &orig.to_ne_bytes()) {
+    if !write_bytes(io.lw.mem(), &mut dst.cursor(), &orig.to_ne_bytes()) {
         return Err(Resp::LocalFault);
     }
-    Ok(8)
+    Ok(Step::Done(8))
 }
 
 /// Builds the 40-byte IPv6-style GRH of a UD datagram.
