@@ -398,13 +398,24 @@ fn a_long_transfer_moves_in_bounded_runs() {
         (MIB..len / 2).contains(&first_zero),
         "the first run moved {first_zero} bytes"
     );
+    // A WR posted meanwhile only queues: the post runs nothing while the queue waits for
+    // `progress`, however many WRs are posted.
+    let small = d.buf(4096, Access::LOCAL_WRITE | Access::REMOTE_WRITE);
+    let write2 = SendOp::RdmaWrite {
+        remote_addr: small.iova,
+        rkey: small.keys.rkey,
+        imm: None,
+    };
+    d.send(qa, 2, write2, sges(&src, siova, 64));
+    assert!(small.read(&d.mem, 0, 64).iter().all(|&b| b == 0));
     let calls = progress_all(&d);
     assert!(calls >= 2, "the rest took {calls} bounded calls");
-    let w = d.wait(1);
+    let w = d.wait(2);
     assert_eq!(
         (w[0].wr_id, w[0].status, w[0].byte_len),
         (1, WcStatus::Success, len as u32)
     );
+    assert_eq!((w[1].wr_id, w[1].status), (2, WcStatus::Success));
     // Byte k of the source is byte k % 4096 of its one page.
     let page: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 3) as u8).collect();
     let moved = dst.read(&d.mem, 0, len);

@@ -597,6 +597,11 @@ fn may_run(be: &EmulatedBackend, qp: &Qp, sq: &mut Sq, trigger: Trigger) -> bool
         QpState::Rts => {}
         _ => return false,
     }
+    if trigger == Trigger::Post && qp.wakes.load(Ordering::Acquire) & Wake::Resume.bit() != 0 {
+        // A run ran out of budget and the queue waits for its device's `progress`: WRs posted
+        // meanwhile only queue, or one drain of a long ring would run a budget per batch.
+        return false;
+    }
     if let Some(st) = sq.stall {
         let go = match trigger {
             Trigger::Timer(t) => t == sq.token,
