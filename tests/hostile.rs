@@ -1637,3 +1637,89 @@ fn uar_offsets_past_bar2_do_not_alias_page_0() {
     assert_eq!(c[0] & 0x6, 0x6);
     assert_device_healthy(&drv);
 }
+
+/// RssAnon of this process, in KiB.
+fn rss_anon_kib() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Host memory a guest makes the device hold is bounded by the device's budget, not by what
+/// the guest's RAM and limits allow: QPs with 8,192-deep receive queues of 16-SGE receives over
+/// one MR page (each such receive costs the host ~300 bytes; 1,023 such QPs would cost 2.5 GiB)
+/// are refused with ENOMEM once their reservations reach the budget, and filling every queue the
+/// guest did get grows the process by less than the budget.
+#[test]
+fn a_guest_holds_no_more_host_memory_than_the_devices_budget() {
+    const BUDGET: u64 = 48 << 20;
+    let cfg = DeviceConfig {
+        mac: MAC,
+        max_host_mem: BUDGET,
+        ..DeviceConfig::default()
+    };
+    let t = Arc::new(InProcess::new(cfg, DEFAULT_RAM, &Fabric::new()));
+    let drv = probe(&t);
+    let ctx = fresh_ctx(&drv);
+    let pd = drv.create_pd(ctx).unwrap();
+    let cq = drv.create_cq(ctx, 64).unwrap();
+    let mr = drv.reg_mr(pd, 0x7000_0000, 4096, 1).unwrap();
+    let sges: Vec<_> = (0..16).map(|i| mr.sge(i * 64, 64)).collect();
+    // Guest RAM is anonymous memory of this process: fault all of it in first (each page's
+    // first byte written back), so that what grows below is the device's own memory.
+    let mem = drv.mem();
+    for page in (0..DEFAULT_RAM as u64).step_by(4096) {
+        let b: u8 = mem.read_obj(GuestAddress(page)).unwrap();
+        mem.write_obj(b, GuestAddress(page)).unwrap();
+    }
+    let rss0 = rss_anon_kib();
+    let mut qps = Vec::new();
+    let refused = loop {
+        match drv.create_qp(ctx, QpKind::Rc, pd, &cq, &cq, None, (1, 8192, 1, 16), false) {
+            Ok(qp) => qps.push(qp),
+            Err(e) => break err_of::<()>(Err(e)),
+        }
+        assert!(qps.len() < 1000, "never refused");
+    };
+    assert_eq!(refused, err::ENOMEM);
+    assert!(!qps.is_empty(), "not even one QP fits the budget");
+    let st = stats(&t);
+    assert!(st.host_mem <= BUDGET, "{} reserved", st.host_mem);
+    for qp in &mut qps {
+        let [init, _, _] = rc_connect_attrs(0, [0; 16], 1);
+        drv.modify_qp(qp, init).unwrap();
+        let mut n = 0;
+        while drv.push_recv(qp, n, &sges) {
+            n += 1;
+        }
+        assert_eq!(n, 8192);
+        drv.doorbell(qp.ctx, uar::QP, qp.handle | (1 << 31));
+    }
+    // Every receive reaches the backend (the device takes them from the rings).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while qps.iter().any(|q| !drv.rq_drained(q)) {
+        assert!(Instant::now() < deadline, "the receives were not taken");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let grown = (rss_anon_kib().saturating_sub(rss0)) << 10;
+    eprintln!(
+        "{} QPs × 8192 receives of 16 SGEs: {} MiB reserved of {} MiB, RssAnon +{} MiB",
+        qps.len(),
+        st.host_mem >> 20,
+        BUDGET >> 20,
+        grown >> 20
+    );
+    // The other tests of this binary run alongside and allocate too: some slack on top.
+    assert!(
+        grown <= BUDGET + (16 << 20),
+        "RssAnon grew by {grown} bytes"
+    );
+    // Destroying a QP gives its reservation back: one more fits.
+    let qp = qps.pop().unwrap();
+    drv.destroy_qp(qp).unwrap();
+    let again = drv.create_qp(ctx, QpKind::Rc, pd, &cq, &cq, None, (1, 8192, 1, 16), false);
+    assert!(again.is_ok(), "{again:?}");
+    assert_device_healthy(&drv);
+}

@@ -34,6 +34,11 @@ pub struct DeviceConfig {
     /// registration can make the device allocate (default 2^22 pages: 16 GiB of registrations,
     /// 32 MiB of page lists).
     pub max_mr_pages: u64,
+    /// Host memory, in bytes, the device may hold for the guest's objects and everything they
+    /// can queue (see `budget.rs`): a CREATE command that would pass it fails with ENOMEM.
+    /// Default 128 MiB: e.g. ~90 QPs with 8192-deep send and receive queues, or ~1,000 with
+    /// 512-deep ones.
+    pub max_host_mem: u64,
     /// PDs.
     pub max_pd: u32,
     /// Address handles (driver-side only; advertised).
@@ -78,6 +83,7 @@ impl Default for DeviceConfig {
             max_mr: 4096,
             max_mr_size: 1 << 40,
             max_mr_pages: 1 << 22,
+            max_host_mem: 128 << 20,
             max_pd: 1024,
             max_ah: 1024,
             max_srq: 1024,
@@ -157,6 +163,10 @@ impl DeviceConfig {
             "max_pd and max_mr must be non-zero",
         )?;
         bad(self.max_srq > 1 << 16, "max_srq must be at most 65536")?;
+        bad(
+            self.max_host_mem < 1 << 20,
+            "max_host_mem must be at least 1 MiB",
+        )?;
         bad(
             self.workers == 0 || self.workers > 64,
             "workers must be 1..=64",

@@ -151,6 +151,8 @@ pub struct DeviceStats {
     pub events: u64,
     /// Live objects: PDs, MRs, CQs, QPs, SRQs, user contexts.
     pub objects: [usize; 6],
+    /// Host memory the live objects reserve, in bytes (bounded by `max_host_mem`).
+    pub host_mem: u64,
 }
 
 enum Completion {
@@ -678,6 +680,8 @@ pub(crate) struct Mr {
     pub backend: MrId,
     /// Pages its page list holds (counted against `max_mr_pages`).
     pub pages: u64,
+    /// Bytes reserved against the host-memory budget.
+    pub cost: u64,
 }
 
 #[derive(Debug)]
@@ -687,6 +691,8 @@ pub(crate) struct Cq {
     pub ring: CqRing,
     pub cqe: u32,
     pub refs: u32,
+    /// Bytes reserved against the host-memory budget.
+    pub cost: u64,
 }
 
 #[derive(Debug)]
@@ -697,6 +703,8 @@ pub(crate) struct Srq {
     pub shared: Arc<SrqShared>,
     pub sched: Sched,
     pub refs: u32,
+    /// Bytes reserved against the host-memory budget.
+    pub cost: u64,
 }
 
 #[derive(Debug)]
@@ -710,6 +718,8 @@ pub(crate) struct Qp {
     pub attrs: QpAttr,
     pub shared: Arc<QpShared>,
     pub sched: Sched,
+    /// Bytes reserved against the host-memory budget.
+    pub cost: u64,
 }
 
 impl Qp {
@@ -774,6 +784,8 @@ pub(crate) struct Core {
     pub gids: Vec<Option<([u8; 16], u8)>>,
     /// Pages listed by all user MRs (bounded by `max_mr_pages`).
     pub mr_pages: u64,
+    /// Host memory reserved by the guest's objects (bounded by `max_host_mem`).
+    pub host_mem: crate::budget::Account,
     pub stats: DeviceStats,
     /// CQs written by the current run of completions (kept for its allocation).
     cqs_written: Vec<u32>,
@@ -832,6 +844,7 @@ impl Core {
             srqs: tables.srqs,
             gids: vec![None; cfg.gid_tbl_len as usize],
             mr_pages: 0,
+            host_mem: Default::default(),
             stats: DeviceStats::default(),
             cqs_written: Vec::new(),
             progress_running: false,
@@ -907,6 +920,7 @@ impl Core {
                     self.srqs.len(),
                     self.ucs.len(),
                 ];
+                s.host_mem = self.host_mem.reserved();
                 let _ = reply.send(s);
             }
             Msg::Stop => {}
@@ -1105,6 +1119,7 @@ impl Core {
         self.uar_owner.clear();
         self.gids.iter_mut().for_each(|g| *g = None);
         self.mr_pages = 0;
+        self.host_mem.clear();
         self.epoch = self.epoch.wrapping_add(1);
     }
 

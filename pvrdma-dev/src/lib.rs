@@ -20,6 +20,7 @@
 #![warn(missing_docs)]
 
 pub mod abi;
+mod budget;
 mod cmd;
 pub mod config;
 mod datapath;
@@ -32,6 +33,7 @@ pub mod regs;
 pub mod resources;
 pub mod ring;
 
+pub use budget::OverBudget;
 pub use cmd::CmdError;
 pub use config::DeviceConfig;
 /// Entry points for the fuzz targets in `fuzz/`; not API.

@@ -719,6 +719,14 @@ pub trait Backend: Send + Sync {
     /// Drops every object (device RESET). No completion is delivered after this returns.
     fn reset(&self);
 
+    /// Host memory the backend may hold for one queued WR of `sges` SGEs (`send`: on a send
+    /// queue; else on a receive queue or SRQ), at most: what a device counts against its
+    /// budget for each WR of a queue it creates. The default covers a whole [`SendWr`].
+    fn queued_wr_bytes(&self, send: bool, sges: u32) -> u64 {
+        let _ = (send, sges);
+        std::mem::size_of::<SendWr>() as u64
+    }
+
     /// Resumes deferred work (see [`CompletionSink::progress_needed`]) for a bounded time, on
     /// the caller's thread. Returns `true` if work remains: call it again (after letting the
     /// device's other work run). The default has nothing to resume.

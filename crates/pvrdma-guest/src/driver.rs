@@ -1050,6 +1050,17 @@ impl Driver {
         self.wq_push(&pdir, rq, &bytes)
     }
 
+    /// Whether the device has taken every receive WQE written to `qp`'s ring.
+    pub fn rq_drained(&self, qp: &Qp) -> bool {
+        let rq = qp.rq.as_ref().expect("QP without an SRQ");
+        let st = qp.pdir.pages[0].unchecked_add(rq.state);
+        let head: u32 = self
+            .mem()
+            .load(st.unchecked_add(4), Ordering::Acquire)
+            .unwrap_or(0);
+        head == rq.prod
+    }
+
     /// Posts a receive and rings the RQ doorbell.
     pub fn post_recv(&self, qp: &mut Qp, wr_id: u64, sges: &[WireSge]) -> bool {
         let ok = self.push_recv(qp, wr_id, sges);

@@ -43,6 +43,9 @@ pub enum CmdError {
     /// The worker panicked.
     #[error("internal error: {0}")]
     Internal(String),
+    /// The object would pass the device's host-memory budget.
+    #[error(transparent)]
+    OverBudget(#[from] crate::budget::OverBudget),
 }
 
 impl CmdError {
@@ -53,7 +56,7 @@ impl CmdError {
             CmdError::Unsupported(_) => err::EOPNOTSUPP,
             CmdError::Invalid(_) => err::EINVAL,
             CmdError::NoSuch(_) => err::ENOENT,
-            CmdError::Exhausted(_) => err::ENOMEM,
+            CmdError::Exhausted(_) | CmdError::OverBudget(_) => err::ENOMEM,
             CmdError::Busy(_) => err::EBUSY,
             CmdError::Pdir(_) => err::EFAULT,
             CmdError::Backend(b) => match b {

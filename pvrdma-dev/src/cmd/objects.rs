@@ -5,6 +5,7 @@ use vm_memory::GuestAddressSpace;
 
 use super::{main_loop_only, resp, CmdError, Finish, Work};
 use crate::abi::*;
+use crate::budget;
 use crate::datapath::cq::CqRing;
 use crate::datapath::Env;
 use crate::device::{Core, Cq, Mr, Pd, Uc};
@@ -214,6 +215,8 @@ pub(super) fn create_mr(core: &mut Core, req: CmdCreateMr) -> Result<Work, CmdEr
         Plan::Dma => 0,
         Plan::User { npages } => u64::from(npages),
     };
+    let cost = budget::mr(pages);
+    core.host_mem.check(cost, core.cfg.max_host_mem)?;
     Ok(Box::new(move |env: &Env| {
         let kind = match plan {
             Plan::Dma => MrKind::Dma,
@@ -234,15 +237,21 @@ pub(super) fn create_mr(core: &mut Core, req: CmdCreateMr) -> Result<Work, CmdEr
                 let _ = b.destroy_mr(keys.id);
                 return Err(CmdError::Exhausted("MR page-list budget"));
             }
+            if let Err(e) = core.host_mem.check(cost, core.cfg.max_host_mem) {
+                let _ = b.destroy_mr(keys.id);
+                return Err(e.into());
+            }
             let Some(h) = core.mrs.insert(Mr {
                 pd: pd_h,
                 backend: keys.id,
                 pages,
+                cost,
             }) else {
                 let _ = b.destroy_mr(keys.id);
                 return Err(CmdError::Exhausted("MRs"));
             };
             core.mr_pages += pages;
+            core.host_mem.reserve(cost);
             if let Some(p) = core.pds.get_mut(pd_h) {
                 p.refs += 1;
             }
@@ -265,6 +274,7 @@ pub(super) fn destroy_mr(core: &mut Core, req: CmdDestroyMr) -> Result<Work, Cmd
         Ok(Box::new(move |core: &mut Core| {
             if let Some(mr) = core.mrs.remove(h) {
                 core.mr_pages = core.mr_pages.saturating_sub(mr.pages);
+                core.host_mem.release(mr.cost);
                 if let Some(p) = core.pds.get_mut(mr.pd) {
                     p.refs = p.refs.saturating_sub(1);
                 }
@@ -294,6 +304,8 @@ pub(super) fn create_cq(core: &mut Core, req: CmdCreateCq) -> Result<Work, CmdEr
     if core.cqs.is_full() {
         return Err(CmdError::Exhausted("CQs"));
     }
+    let cost = budget::cq(n);
+    core.host_mem.check(cost, core.cfg.max_host_mem)?;
     let (ctx, pdir_dma, nchunks) = (req.ctx_handle, req.pdir_dma, req.nchunks);
     Ok(Box::new(move |env: &Env| {
         let pdir = {
@@ -304,16 +316,22 @@ pub(super) fn create_cq(core: &mut Core, req: CmdCreateCq) -> Result<Work, CmdEr
         let backend = env.backend.create_cq(cqe, 0)?;
         let b = env.backend.clone();
         Ok(Box::new(move |core: &mut Core| {
+            if let Err(e) = core.host_mem.check(cost, core.cfg.max_host_mem) {
+                let _ = b.destroy_cq(backend);
+                return Err(e.into());
+            }
             let Some(h) = core.cqs.insert(Cq {
                 ctx,
                 backend,
                 ring,
                 cqe,
                 refs: 0,
+                cost,
             }) else {
                 let _ = b.destroy_cq(backend);
                 return Err(CmdError::Exhausted("CQs"));
             };
+            core.host_mem.reserve(cost);
             Ok(resp(&RespCreateCq {
                 hdr: hdr(),
                 cq_handle: h,
@@ -363,7 +381,9 @@ pub(super) fn destroy_cq(core: &mut Core, req: CmdDestroyCq) -> Result<Work, Cmd
     Ok(Box::new(move |env: &Env| {
         env.backend.destroy_cq(b)?;
         Ok(Box::new(move |core: &mut Core| {
-            core.cqs.remove(h);
+            if let Some(cq) = core.cqs.remove(h) {
+                core.host_mem.release(cq.cost);
+            }
             Ok(resp(&hdr()))
         }) as Finish)
     }))

@@ -8,6 +8,7 @@ use vm_memory::GuestAddressSpace;
 
 use super::{main_loop_only, resp, CmdError, Finish, Work};
 use crate::abi::*;
+use crate::budget;
 use crate::datapath::Env;
 use crate::datapath::{pages_for, rq_wqe_size, sq_wqe_size, QpShared, SrqShared, WorkQueue};
 use crate::device::{cookie, Core, Qp, Sched, Srq};
@@ -98,6 +99,16 @@ pub(super) fn create_qp(core: &mut Core, req: CmdCreateQp) -> Result<Work, CmdEr
     if qp_type == QpType::Gsi && core.qps.iter().any(|(_, q)| q.qp_type == QpType::Gsi) {
         return Err(CmdError::Busy("GSI QP"));
     }
+    let recv_wr = if is_srq { 0 } else { req.max_recv_wr };
+    let cost = budget::qp(
+        &*core.env.backend,
+        req.max_send_wr,
+        req.max_send_sge,
+        recv_wr,
+        req.max_recv_sge,
+        total,
+    );
+    core.host_mem.check(cost, cfg.max_host_mem)?;
     let handle = core.qps.next_handle().ok_or(CmdError::Exhausted("QPs"))?;
     let gen = core.new_gen();
     let ck = cookie(handle, gen);
@@ -109,7 +120,7 @@ pub(super) fn create_qp(core: &mut Core, req: CmdCreateQp) -> Result<Work, CmdEr
         recv_cq: rcq_b,
         srq: srq_b,
         max_send_wr: req.max_send_wr,
-        max_recv_wr: if is_srq { 0 } else { req.max_recv_wr },
+        max_recv_wr: recv_wr,
         max_send_sge: req.max_send_sge,
         max_recv_sge: req.max_recv_sge,
         sq_sig_all: req.sq_sig_all != 0,
@@ -172,6 +183,10 @@ pub(super) fn create_qp(core: &mut Core, req: CmdCreateQp) -> Result<Work, CmdEr
                 },
                 ..QpAttr::default()
             };
+            if let Err(e) = core.host_mem.check(cost, core.cfg.max_host_mem) {
+                let _ = b.destroy_qp(backend_qp);
+                return Err(e.into());
+            }
             let inserted = core.qps.insert(Qp {
                 pd: pd_h,
                 gen,
@@ -182,6 +197,7 @@ pub(super) fn create_qp(core: &mut Core, req: CmdCreateQp) -> Result<Work, CmdEr
                 attrs,
                 shared,
                 sched: Sched::default(),
+                cost,
             });
             if inserted != Some(handle) {
                 if let Some(h) = inserted {
@@ -190,6 +206,7 @@ pub(super) fn create_qp(core: &mut Core, req: CmdCreateQp) -> Result<Work, CmdEr
                 let _ = b.destroy_qp(backend_qp);
                 return Err(CmdError::Exhausted("QPs"));
             }
+            core.host_mem.reserve(cost);
             if let Some(p) = core.pds.get_mut(pd_h) {
                 p.refs += 1;
             }
@@ -415,6 +432,7 @@ pub(super) fn destroy_qp(core: &mut Core, req: CmdDestroyQp) -> Result<Work, Cmd
                 return Err(e.into());
             }
             if let Some(qp) = core.qps.remove(h) {
+                core.host_mem.release(qp.cost);
                 if let Some(p) = core.pds.get_mut(qp.pd) {
                     p.refs = p.refs.saturating_sub(1);
                 }
@@ -461,6 +479,8 @@ pub(super) fn create_srq(core: &mut Core, req: CmdCreateSrq) -> Result<Work, Cmd
         return Err(CmdError::Invalid("SRQ nchunks"));
     }
     let handle = core.srqs.next_handle().ok_or(CmdError::Exhausted("SRQs"))?;
+    let cost = budget::srq(&*core.env.backend, a.max_wr, a.max_sge, n);
+    core.host_mem.check(cost, core.cfg.max_host_mem)?;
     let gen = core.new_gen();
     let (pdir_dma, nchunks) = (req.pdir_dma, req.nchunks);
     Ok(Box::new(move |env: &Env| {
@@ -482,6 +502,10 @@ pub(super) fn create_srq(core: &mut Core, req: CmdCreateSrq) -> Result<Work, Cmd
         });
         let b = env.backend.clone();
         Ok(Box::new(move |core: &mut Core| {
+            if let Err(e) = core.host_mem.check(cost, core.cfg.max_host_mem) {
+                let _ = b.destroy_srq(backend_srq);
+                return Err(e.into());
+            }
             let inserted = core.srqs.insert(Srq {
                 pd: pd_h,
                 gen,
@@ -489,6 +513,7 @@ pub(super) fn create_srq(core: &mut Core, req: CmdCreateSrq) -> Result<Work, Cmd
                 shared,
                 sched: Sched::default(),
                 refs: 0,
+                cost,
             });
             if inserted != Some(handle) {
                 if let Some(h) = inserted {
@@ -497,6 +522,7 @@ pub(super) fn create_srq(core: &mut Core, req: CmdCreateSrq) -> Result<Work, Cmd
                 let _ = b.destroy_srq(backend_srq);
                 return Err(CmdError::Exhausted("SRQs"));
             }
+            core.host_mem.reserve(cost);
             if let Some(p) = core.pds.get_mut(pd_h) {
                 p.refs += 1;
             }
@@ -556,6 +582,7 @@ pub(super) fn destroy_srq(core: &mut Core, req: CmdDestroySrq) -> Result<Work, C
         env.backend.destroy_srq(b)?;
         Ok(Box::new(move |core: &mut Core| {
             if let Some(s) = core.srqs.remove(h) {
+                core.host_mem.release(s.cost);
                 if let Some(p) = core.pds.get_mut(s.pd) {
                     p.refs = p.refs.saturating_sub(1);
                 }

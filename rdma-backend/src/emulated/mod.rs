@@ -916,6 +916,22 @@ impl Backend for EmulatedBackend {
         (taken, res)
     }
 
+    /// A queued WR keeps its first two SGEs inline and a longer list on the heap (one
+    /// allocation of exactly its length, plus the allocator's header).
+    fn queued_wr_bytes(&self, send: bool, sges: u32) -> u64 {
+        let base = if send {
+            std::mem::size_of::<QueuedSend>()
+        } else {
+            std::mem::size_of::<QueuedRecv>()
+        } as u64;
+        let spilled = if sges as usize > qp::INLINE_SGES {
+            u64::from(sges) * std::mem::size_of::<Sge>() as u64 + 16
+        } else {
+            0
+        };
+        base + spilled
+    }
+
     /// Runs each QP listed when it is called, one budgeted run each, until the runs have spent
     /// [`qp::RUN_BUDGET`]; a QP whose run ran out goes to the back of the list.
     fn progress(&self) -> bool {

@@ -128,7 +128,10 @@ impl Held {
 /// to the heap: a queued receive of one SGE takes 48 bytes, not the 272 of a [`RecvWr`]
 /// with its 16 inline slots, and posted receives nobody consumes are most of what a guest can
 /// make the backend hold.
-pub(crate) type QueuedSges = SmallVec<[Sge; 2]>;
+pub(crate) type QueuedSges = SmallVec<[Sge; INLINE_SGES]>;
+
+/// SGEs a queued WR keeps inline.
+pub(crate) const INLINE_SGES: usize = 2;
 
 /// A send WR as a send queue keeps it: a [`SendWr`] with a compact SGE list.
 #[derive(Debug)]
