@@ -24,7 +24,8 @@ device's, and --socket is optional.\n\
 devices:\n\
 \x20 --socket PATH        one device on PATH (with --mac and the limits below)\n\
 \x20 --device SPEC        a device (repeatable): socket=PATH,mac=MAC[,name=NAME][,max-qp=N]\n\
-\x20                      [,max-cq=N][,max-mr=N][,workers=N][,poll-us=N]; unset keys take the\n\
+\x20                      [,max-cq=N][,max-mr=N][,max-host-mem=SIZE][,workers=N][,poll-us=N];\n\
+\x20                      unset keys take the\n\
 \x20                      options below. NAME (default: the socket's file name without .sock)\n\
 \x20                      names the device in logs and thread names\n\
 \x20 --config FILE        devices from a TOML file (docs/running-with-qemu.md): `max-devices`,\n\
@@ -32,6 +33,8 @@ devices:\n\
 \x20                      SIGHUP re-reads it: devices added to it start, devices taken out of it\n\
 \x20                      stop, other changes reach a device's next client\n\
 \x20 --max-devices N      devices this process serves at most (default 64)\n\
+\x20 --max-memory SIZE    host memory the devices' budgets (max-host-mem) may add up to\n\
+\x20                      (default: half the host's RAM); a device past it is refused\n\
 \n\
 options (defaults for every device):\n\
 \x20 --backend emulated   RDMA backend: `emulated` (a software fabric shared by the devices of\n\
@@ -43,6 +46,8 @@ options (defaults for every device):\n\
 \x20 --max-qp N           QPs advertised and enforced (default 1024)\n\
 \x20 --max-cq N           CQs (default 1024)\n\
 \x20 --max-mr N           MRs (default 4096)\n\
+\x20 --max-host-mem SIZE  host memory a guest's objects and queued work may hold; CREATE\n\
+\x20                      commands past it fail with ENOMEM (default 128M; suffixes K, M, G)\n\
 \x20 --workers N          worker threads of each device's data path (default 2)\n\
 \x20 --poll-us N          polling for the next access / answer before a thread sleeps, in µs\n\
 \x20                      (default 32; 0 off)\n\
@@ -68,6 +73,20 @@ fn parse_num<T: std::str::FromStr>(opt: &str, v: &str) -> Result<T, String> {
         .map_err(|_| format!("{opt}: `{v}` is not a valid number"))
 }
 
+/// A size in bytes: a number with an optional binary suffix K, M or G (`128M`).
+fn parse_size(opt: &str, v: &str) -> Result<u64, String> {
+    let bad = || format!("{opt}: `{v}` is not a size (bytes, or with a suffix K, M, G)");
+    let t = v.trim();
+    let (num, shift) = match t.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&t[..i], 10),
+        Some((i, 'M' | 'm')) => (&t[..i], 20),
+        Some((i, 'G' | 'g')) => (&t[..i], 30),
+        _ => (t, 0),
+    };
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    n.checked_mul(1 << shift).ok_or_else(bad)
+}
+
 /// Sets the device option `key` (the long option's name without `--`) in `cfg`. The one place
 /// that knows the per-device keys: the command line, `--device` and the file all go through it.
 fn set_device_key(cfg: &mut DeviceConfig, key: &str, v: &str) -> Result<(), String> {
@@ -77,6 +96,7 @@ fn set_device_key(cfg: &mut DeviceConfig, key: &str, v: &str) -> Result<(), Stri
         "max-qp" => cfg.max_qp = parse_num(&opt, v)?,
         "max-cq" => cfg.max_cq = parse_num(&opt, v)?,
         "max-mr" => cfg.max_mr = parse_num(&opt, v)?,
+        "max-host-mem" => cfg.max_host_mem = parse_size(&opt, v)?,
         "workers" => cfg.workers = parse_num(&opt, v)?,
         "poll-us" => cfg.poll_us = parse_num(&opt, v)?,
         _ => return Err(format!("unknown device key `{key}`")),
@@ -157,6 +177,7 @@ impl DeviceDecl {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct FileConfig {
     max_devices: Option<usize>,
+    max_memory: Option<toml::Value>,
     #[serde(default)]
     defaults: BTreeMap<String, toml::Value>,
     #[serde(default)]
@@ -176,6 +197,7 @@ fn value_str(k: &str, v: &toml::Value) -> Result<String, String> {
 #[derive(Debug, Default, PartialEq, Eq)]
 struct FileDecl {
     max_devices: Option<usize>,
+    max_memory: Option<u64>,
     defaults: Vec<(String, String)>,
     devices: Vec<DeviceDecl>,
 }
@@ -212,8 +234,13 @@ fn parse_config(text: &str) -> Result<FileDecl, String> {
             DeviceDecl::from_pairs(pairs, &what)
         })
         .collect::<Result<Vec<_>, String>>()?;
+    let max_memory = match &f.max_memory {
+        Some(v) => Some(parse_size("max-memory", &value_str("max-memory", v)?)?),
+        None => None,
+    };
     Ok(FileDecl {
         max_devices: f.max_devices,
+        max_memory,
         defaults,
         devices,
     })
@@ -227,6 +254,7 @@ struct Args {
     devices: Vec<DeviceDecl>,
     config: Option<PathBuf>,
     max_devices: Option<usize>,
+    max_memory: Option<u64>,
     /// The device options given as options: defaults of every device.
     device: DeviceConfig,
     backend: String,
@@ -244,6 +272,7 @@ fn parse(args: &[String]) -> Result<Args, String> {
         devices: Vec::new(),
         config: None,
         max_devices: None,
+        max_memory: None,
         device: DeviceConfig {
             // Each access crosses the socket, the server thread and the main loop: polling
             // saves two thread wake-ups per access (docs/benchmarks.md).
@@ -276,6 +305,7 @@ fn parse(args: &[String]) -> Result<Args, String> {
             "--device" => out.devices.push(DeviceDecl::parse(&value()?)?),
             "--config" => out.config = Some(PathBuf::from(value()?)),
             "--max-devices" => out.max_devices = Some(parse_num(opt, &value()?)?),
+            "--max-memory" => out.max_memory = Some(parse_size(opt, &value()?)?),
             "--backend" => {
                 let b = value()?;
                 if !matches!(b.as_str(), "emulated" | "rdma-core") {
@@ -288,9 +318,8 @@ fn parse(args: &[String]) -> Result<Args, String> {
             }
             "--ibdev" => out.ibdev = value()?,
             "--ibport" => out.ibport = parse_num(opt, &value()?)?,
-            "--mac" | "--max-qp" | "--max-cq" | "--max-mr" | "--workers" | "--poll-us" => {
-                set_device_key(&mut out.device, &opt[2..], &value()?)?
-            }
+            "--mac" | "--max-qp" | "--max-cq" | "--max-mr" | "--max-host-mem" | "--workers"
+            | "--poll-us" => set_device_key(&mut out.device, &opt[2..], &value()?)?,
             other => return Err(format!("unknown option `{other}`\n\n{HELP}")),
         }
     }
@@ -441,8 +470,16 @@ pub fn run(args: &[String]) -> Result<(), String> {
         .max_devices
         .or(file.as_ref().and_then(|f| f.max_devices))
         .unwrap_or(DEFAULT_MAX_DEVICES);
+    let max_memory = a
+        .max_memory
+        .or(file.as_ref().and_then(|f| f.max_memory))
+        .unwrap_or_else(pvrdma_vfio_user::default_max_memory);
     let backend = backend_choice(&a)?;
-    let host = Host::new(backend, HostLimits { max_devices }).map_err(|e| chain(&e))?;
+    let limits = HostLimits {
+        max_devices,
+        max_memory,
+    };
+    let host = Host::new(backend, limits).map_err(|e| chain(&e))?;
     let n = specs.len();
     host.apply(specs).map_err(|e| chain(&e))?;
     log::info!("serving {n} device(s)");
@@ -510,6 +547,21 @@ mod tests {
         }
         assert!(parse(&args(&["--mac", "00:11"])).is_err());
         assert!(parse(&args(&["--max-qp"])).is_err());
+        let a = parse(&args(&["--max-host-mem", "64M", "--max-memory=2G"])).unwrap();
+        assert_eq!(
+            (a.device.max_host_mem, a.max_memory),
+            (64 << 20, Some(2 << 30))
+        );
+        for (v, want) in [
+            ("4096", Some(4096)),
+            ("8k", Some(8192)),
+            ("1G", Some(1 << 30)),
+        ] {
+            assert_eq!(parse_size("x", v).ok(), want, "{v}");
+        }
+        for bad in ["", "M", "1.5G", "-1M", "99999999999G", "1T"] {
+            assert!(parse_size("x", bad).is_err(), "{bad}");
+        }
         assert!(parse(&args(&["--bogus"])).is_err());
         assert!(parse(&args(&["-h"])).unwrap().help);
     }
@@ -560,12 +612,14 @@ mod tests {
         let f = parse_config(
             r#"
 max-devices = 8
+max-memory = "4G"
 [defaults]
 max-qp = 128
 workers = 1
 [[device]]
 socket = "/run/pvrdma/vm1.sock"
 mac = "52:54:00:12:34:01"
+max-host-mem = "256M"
 [[device]]
 name = "second"
 socket = "/run/pvrdma/vm2.sock"
@@ -574,7 +628,7 @@ max-qp = 16
 "#,
         )
         .unwrap();
-        assert_eq!(f.max_devices, Some(8));
+        assert_eq!((f.max_devices, f.max_memory), (Some(8), Some(4 << 30)));
         let a = parse(&args(&["--max-cq", "64", "--max-qp", "512"])).unwrap();
         let specs = device_specs(&a, Some(&f), false).unwrap();
         let got: Vec<_> = specs
@@ -585,7 +639,13 @@ max-qp = 16
             })
             .collect();
         assert_eq!(got, [("vm1", 1, 128, 64, 1), ("second", 2, 16, 64, 1)]);
+        assert_eq!(specs[0].device.max_host_mem, 256 << 20);
+        assert_eq!(
+            specs[1].device.max_host_mem,
+            DeviceConfig::default().max_host_mem
+        );
         for bad in [
+            "max-memory = \"lots\"",
             "max-devices = \"many\"",
             "colour = 1",
             "[defaults]\nmax-qp = \"x\"",

@@ -39,14 +39,34 @@ pub const MAX_DEVICES: usize = 1024;
 pub struct HostLimits {
     /// Devices served at once (1..=[`MAX_DEVICES`]).
     pub max_devices: usize,
+    /// Host memory, in bytes, the devices' budgets ([`DeviceConfig::max_host_mem`]) may add up
+    /// to: what all guests together can make the process hold.
+    pub max_memory: u64,
 }
 
 impl Default for HostLimits {
     fn default() -> Self {
         HostLimits {
             max_devices: DEFAULT_MAX_DEVICES,
+            max_memory: default_max_memory(),
         }
     }
+}
+
+/// Half of the host's RAM (`MemTotal` of `/proc/meminfo`; 8 GiB if it cannot be read): the
+/// default of [`HostLimits::max_memory`].
+pub fn default_max_memory() -> u64 {
+    let total_kib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+    });
+    total_kib.map_or(8 << 30, |k| (k << 10) / 2)
+}
+
+/// The devices' budgets added up.
+fn budgets<'a>(configs: impl Iterator<Item = &'a DeviceConfig>) -> u64 {
+    configs.map(|c| c.max_host_mem).fold(0, u64::saturating_add)
 }
 
 /// One device of a host: where its VM connects and what it gets.
@@ -210,6 +230,16 @@ impl Host {
                 self.limits.max_devices
             )));
         }
+        let taken = budgets(devs.iter().map(|d| &d.config));
+        if taken.saturating_add(spec.device.max_host_mem) > self.limits.max_memory {
+            return Err(refuse(format!(
+                "its host-memory budget of {} MiB and the other devices' {} MiB pass the \
+                 process's max-memory of {} MiB",
+                spec.device.max_host_mem >> 20,
+                taken >> 20,
+                self.limits.max_memory >> 20
+            )));
+        }
         let others = devs
             .iter()
             .map(|d| (d.name.as_str(), d.socket.as_path(), &d.config.mac));
@@ -272,6 +302,15 @@ impl Host {
                 "{} devices asked for, the process serves at most {} (max-devices)",
                 specs.len(),
                 self.limits.max_devices
+            )));
+        }
+        let total = budgets(specs.iter().map(|s| &s.device));
+        if total > self.limits.max_memory {
+            return Err(Error::Limit(format!(
+                "the devices' host-memory budgets add up to {} MiB, the process's max-memory is \
+                 {} MiB",
+                total >> 20,
+                self.limits.max_memory >> 20
             )));
         }
         for (i, s) in specs.iter().enumerate() {
@@ -414,7 +453,14 @@ mod tests {
     #[test]
     fn devices_are_added_refused_and_removed() {
         let d = dir("add");
-        let host = Host::new(BackendChoice::Emulated, HostLimits { max_devices: 2 }).unwrap();
+        let host = Host::new(
+            BackendChoice::Emulated,
+            HostLimits {
+                max_devices: 2,
+                ..HostLimits::default()
+            },
+        )
+        .unwrap();
         host.add(DeviceSpec::new(d.join("a.sock"), cfg(1))).unwrap();
         // Same socket, same MAC, same name: each refused with its reason.
         let e = host.add(DeviceSpec::new(d.join("a.sock"), cfg(2)));
@@ -447,6 +493,41 @@ mod tests {
         host.stop(Duration::from_secs(1));
         assert!(host.devices().is_empty());
         assert!(!d.join("a.sock").exists() && !d.join("b.sock").exists());
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// The devices' host-memory budgets add up to at most the process's `max_memory`: a
+    /// device past it is refused when added, and a set past it when applied.
+    #[test]
+    fn the_devices_budgets_stay_within_the_process_memory_limit() {
+        let d = dir("memory");
+        let limits = HostLimits {
+            max_memory: 3 << 20,
+            ..HostLimits::default()
+        };
+        let host = Host::new(BackendChoice::Emulated, limits).unwrap();
+        let budget = |last, mib: u64| DeviceConfig {
+            max_host_mem: mib << 20,
+            ..cfg(last)
+        };
+        host.add(DeviceSpec::new(d.join("a.sock"), budget(1, 2)))
+            .unwrap();
+        let e = host
+            .add(DeviceSpec::new(d.join("b.sock"), budget(2, 2)))
+            .unwrap_err();
+        assert!(e.to_string().contains("max-memory"), "{e}");
+        assert!(!d.join("b.sock").exists());
+        host.add(DeviceSpec::new(d.join("b.sock"), budget(2, 1)))
+            .unwrap();
+        let e = host
+            .apply(vec![
+                DeviceSpec::new(d.join("a.sock"), budget(1, 2)),
+                DeviceSpec::new(d.join("b.sock"), budget(2, 2)),
+            ])
+            .unwrap_err();
+        assert!(e.to_string().contains("max-memory"), "{e}");
+        assert_eq!(host.devices().len(), 2);
+        host.stop(Duration::from_secs(1));
         let _ = std::fs::remove_dir_all(&d);
     }
 

@@ -47,7 +47,7 @@ use pvrdma_dev::{DeviceConfig, DeviceHandle};
 use rdma_backend::emulated::Fabric;
 
 pub use conn::Connection;
-pub use host::{DeviceSpec, Host, HostLimits};
+pub use host::{default_max_memory, DeviceSpec, Host, HostLimits};
 
 /// Errors of the server.
 #[derive(Debug, thiserror::Error)]
