@@ -1,6 +1,8 @@
 //! Shared set-up for the harness-driven integration tests.
 #![allow(dead_code)]
 
+pub mod vms;
+
 use std::sync::Arc;
 
 use pvrdma_dev::DeviceConfig;
