@@ -382,6 +382,11 @@ fn rig_inproc(workers: usize, ram: usize) -> Result<Rig, String> {
 }
 
 fn spawn_serve(workers: usize) -> Result<ServeProcess, String> {
+    spawn_serve_with(workers, &[])
+}
+
+/// `pvrdma serve` with `workers` and `extra` options.
+fn spawn_serve_with(workers: usize, extra: &[&str]) -> Result<ServeProcess, String> {
     let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
     let w = workers.to_string();
     let p = POLL_US.load(Ordering::Relaxed);
@@ -390,6 +395,7 @@ fn spawn_serve(workers: usize) -> Result<ServeProcess, String> {
     if !p.starts_with('-') {
         args.extend(["--poll-us", &p]);
     }
+    args.extend(extra);
     ServeProcess::spawn(&exe, &args).map_err(|e| format!("pvrdma serve: {e}"))
 }
 
@@ -890,6 +896,85 @@ fn mem_section(o: &Opts) -> Result<(), String> {
     fields.push(("per_recv_rss_bytes", f(recv.0)));
     fields.push(("per_recv_anon_bytes", f(recv.1)));
     println!("{}", json_line(&fields));
+    d.remove();
+    worst_case_memory(o)
+}
+
+/// Host-memory budget of the device the worst case runs against.
+const WORST_BUDGET_MIB: u64 = 32;
+
+/// The most host memory a guest can make a device hold: QPs with the deepest receive queues of
+/// the longest SGE lists, created until the device's budget refuses one (ENOMEM), every queue
+/// then filled with receives nobody consumes. Without the budget, 1,023 such QPs cost 2.5 GiB.
+fn worst_case_memory(o: &Opts) -> Result<(), String> {
+    let budget = format!("{WORST_BUDGET_MIB}M");
+    let serve = spawn_serve_with(o.workers, &["--max-host-mem", &budget])?;
+    let pid = serve.pid();
+    let t = VfioUser::connect(serve.socket()).map_err(|e| format!("connect: {e}"))?;
+    let d = Driver::probe(Arc::new(t) as Arc<dyn Transport>).map_err(|e| format!("probe: {e}"))?;
+    let e = |e: pvrdma_guest::driver::GuestError| e.to_string();
+    let ctx = d.create_uc(1).map_err(e)?;
+    let pd = d.create_pd(ctx).map_err(e)?;
+    let cq = d.create_cq(ctx, 64).map_err(e)?;
+    let mr = d.reg_mr(pd, 0x7000_0000, PAGE, 1).map_err(e)?;
+    let sges: Vec<_> = (0..16).map(|i| mr.sge(i * 64, 64)).collect();
+    std::thread::sleep(Duration::from_millis(100));
+    let before = rss(pid);
+    let (depth, mut qps) = (8192u32, Vec::new());
+    let refused = loop {
+        match d.create_qp(
+            ctx,
+            QpKind::Rc,
+            pd,
+            &cq,
+            &cq,
+            None,
+            (1, depth, 1, 16),
+            false,
+        ) {
+            Ok(qp) => qps.push(qp),
+            Err(err) => break err.to_string(),
+        }
+        if qps.len() >= 1023 {
+            return Err("the device never refused a QP: no budget?".into());
+        }
+    };
+    let [init, _, _] = rc_connect_attrs(0, [0; 16], 1);
+    for qp in &mut qps {
+        d.modify_qp(qp, init).map_err(e)?;
+        let mut n = 0u64;
+        while d.push_recv(qp, n, &sges) {
+            n += 1;
+        }
+        d.doorbell(qp.ctx, pvrdma_dev::regs::uar::QP, qp.handle | (1 << 31));
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while qps.iter().any(|q| !d.rq_drained(q)) {
+        if Instant::now() > deadline {
+            return Err("the device did not take the receives".into());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let after = rss(pid);
+    let grown_mib = after.1.saturating_sub(before.1) as f64 / 1024.0;
+    println!(
+        "worst case, budget {WORST_BUDGET_MIB} MiB (--max-host-mem): {} QPs of {depth} \
+         16-SGE receives, the next refused ({refused}); all filled: RssAnon +{grown_mib:.1} MiB",
+        qps.len()
+    );
+    println!(
+        "{}",
+        json_line(&[
+            ("kind", q("mem_worst")),
+            ("budget_mib", WORST_BUDGET_MIB.to_string()),
+            ("qps", qps.len().to_string()),
+            (
+                "receives",
+                (qps.len() as u64 * u64::from(depth)).to_string()
+            ),
+            ("rss_anon_grown_mib", f(grown_mib)),
+        ])
+    );
     d.remove();
     Ok(())
 }

@@ -112,11 +112,17 @@ impl Segs {
     }
 
     /// A cursor at the start of the list.
+    #[inline]
     pub fn cursor(&self) -> Cursor<'_> {
-        self.cursor_at(0)
+        Cursor {
+            segs: &self.segs,
+            i: 0,
+            off: 0,
+        }
     }
 
     /// A cursor `at` bytes into the list (at its end if it is shorter).
+    #[inline]
     pub fn cursor_at(&self, at: u64) -> Cursor<'_> {
         let mut c = Cursor {
             segs: &self.segs,

@@ -2,10 +2,13 @@
 //!
 //! [`EmulatedBackend`]s attach to a shared [`Fabric`] and reach each other by GID (the entries
 //! each one registers with [`Backend::add_gid`]); traffic to a backend's own GID loops back to
-//! its own QPs. Work executes synchronously in the thread that posts it (the device's data-path
-//! worker): a SEND copies straight from the sender's buffers into the responder's receive
-//! buffers. Only a WR that has to wait (RNR, or an unreachable responder) is retried later, from
-//! the fabric's timer thread or from the `post_recv` that makes it possible.
+//! its own QPs. Work executes in the thread that posts it (the device's data-path worker): a
+//! SEND copies straight from the sender's buffers into the responder's receive buffers. What is
+//! left for later — a WR that has to wait (RNR, or an unreachable responder), or the rest of a
+//! run that spent its budget — goes on in [`Backend::progress`], which the QP's own device calls
+//! on one of its workers when the backend asks ([`CompletionSink::progress_needed`]): the
+//! fabric's timer thread and a receive posted on another device only wake the queue (see the
+//! `qp` module's "Bounded work").
 //!
 //! # Error completions (as a hardware HCA reports them)
 //! | Cause | Requester | Responder |

@@ -191,7 +191,8 @@ enum Reserved {
     /// The head of the responder's own receive queue, as long as its [`Rq::taken`] is this.
     Own(u64),
     /// Taken from the responder's SRQ (put back first in line if the message is abandoned).
-    Srq(Arc<Srq>, QueuedRecv),
+    /// Boxed: a send queue moves its [`Partial`] for every WR, and this is the rare case.
+    Srq(Box<(Arc<Srq>, QueuedRecv)>),
 }
 
 /// The send-side state of a QP.
@@ -223,10 +224,11 @@ impl Sq {
     /// from an SRQ goes back first in line.
     pub(crate) fn abandon(&mut self) {
         if let Some(Partial {
-            recv: Reserved::Srq(srq, w),
+            recv: Reserved::Srq(held),
             ..
         }) = self.partial.take()
         {
+            let (srq, w) = *held;
             lock(&srq.q).wqes.push_front(w);
         }
     }
@@ -928,12 +930,12 @@ fn execute_rc(
     let Some(local) = be.resolve_local(wr.sges.as_slice(), qp.pd, need) else {
         return Outcome::Error(WcStatus::LocProtErr);
     };
-    let stall_timeout = Outcome::Stall(StallKind::Timeout, timeout_delay(timeout));
+    let stall_timeout = || Outcome::Stall(StallKind::Timeout, timeout_delay(timeout));
     let Some((Peer { tb, tqp, .. }, rw)) = peer else {
-        return stall_timeout;
+        return stall_timeout();
     };
     if !tqp.can_receive() || tqp.is_dead() {
-        return stall_timeout;
+        return stall_timeout();
     }
     let at = part.as_ref().map_or(0, |p| p.done);
     let io = Io {
@@ -993,7 +995,7 @@ fn execute_rc(
             Outcome::Partial(n)
         }
         Err(Resp::Rnr(t)) => Outcome::Stall(StallKind::Rnr, rnr_delay(t)),
-        Err(Resp::Dropped) => stall_timeout,
+        Err(Resp::Dropped) => stall_timeout(),
         Err(Resp::Nak(s)) => Outcome::Error(s),
         Err(Resp::LocalFault) => Outcome::Error(WcStatus::LocProtErr),
     }
@@ -1061,7 +1063,7 @@ fn rc_message(
         .map(|p| std::mem::replace(&mut p.recv, Reserved::None))
     {
         Some(Reserved::Own(taken)) if rq.taken == taken && !rq.wqes.is_empty() => {}
-        Some(Reserved::Srq(_, w)) => landing.from_srq = Some(w),
+        Some(Reserved::Srq(held)) => landing.from_srq = Some(held.1),
         Some(Reserved::Own(_)) => return Err(Resp::Dropped),
         Some(Reserved::None) | None => {
             if !landing.find(tb, tqp, &mut rq, Some(qp)) {
@@ -1120,7 +1122,7 @@ fn rc_message(
     }
     if let Step::More(n) = step(len, at, n) {
         let recv = match (landing.from_srq.take(), &tqp.srq) {
-            (Some(w), Some(srq)) => Reserved::Srq(srq.clone(), w),
+            (Some(w), Some(srq)) => Reserved::Srq(Box::new((srq.clone(), w))),
             _ => Reserved::Own(rq.taken),
         };
         *part = Some(Partial { done: at, recv });
