@@ -1380,7 +1380,11 @@ impl Core {
         self.exec.run_on(
             false,
             self.env.clone(),
-            move |env: &Env| datapath::drain_qp(&shared, env),
+            move |env: &Env| {
+                let d = datapath::drain_qp(&shared, env);
+                datapath::progress_here(env);
+                d
+            },
             move |r| {
                 let Some(core) = weak.upgrade() else { return };
                 let mut core = core.borrow_mut();

@@ -120,6 +120,20 @@ impl std::fmt::Debug for Env {
     }
 }
 
+/// Runs the backend's deferred work on this worker if the backend asked for it and no job has
+/// taken the request yet: at the end of a drain (its guest-memory snapshot let go), where a
+/// transfer that outgrew one run of its queue is usually asked for. Saves the hop through the
+/// main loop to a job of its own; if work remains, the main loop is asked to start that job.
+pub(crate) fn progress_here(env: &Env) {
+    if env
+        .progress
+        .swap(false, std::sync::atomic::Ordering::AcqRel)
+        && env.backend.progress()
+    {
+        env.sink.progress_needed();
+    }
+}
+
 /// Outcome of one drain pass.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Drained {

@@ -935,15 +935,12 @@ impl Backend for EmulatedBackend {
         base + spilled
     }
 
-    /// Runs each QP listed when it is called, one budgeted run each, until the runs have spent
-    /// [`qp::RUN_BUDGET`]; a QP whose run ran out goes to the back of the list.
+    /// Runs the listed QPs in turn, one budgeted run each (a QP whose run ran out goes to the
+    /// back of the list), until the list is empty or the runs have spent
+    /// [`qp::PROGRESS_BUDGET`].
     fn progress(&self) -> bool {
-        let listed = lock(&self.ready).qps.len();
         let mut spent = 0u64;
-        for _ in 0..listed {
-            if spent >= qp::RUN_BUDGET {
-                break;
-            }
+        while spent < qp::PROGRESS_BUDGET {
             let Some(w) = lock(&self.ready).qps.pop_front() else {
                 break;
             };

@@ -60,6 +60,11 @@ const RNR_US: [u32; 32] = [
 /// What a run of a send queue may move before it yields its thread: about a millisecond of
 /// copying.
 pub(crate) const RUN_BUDGET: u64 = 4 << 20;
+/// What one call of [`crate::Backend::progress`] may spend, in runs of at most [`RUN_BUDGET`]
+/// each (locks and guest-memory snapshots are let go between runs): enough that handing a
+/// long transfer back to the device's pool is rare next to the copying, little enough that
+/// the device's other work waits a few milliseconds at most.
+pub(crate) const PROGRESS_BUDGET: u64 = 32 << 20;
 /// Most bytes of one message moved in one step (under one lock of the responder's queue).
 pub(crate) const SLICE: u64 = 1 << 20;
 /// What a WR costs a run besides its bytes: a queue of 64-byte messages yields too.
