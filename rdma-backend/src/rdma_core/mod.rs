@@ -241,6 +241,7 @@ impl QpEntry {
 
 #[derive(Default)]
 struct Tables {
+    /// The last id handed out (ids of every kind come from one sequence).
     next: u32,
     pds: HashMap<u32, PdEntry>,
     mrs: HashMap<u32, MrEntry>,
@@ -250,6 +251,38 @@ struct Tables {
     srqs: HashMap<u32, Arc<SrqEntry>>,
     /// QP id → host QP number.
     qp_ids: HashMap<u32, u32>,
+}
+
+impl Tables {
+    /// A fresh id no live object of any kind has: the sequence wraps after 2^32 objects, and
+    /// an id in use is skipped (the tables together hold far fewer than 2^32).
+    fn new_id(&mut self) -> u32 {
+        loop {
+            self.next = self.next.wrapping_add(1).max(1);
+            let id = self.next;
+            let used = self.pds.contains_key(&id)
+                || self.mrs.contains_key(&id)
+                || self.cqs.contains_key(&id)
+                || self.srqs.contains_key(&id)
+                || self.qp_ids.contains_key(&id);
+            if !used {
+                return id;
+            }
+        }
+    }
+
+    /// A fresh MR id and its lkey (`gen`: 7 bits that vary the key between registrations).
+    /// The lkey holds 24 bits of the id, so ids 2^24 apart would share one: an lkey a live MR
+    /// holds is never handed out again, whatever the id sequence has come to.
+    fn new_mr_key(&mut self, gen: u32) -> (u32, u32) {
+        loop {
+            let id = self.new_id();
+            let lkey = KEY_TAG | ((id & 0xff_ffff) << 7) | (gen & 0x7f);
+            if !self.lkeys.contains_key(&lkey) {
+                return (id, lkey);
+            }
+        }
+    }
 }
 
 struct Shared {
@@ -936,8 +969,7 @@ impl Backend for RdmaCoreBackend {
             });
         }
         let mut t = lock(&s.t);
-        t.next += 1;
-        let id = t.next;
+        let id = t.new_id();
         t.pds.insert(
             id,
             PdEntry {
@@ -1030,10 +1062,8 @@ impl Backend for RdmaCoreBackend {
                 );
             }
         }
-        t.next += 1;
-        let id = t.next;
-        let gen = s.key_gen.fetch_add(1, Ordering::Relaxed) & 0x7f;
-        let lkey = KEY_TAG | ((id & 0xff_ffff) << 7) | gen;
+        let gen = s.key_gen.fetch_add(1, Ordering::Relaxed);
+        let (id, lkey) = t.new_mr_key(gen);
         let rkey = remote_mr.as_ref().map_or(lkey ^ 0x4000_0000, |m| m.mr.rkey);
         t.lkeys.insert(lkey, id);
         t.pds.get_mut(&pd.0).expect("checked").users += 1;
@@ -1070,8 +1100,7 @@ impl Backend for RdmaCoreBackend {
         let n = cqe.saturating_mul(2).clamp(64, s.info.max_cqe);
         let cq = verbs::Cq::new(&s.ctx, &s.ch, n).map_err(host)?;
         let mut t = lock(&s.t);
-        t.next += 1;
-        let id = t.next;
+        let id = t.new_id();
         t.cqs.insert(
             id,
             CqEntry {
@@ -1107,8 +1136,7 @@ impl Backend for RdmaCoreBackend {
         let pde = t.pds.get_mut(&pd.0).ok_or(Error::NoSuchObject("PD"))?;
         let srq = verbs::Srq::new(&pde.pd, max_wr.max(1), max_sge.max(1), limit).map_err(host)?;
         pde.users += 1;
-        t.next += 1;
-        let id = t.next;
+        let id = t.new_id();
         t.srqs.insert(
             id,
             Arc::new(SrqEntry {
@@ -1232,8 +1260,7 @@ impl Backend for RdmaCoreBackend {
                 e.users.fetch_add(1, Ordering::Relaxed);
             }
         }
-        t.next += 1;
-        let id = t.next;
+        let id = t.new_id();
         t.qp_ids.insert(id, qpn);
         let e = Arc::new(QpEntry {
             qp,
@@ -1757,5 +1784,30 @@ mod tests {
         assert_eq!(s.take(a | WR_RECV).map(|p| p.wr_id), Some(7));
         assert!(s.take(a).is_none());
         assert_eq!(s.put(p()), a);
+    }
+
+    /// Ids 2^24 apart share the id bits of an lkey: a live MR's lkey is never handed out again,
+    /// and ids in use are skipped when the sequence wraps.
+    #[test]
+    fn keys_and_ids_of_live_objects_are_never_reused() {
+        let mut t = Tables::default();
+        let (id, lkey) = t.new_mr_key(5);
+        t.lkeys.insert(lkey, id);
+        t.mrs.insert(
+            id,
+            MrEntry {
+                pd: PdId(0),
+                kind: MrKind::Dma,
+                access: Access::LOCAL_WRITE,
+                lkey,
+                _remote: None,
+            },
+        );
+        t.next = id + (1 << 24) - 1;
+        let (id2, lkey2) = t.new_mr_key(5);
+        assert_ne!(lkey2, lkey);
+        assert_eq!(id2, id + (1 << 24) + 1);
+        t.next = u32::MAX;
+        assert_eq!(t.new_id(), id + 1, "0 and the live id skipped");
     }
 }
