@@ -27,7 +27,7 @@ mod alias;
 mod verbs;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -58,6 +58,14 @@ const MAX_GIDS: usize = 128;
 /// without a bound it could make the host create AHs (objects of the host NIC) without end;
 /// past the bound the cache starts again (WRs in flight keep their own reference).
 const MAX_CACHED_AHS: usize = 256;
+/// Largest bounce buffer of one WR (perftest's largest message): a WR whose SGEs are spread
+/// over more host runs than the device takes and add up to more than this completes with a
+/// local length error instead of making the process allocate what the guest asks (up to
+/// 16 × 4 GiB).
+const MAX_BOUNCE: usize = 8 << 20;
+/// Bounce buffers of one device's WRs in flight, together; a WR that would pass it completes
+/// with a local length error.
+const MAX_BOUNCE_IN_FLIGHT: u64 = 64 << 20;
 /// Guest lkeys/rkeys the backend invents carry this tag in the top byte, so that they never equal
 /// a key of the host device (rxe and mlx keys stay below it) and a guest lkey is not a host rkey.
 const KEY_TAG: u32 = 0x8000_0000;
@@ -174,6 +182,34 @@ struct Bounce {
     _mr: verbs::Mr,
     buf: Vec<u8>,
     copy_out: Vec<(u64, usize)>,
+    _in_flight: InFlight,
+}
+
+/// Bytes counted in a device's bounce buffers in flight, until dropped.
+struct InFlight {
+    bytes: u64,
+    counter: Arc<AtomicU64>,
+}
+
+impl InFlight {
+    /// Counts `bytes` in `counter`, unless that would pass `limit`.
+    fn take(counter: &Arc<AtomicU64>, bytes: u64, limit: u64) -> Option<InFlight> {
+        counter
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                n.checked_add(bytes).filter(|&t| t <= limit)
+            })
+            .ok()?;
+        Some(InFlight {
+            bytes,
+            counter: counter.clone(),
+        })
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
 }
 
 #[derive(Default)]
@@ -298,6 +334,8 @@ struct Shared {
     /// Guest GID index → (GID, type, host GID index).
     gids: RwLock<Vec<Option<(Gid, GidType, u8)>>>,
     key_gen: AtomicU32,
+    /// Bytes of bounce buffers in flight (bounded by [`MAX_BOUNCE_IN_FLIGHT`]).
+    bounce_bytes: Arc<AtomicU64>,
     /// Receive flush completions queued by `post_recv` (a hint for the completion thread).
     flush_waiting: AtomicU32,
     /// Host QPN of the guest's GSI QP, if it has one (see [`GSI_QPS`]).
@@ -350,6 +388,7 @@ impl RdmaCoreBackend {
             qps: RwLock::new(HashMap::new()),
             gids: RwLock::new(vec![None; MAX_GIDS]),
             key_gen: AtomicU32::new(1),
+            bounce_bytes: Arc::new(AtomicU64::new(0)),
             flush_waiting: AtomicU32::new(0),
             gsi_qpn: Mutex::new(None),
             stop: AtomicBool::new(false),
@@ -659,7 +698,9 @@ impl Shared {
     }
 
     /// Host SGEs for a WR, or a bounce buffer when there are too many runs. `copy_in`: the data
-    /// goes out of guest memory (SEND/WRITE).
+    /// goes out of guest memory (SEND/WRITE). The status of its error completion if it cannot
+    /// be posted: a bad SGE (`LocProtErr`), or a bounce buffer past [`MAX_BOUNCE`] or
+    /// [`MAX_BOUNCE_IN_FLIGHT`] (`LocLenErr`).
     fn prepare(
         &self,
         t: &Tables,
@@ -668,8 +709,10 @@ impl Shared {
         need_write: bool,
         copy_in: bool,
         max_sge: u32,
-    ) -> Option<(Vec<verbs::HostSge>, Option<Bounce>)> {
-        let runs = self.host_sges(t, pd, sges, need_write)?;
+    ) -> std::result::Result<(Vec<verbs::HostSge>, Option<Bounce>), WcStatus> {
+        let runs = self
+            .host_sges(t, pd, sges, need_write)
+            .ok_or(WcStatus::LocProtErr)?;
         if runs.len() <= max_sge as usize {
             let v = runs
                 .iter()
@@ -679,19 +722,25 @@ impl Shared {
                     lkey,
                 })
                 .collect();
-            return Some((v, None));
+            return Ok((v, None));
         }
         let total: usize = runs.iter().map(|r| r.2).sum();
+        if total > MAX_BOUNCE {
+            return Err(WcStatus::LocLenErr);
+        }
+        let in_flight = InFlight::take(&self.bounce_bytes, total as u64, MAX_BOUNCE_IN_FLIGHT)
+            .ok_or(WcStatus::LocLenErr)?;
         let mut buf = vec![0u8; total];
         if copy_in {
             let m = self.mem.memory();
             let mut at = 0;
             for &(gpa, _, n, _) in &runs {
-                m.read_slice(&mut buf[at..at + n], GuestAddress(gpa)).ok()?;
+                m.read_slice(&mut buf[at..at + n], GuestAddress(gpa))
+                    .map_err(|_| WcStatus::LocProtErr)?;
                 at += n;
             }
         }
-        let pde = t.pds.get(&pd.0)?;
+        let pde = t.pds.get(&pd.0).ok_or(WcStatus::LocProtErr)?;
         let mr = verbs::Mr::register(
             &pde.pd,
             buf.as_ptr() as usize,
@@ -699,10 +748,13 @@ impl Shared {
             None,
             Access::LOCAL_WRITE.bits(),
         )
-        .map_err(|e| log::warn!("rdma-core: bounce buffer: {e}"))
-        .ok()?;
+        .map_err(|e| {
+            log::warn!("rdma-core: bounce buffer: {e}");
+            WcStatus::LocProtErr
+        })?;
         let sge = verbs::HostSge {
             addr: buf.as_ptr() as u64,
+            // At most MAX_BOUNCE.
             length: total as u32,
             lkey: mr.lkey,
         };
@@ -711,12 +763,13 @@ impl Shared {
         } else {
             runs.iter().map(|r| (r.0, r.2)).collect()
         };
-        Some((
+        Ok((
             vec![sge],
             Some(Bounce {
                 _mr: mr,
                 buf,
                 copy_out,
+                _in_flight: in_flight,
             }),
         ))
     }
@@ -1181,7 +1234,9 @@ impl Backend for RdmaCoreBackend {
             .get(&srq.0)
             .ok_or(Error::NoSuchObject("SRQ"))?
             .clone();
-        let prep = s.prepare(&t, e.pd, wr.sges.as_slice(), true, false, s.info.max_sge);
+        let prep = s
+            .prepare(&t, e.pd, wr.sges.as_slice(), true, false, s.info.max_sge)
+            .ok();
         drop(t);
         let (mut sges, bounce) = prep.unwrap_or_else(|| (vec![poison_sge()], None));
         let mut pend = lock(&e.pending);
@@ -1613,12 +1668,11 @@ impl Backend for RdmaCoreBackend {
         };
         let mut pend = lock(&e.pending);
         let (mut sges, bounce, failed) = match (prep, atomic_err) {
-            (Some((s, b)), None) => (s, b, None),
+            (Ok((s, b)), None) => (s, b, None),
             (prep, atomic_err) => {
-                let status = if prep.is_none() {
-                    WcStatus::LocProtErr
-                } else {
-                    atomic_err.unwrap_or(WcStatus::LocProtErr)
+                let status = match prep {
+                    Err(status) => status,
+                    Ok(_) => atomic_err.unwrap_or(WcStatus::LocProtErr),
                 };
                 // An error found before sending, as an HCA reports it: the QP goes to ERR, this
                 // WR completes (in order, after the earlier ones) with `status`, later ones flush.
@@ -1678,7 +1732,9 @@ impl Backend for RdmaCoreBackend {
             return Ok(());
         }
         let t = lock(&s.t);
-        let prep = s.prepare(&t, e.pd, wr.sges.as_slice(), true, false, e.max_recv_sge);
+        let prep = s
+            .prepare(&t, e.pd, wr.sges.as_slice(), true, false, e.max_recv_sge)
+            .ok();
         let head = if e.ty == QpType::Rc || prep.is_none() {
             None
         } else {
@@ -1784,6 +1840,21 @@ mod tests {
         assert_eq!(s.take(a | WR_RECV).map(|p| p.wr_id), Some(7));
         assert!(s.take(a).is_none());
         assert_eq!(s.put(p()), a);
+    }
+
+    /// Bounce bytes in flight stop at the limit, and come back when a buffer is dropped.
+    #[test]
+    fn bounce_bytes_in_flight_are_bounded() {
+        let c = Arc::new(AtomicU64::new(0));
+        let a = InFlight::take(&c, 60, 100).unwrap();
+        assert!(InFlight::take(&c, 41, 100).is_none());
+        let b = InFlight::take(&c, 40, 100).unwrap();
+        assert!(InFlight::take(&c, 1, 100).is_none());
+        assert!(InFlight::take(&c, u64::MAX, u64::MAX).is_none(), "no wrap");
+        drop(a);
+        assert_eq!(c.load(Ordering::Acquire), 40);
+        drop(b);
+        assert_eq!(c.load(Ordering::Acquire), 0);
     }
 
     /// Ids 2^24 apart share the id bits of an lkey: a live MR's lkey is never handed out again,
