@@ -352,6 +352,8 @@ fn backend_choice(a: &Args) -> Result<pvrdma_vfio_user::BackendChoice, String> {
         let cfg = rdma_core::Config {
             ibdev: a.ibdev.clone(),
             port: a.ibport,
+            // Each device gets the link-local GID of its own MAC (`pvrdma_vfio_user`).
+            gids: Vec::new(),
         };
         // Open the device once now, so a wrong name fails here rather than at the first client.
         struct NoSink;

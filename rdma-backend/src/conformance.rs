@@ -257,6 +257,16 @@ pub fn guest_memory() -> GuestMem {
     GuestMem::new(GuestMemoryMmap::from_ranges_with_files(&ranges).expect("guest memory"))
 }
 
+/// The GID device `n` of the suite binds at index 0: `fe80::1:<n>`.
+pub fn device_gid(n: u8) -> Gid {
+    let mut g = [0u8; 16];
+    g[0] = 0xfe;
+    g[1] = 0x80;
+    g[13] = 1;
+    g[15] = n;
+    Gid(g)
+}
+
 /// One device with its memory, sink, PD and CQ.
 pub struct Dev {
     /// The backend.
@@ -291,12 +301,7 @@ impl Dev {
         let sink = Arc::new(TestSink::default());
         let be = f(mem.clone(), sink.clone());
         sink.attach(&be);
-        let mut g = [0u8; 16];
-        g[0] = 0xfe;
-        g[1] = 0x80;
-        g[13] = 1;
-        g[15] = n;
-        let gid = Gid(g);
+        let gid = device_gid(n);
         be.add_gid(0, gid, GidType::RoceV2).unwrap();
         let pd = be.create_pd().unwrap();
         let cq = be.create_cq(4096, u64::from(n)).unwrap();

@@ -11,7 +11,7 @@
 
 use std::sync::Arc;
 
-use rdma_backend::conformance::{Factory, CASES};
+use rdma_backend::conformance::{self, Factory, CASES};
 use rdma_backend::rdma_core::{self, Config, RdmaCoreBackend};
 use rdma_backend::{Backend, CompletionSink, GuestMem};
 
@@ -34,7 +34,12 @@ fn config() -> Option<Config> {
         return None;
     }
     match rdma_core::device_names() {
-        Ok(names) if names.contains(&ibdev) => Some(Config { ibdev, port }),
+        Ok(names) if names.contains(&ibdev) => Some(Config {
+            ibdev,
+            port,
+            // The suite's devices bind fe80::1:<n>.
+            gids: (1..=16).map(conformance::device_gid).collect(),
+        }),
         Ok(names) => {
             println!("skipped: no RDMA device ({ibdev} not among {names:?})");
             None

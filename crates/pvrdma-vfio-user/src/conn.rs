@@ -31,10 +31,16 @@ pub struct Connection<D: DeviceAccess = DeviceHandle> {
     uar_bar_size: u64,
 }
 
-/// The constructor of the backend `choice` names.
-fn backend_factory(fabric: &Arc<Fabric>, choice: &crate::BackendChoice) -> BackendFactory {
+/// The constructor of the backend `choice` names, for the device with MAC `mac`.
+fn backend_factory(
+    fabric: &Arc<Fabric>,
+    choice: &crate::BackendChoice,
+    mac: [u8; 6],
+) -> BackendFactory {
     let fabric = fabric.clone();
     let choice = choice.clone();
+    // Only the rdma-core backend needs the MAC.
+    let _ = mac;
     Box::new(
         move |mem: GuestMem, sink: Arc<dyn CompletionSink>| match &choice {
             crate::BackendChoice::Emulated => {
@@ -44,6 +50,9 @@ fn backend_factory(fabric: &Arc<Fabric>, choice: &crate::BackendChoice) -> Backe
             crate::BackendChoice::RdmaCore(cfg) => {
                 // `pvrdma serve` opened the device once at start, so this fails only if the host
                 // device went away meanwhile.
+                // The guest binds the host GIDs the operator gave it: its MAC's link-local one.
+                let mut cfg = cfg.clone();
+                cfg.gids.push(rdma_backend::Gid::from_mac(mac));
                 rdma_backend::rdma_core::RdmaCoreBackend::new(cfg.clone(), mem, sink)
                     .unwrap_or_else(|e| panic!("rdma-core backend on {}: {e}", cfg.ibdev))
                     as Arc<dyn Backend>
@@ -110,7 +119,7 @@ impl<D: DeviceAccess> Connection<D> {
             options(name),
             mem.clone(),
             irqs.clone(),
-            backend_factory(fabric, backend),
+            backend_factory(fabric, backend, cfg.mac),
         )?;
         Ok(Connection {
             device,

@@ -109,6 +109,9 @@ pub struct Config {
     pub ibdev: String,
     /// Host port (1-based).
     pub port: u8,
+    /// The GIDs of the host port the guest may bind (its CREATE_BIND of any other fails): what
+    /// the operator gave this device. A guest sends only from GIDs it bound.
+    pub gids: Vec<Gid>,
 }
 
 struct RamMr {
@@ -849,23 +852,27 @@ impl Shared {
         }
     }
 
-    fn host_gid_index(&self, guest_index: u8) -> u8 {
+    /// The host GID index of the guest's GID entry `guest_index`, if the guest bound it.
+    fn host_gid_index(&self, guest_index: u8) -> Option<u8> {
         read(&self.gids)
             .get(usize::from(guest_index))
             .and_then(|g| g.map(|g| g.2))
-            .unwrap_or(0)
     }
 
-    fn host_av(&self, av: &crate::AddressVector) -> verbs::HostAv {
-        verbs::HostAv {
+    /// The host address vector of `av`, and whether its source GID is one the guest bound
+    /// (if not, the host's GID 0 stands in, for a WR that is only flushed: never sent).
+    fn host_av(&self, av: &crate::AddressVector) -> (verbs::HostAv, bool) {
+        let sgid = self.host_gid_index(av.sgid_index);
+        let hav = verbs::HostAv {
             dgid: av.dgid.0,
-            sgid_index: self.host_gid_index(av.sgid_index),
+            sgid_index: sgid.unwrap_or(0),
             hop_limit: av.hop_limit,
             traffic_class: av.traffic_class,
             flow_label: av.flow_label,
             sl: av.sl,
             port: self.cfg.port,
-        }
+        };
+        (hav, sgid.is_some())
     }
 }
 
@@ -976,6 +983,11 @@ impl Backend for RdmaCoreBackend {
             GidType::RoceV2 => consts::GID_ROCE_V2,
         };
         let s = &self.s;
+        if !s.cfg.gids.contains(&gid) {
+            return Err(Error::Invalid(
+                "a GID the operator did not give this device",
+            ));
+        }
         let found = (0..s.info.gid_tbl_len.min(256))
             .find(|&h| s.ctx.gid(s.cfg.port, h) == Some((gid.0, want)));
         let Some(h) = found else {
@@ -1432,7 +1444,11 @@ impl Backend for RdmaCoreBackend {
                 ..Default::default()
             });
             mask |= QpMask::IBV_QP_AV.0;
-            h.av = Some(s.host_av(&av));
+            let (hav, bound) = s.host_av(&av);
+            if !bound {
+                return Err(Error::Invalid("the path's source GID index is not bound"));
+            }
+            h.av = Some(hav);
         }
         if entering(QpState::Rts) && cur == QpState::Rtr {
             set!(IBV_QP_SQ_PSN, sq_psn, sh.sq_psn.unwrap_or(0));
@@ -1596,7 +1612,7 @@ impl Backend for RdmaCoreBackend {
             } => (op.remote_addr, op.rkey, op.compare_add) = (remote_addr, rkey, add),
         }
         let t = lock(&s.t);
-        let prep = s.prepare(
+        let mut prep = s.prepare(
             &t,
             e.pd,
             wr.sges.as_slice(),
@@ -1610,7 +1626,11 @@ impl Backend for RdmaCoreBackend {
                 .ud
                 .ok_or(Error::Invalid("UD send without a destination"))?;
             let pde = t.pds.get(&e.pd.0).ok_or(Error::NoSuchObject("PD"))?;
-            let av = s.host_av(&d.av);
+            let (av, bound) = s.host_av(&d.av);
+            if !bound {
+                // Never sent: the WR completes in error (the QP is moved to ERR below).
+                prep = Err(WcStatus::LocQpOpErr);
+            }
             let mut cache = lock(&pde.ahs);
             let a = match cache.get(&av) {
                 Some(a) => a.clone(),
