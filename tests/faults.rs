@@ -23,6 +23,9 @@ struct Faulty {
     fail_create_cq: AtomicBool,
     /// A send with this wr_id makes the worker panic (0 = off).
     panic_on_wr: AtomicU64,
+    /// While set, CREATE_PD's backend work waits (a command that takes long).
+    hold_create_pd: std::sync::Mutex<bool>,
+    released: std::sync::Condvar,
 }
 
 impl Backend for Faulty {
@@ -36,6 +39,11 @@ impl Backend for Faulty {
         self.inner.del_gid(index)
     }
     fn create_pd(&self) -> Result<PdId> {
+        let mut held = self.hold_create_pd.lock().unwrap();
+        while *held {
+            held = self.released.wait(held).unwrap();
+        }
+        drop(held);
         self.inner.create_pd()
     }
     fn destroy_pd(&self, pd: PdId) -> Result<()> {
@@ -103,6 +111,12 @@ impl Backend for Faulty {
     fn reset(&self) {
         self.inner.reset()
     }
+    fn queued_wr_bytes(&self, send: bool, sges: u32) -> u64 {
+        self.inner.queued_wr_bytes(send, sges)
+    }
+    fn progress(&self) -> bool {
+        self.inner.progress()
+    }
 }
 
 fn faulty_device() -> (Arc<InProcess>, Driver, Arc<Faulty>) {
@@ -122,6 +136,8 @@ fn faulty_device() -> (Arc<InProcess>, Driver, Arc<Faulty>) {
                 panic_create_qp: AtomicBool::new(false),
                 fail_create_cq: AtomicBool::new(false),
                 panic_on_wr: AtomicU64::new(0),
+                hold_create_pd: Default::default(),
+                released: Default::default(),
             });
             *s2.lock().unwrap() = Some(f.clone());
             f as Arc<dyn Backend>
@@ -325,4 +341,42 @@ fn the_main_loop_answers_while_the_worker_copies_and_jobs_pile_up() {
         answered * 4 < copies,
         "a register read took {answered:?} while the worker copied for {copies:?}"
     );
+}
+
+/// A function-level reset does not wait for a command in progress: with CREATE_PD's backend work
+/// held, the reset returns at once, the held command's late completion changes nothing, and a
+/// new driver probes and runs on the reset device.
+#[test]
+fn a_reset_does_not_wait_for_a_command_in_progress() {
+    let (t, drv, f) = faulty_device();
+    let ctx = drv.create_uc(1).unwrap();
+    *f.hold_create_pd.lock().unwrap() = true;
+    let held = std::thread::spawn(move || drv.create_pd(ctx));
+    // The command is under way once its worker waits in the backend.
+    std::thread::sleep(Duration::from_millis(100));
+    let start = Instant::now();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let t2 = t.clone();
+    std::thread::spawn(move || {
+        t2.reset();
+        let _ = tx.send(());
+    });
+    let answered = rx.recv_timeout(Duration::from_secs(2)).is_ok();
+    let took = start.elapsed();
+    if !answered {
+        // Let the command (and then the reset) finish before failing.
+        *f.hold_create_pd.lock().unwrap() = false;
+        f.released.notify_all();
+    }
+    assert!(answered, "the reset waited for the command ({took:?})");
+    let drv = Driver::probe(t.clone() as Arc<dyn Transport>).expect("probe after the reset");
+    // Now the abandoned command's work completes; the new driver's state is untouched.
+    *f.hold_create_pd.lock().unwrap() = false;
+    f.released.notify_all();
+    let _ = held.join();
+    // The probe's objects only (the abandoned PD never reached the device's tables).
+    let before = t.device().stats().unwrap().objects;
+    assert_eq!(before[0], 0, "PDs: {before:?}");
+    assert_device_healthy(&drv);
+    eprintln!("reset answered in {took:?} with a command in progress");
 }

@@ -866,6 +866,14 @@ impl Core {
 
     fn on_msg(&mut self, msg: Msg) {
         if self.cmd_pending {
+            if let Msg::Reset { .. } = msg {
+                // A reset does not wait for the command in progress (its backend work may take
+                // long): the command is abandoned, and what waited behind it is answered as a
+                // device being reset answers.
+                self.abandon_command();
+                self.serve(msg);
+                return;
+            }
             if self.deferred.len() >= MAX_DEFERRED {
                 // Only posted writes can pile up here (every other access waits for its
                 // answer); a guest that posts this many while one command runs loses them.
@@ -924,6 +932,32 @@ impl Core {
                 let _ = reply.send(s);
             }
             Msg::Stop => {}
+        }
+    }
+
+    /// Gives up the command in progress (for a reset, which follows at once): its completion,
+    /// from before the reset, is dropped when it comes; reads that waited behind it read
+    /// all-ones, writes are dropped.
+    fn abandon_command(&mut self) {
+        self.cmd_pending = false;
+        for m in self.deferred.drain(..) {
+            match m {
+                Msg::Read { reply, .. } => {
+                    let _ = reply.send(u64::MAX);
+                }
+                Msg::Write { done, .. } => {
+                    if let Some(d) = done {
+                        let _ = d.send(());
+                    }
+                }
+                Msg::Reset { done } => {
+                    let _ = done.send(());
+                }
+                Msg::Stats { reply } => {
+                    let _ = reply.send(self.stats.clone());
+                }
+                Msg::Stop => {}
+            }
         }
     }
 
@@ -1252,9 +1286,14 @@ impl Core {
             move |r| {
                 let Some(core) = weak.upgrade() else { return };
                 let mut core = core.borrow_mut();
+                if core.epoch != epoch {
+                    // A reset abandoned the command: nothing of it reaches the new state (an
+                    // object its worker made in the backend went with the backend's reset, or
+                    // goes with the next one).
+                    return;
+                }
                 let result = match r {
-                    Ok(Ok(finish)) if core.epoch == epoch => finish(&mut core),
-                    Ok(Ok(_)) => Err(CmdError::Reset),
+                    Ok(Ok(finish)) => finish(&mut core),
                     Ok(Err(e)) => Err(e),
                     Err(panic) => Err(CmdError::Internal(panic)),
                 };
