@@ -23,6 +23,10 @@ struct Faulty {
     fail_create_cq: AtomicBool,
     /// A send with this wr_id makes the worker panic (0 = off).
     panic_on_wr: AtomicU64,
+    /// While set, sends are refused as a full queue would refuse them.
+    refuse_sends: AtomicBool,
+    /// The device's sink (to say "progress" as a backend that made room does).
+    sink: Arc<dyn CompletionSink>,
     /// While set, CREATE_PD's backend work waits (a command that takes long).
     hold_create_pd: std::sync::Mutex<bool>,
     released: std::sync::Condvar,
@@ -99,6 +103,9 @@ impl Backend for Faulty {
         self.inner.destroy_qp(qp)
     }
     fn post_send(&self, qp: QpId, wr: &SendWr) -> Result<()> {
+        if self.refuse_sends.load(Ordering::SeqCst) {
+            return Err(Error::QueueFull);
+        }
         let w = self.panic_on_wr.load(Ordering::SeqCst);
         if w != 0 && wr.wr_id == w && self.panic_on_wr.swap(0, Ordering::SeqCst) == w {
             panic!("injected panic in post_send");
@@ -132,7 +139,9 @@ fn faulty_device() -> (Arc<InProcess>, Driver, Arc<Faulty>) {
         DEFAULT_RAM,
         Box::new(move |mem: GuestMem, sink: Arc<dyn CompletionSink>| {
             let f = Arc::new(Faulty {
-                inner: EmulatedBackend::new(&fabric, mem, sink),
+                inner: EmulatedBackend::new(&fabric, mem, sink.clone()),
+                refuse_sends: AtomicBool::new(false),
+                sink,
                 panic_create_qp: AtomicBool::new(false),
                 fail_create_cq: AtomicBool::new(false),
                 panic_on_wr: AtomicU64::new(0),
@@ -379,4 +388,27 @@ fn a_reset_does_not_wait_for_a_command_in_progress() {
     assert_eq!(before[0], 0, "PDs: {before:?}");
     assert_device_healthy(&drv);
     eprintln!("reset answered in {took:?} with a command in progress");
+}
+
+/// A WR the backend refused (a full queue, or no room for a bounce buffer) stays in the guest's
+/// ring; when the backend says it has made progress, the device drains that queue again, even
+/// if no completion of the queue arrives to wake it.
+#[test]
+fn a_refused_wr_is_posted_when_the_backend_makes_room() {
+    let (_t, drv, f) = faulty_device();
+    let mut p = rc_pair(&drv, MAC, 8, 1);
+    let m = drv.reg_mr(p.pd, 0x1000, 4096, ALL_ACCESS).unwrap();
+    assert!(drv.post_recv(&mut p.b, 1, &[m.sge(2048, 64)]));
+    f.refuse_sends.store(true, Ordering::SeqCst);
+    assert!(drv.post_send(&mut p.a, &send(2, m.sge(0, 8))));
+    assert!(
+        drv.wait_cqes(&mut p.cq_a, 1, Duration::from_millis(200))
+            .is_empty(),
+        "a refused send completed"
+    );
+    f.refuse_sends.store(false, Ordering::SeqCst);
+    f.sink.progress_needed();
+    let c = drv.wait_cqes(&mut p.cq_a, 1, WAIT);
+    assert_eq!(c.len(), 1, "the kept send was never posted");
+    assert_eq!((c[0].wr_id, c[0].status), (2, 0));
 }

@@ -1170,6 +1170,34 @@ impl Core {
         self.reset_objects();
     }
 
+    /// Drains again every queue whose last drain stopped at a WR the backend did not take.
+    fn restart_stalled(&mut self) {
+        let qps: Vec<u32> = self
+            .qps
+            .iter_mut()
+            .filter(|(_, q)| q.sched.stalled)
+            .map(|(h, q)| {
+                q.sched.stalled = false;
+                h
+            })
+            .collect();
+        for h in qps {
+            self.schedule_qp(h);
+        }
+        let srqs: Vec<u32> = self
+            .srqs
+            .iter_mut()
+            .filter(|(_, s)| s.sched.stalled)
+            .map(|(h, s)| {
+                s.sched.stalled = false;
+                h
+            })
+            .collect();
+        for h in srqs {
+            self.schedule_srq(h);
+        }
+    }
+
     /// Runs the backend's deferred work on a worker if it asked for it: one job at a time (as a
     /// queue's drain), queued behind the device's other work, and again for as long as the
     /// backend says more remains. Not tied to the reset epoch: the backend drops what a reset
@@ -1188,6 +1216,8 @@ impl Core {
                 let Some(core) = weak.upgrade() else { return };
                 let mut core = core.borrow_mut();
                 core.progress_running = false;
+                // The backend may have room again for WRs it refused (QueueFull).
+                core.restart_stalled();
                 match more {
                     Ok(true) => core.env.progress.store(true, Ordering::Release),
                     Ok(false) => {}

@@ -58,13 +58,13 @@ const MAX_GIDS: usize = 128;
 /// without a bound it could make the host create AHs (objects of the host NIC) without end;
 /// past the bound the cache starts again (WRs in flight keep their own reference).
 const MAX_CACHED_AHS: usize = 256;
-/// Largest bounce buffer of one WR (perftest's largest message): a WR whose SGEs are spread
-/// over more host runs than the device takes and add up to more than this completes with a
-/// local length error instead of making the process allocate what the guest asks (up to
+/// Largest bounce buffer of one WR (twice perftest's largest message): a WR whose SGEs are
+/// spread over more host runs than the device takes and add up to more than this completes
+/// with a local length error instead of making the process allocate what the guest asks (up to
 /// 16 × 4 GiB).
-const MAX_BOUNCE: usize = 8 << 20;
-/// Bounce buffers of one device's WRs in flight, together; a WR that would pass it completes
-/// with a local length error.
+const MAX_BOUNCE: usize = 16 << 20;
+/// Bounce buffers of one device's WRs in flight, together. A WR that would pass it is not
+/// taken yet (`QueueFull`: it stays in the guest's ring) until buffers in flight complete.
 const MAX_BOUNCE_IN_FLIGHT: u64 = 64 << 20;
 /// Guest lkeys/rkeys the backend invents carry this tag in the top byte, so that they never equal
 /// a key of the host device (rxe and mlx keys stay below it) and a guest lkey is not a host rkey.
@@ -188,31 +188,64 @@ struct Bounce {
     _in_flight: InFlight,
 }
 
+/// A device's bounce buffers in flight.
+struct BounceBudget {
+    bytes: AtomicU64,
+    limit: u64,
+    /// A WR was refused for want of room: tell the device when room is made.
+    starved: AtomicBool,
+    sink: Arc<dyn CompletionSink>,
+}
+
 /// Bytes counted in a device's bounce buffers in flight, until dropped.
 struct InFlight {
     bytes: u64,
-    counter: Arc<AtomicU64>,
+    budget: Arc<BounceBudget>,
 }
 
 impl InFlight {
-    /// Counts `bytes` in `counter`, unless that would pass `limit`.
-    fn take(counter: &Arc<AtomicU64>, bytes: u64, limit: u64) -> Option<InFlight> {
-        counter
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                n.checked_add(bytes).filter(|&t| t <= limit)
-            })
-            .ok()?;
+    /// Counts `bytes` in `budget`, unless that would pass its limit. A refusal is remembered:
+    /// the device hears ([`CompletionSink::progress_needed`]) when buffers are given back, and
+    /// posts what it kept.
+    fn take(budget: &Arc<BounceBudget>, bytes: u64) -> Option<InFlight> {
+        let try_take = || {
+            budget
+                .bytes
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    n.checked_add(bytes).filter(|&t| t <= budget.limit)
+                })
+                .is_ok()
+        };
+        if !try_take() {
+            budget.starved.store(true, Ordering::Release);
+            // Room made between the refusal and the flag would go unheard: look once more.
+            if !try_take() {
+                return None;
+            }
+        }
         Some(InFlight {
             bytes,
-            counter: counter.clone(),
+            budget: budget.clone(),
         })
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.counter.fetch_sub(self.bytes, Ordering::AcqRel);
+        self.budget.bytes.fetch_sub(self.bytes, Ordering::AcqRel);
+        if self.budget.starved.swap(false, Ordering::AcqRel) {
+            self.budget.sink.progress_needed();
+        }
     }
+}
+
+/// Why [`Shared::prepare`] gives no host SGEs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unprepared {
+    /// The WR completes in error with this status.
+    Fail(WcStatus),
+    /// Not now: bounce buffers in flight are at their limit (the WR is not taken).
+    Busy,
 }
 
 #[derive(Default)]
@@ -337,8 +370,8 @@ struct Shared {
     /// Guest GID index → (GID, type, host GID index).
     gids: RwLock<Vec<Option<(Gid, GidType, u8)>>>,
     key_gen: AtomicU32,
-    /// Bytes of bounce buffers in flight (bounded by [`MAX_BOUNCE_IN_FLIGHT`]).
-    bounce_bytes: Arc<AtomicU64>,
+    /// Bounce buffers in flight (bounded by [`MAX_BOUNCE_IN_FLIGHT`]).
+    bounce: Arc<BounceBudget>,
     /// Receive flush completions queued by `post_recv` (a hint for the completion thread).
     flush_waiting: AtomicU32,
     /// Host QPN of the guest's GSI QP, if it has one (see [`GSI_QPS`]).
@@ -386,12 +419,17 @@ impl RdmaCoreBackend {
             cfg,
             info,
             mem,
-            sink,
+            sink: sink.clone(),
             t: Mutex::new(Tables::default()),
             qps: RwLock::new(HashMap::new()),
             gids: RwLock::new(vec![None; MAX_GIDS]),
             key_gen: AtomicU32::new(1),
-            bounce_bytes: Arc::new(AtomicU64::new(0)),
+            bounce: Arc::new(BounceBudget {
+                bytes: AtomicU64::new(0),
+                limit: MAX_BOUNCE_IN_FLIGHT,
+                starved: AtomicBool::new(false),
+                sink: sink.clone(),
+            }),
             flush_waiting: AtomicU32::new(0),
             gsi_qpn: Mutex::new(None),
             stop: AtomicBool::new(false),
@@ -701,9 +739,9 @@ impl Shared {
     }
 
     /// Host SGEs for a WR, or a bounce buffer when there are too many runs. `copy_in`: the data
-    /// goes out of guest memory (SEND/WRITE). The status of its error completion if it cannot
-    /// be posted: a bad SGE (`LocProtErr`), or a bounce buffer past [`MAX_BOUNCE`] or
-    /// [`MAX_BOUNCE_IN_FLIGHT`] (`LocLenErr`).
+    /// goes out of guest memory (SEND/WRITE). If it cannot be posted: the status of its error
+    /// completion (a bad SGE: `LocProtErr`; a bounce buffer past [`MAX_BOUNCE`]: `LocLenErr`),
+    /// or `Busy` while bounce buffers in flight are at [`MAX_BOUNCE_IN_FLIGHT`].
     fn prepare(
         &self,
         t: &Tables,
@@ -712,10 +750,11 @@ impl Shared {
         need_write: bool,
         copy_in: bool,
         max_sge: u32,
-    ) -> std::result::Result<(Vec<verbs::HostSge>, Option<Bounce>), WcStatus> {
+    ) -> std::result::Result<(Vec<verbs::HostSge>, Option<Bounce>), Unprepared> {
+        let fail = Unprepared::Fail;
         let runs = self
             .host_sges(t, pd, sges, need_write)
-            .ok_or(WcStatus::LocProtErr)?;
+            .ok_or(fail(WcStatus::LocProtErr))?;
         if runs.len() <= max_sge as usize {
             let v = runs
                 .iter()
@@ -729,21 +768,20 @@ impl Shared {
         }
         let total: usize = runs.iter().map(|r| r.2).sum();
         if total > MAX_BOUNCE {
-            return Err(WcStatus::LocLenErr);
+            return Err(fail(WcStatus::LocLenErr));
         }
-        let in_flight = InFlight::take(&self.bounce_bytes, total as u64, MAX_BOUNCE_IN_FLIGHT)
-            .ok_or(WcStatus::LocLenErr)?;
+        let in_flight = InFlight::take(&self.bounce, total as u64).ok_or(Unprepared::Busy)?;
         let mut buf = vec![0u8; total];
         if copy_in {
             let m = self.mem.memory();
             let mut at = 0;
             for &(gpa, _, n, _) in &runs {
                 m.read_slice(&mut buf[at..at + n], GuestAddress(gpa))
-                    .map_err(|_| WcStatus::LocProtErr)?;
+                    .map_err(|_| fail(WcStatus::LocProtErr))?;
                 at += n;
             }
         }
-        let pde = t.pds.get(&pd.0).ok_or(WcStatus::LocProtErr)?;
+        let pde = t.pds.get(&pd.0).ok_or(fail(WcStatus::LocProtErr))?;
         let mr = verbs::Mr::register(
             &pde.pd,
             buf.as_ptr() as usize,
@@ -753,7 +791,7 @@ impl Shared {
         )
         .map_err(|e| {
             log::warn!("rdma-core: bounce buffer: {e}");
-            WcStatus::LocProtErr
+            fail(WcStatus::LocProtErr)
         })?;
         let sge = verbs::HostSge {
             addr: buf.as_ptr() as u64,
@@ -1246,10 +1284,12 @@ impl Backend for RdmaCoreBackend {
             .get(&srq.0)
             .ok_or(Error::NoSuchObject("SRQ"))?
             .clone();
-        let prep = s
-            .prepare(&t, e.pd, wr.sges.as_slice(), true, false, s.info.max_sge)
-            .ok();
+        let prep = s.prepare(&t, e.pd, wr.sges.as_slice(), true, false, s.info.max_sge);
         drop(t);
+        if prep.as_ref().err() == Some(&Unprepared::Busy) {
+            return Err(Error::QueueFull);
+        }
+        let prep = prep.ok();
         let (mut sges, bounce) = prep.unwrap_or_else(|| (vec![poison_sge()], None));
         let mut pend = lock(&e.pending);
         let slot = pend.put(Pending {
@@ -1629,7 +1669,7 @@ impl Backend for RdmaCoreBackend {
             let (av, bound) = s.host_av(&d.av);
             if !bound {
                 // Never sent: the WR completes in error (the QP is moved to ERR below).
-                prep = Err(WcStatus::LocQpOpErr);
+                prep = Err(Unprepared::Fail(WcStatus::LocQpOpErr));
             }
             let mut cache = lock(&pde.ahs);
             let a = match cache.get(&av) {
@@ -1689,10 +1729,14 @@ impl Backend for RdmaCoreBackend {
         let mut pend = lock(&e.pending);
         let (mut sges, bounce, failed) = match (prep, atomic_err) {
             (Ok((s, b)), None) => (s, b, None),
+            (Err(Unprepared::Busy), _) => {
+                drop(pend);
+                return Err(Error::QueueFull);
+            }
             (prep, atomic_err) => {
                 let status = match prep {
-                    Err(status) => status,
-                    Ok(_) => atomic_err.unwrap_or(WcStatus::LocProtErr),
+                    Err(Unprepared::Fail(status)) => status,
+                    _ => atomic_err.unwrap_or(WcStatus::LocProtErr),
                 };
                 // An error found before sending, as an HCA reports it: the QP goes to ERR, this
                 // WR completes (in order, after the earlier ones) with `status`, later ones flush.
@@ -1752,9 +1796,11 @@ impl Backend for RdmaCoreBackend {
             return Ok(());
         }
         let t = lock(&s.t);
-        let prep = s
-            .prepare(&t, e.pd, wr.sges.as_slice(), true, false, e.max_recv_sge)
-            .ok();
+        let prep = s.prepare(&t, e.pd, wr.sges.as_slice(), true, false, e.max_recv_sge);
+        if prep.as_ref().err() == Some(&Unprepared::Busy) {
+            return Err(Error::QueueFull);
+        }
+        let prep = prep.ok();
         let head = if e.ty == QpType::Rc || prep.is_none() {
             None
         } else {
@@ -1865,16 +1911,32 @@ mod tests {
     /// Bounce bytes in flight stop at the limit, and come back when a buffer is dropped.
     #[test]
     fn bounce_bytes_in_flight_are_bounded() {
-        let c = Arc::new(AtomicU64::new(0));
-        let a = InFlight::take(&c, 60, 100).unwrap();
-        assert!(InFlight::take(&c, 41, 100).is_none());
-        let b = InFlight::take(&c, 40, 100).unwrap();
-        assert!(InFlight::take(&c, 1, 100).is_none());
-        assert!(InFlight::take(&c, u64::MAX, u64::MAX).is_none(), "no wrap");
-        drop(a);
-        assert_eq!(c.load(Ordering::Acquire), 40);
-        drop(b);
-        assert_eq!(c.load(Ordering::Acquire), 0);
+        struct Asked(AtomicU32);
+        impl CompletionSink for Asked {
+            fn complete(&self, _: &[WorkCompletion]) {}
+            fn event(&self, _: AsyncEvent) {}
+            fn progress_needed(&self) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let asked = Arc::new(Asked(AtomicU32::new(0)));
+        let b = Arc::new(BounceBudget {
+            bytes: AtomicU64::new(0),
+            limit: 100,
+            starved: AtomicBool::new(false),
+            sink: asked.clone(),
+        });
+        let x = InFlight::take(&b, 60).unwrap();
+        assert!(InFlight::take(&b, 41).is_none());
+        let y = InFlight::take(&b, 40).unwrap();
+        assert!(InFlight::take(&b, u64::MAX).is_none(), "no wrap");
+        // Room given back after a refusal: the device hears it, once.
+        drop(x);
+        assert_eq!(asked.0.load(Ordering::SeqCst), 1);
+        assert_eq!(b.bytes.load(Ordering::Acquire), 40);
+        drop(y);
+        assert_eq!(asked.0.load(Ordering::SeqCst), 1);
+        assert_eq!(b.bytes.load(Ordering::Acquire), 0);
     }
 
     /// Ids 2^24 apart share the id bits of an lkey: a live MR's lkey is never handed out again,
