@@ -8,9 +8,10 @@
 //! part of the device's batches; an MR its page list; a CQ its page directory. A create that
 //! would pass the budget fails with ENOMEM; a destroy or a reset gives the reservation back.
 //! Nothing is counted on the data path: a guest that fills every queue it has holds at most
-//! what it reserved, however it aliases pages or stalls its peers. PDs, user contexts and GID
-//! entries are a few dozen bytes each and bounded by their counts (`max_pd`, `max_uar`,
-//! `gid_tbl_len`).
+//! what it reserved, however it aliases pages or stalls its peers. A PD reserves what its
+//! backend keeps for it ([`rdma_backend::Backend::pd_bytes`]: the rdma-core backend registers
+//! all of guest RAM again per PD). User contexts and GID entries are a few dozen bytes each and
+//! bounded by their counts (`max_uar`, `gid_tbl_len`).
 //!
 //! [`DeviceConfig::max_host_mem`]: crate::DeviceConfig::max_host_mem
 
@@ -48,6 +49,11 @@ pub(crate) fn qp(
 /// What an SRQ reserves.
 pub(crate) fn srq(be: &dyn Backend, wr: u32, sge: u32, pages: u64) -> u64 {
     SRQ_FIXED + pages * PER_PAGE + u64::from(wr) * be.queued_wr_bytes(false, sge)
+}
+
+/// What a PD reserves (what its backend keeps for it).
+pub(crate) fn pd(be: &dyn Backend) -> u64 {
+    be.pd_bytes()
 }
 
 /// What a CQ reserves.

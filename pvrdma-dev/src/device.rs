@@ -672,6 +672,8 @@ pub(crate) struct Pd {
     pub ctx: u32,
     pub backend: PdId,
     pub refs: u32,
+    /// Bytes reserved against the host-memory budget.
+    pub cost: u64,
 }
 
 #[derive(Debug)]

@@ -727,6 +727,12 @@ pub trait Backend: Send + Sync {
         std::mem::size_of::<SendWr>() as u64
     }
 
+    /// Host memory a PD of this backend holds, at most (beyond its objects): what a device
+    /// counts against its budget for each PD. The default is a few hundred bytes.
+    fn pd_bytes(&self) -> u64 {
+        256
+    }
+
     /// Resumes deferred work (see [`CompletionSink::progress_needed`]) for a bounded time, on
     /// the caller's thread. Returns `true` if work remains: call it again (after letting the
     /// device's other work run). The default has nothing to resume.

@@ -126,18 +126,26 @@ pub(super) fn create_pd(core: &mut Core, req: CmdCreatePd) -> Result<Work, CmdEr
         return Err(CmdError::Exhausted("PDs"));
     }
     let ctx = req.ctx_handle;
+    let cost = budget::pd(&*core.env.backend);
+    core.host_mem.check(cost, core.cfg.max_host_mem)?;
     Ok(Box::new(move |env: &Env| {
         let backend = env.backend.create_pd()?;
         let b = env.backend.clone();
         Ok(Box::new(move |core: &mut Core| {
+            if let Err(e) = core.host_mem.check(cost, core.cfg.max_host_mem) {
+                let _ = b.destroy_pd(backend);
+                return Err(e.into());
+            }
             let Some(h) = core.pds.insert(Pd {
                 ctx,
                 backend,
                 refs: 0,
+                cost,
             }) else {
                 let _ = b.destroy_pd(backend);
                 return Err(CmdError::Exhausted("PDs"));
             };
+            core.host_mem.reserve(cost);
             Ok(resp(&RespCreatePd {
                 hdr: hdr(),
                 pd_handle: h,
@@ -158,7 +166,9 @@ pub(super) fn destroy_pd(core: &mut Core, req: CmdDestroyPd) -> Result<Work, Cmd
     Ok(Box::new(move |env: &Env| {
         env.backend.destroy_pd(b)?;
         Ok(Box::new(move |core: &mut Core| {
-            core.pds.remove(h);
+            if let Some(pd) = core.pds.remove(h) {
+                core.host_mem.release(pd.cost);
+            }
             Ok(resp(&hdr()))
         }) as Finish)
     }))
