@@ -685,6 +685,59 @@ pub fn rc_16mib(f: &Factory<'_>) {
     assert!(dst.read(&b.mem, 0, len) == data, "16 MiB SEND data");
 }
 
+/// A WRITE whose 16 SGEs of 4 GiB − 1 each (over an MR that lists one guest page a million
+/// times) add up to 64 GiB, aimed at a remote MR of one page: the requester completes in error
+/// (the responder's length check, or the backend declining to buffer it) within seconds, nothing
+/// of that size is allocated, and the devices go on working.
+pub fn oversized_sge_total(f: &Factory<'_>) {
+    let a = Dev::new(f, 1);
+    let b = Dev::new(f, 2);
+    let (qa, qb, _, _) = rc_pair(&a, &b, RcOpts::default());
+    let page = a.pages(1, false)[0];
+    let mr_len: u64 = 1 << 32;
+    let pages: Arc<[GuestAddress]> = vec![page; (mr_len / 4096) as usize].into();
+    let iova = 0x60_0000_0000;
+    let mr =
+        a.be.create_mr(
+            a.pd,
+            MrKind::User {
+                iova,
+                length: mr_len,
+                pages,
+            },
+            Access::LOCAL_WRITE,
+        )
+        .unwrap();
+    let sges: SgeList = (0..16)
+        .map(|_| Sge {
+            addr: iova,
+            length: u32::MAX,
+            lkey: mr.lkey,
+        })
+        .collect();
+    let dst = b.buf(4096, ALL);
+    let op = SendOp::RdmaWrite {
+        remote_addr: dst.iova,
+        rkey: dst.keys.rkey,
+        imm: None,
+    };
+    let t = Instant::now();
+    a.send(qa, 1, op, sges);
+    let w = a.wait(1);
+    assert_ne!(w[0].status, WcStatus::Success, "{w:?}");
+    assert!(t.elapsed() < WAIT, "took {:?}", t.elapsed());
+    assert!(dst.read(&b.mem, 0, 4096).iter().all(|&x| x == 0));
+    let _ = qb;
+    // A fresh pair on the same devices works.
+    let (qc, qd, _, _) = rc_pair(&a, &b, RcOpts::default());
+    let src = a.buf(4096, ALL);
+    src.write(&a.mem, 0, &[0x42; 64]);
+    b.recv(qd, 2, dst.sges(0, 64, 1));
+    a.send(qc, 3, SEND, src.sges(0, 64, 1));
+    assert_eq!(a.wait(1)[0].status, WcStatus::Success);
+    assert_eq!(b.wait(1)[0].status, WcStatus::Success);
+}
+
 /// Compare-and-swap and fetch-and-add results.
 pub fn rc_atomics(f: &Factory<'_>) {
     let d = Dev::new(f, 1);
@@ -1722,6 +1775,7 @@ pub const CASES: &[(&str, Case)] = &[
     ("rc_ping_pong", rc_ping_pong),
     ("rc_opcodes", rc_opcodes),
     ("rc_16mib", rc_16mib),
+    ("oversized_sge_total", oversized_sge_total),
     ("rc_atomics", rc_atomics),
     ("atomics_concurrent", atomics_concurrent),
     ("ud_send_grh", ud_send_grh),

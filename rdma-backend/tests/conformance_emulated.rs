@@ -40,6 +40,7 @@ cases!(
     rc_ping_pong,
     rc_opcodes,
     rc_16mib,
+    oversized_sge_total,
     rc_atomics,
     atomics_concurrent,
     ud_send_grh,

@@ -687,15 +687,32 @@ impl Shared {
         })
     }
 
-    /// Translates guest SGEs to host SGEs of the PD's RAM registration; `None` when a check
-    /// fails (the caller poisons the WR). `need_write`: the MR must grant local write.
+    /// Translates guest SGEs to host SGEs of the PD's RAM registration (host-contiguous runs
+    /// merged). `LocProtErr` when a check fails (the caller poisons the WR); `LocLenErr` when
+    /// they make more than `max_runs` runs, which neither the device's SGEs nor a bounce buffer
+    /// can carry (counted as they are built: aliased pages cost no more than that many steps).
+    /// `need_write`: the MR must grant local write.
     fn host_sges(
         &self,
         t: &Tables,
         pd: PdId,
         sges: &[Sge],
         need_write: bool,
-    ) -> Option<Vec<(u64, usize, usize, u32)>> {
+        max_runs: usize,
+    ) -> std::result::Result<Vec<(u64, usize, usize, u32)>, WcStatus> {
+        self.host_runs(t, pd, sges, need_write, max_runs)
+            .unwrap_or(Err(WcStatus::LocProtErr))
+    }
+
+    /// [`Shared::host_sges`], with `None` for a failed check.
+    fn host_runs(
+        &self,
+        t: &Tables,
+        pd: PdId,
+        sges: &[Sge],
+        need_write: bool,
+        max_runs: usize,
+    ) -> Option<std::result::Result<Vec<(u64, usize, usize, u32)>, WcStatus>> {
         let pde = t.pds.get(&pd.0)?;
         let m = self.mem.memory();
         let mut out: Vec<(u64, usize, usize, u32)> = Vec::new();
@@ -715,6 +732,9 @@ impl Shared {
                 }
             }
             while a < end {
+                if out.len() > max_runs {
+                    return Some(Err(WcStatus::LocLenErr));
+                }
                 let n = (0x1000 - (a & 0xfff)).min(end - a);
                 let gpa = match &mr.kind {
                     MrKind::Dma => a,
@@ -735,7 +755,7 @@ impl Shared {
                 a += n;
             }
         }
-        Some(out)
+        Some(Ok(out))
     }
 
     /// Host SGEs for a WR, or a bounce buffer when there are too many runs. `copy_in`: the data
@@ -752,9 +772,12 @@ impl Shared {
         max_sge: u32,
     ) -> std::result::Result<(Vec<verbs::HostSge>, Option<Bounce>), Unprepared> {
         let fail = Unprepared::Fail;
+        // Past this many runs only a bounce buffer could carry the WR, and it would pass
+        // MAX_BOUNCE: a run is at most a page, plus a partial page at each end of each SGE.
+        let max_runs = (max_sge as usize).max(MAX_BOUNCE / 4096 + 2 * crate::MAX_SGE);
         let runs = self
-            .host_sges(t, pd, sges, need_write)
-            .ok_or(fail(WcStatus::LocProtErr))?;
+            .host_sges(t, pd, sges, need_write, max_runs)
+            .map_err(fail)?;
         if runs.len() <= max_sge as usize {
             let v = runs
                 .iter()
@@ -1811,18 +1834,20 @@ impl Backend for RdmaCoreBackend {
         let head = if e.ty == QpType::Rc || prep.is_none() {
             None
         } else {
-            s.host_sges(&t, e.pd, wr.sges.as_slice(), true).map(|runs| {
-                let mut left = 40usize;
-                let mut head = Vec::new();
-                for &(gpa, _, n, _) in &runs {
-                    if left == 0 {
-                        break;
+            s.host_sges(&t, e.pd, wr.sges.as_slice(), true, usize::MAX)
+                .ok()
+                .map(|runs| {
+                    let mut left = 40usize;
+                    let mut head = Vec::new();
+                    for &(gpa, _, n, _) in &runs {
+                        if left == 0 {
+                            break;
+                        }
+                        head.push((gpa, n.min(left)));
+                        left -= n.min(left);
                     }
-                    head.push((gpa, n.min(left)));
-                    left -= n.min(left);
-                }
-                head
-            })
+                    head
+                })
         };
         drop(t);
         let (mut sges, bounce) = prep.unwrap_or_else(|| (vec![poison_sge()], None));
