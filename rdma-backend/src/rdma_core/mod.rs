@@ -158,6 +158,10 @@ struct SrqEntry {
     pending: Mutex<Slab>,
 }
 
+/// A host-contiguous run of a WR's memory: guest-physical address, host address, length, and
+/// the lkey of the RAM registration it lies in.
+type Run = (u64, usize, usize, u32);
+
 /// A WR the host holds.
 struct Pending {
     wr_id: u64,
@@ -699,7 +703,7 @@ impl Shared {
         sges: &[Sge],
         need_write: bool,
         max_runs: usize,
-    ) -> std::result::Result<Vec<(u64, usize, usize, u32)>, WcStatus> {
+    ) -> std::result::Result<Vec<Run>, WcStatus> {
         self.host_runs(t, pd, sges, need_write, max_runs)
             .unwrap_or(Err(WcStatus::LocProtErr))
     }
@@ -712,10 +716,10 @@ impl Shared {
         sges: &[Sge],
         need_write: bool,
         max_runs: usize,
-    ) -> Option<std::result::Result<Vec<(u64, usize, usize, u32)>, WcStatus>> {
+    ) -> Option<std::result::Result<Vec<Run>, WcStatus>> {
         let pde = t.pds.get(&pd.0)?;
         let m = self.mem.memory();
-        let mut out: Vec<(u64, usize, usize, u32)> = Vec::new();
+        let mut out: Vec<Run> = Vec::new();
         for s in sges {
             if s.length == 0 {
                 continue;
