@@ -458,6 +458,48 @@ pub mod wr_opcode {
     pub const ATOMIC_FETCH_AND_ADD: u32 = 6;
 }
 
+/// Async event types (`ib_event_type` numbering, spec §9): the `type` of an event ring entry.
+pub mod event {
+    /// A CQ overflowed (info: CQ handle).
+    pub const CQ_ERR: u32 = 0;
+    /// A QP is unusable (info: QP handle).
+    pub const QP_FATAL: u32 = 1;
+    /// A QP's responder refused a request as invalid.
+    pub const QP_REQ_ERR: u32 = 2;
+    /// A QP's responder refused a request's access.
+    pub const QP_ACCESS_ERR: u32 = 3;
+    /// The port became ACTIVE (info: port number).
+    pub const PORT_ACTIVE: u32 = 9;
+    /// An SRQ is unusable (info: SRQ handle).
+    pub const SRQ_ERR: u32 = 14;
+    /// An SRQ fell below its limit.
+    pub const SRQ_LIMIT_REACHED: u32 = 15;
+    /// The last WQE of a QP on an SRQ was reached.
+    pub const QP_LAST_WQE_REACHED: u32 = 16;
+}
+
+/// QP types of CREATE_QP (`ib_qp_type` numbering).
+pub mod qp_type {
+    /// The GSI QP (QP1).
+    pub const GSI: u32 = 1;
+    /// Reliable connected.
+    pub const RC: u32 = 2;
+    /// Unreliable datagram.
+    pub const UD: u32 = 4;
+}
+
+/// Port states of QUERY_PORT (`ib_port_state`, and the physical state's encoding).
+pub mod port_state {
+    /// Logical state DOWN.
+    pub const DOWN: u32 = 1;
+    /// Logical state ACTIVE.
+    pub const ACTIVE: u32 = 4;
+    /// Physical state DISABLED.
+    pub const PHYS_DISABLED: u8 = 3;
+    /// Physical state LINK UP.
+    pub const PHYS_LINK_UP: u8 = 5;
+}
+
 /// `send_flags` bits.
 pub mod send_flags {
     /// Fence.

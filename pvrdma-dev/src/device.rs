@@ -21,7 +21,7 @@ use rdma_backend::{
 };
 use vm_memory::{ByteValued, Bytes, GuestAddressSpace};
 
-use crate::abi::{CmdHdr, QpAttr, RespHdr, SrqAttr, CMD_SLOT_SIZE, RESP_ACK};
+use crate::abi::{event, CmdHdr, QpAttr, RespHdr, SrqAttr, CMD_SLOT_SIZE, RESP_ACK};
 use crate::cmd::{self, CmdError};
 use crate::config::DeviceConfig;
 use crate::datapath::cq::{self, Arm, CqRing, Pushed};
@@ -29,7 +29,7 @@ use crate::datapath::{self, Drained, Env, QpShared, SrqShared};
 use crate::dsr::{self, LoadedDsr};
 use crate::exec::Exec;
 use crate::pci::{ConfigSpace, MsixTable, MSIX_BAR, REG_BAR, UAR_BAR};
-use crate::regs::{ctl, err, offset, uar, CqDoorbell, IntrCause, QpDoorbell, SrqDoorbell};
+use crate::regs::{ctl, err, offset, uar, vector, CqDoorbell, IntrCause, QpDoorbell, SrqDoorbell};
 use crate::resources::HandleTable;
 
 /// Accesses that may wait behind one running command. Transports wait for every read and for
@@ -810,9 +810,14 @@ fn access_in_bar(off: u64, len: usize, size: u64) -> bool {
     off.checked_add(len as u64).is_some_and(|end| end <= size)
 }
 
-/// Splits a cookie into handle and generation.
+/// The cookie of an object the backend knows: its handle and generation (the high half).
 pub(crate) fn cookie(handle: u32, gen: u32) -> u64 {
     (u64::from(gen) << 32) | u64::from(handle)
+}
+
+/// The handle and generation of a [`cookie`].
+pub(crate) fn split_cookie(c: u64) -> (u32, u32) {
+    (c as u32, (c >> 32) as u32)
 }
 
 impl Core {
@@ -1234,8 +1239,8 @@ impl Core {
 
     pub(crate) fn raise(&mut self, vector: u16) {
         let cause = match vector {
-            0 => IntrCause::RESPONSE,
-            1 => IntrCause::ASYNC,
+            vector::RESPONSE => IntrCause::RESPONSE,
+            vector::ASYNC => IntrCause::ASYNC,
             _ => IntrCause::CQ,
         };
         if self.regs.imr & (1 << vector) != 0 {
@@ -1570,8 +1575,7 @@ impl Core {
     }
 
     fn live_qp(&self, cookie: u64) -> Option<u32> {
-        let handle = cookie as u32;
-        let gen = (cookie >> 32) as u32;
+        let (handle, gen) = split_cookie(cookie);
         self.qps
             .get(handle)
             .filter(|q| q.gen == gen)
@@ -1663,14 +1667,17 @@ impl Core {
 
     fn backend_event(&mut self, ev: AsyncEvent) {
         let (ty, cookie, is_srq) = match ev {
-            AsyncEvent::QpFatal { qp_cookie } => (1, qp_cookie, false),
-            AsyncEvent::QpReqErr { qp_cookie } => (2, qp_cookie, false),
-            AsyncEvent::QpAccessErr { qp_cookie } => (3, qp_cookie, false),
-            AsyncEvent::QpLastWqeReached { qp_cookie } => (16, qp_cookie, false),
-            AsyncEvent::SrqLimitReached { srq_cookie } => (15, srq_cookie, true),
+            AsyncEvent::QpFatal { qp_cookie } => (event::QP_FATAL, qp_cookie, false),
+            AsyncEvent::QpReqErr { qp_cookie } => (event::QP_REQ_ERR, qp_cookie, false),
+            AsyncEvent::QpAccessErr { qp_cookie } => (event::QP_ACCESS_ERR, qp_cookie, false),
+            AsyncEvent::QpLastWqeReached { qp_cookie } => {
+                (event::QP_LAST_WQE_REACHED, qp_cookie, false)
+            }
+            AsyncEvent::SrqLimitReached { srq_cookie } => {
+                (event::SRQ_LIMIT_REACHED, srq_cookie, true)
+            }
         };
-        let handle = cookie as u32;
-        let gen = (cookie >> 32) as u32;
+        let (handle, gen) = split_cookie(cookie);
         let live = if is_srq {
             self.srqs.get(handle).is_some_and(|s| s.gen == gen)
         } else {
