@@ -7,6 +7,7 @@
 //!                                        in-process and over a `pvrdma serve` process
 //! pvrdma serve --socket PATH [options]   serve the device to a VMM over vfio-user
 //! ```
+#![deny(unsafe_code)]
 
 mod bench;
 mod demo;

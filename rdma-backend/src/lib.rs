@@ -16,12 +16,15 @@
 //! that one QP is posted to by at most one thread at a time. Completions may be delivered on any
 //! thread; the sink forwards them to the device's main loop.
 #![warn(missing_docs)]
+#![deny(unsafe_code)]
 
 use std::fmt;
 use std::sync::Arc;
 
 use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
+// memfd creation for the suite's guest memory.
+#[allow(unsafe_code)]
 pub mod conformance;
 pub mod emulated;
 mod progress;

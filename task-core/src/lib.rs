@@ -114,6 +114,7 @@
 //! assert_eq!(ml.tasks_in_flight(), 0);
 //! ```
 #![warn(missing_docs)]
+#![deny(unsafe_code)]
 
 mod error;
 mod main_loop;

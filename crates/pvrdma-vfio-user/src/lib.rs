@@ -26,11 +26,14 @@
 //! and answered, never turned into protocol errors. Client mistakes in DMA_MAP/UNMAP (overlaps,
 //! splitting a map) are refused with an error reply.
 #![warn(missing_docs)]
+#![deny(unsafe_code)]
 
 pub mod conn;
 pub mod dma;
 pub mod host;
 pub mod irq;
+// The `ByteValued` impls of the message structures.
+#[allow(unsafe_code)]
 pub mod protocol;
 pub mod regions;
 pub mod vmm;
@@ -137,6 +140,7 @@ impl ServeOptions {
 
 /// The inherited listening socket of socket activation (`LISTEN_PID` = this process,
 /// `LISTEN_FDS` >= 1: fd 3), if any. The variables are removed so children do not see them.
+#[allow(unsafe_code)] // the inherited descriptor 3 (socket activation)
 pub fn listen_fd_from_env() -> Option<OwnedFd> {
     use std::os::fd::FromRawFd;
     let pid: u32 = std::env::var("LISTEN_PID").ok()?.parse().ok()?;
