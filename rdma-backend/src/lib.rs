@@ -5,10 +5,10 @@
 //! Two implementations exist:
 //! - [`emulated`]: a software RDMA fabric (RC and UD semantics, loopback, several devices in one
 //!   process reaching each other by GID). It is the default every user gets.
-//! - `rdma-core` (later, behind a cargo feature): host libibverbs. It maps every call here onto
-//!   the matching `ibv_*` verb; MRs are registered from the guest-memory mapping with
-//!   `ibv_reg_mr_iova` so guest virtual addresses stay valid, and a completion thread polls the
-//!   host CQs and feeds the same [`CompletionSink`].
+//! - `rdma_core` (cargo feature `rdma-core`): host libibverbs, loaded at run time. It maps every
+//!   call here onto the matching `ibv_*` verb; guest RAM is registered with the host device, MRs
+//!   with remote access with `ibv_reg_mr_iova` so guest virtual addresses stay valid, and a
+//!   completion thread polls the host CQs and feeds the same [`CompletionSink`].
 //!
 //! # Threading
 //! A backend is `Send + Sync`. The device calls the object-management methods from task workers

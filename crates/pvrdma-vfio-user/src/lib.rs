@@ -10,7 +10,9 @@
 //!    SET_IRQS ─────────── EventfdIrqs ◀─────────────── InterruptSink::trigger / set_intx
 //! ```
 //! A [`Server`] is one device's socket: its thread serves one client at a time, one message at
-//! a time; every write is non-posted (answered after the device handled it). When the client
+//! a time. Register and config writes are answered after the device handled them; doorbell
+//! writes to the UAR pages are posted (answered at once, handled in order), except a CQ arm,
+//! which must be in force before the guest polls again. When the client
 //! disconnects, its device is shut down and the next client gets a fresh one (new device, empty
 //! guest memory). A [`Host`] runs many such servers at once, one per VM, each on its own thread
 //! with its own socket, MAC and limits, all on one emulated RDMA fabric: that is how the VMs of
