@@ -1,0 +1,81 @@
+//! A command's start (on REQUEST) and finish (response, ERR, vector 0).
+
+use super::*;
+
+impl Core {
+    // ---- commands ------------------------------------------------------------------------
+
+    pub(super) fn start_command(&mut self) {
+        let Some(d) = self.dsr.as_ref() else {
+            // CVE-2022-1050: REQUEST before a DSR is loaded.
+            self.regs.err = err::EIO;
+            self.raise(0);
+            return;
+        };
+        let mut req = [0u8; CMD_SLOT_SIZE];
+        if self.mem.memory().read_slice(&mut req, d.cmd_slot).is_err() {
+            self.regs.err = err::EFAULT;
+            self.raise(0);
+            return;
+        }
+        let hdr = CmdHdr::from_slice(&req[..16]).copied().unwrap_or_default();
+        self.stats.commands += 1;
+        let job = cmd::prepare(self, hdr.cmd, &req);
+        self.cmd_pending = true;
+        let weak = self.weak.clone();
+        let epoch = self.epoch;
+        let inline = self.env.backend.inline_control() && cmd::is_quick(hdr.cmd, &req);
+        self.exec.run_on(
+            inline,
+            self.env.clone(),
+            move |env: &Env| job.and_then(|work| work(env)),
+            move |r| {
+                let Some(core) = weak.upgrade() else { return };
+                let mut core = core.borrow_mut();
+                if core.epoch != epoch {
+                    // A reset abandoned the command: nothing of it reaches the new state (an
+                    // object its worker made in the backend went with the backend's reset, or
+                    // goes with the next one).
+                    return;
+                }
+                let result = match r {
+                    Ok(Ok(finish)) => finish(&mut core),
+                    Ok(Err(e)) => Err(e),
+                    Err(panic) => Err(CmdError::Internal(panic)),
+                };
+                core.finish_command(hdr, result);
+            },
+        );
+    }
+
+    pub(super) fn finish_command(&mut self, hdr: CmdHdr, result: cmd::CmdResult) {
+        let ack = hdr.cmd | RESP_ACK;
+        let (mut bytes, code) = match result {
+            Ok(body) => (body, err::OK),
+            Err(e) => {
+                log::debug!("command {} failed: {e}", hdr.cmd);
+                self.stats.command_errors += 1;
+                (vec![0u8; std::mem::size_of::<RespHdr>()], e.code())
+            }
+        };
+        if bytes.len() < std::mem::size_of::<RespHdr>() {
+            bytes.resize(std::mem::size_of::<RespHdr>(), 0);
+        }
+        let rh = RespHdr {
+            response: hdr.response,
+            ack,
+            err: code.min(255) as u8,
+            reserved: [0; 3],
+        };
+        bytes[..16].copy_from_slice(rh.as_slice());
+        if let Some(d) = self.dsr.as_ref() {
+            if let Err(e) = self.mem.memory().write_slice(&bytes, d.resp_slot) {
+                log::debug!("response slot unwritable: {e}");
+            }
+        }
+        self.regs.err = code;
+        self.cmd_pending = false;
+        self.raise(0);
+        self.drain_deferred();
+    }
+}

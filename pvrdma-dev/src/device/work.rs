@@ -1,0 +1,241 @@
+//! Doorbells, the workers' drain jobs, and the backend's deferred work.
+
+use super::*;
+
+impl Core {
+    /// Drains again every queue whose last drain stopped at a WR the backend did not take.
+    pub(super) fn restart_stalled(&mut self) {
+        let qps: Vec<u32> = self
+            .qps
+            .iter_mut()
+            .filter(|(_, q)| q.sched.stalled)
+            .map(|(h, q)| {
+                q.sched.stalled = false;
+                h
+            })
+            .collect();
+        for h in qps {
+            self.schedule_qp(h);
+        }
+        let srqs: Vec<u32> = self
+            .srqs
+            .iter_mut()
+            .filter(|(_, s)| s.sched.stalled)
+            .map(|(h, s)| {
+                s.sched.stalled = false;
+                h
+            })
+            .collect();
+        for h in srqs {
+            self.schedule_srq(h);
+        }
+    }
+
+    /// Runs the backend's deferred work on a worker if it asked for it: one job at a time (as a
+    /// queue's drain), queued behind the device's other work, and again for as long as the
+    /// backend says more remains. Not tied to the reset epoch: the backend drops what a reset
+    /// removes.
+    pub(super) fn start_progress(&mut self) {
+        if self.progress_running || !self.env.progress.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        self.progress_running = true;
+        let weak = self.weak.clone();
+        self.exec.run_on(
+            false,
+            self.env.clone(),
+            |env: &Env| env.backend.progress(),
+            move |more| {
+                let Some(core) = weak.upgrade() else { return };
+                let mut core = core.borrow_mut();
+                core.progress_running = false;
+                // The backend may have room again for WRs it refused (QueueFull).
+                core.restart_stalled();
+                match more {
+                    Ok(true) => core.env.progress.store(true, Ordering::Release),
+                    Ok(false) => {}
+                    Err(e) => log::error!("the backend's deferred work failed: {e}"),
+                }
+                core.start_progress();
+            },
+        );
+    }
+
+    // ---- doorbells -----------------------------------------------------------------------
+
+    /// The user context that owns UAR page `page` (0 = the kernel).
+    pub(super) fn page_ctx(&self, page: u32) -> Option<u32> {
+        if page == 0 {
+            Some(0)
+        } else {
+            self.uar_owner.get(&page).copied()
+        }
+    }
+
+    pub(super) fn pd_ctx(&self, pd: u32) -> Option<u32> {
+        self.pds.get(pd).map(|p| p.ctx)
+    }
+
+    pub(super) fn doorbell(&mut self, off: u64, v: u32) {
+        let page = (off >> 12) as u32;
+        let reg = off & 0xfff;
+        let handle = v & uar::HANDLE_MASK;
+        let Some(ctx) = self.page_ctx(page) else {
+            self.stats.bad_doorbells += 1;
+            return;
+        };
+        if !self.active {
+            self.stats.bad_doorbells += 1;
+            return;
+        }
+        match reg {
+            uar::QP => {
+                let ok = self
+                    .qps
+                    .get(handle)
+                    .is_some_and(|qp| self.pd_ctx(qp.pd) == Some(ctx));
+                let flags = QpDoorbell::from_bits_truncate(v);
+                if !ok || flags.is_empty() {
+                    self.stats.bad_doorbells += 1;
+                    return;
+                }
+                self.schedule_qp(handle);
+            }
+            uar::CQ => {
+                let flags = CqDoorbell::from_bits_truncate(v);
+                let Some(cq) = self.cqs.get_mut(handle).filter(|c| c.ctx == ctx) else {
+                    self.stats.bad_doorbells += 1;
+                    return;
+                };
+                if flags.contains(CqDoorbell::ARM) {
+                    cq.ring.arm = Arm::Any;
+                } else if flags.contains(CqDoorbell::ARM_SOL) && cq.ring.arm != Arm::Any {
+                    cq.ring.arm = Arm::Solicited;
+                }
+                // POLL is a hint: completions are written as soon as they exist, so there is
+                // nothing to flush.
+            }
+            uar::SRQ => {
+                let ok = self
+                    .srqs
+                    .get(handle)
+                    .is_some_and(|s| self.pd_ctx(s.pd) == Some(ctx));
+                if !ok || !SrqDoorbell::from_bits_truncate(v).contains(SrqDoorbell::RECV) {
+                    self.stats.bad_doorbells += 1;
+                    return;
+                }
+                self.schedule_srq(handle);
+            }
+            _ => self.stats.bad_doorbells += 1,
+        }
+    }
+
+    pub(crate) fn schedule_qp(&mut self, handle: u32) {
+        let epoch = self.epoch;
+        let Some(qp) = self.qps.get_mut(handle) else {
+            return;
+        };
+        if qp.sched.busy {
+            qp.sched.again = true;
+            return;
+        }
+        qp.sched.busy = true;
+        qp.sched.again = false;
+        let gen = qp.gen;
+        let shared = qp.shared.clone();
+        let weak = self.weak.clone();
+        self.exec.run_on(
+            false,
+            self.env.clone(),
+            move |env: &Env| {
+                let d = datapath::drain_qp(&shared, env);
+                datapath::progress_here(env);
+                d
+            },
+            move |r| {
+                let Some(core) = weak.upgrade() else { return };
+                let mut core = core.borrow_mut();
+                if core.epoch != epoch {
+                    return;
+                }
+                core.qp_drained(
+                    handle,
+                    gen,
+                    r.unwrap_or(Drained {
+                        ring_error: true,
+                        ..Default::default()
+                    }),
+                );
+            },
+        );
+    }
+
+    pub(super) fn qp_drained(&mut self, handle: u32, gen: u32, d: Drained) {
+        let Some(qp) = self.qps.get_mut(handle).filter(|q| q.gen == gen) else {
+            return;
+        };
+        qp.sched.busy = false;
+        qp.sched.stalled = d.stalled;
+        let again = std::mem::take(&mut qp.sched.again);
+        if d.ring_error {
+            // Broken ring indices or pages: the QP is unusable; tell the guest (QP_FATAL) and
+            // move it to ERR so everything outstanding flushes.
+            let b = qp.backend();
+            let attrs = rdma_backend::QpAttrs {
+                state: Some(QpState::Err),
+                ..Default::default()
+            };
+            let _ = self.env.backend.modify_qp(b, &attrs);
+            self.post_event(1, handle);
+            return;
+        }
+        if again {
+            self.schedule_qp(handle);
+        }
+    }
+
+    pub(crate) fn schedule_srq(&mut self, handle: u32) {
+        let epoch = self.epoch;
+        let Some(srq) = self.srqs.get_mut(handle) else {
+            return;
+        };
+        if srq.sched.busy {
+            srq.sched.again = true;
+            return;
+        }
+        srq.sched.busy = true;
+        srq.sched.again = false;
+        let gen = srq.gen;
+        let shared = srq.shared.clone();
+        let weak = self.weak.clone();
+        self.exec.run_on(
+            false,
+            self.env.clone(),
+            move |env: &Env| datapath::drain_srq(&shared, env),
+            move |r| {
+                let Some(core) = weak.upgrade() else { return };
+                let mut core = core.borrow_mut();
+                if core.epoch != epoch {
+                    return;
+                }
+                let d = r.unwrap_or_default();
+                let Some(srq) = core.srqs.get_mut(handle).filter(|s| s.gen == gen) else {
+                    return;
+                };
+                srq.sched.busy = false;
+                srq.sched.stalled = d.stalled;
+                let again = std::mem::take(&mut srq.sched.again);
+                if d.ring_error || d.malformed > 0 {
+                    // SRQ_ERR: the guest's SRQ ring or one of its WQEs is unusable.
+                    core.post_event(14, handle);
+                }
+                if d.ring_error {
+                    return;
+                }
+                if again {
+                    core.schedule_srq(handle);
+                }
+            },
+        );
+    }
+}
