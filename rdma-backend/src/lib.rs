@@ -25,6 +25,7 @@ use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
 // memfd creation for the suite's guest memory.
 #[allow(unsafe_code)]
+#[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod emulated;
 mod progress;

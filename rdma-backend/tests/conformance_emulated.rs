@@ -455,8 +455,17 @@ fn a_timer_retry_runs_in_progress_not_on_the_timer_thread() {
     asked.store(0, Ordering::SeqCst);
     // No receive: RNR, one retry after 10 µs from the timer.
     d.send(qa, 1, SEND, buf.sges(0, 8, 1));
-    d.quiet(std::time::Duration::from_millis(50));
-    assert_eq!(asked.load(Ordering::SeqCst), 1, "the timer woke the QP");
+    let deadline = std::time::Instant::now() + conformance::WAIT;
+    while asked.load(Ordering::SeqCst) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the timer never woke the QP"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    // Woken, not run: nothing completes until the device's worker calls `progress`.
+    d.quiet(std::time::Duration::from_millis(20));
+    assert_eq!(asked.load(Ordering::SeqCst), 1);
     progress_all(&d);
     let w = d.wait(1);
     assert_eq!((w[0].wr_id, w[0].status), (1, WcStatus::RnrRetryExcErr));
