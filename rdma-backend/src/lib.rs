@@ -31,6 +31,7 @@ pub mod emulated;
 mod progress;
 #[cfg(feature = "rdma-core")]
 pub mod rdma_core;
+mod sync;
 
 pub use progress::ProgressThread;
 

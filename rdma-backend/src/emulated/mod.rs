@@ -41,7 +41,7 @@ mod qp;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 
 pub use fabric::Fabric;
 use mem::{Mr, Segs};
@@ -95,18 +95,8 @@ impl std::hash::Hasher for QpnHasher {
 /// Bit that marks an rkey (lkeys and rkeys of one MR differ).
 const RKEY_BIT: u32 = 0x8000_0000;
 
-/// Locks a mutex, ignoring poisoning (state is kept consistent at every unlock point).
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    l.read().unwrap_or_else(|e| e.into_inner())
-}
-
-fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    l.write().unwrap_or_else(|e| e.into_inner())
-}
+pub(crate) use crate::sync::lock;
+use crate::sync::{read, write};
 
 #[derive(Debug, Default)]
 struct MrSlot {
