@@ -9,13 +9,13 @@ impl Core {
         let Some(d) = self.dsr.as_ref() else {
             // CVE-2022-1050: REQUEST before a DSR is loaded.
             self.regs.err = err::EIO;
-            self.raise(0);
+            self.raise(vector::RESPONSE);
             return;
         };
         let mut req = [0u8; CMD_SLOT_SIZE];
         if self.mem.memory().read_slice(&mut req, d.cmd_slot).is_err() {
             self.regs.err = err::EFAULT;
-            self.raise(0);
+            self.raise(vector::RESPONSE);
             return;
         }
         let hdr = CmdHdr::from_slice(&req[..16]).copied().unwrap_or_default();
@@ -75,7 +75,7 @@ impl Core {
         }
         self.regs.err = code;
         self.cmd_pending = false;
-        self.raise(0);
+        self.raise(vector::RESPONSE);
         self.drain_deferred();
     }
 }

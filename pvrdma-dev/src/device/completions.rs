@@ -102,12 +102,12 @@ impl Core {
             }
         }
         if any {
-            self.raise(2);
+            self.raise(vector::CQ);
         }
         for cqh in overflowed {
             // Report a CQ overflow once per CQ (CQ_ERR, info = CQ handle).
             if self.cqs.get(cqh).is_some() {
-                self.post_event(0, cqh);
+                self.post_event(event::CQ_ERR, cqh);
             }
         }
         restart.sort_unstable();

@@ -55,7 +55,7 @@ impl Core {
         match d.post_event(&*mem, event_type, info) {
             Ok(true) => {
                 self.stats.events += 1;
-                self.raise(1);
+                self.raise(vector::ASYNC);
             }
             Ok(false) => log::debug!("async event ring full; event {event_type} dropped"),
             Err(e) => log::debug!("async event ring unusable: {e}"),

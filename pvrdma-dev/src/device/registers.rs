@@ -19,7 +19,7 @@ impl Core {
         exec: Exec,
         weak: Weak<RefCell<Core>>,
     ) -> Core {
-        let config = ConfigSpace::new(cfg.uar_bar_size(), (0x15ad, 0x0820));
+        let config = ConfigSpace::new(cfg.uar_bar_size(), crate::pci::DEFAULT_SUBSYSTEM);
         let tables = Tables::new(&cfg);
         Core {
             config,
@@ -311,7 +311,7 @@ impl Core {
                     if !was {
                         // There is no link-state caching in the driver: the port is ACTIVE
                         // from activation, and an event says so.
-                        self.post_event(9, 1);
+                        self.post_event(event::PORT_ACTIVE, 1);
                     }
                 } else {
                     self.regs.err = err::EIO;

@@ -186,7 +186,7 @@ impl Core {
                 ..Default::default()
             };
             let _ = self.env.backend.modify_qp(b, &attrs);
-            self.post_event(1, handle);
+            self.post_event(event::QP_FATAL, handle);
             return;
         }
         if again {
@@ -227,7 +227,7 @@ impl Core {
                 let again = std::mem::take(&mut srq.sched.again);
                 if d.ring_error || d.malformed > 0 {
                     // SRQ_ERR: the guest's SRQ ring or one of its WQEs is unusable.
-                    core.post_event(14, handle);
+                    core.post_event(event::SRQ_ERR, handle);
                 }
                 if d.ring_error {
                     return;
