@@ -481,11 +481,11 @@ pub mod event {
 /// QP types of CREATE_QP (`ib_qp_type` numbering).
 pub mod qp_type {
     /// The GSI QP (QP1).
-    pub const GSI: u32 = 1;
+    pub const GSI: u8 = 1;
     /// Reliable connected.
-    pub const RC: u32 = 2;
+    pub const RC: u8 = 2;
     /// Unreliable datagram.
-    pub const UD: u32 = 4;
+    pub const UD: u8 = 4;
 }
 
 /// Port states of QUERY_PORT (`ib_port_state`, and the physical state's encoding).

@@ -32,7 +32,11 @@ pub(super) fn query_port(core: &mut Core, req: CmdQueryPort) -> Result<Work, Cmd
     let gid_tbl_len = core.cfg.gid_tbl_len;
     main_loop_only(move |core| {
         let attrs = PortAttr {
-            state: if core.active { 4 } else { 1 },
+            state: if core.active {
+                port_state::ACTIVE
+            } else {
+                port_state::DOWN
+            },
             max_mtu: 5,
             active_mtu: 3,
             gid_tbl_len,
@@ -42,7 +46,11 @@ pub(super) fn query_port(core: &mut Core, req: CmdQueryPort) -> Result<Work, Cmd
             max_vl_num: 1,
             active_width: 2,
             active_speed: 32,
-            phys_state: if core.active { 5 } else { 3 },
+            phys_state: if core.active {
+                port_state::PHYS_LINK_UP
+            } else {
+                port_state::PHYS_DISABLED
+            },
             ..PortAttr::default()
         };
         Ok(resp(&RespQueryPort { hdr: hdr(), attrs }))

@@ -38,9 +38,9 @@ fn check_wr(n: u32, max: u32, what: &'static str) -> Result<(), CmdError> {
 
 pub(super) fn create_qp(core: &mut Core, req: CmdCreateQp) -> Result<Work, CmdError> {
     let qp_type = match req.qp_type {
-        1 => QpType::Gsi,
-        2 => QpType::Rc,
-        4 => QpType::Ud,
+        qp_type::GSI => QpType::Gsi,
+        qp_type::RC => QpType::Rc,
+        qp_type::UD => QpType::Ud,
         _ => return Err(CmdError::Invalid("QP type")),
     };
     let cfg = core.cfg.clone();
