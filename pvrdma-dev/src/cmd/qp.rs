@@ -170,6 +170,7 @@ pub(super) fn create_qp(core: &mut Core, req: CmdCreateQp) -> Result<Work, CmdEr
             sq_sig_all: init.sq_sig_all,
             dead: AtomicBool::new(false),
             pending: Default::default(),
+            resets: Default::default(),
         });
         let b = env.backend.clone();
         Ok(Box::new(move |core: &mut Core| {
@@ -374,6 +375,7 @@ pub(super) fn modify_qp(core: &mut Core, req: CmdModifyQp) -> Result<Work, CmdEr
             merge_attrs(&mut qp.attrs, m, &wire);
             if attrs.state == Some(QpState::Reset) {
                 // Both sides start the rings again from 0 (spec §6).
+                qp.shared.resets.fetch_add(1, Ordering::AcqRel);
                 let _ = qp.shared.sq.ring.reset(&*mem);
                 if let Some(rq) = &qp.shared.rq {
                     let _ = rq.ring.reset(&*mem);

@@ -94,6 +94,10 @@ pub(crate) struct QpShared {
     pub dead: AtomicBool,
     /// WRs fetched but not yet taken by the backend (only its one worker touches it).
     pub pending: std::sync::Mutex<Pending>,
+    /// Times the rings were reset (MODIFY_QP to RESET, on the main loop). A drain that ran
+    /// across a reset may have read the indices while they were set back to 0: what it took for
+    /// a broken ring is not one; and WRs fetched before a reset are dropped, not posted after.
+    pub resets: std::sync::atomic::AtomicU32,
 }
 
 /// What an SRQ's worker needs.
@@ -181,6 +185,8 @@ const BATCH: usize = 16;
 pub(crate) struct Pending {
     send: VecDeque<FetchedSend>,
     recv: VecDeque<FetchedRecv>,
+    /// The QP's [`QpShared::resets`] when these were fetched.
+    resets: u32,
 }
 
 impl QpShared {
@@ -235,6 +241,13 @@ pub(crate) fn drain_qp(shared: &QpShared, env: &Env) -> Drained {
         out.ring_error = true;
         return out;
     };
+    let resets = shared.resets.load(Ordering::Acquire);
+    if pending.resets != resets {
+        // Fetched before the QP was reset: the guest's RESET discarded them.
+        pending.send.clear();
+        pending.recv.clear();
+        pending.resets = resets;
+    }
     if let Some(rq) = &shared.rq {
         // A stalled receive queue does not hold up the send queue.
         if !drain_rq(shared, env, &*mem, rq, &mut pending.recv, &mut out) {

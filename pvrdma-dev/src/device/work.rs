@@ -142,6 +142,7 @@ impl Core {
         qp.sched.busy = true;
         qp.sched.again = false;
         let gen = qp.gen;
+        let resets = qp.shared.resets.load(Ordering::Acquire);
         let shared = qp.shared.clone();
         let weak = self.weak.clone();
         self.exec.run_on(
@@ -161,6 +162,7 @@ impl Core {
                 core.qp_drained(
                     handle,
                     gen,
+                    resets,
                     r.unwrap_or(Drained {
                         ring_error: true,
                         ..Default::default()
@@ -170,14 +172,14 @@ impl Core {
         );
     }
 
-    pub(super) fn qp_drained(&mut self, handle: u32, gen: u32, d: Drained) {
+    pub(super) fn qp_drained(&mut self, handle: u32, gen: u32, resets: u32, d: Drained) {
         let Some(qp) = self.qps.get_mut(handle).filter(|q| q.gen == gen) else {
             return;
         };
         qp.sched.busy = false;
         qp.sched.stalled = d.stalled;
         let again = std::mem::take(&mut qp.sched.again);
-        if d.ring_error {
+        if d.ring_error && qp.shared.resets.load(Ordering::Acquire) == resets {
             // Broken ring indices or pages: the QP is unusable; tell the guest (QP_FATAL) and
             // move it to ERR so everything outstanding flushes.
             let b = qp.backend();
