@@ -20,14 +20,11 @@ use common::vms::*;
 use common::*;
 use pvrdma_dev::abi::wr_opcode;
 use pvrdma_guest::driver::rc_connect_attrs;
-use pvrdma_guest::mem::GuestPdir;
+use pvrdma_guest::tenant::{aliased_gib, GIB};
 use pvrdma_guest::{Mr, SendWqe, Transport};
 use rdma_backend::WcStatus;
 use vm_memory::{Bytes, GuestAddress};
 
-const GIB: u64 = 1 << 30;
-/// Pages of a 1 GiB MR: the most one page directory lists (512 tables of 512 entries).
-const GIB_PAGES: usize = 262_144;
 /// The 1 GiB WRITEs a hostile tenant queues behind a stall: 64 GiB, which the emulated backend
 /// copied in one uninterruptible pass of 7-10 s on a 2-core test machine (~0.13 s per GiB, debug
 /// build) before copies were sliced.
@@ -61,15 +58,6 @@ fn page_bytes(v: &Vm, p: GuestAddress) -> Vec<u8> {
     let mut b = vec![0u8; 4096];
     v.drv.mem().read_slice(&mut b, p).expect("read page");
     b
-}
-
-/// A 1 GiB MR of `v` at `iova` whose 262,144 pages are all `page`: 4 KiB of RAM. (Never destroy
-/// it: the harness would return the page to its allocator 262,144 times.)
-fn aliased_gib(v: &Vm, iova: u64, page: GuestAddress) -> Mr {
-    let pdir = GuestPdir::build(&v.drv.alloc, v.drv.mem(), vec![page; GIB_PAGES]);
-    v.drv
-        .reg_mr_pdir(v.pd, iova, GIB, ALL_ACCESS, pdir)
-        .expect("a 1 GiB MR over one page")
 }
 
 /// A signaled 1 GiB RDMA WRITE of all of `src` to the start of `dst`.
@@ -132,7 +120,7 @@ fn cpu_over(pid: u32, window: Duration) -> std::thread::JoinHandle<Duration> {
 fn devices_pid(host: &Host) -> u32 {
     match host {
         Host::Serve(s) => s.pid(),
-        Host::Fabric(_) => std::process::id(),
+        Host::Fabric(..) => std::process::id(),
     }
 }
 
@@ -156,8 +144,8 @@ fn start_copies(h: &Vm) -> Copies {
     let [init, rtr, rts] = rc_connect_attrs(h1.qp.qpn, h.gid, ALL_ACCESS);
     h.drv.modify_qp(&h2.qp, init).expect("h2 to INIT");
     let (x, d) = (page_of(h, Some(0x3c)), page_of(h, None));
-    let src = aliased_gib(h, 0x10_0000_0000, x);
-    let dst = aliased_gib(h, 0x20_0000_0000, d);
+    let src = aliased_gib(&h.drv, h.pd, 0x10_0000_0000, x).expect("a 1 GiB MR over one page");
+    let dst = aliased_gib(&h.drv, h.pd, 0x20_0000_0000, d).expect("a 1 GiB MR over one page");
     let mut h1 = h1;
     for i in 0..K {
         assert!(h.drv.post_send(&mut h1.qp, &write_gib(i, &src, &dst)));
@@ -430,8 +418,8 @@ fn an_unmap_is_answered_promptly_during_one_huge_copy() {
     }
     let x = page_of(a, Some(0x5a));
     let d = page_of(&b, None);
-    let src = aliased_gib(a, 0x10_0000_0000, x);
-    let dst = aliased_gib(&b, 0x20_0000_0000, d);
+    let src = aliased_gib(&a.drv, a.pd, 0x10_0000_0000, x).expect("a 1 GiB MR over one page");
+    let dst = aliased_gib(&b.drv, b.pd, 0x20_0000_0000, d).expect("a 1 GiB MR over one page");
     let small = b
         .drv
         .reg_mr(b.pd, 0x30_0000_0000, 4096, ALL_ACCESS)

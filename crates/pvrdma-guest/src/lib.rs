@@ -10,6 +10,7 @@ pub mod driver;
 pub mod kernel;
 pub mod mem;
 pub mod perf;
+pub mod tenant;
 pub mod transport;
 pub mod vfio;
 
