@@ -15,19 +15,6 @@ use pvrdma_dev::abi::{wr_opcode, CMD_SLOT_SIZE};
 use pvrdma_guest::{Driver, QpKind, SendWqe};
 use vm_memory::{Bytes, GuestAddress};
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
-
 /// The attacker: its own context, objects it scribbles over, random commands and doorbells that
 /// never name the victim's handles (the command channel trusts the guest kernel with handles, as
 /// the real driver's device does; isolation between contexts is about doorbells and memory).

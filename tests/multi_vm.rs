@@ -589,7 +589,7 @@ fn cross_vm_soak_with_a_vm_joining_and_leaving() {
     };
     let pid = match &host {
         Host::Serve(s) => Some(s.pid()),
-        Host::Fabric(_) => None,
+        Host::Fabric(..) => None,
     };
     let before = pid.map(baseline);
     let done = AtomicU64::new(0);

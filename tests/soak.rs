@@ -12,16 +12,6 @@ use common::*;
 use pvrdma_dev::abi::wr_opcode;
 use pvrdma_guest::{Driver, QpKind, SendWqe};
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
 const BUF: u64 = 64 * 1024;
 
 fn churn(drv: &Driver, stop: &AtomicBool, uar: u32) -> u64 {

@@ -181,6 +181,23 @@ pub fn send(wr_id: u64, sge: pvrdma_dev::abi::WireSge) -> pvrdma_guest::SendWqe 
     }
 }
 
+/// A xorshift generator: deterministic random sizes, offsets and bytes for the soaks.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// A number below `n` (0 for `n` = 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
 /// Deterministic test bytes.
 pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)

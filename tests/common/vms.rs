@@ -28,10 +28,11 @@ pub struct Vm {
     pub pd: u32,
 }
 
-/// The host: the `pvrdma serve` process (vfio-user) or the shared fabric (in-process).
+/// The host: the `pvrdma serve` process (vfio-user) or the shared fabric and the devices'
+/// host-memory budget (in-process).
 pub enum Host {
     Serve(ServeProcess),
-    Fabric(Arc<Fabric>),
+    Fabric(Arc<Fabric>, u64),
 }
 
 impl Host {
@@ -43,10 +44,11 @@ impl Host {
                 let t = Arc::new(VfioUser::connect(&s.sockets()[i]).expect("connect"));
                 (t.clone(), Some(t))
             }
-            Host::Fabric(f) => {
+            Host::Fabric(f, max_host_mem) => {
                 let cfg = DeviceConfig {
                     mac,
                     workers: 1,
+                    max_host_mem: *max_host_mem,
                     ..DeviceConfig::default()
                 };
                 (Arc::new(InProcess::new(cfg, DEFAULT_RAM, f)), None)
@@ -83,18 +85,24 @@ pub fn mac_of(i: usize) -> [u8; 6] {
 
 /// `n` VMs on one host.
 pub fn host(n: usize) -> (Host, Vec<Vm>) {
+    host_with_budget(n, DeviceConfig::default().max_host_mem)
+}
+
+/// `n` VMs on one host whose devices each have a host-memory budget of `max_host_mem` bytes.
+pub fn host_with_budget(n: usize, max_host_mem: u64) -> (Host, Vec<Vm>) {
     let host = if over_vfio_user() {
         let macs: Vec<[u8; 6]> = (0..n).map(mac_of).collect();
+        let budget = max_host_mem.to_string();
         Host::Serve(
             ServeProcess::spawn_devices(
                 std::path::Path::new(env!("CARGO_BIN_EXE_pvrdma")),
                 &macs,
-                &["--workers", "1"],
+                &["--workers", "1", "--max-host-mem", &budget],
             )
             .expect("pvrdma serve starts"),
         )
     } else {
-        Host::Fabric(Fabric::new())
+        Host::Fabric(Fabric::new(), max_host_mem)
     };
     let vms = (0..n).map(|i| host.boot(i)).collect();
     (host, vms)
