@@ -18,6 +18,7 @@ use pvrdma_guest::driver::{rc_connect_attrs, QpKind};
 use pvrdma_guest::kernel::ib_register;
 use pvrdma_guest::mem::{GuestPdir, PAGE};
 use pvrdma_guest::perf::{self, BwOpts, Pair, Sample, Test};
+use pvrdma_guest::tenant;
 use pvrdma_guest::vfio::{ServeProcess, VfioUser};
 use pvrdma_guest::{Driver, InProcess, Transport};
 use rdma_backend::emulated::Fabric;
@@ -49,9 +50,11 @@ options:\n\
 \x20 --poll-us N          device polling before a thread sleeps, in µs (default: the device's 0\n\
 \x20                      in-process, `pvrdma serve`'s 32 over vfio-user)\n\
 \x20 --bytes N            bytes per bandwidth case (default 1 GiB; iterations derive from it)\n\
-\x20 --only SECTIONS      data,multi,cmd,mem,vms (default all); vms: devices of one\n\
+\x20 --only SECTIONS      data,multi,cmd,mem,vms,hostile (default all); vms: devices of one\n\
 \x20                      `pvrdma serve` as VMs of one host (VM to VM next to loopback,\n\
-\x20                      fairness under a flooding VM, 16 VMs)\n";
+\x20                      fairness under a flooding VM, 16 VMs); hostile: a VM pair's latency\n\
+\x20                      next to a VM that fills its host-memory budget, queues stalled 1 GiB\n\
+\x20                      WRITEs and aims its QPs at the pair's\n";
 
 #[derive(Debug, Clone)]
 struct Opts {
@@ -98,7 +101,7 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         sig: 32,
         workers: 2,
         bytes: 1 << 30,
-        sections: ["data", "multi", "cmd", "mem", "vms"]
+        sections: ["data", "multi", "cmd", "mem", "vms", "hostile"]
             .map(String::from)
             .to_vec(),
     };
@@ -917,50 +920,22 @@ fn worst_case_memory(o: &Opts) -> Result<(), String> {
     let pd = d.create_pd(ctx).map_err(e)?;
     let cq = d.create_cq(ctx, 64).map_err(e)?;
     let mr = d.reg_mr(pd, 0x7000_0000, PAGE, 1).map_err(e)?;
-    let sges: Vec<_> = (0..16).map(|i| mr.sge(i * 64, 64)).collect();
+    let sges: Vec<_> = (0..u64::from(tenant::SGES))
+        .map(|i| mr.sge(i * 64, 64))
+        .collect();
     std::thread::sleep(Duration::from_millis(100));
     let before = rss(pid);
-    let (depth, mut qps) = (8192u32, Vec::new());
-    let refused = loop {
-        match d.create_qp(
-            ctx,
-            QpKind::Rc,
-            pd,
-            &cq,
-            &cq,
-            None,
-            (1, depth, 1, 16),
-            false,
-        ) {
-            Ok(qp) => qps.push(qp),
-            Err(err) => break err.to_string(),
-        }
-        if qps.len() >= 1023 {
-            return Err("the device never refused a QP: no budget?".into());
-        }
-    };
-    let [init, _, _] = rc_connect_attrs(0, [0; 16], 1);
-    for qp in &mut qps {
-        d.modify_qp(qp, init).map_err(e)?;
-        let mut n = 0u64;
-        while d.push_recv(qp, n, &sges) {
-            n += 1;
-        }
-        d.doorbell(qp.ctx, pvrdma_dev::regs::uar::QP, qp.handle | (1 << 31));
-    }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while qps.iter().any(|q| !d.rq_drained(q)) {
-        if Instant::now() > deadline {
-            return Err("the device did not take the receives".into());
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let never = || false;
+    let mut qps = tenant::qps_to_the_budget(&d, (ctx, pd, &cq), 1023, &never)?;
+    let receives = tenant::fill_receive_queues(&d, &mut qps, &sges, &never)?;
     let after = rss(pid);
     let grown_mib = after.1.saturating_sub(before.1) as f64 / 1024.0;
     println!(
-        "worst case, budget {WORST_BUDGET_MIB} MiB (--max-host-mem): {} QPs of {depth} \
-         16-SGE receives, the next refused ({refused}); all filled: RssAnon +{grown_mib:.1} MiB",
-        qps.len()
+        "worst case, budget {WORST_BUDGET_MIB} MiB (--max-host-mem): {} QPs of {} {}-SGE \
+         receives, the next refused (ENOMEM); all filled: RssAnon +{grown_mib:.1} MiB",
+        qps.len(),
+        tenant::DEEP,
+        tenant::SGES,
     );
     println!(
         "{}",
@@ -968,10 +943,7 @@ fn worst_case_memory(o: &Opts) -> Result<(), String> {
             ("kind", q("mem_worst")),
             ("budget_mib", WORST_BUDGET_MIB.to_string()),
             ("qps", qps.len().to_string()),
-            (
-                "receives",
-                (qps.len() as u64 * u64::from(depth)).to_string()
-            ),
+            ("receives", receives.to_string()),
             ("rss_anon_grown_mib", f(grown_mib)),
         ])
     );
@@ -1086,6 +1058,14 @@ pub fn run(args: &[String]) -> Result<(), String> {
         println!();
         println!("== VMs of one host: the devices of one `pvrdma serve`, a vfio-user client each");
         vms::vms_section(&o)?;
+    }
+    if has(&o, "hostile") {
+        println!();
+        println!(
+            "== a hostile neighbour: VMs 0-1 of one `pvrdma serve` measure latency, idle, while \
+             VM 2 is a hostile tenant, and while it is one in another process"
+        );
+        vms::hostile_section(&o)?;
     }
     println!();
     let stalls = STALLS.load(std::sync::atomic::Ordering::Relaxed);

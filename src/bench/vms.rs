@@ -11,10 +11,11 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pvrdma_guest::kernel::ib_register;
 use pvrdma_guest::perf::{self, BwOpts, Pair, Sample, Side, Test};
+use pvrdma_guest::tenant::{self, Tally, Target};
 use pvrdma_guest::vfio::{ServeProcess, VfioUser};
 use pvrdma_guest::{Driver, Transport};
 
@@ -376,6 +377,184 @@ fn sixteen(o: &Opts) -> Result<(), String> {
             ("per_device_busy_anon_kib", f(traffic.1)),
         ])
     );
+    Ok(())
+}
+
+/// Guest RAM of a hostile VM: room for the receive rings of the QPs its device's budget lets
+/// it fill (about 4 MiB of ring per QP of 8,192 16-SGE receives; the default 128 MiB budget
+/// takes ~47 of them).
+const HOSTILE_RAM: usize = 512 << 20;
+/// 1 GiB WRITEs per round of a hostile VM's work loop.
+const HOSTILE_GIB_WRITES: u32 = 16;
+/// The longest the hostile tenant's loops may take to begin.
+const HOSTILE_START: Duration = Duration::from_secs(30);
+
+/// CPU time (ns) by thread name.
+type CpuMap = std::collections::BTreeMap<String, u64>;
+
+/// The CPU time per message between two snapshots, split three ways: the well-behaved pair's
+/// threads (this process's main thread, the pair's devices), the hostile tenant's (its harness
+/// threads, its device's threads, named by `hostile`), and the rest (the fabric's timer).
+fn cpu_split(
+    before: &CpuMap,
+    after: &CpuMap,
+    msgs: u64,
+    hostile: &dyn Fn(&str) -> bool,
+) -> [f64; 3] {
+    let mut split = [0.0; 3];
+    for (k, &v) in after {
+        let ns = v.saturating_sub(before.get(k).copied().unwrap_or(0)) as f64 / msgs.max(1) as f64;
+        let i = if hostile(k) {
+            1
+        } else if k == "pvrdma" || k.contains("vm0") || k.contains("vm1") {
+            0
+        } else {
+            2
+        };
+        split[i] += ns;
+    }
+    split
+}
+
+/// `n` 8 B SEND round trips between `a` and `b` on `lat` while `hostile` (if any) runs
+/// [`tenant::run`] against `targets`, measured once each of its loops is under way: the sample,
+/// `snap` (CPU time by thread) before and after it, and what the tenant did.
+fn beside_a_hostile_tenant(
+    snap: &dyn Fn() -> CpuMap,
+    (a, b): (&Vm, &Vm),
+    lat: &mut Pair,
+    n: u64,
+    hostile: Option<(&Vm, &[Target])>,
+) -> Result<(Sample, [CpuMap; 2], Tally), String> {
+    let tally = Tally::default();
+    let Some((h, targets)) = hostile else {
+        let before = snap();
+        let s = perf::send_lat_between(&a.drv, &b.drv, lat, 8, n)
+            .map_err(|e| format!("idle latency: {e}"))?;
+        return Ok((s, [before, snap()], tally));
+    };
+    let stop = AtomicBool::new(false);
+    let (r, cpu, hostile) = std::thread::scope(|s| {
+        let (drv, gid, tally, stop) = (&h.drv, h.gid, &tally, &stop);
+        let t = s.spawn(move || tenant::run(drv, gid, targets, HOSTILE_GIB_WRITES, tally, stop));
+        let t0 = Instant::now();
+        while !tally.every_loop_began() && !t.is_finished() && t0.elapsed() < HOSTILE_START {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let before = snap();
+        let r = if tally.every_loop_began() {
+            perf::send_lat_between(&a.drv, &b.drv, lat, 8, n).map_err(|e| e.to_string())
+        } else {
+            Err(format!("the hostile tenant's loops did not begin: {tally}"))
+        };
+        let after = snap();
+        stop.store(true, Ordering::Relaxed);
+        (
+            r,
+            [before, after],
+            t.join().expect("hostile tenant's thread"),
+        )
+    });
+    hostile.map_err(|e| format!("hostile tenant: {e}"))?;
+    let s = r.map_err(|e| format!("latency beside a hostile tenant: {e}"))?;
+    Ok((s, cpu, tally))
+}
+
+/// One VM pair's 8 B SEND latency idle, while a third VM of the same `pvrdma serve` is a
+/// hostile tenant ([`tenant::run`]: QPs to its device's budget filled and destroyed, stalled
+/// 1 GiB WRITEs over one aliased page released, its QPs aimed at the pair's QPs with their
+/// rkeys and guessed ones), and while the same tenant runs in a second `pvrdma serve` (the
+/// CPU contention alone, nothing shared); each with the CPU time per message of the pair's
+/// threads and of the tenant's.
+pub(super) fn hostile_section(o: &Opts) -> Result<(), String> {
+    let ram = pvrdma_guest::transport::DEFAULT_RAM;
+    let same = serve(o, 3)?;
+    let (a, b) = (boot(&same, 0, ram)?, boot(&same, 1, ram)?);
+    let h = boot(&same, 2, HOSTILE_RAM)?;
+    // The second process's hostile VM is its VM 3 (0-2 have no client): a MAC and GID of its
+    // own, as on one network.
+    let other = serve(o, 4)?;
+    let h_other = boot(&other, 3, HOSTILE_RAM)?;
+    let snap = || {
+        let mut m = cpu(&same);
+        thread_cpu(other.pid(), "other:", &mut m);
+        m
+    };
+    let n = if o.quick { 2000 } else { 20_000 };
+    let mut lat = pair(&a, Some(&b), o.depth, 2 << 16)?;
+    let targets = [
+        Target::new(&lat.a, a.gid, &lat.b, b.gid, &[&lat.mr_a]),
+        Target::new(&lat.b, b.gid, &lat.a, a.gid, &[&lat.mr_b]),
+    ];
+    header();
+    let mut rows = Vec::new();
+    for (name, hostile) in [
+        ("idle", None),
+        ("hostile", Some((&h, &targets[..]))),
+        ("elsewhere", Some((&h_other, &targets[..]))),
+    ] {
+        let (s, [before, after], tally) =
+            beside_a_hostile_tenant(&snap, (&a, &b), &mut lat, n, hostile)?;
+        report(name, &s, 1, o.workers, o, None, &[]);
+        let mut fields = vec![("kind", q("cpu")), ("while", q(name))];
+        fields.extend(cpu_per_msg(&before, &after, s.iters));
+        println!("{}", json_line(&fields));
+        if hostile.is_some() {
+            println!("{:<8} the hostile tenant meanwhile: {tally}", "");
+        }
+        let is_hostile = |k: &str| {
+            k.starts_with("hostile")
+                || k.starts_with("other:")
+                || (k.starts_with("serve:") && k.contains("vm2"))
+        };
+        let split = cpu_split(&before, &after, s.iters, &is_hostile);
+        rows.push((s, split, tally));
+    }
+    let p99 = |i: usize| rows[i].0.lat_us(0.99);
+    let (same_x, other_x) = (p99(1) / p99(0), p99(2) / p99(0));
+    let cpu = |i: usize| rows[i].1;
+    println!(
+        "hostile neighbour: 8 B send_lat p99 {:.2} us idle; {:.2} us ({same_x:.2}x) while a VM of \
+         the same process is a hostile tenant; {:.2} us ({other_x:.2}x) while it runs in another \
+         process",
+        p99(0),
+        p99(1),
+        p99(2)
+    );
+    for (i, name) in [(0, "idle"), (1, "hostile"), (2, "elsewhere")] {
+        let [pair, hostile, rest] = cpu(i);
+        println!(
+            "{:<8} CPU per message: {pair:.0} ns the pair's threads, {hostile:.0} ns the hostile \
+             tenant's, {rest:.0} ns the rest ({name})",
+            ""
+        );
+    }
+    let mut fields = vec![
+        ("kind", q("hostile_fairness")),
+        ("iters", n.to_string()),
+        ("idle_p50_us", f(rows[0].0.lat_us(0.5))),
+        ("idle_p99_us", f(p99(0))),
+        ("hostile_p50_us", f(rows[1].0.lat_us(0.5))),
+        ("hostile_p99_us", f(p99(1))),
+        ("elsewhere_p50_us", f(rows[2].0.lat_us(0.5))),
+        ("elsewhere_p99_us", f(p99(2))),
+        ("ratio", f(same_x)),
+        ("elsewhere_ratio", f(other_x)),
+        ("idle_cpu_ns_per_msg", f(cpu(0)[0])),
+        ("hostile_pair_cpu_ns_per_msg", f(cpu(1)[0])),
+        ("hostile_tenant_cpu_ns_per_msg", f(cpu(1)[1])),
+        ("hostile_rest_cpu_ns_per_msg", f(cpu(1)[2])),
+        ("elsewhere_pair_cpu_ns_per_msg", f(cpu(2)[0])),
+        ("elsewhere_tenant_cpu_ns_per_msg", f(cpu(2)[1])),
+    ];
+    let tally: Vec<(String, u64)> = rows[1]
+        .2
+        .fields()
+        .into_iter()
+        .map(|(k, v)| (format!("tenant_{k}"), v))
+        .collect();
+    fields.extend(tally.iter().map(|(k, v)| (k.as_str(), v.to_string())));
+    println!("{}", json_line(&fields));
     Ok(())
 }
 

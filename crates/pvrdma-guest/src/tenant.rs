@@ -200,6 +200,8 @@ pub struct Tally {
     /// Receives posted to them, each taken by the device.
     pub receives: AtomicU64,
     /// Rounds of the work loop whose stalled WRs were released.
+    pub released: AtomicU64,
+    /// Rounds of the work loop that ended (their WRs run out, or cut short).
     pub copy_rounds: AtomicU64,
     /// 1 GiB WRITEs that completed with success.
     pub gib_written: AtomicU64,
@@ -212,6 +214,13 @@ pub struct Tally {
 }
 
 impl Tally {
+    /// Whether each of the three loops is under way: QPs made, copies released, WRs aimed.
+    pub fn every_loop_began(&self) -> bool {
+        [&self.mem_qps, &self.released, &self.intrusions]
+            .iter()
+            .all(|c| c.load(Ordering::Relaxed) > 0)
+    }
+
     /// Whether each of the three loops has completed a round.
     pub fn every_loop_ran(&self) -> bool {
         [&self.mem_rounds, &self.copy_rounds, &self.intrusions]
@@ -226,6 +235,7 @@ impl Tally {
             ("mem_rounds", g(&self.mem_rounds)),
             ("mem_qps", g(&self.mem_qps)),
             ("receives", g(&self.receives)),
+            ("released", g(&self.released)),
             ("copy_rounds", g(&self.copy_rounds)),
             ("gib_written", g(&self.gib_written)),
             ("gib_cut", g(&self.gib_cut)),
@@ -483,6 +493,7 @@ impl Copier {
             ready(&self.h2)?;
         }
         let released = Instant::now();
+        tally.released.fetch_add(1, Ordering::Relaxed);
         let (k, mut seen) = (self.k, BTreeMap::new());
         let take = |cq: &mut Cq, seen: &mut BTreeMap<u32, u32>, wait| {
             take_round(drv, cq, seen, (round, k), wait)
@@ -695,10 +706,12 @@ impl Intruder {
         if let Some(c) = drv.wait_cqes(&mut self.cq, 1, Duration::ZERO).first() {
             return Err(format!("an intruder's CQE after its QP was reset: {c:?}"));
         }
-        // Now and then the impostor binds the peer's GID too: the device takes it into its
-        // table (the fabric keeps it its owner's, and `pvrdma serve` logs a warning each time).
-        let spoofed =
-            impostor.is_some() && round % 32 < 4 && drv.create_bind(1, t.peer_gid, 1).is_ok();
+        // Once in a while (once per target in 256 rounds) the impostor binds the peer's GID
+        // too: the device takes it into its table (the fabric keeps it its owner's, and
+        // `pvrdma serve` logs a warning each time).
+        let spoofed = impostor.is_some()
+            && round % 256 < targets.len() as u64
+            && drv.create_bind(1, t.peer_gid, 1).is_ok();
         // Transport timeout 8 µs, one retry: RETRY_EXC_ERR within a few timer ticks.
         let mut m = rc_connect_attrs(dest, t.gid, ACCESS);
         m[1].attrs.ah_attr.grh.sgid_index = u8::from(spoofed);
