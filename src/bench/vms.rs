@@ -8,6 +8,9 @@
 //!   64 B SENDs, and while the same flood runs in a second process (the CPU contention alone).
 //! - 16 VMs with 4 QPs each, connected around a ring: the aggregate rate, and host memory per
 //!   device.
+//! - A hostile neighbour (its own section, `--only hostile`): one VM pair's 8 B SEND latency,
+//!   idle, while a third VM of the process is a hostile tenant (`pvrdma_guest::tenant`), and
+//!   while the same tenant runs in a second process; the CPU time per message of each side.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -392,24 +395,25 @@ const HOSTILE_START: Duration = Duration::from_secs(30);
 /// CPU time (ns) by thread name.
 type CpuMap = std::collections::BTreeMap<String, u64>;
 
-/// The CPU time per message between two snapshots, split three ways: the well-behaved pair's
-/// threads (this process's main thread, the pair's devices), the hostile tenant's (its harness
-/// threads, its device's threads, named by `hostile`), and the rest (the fabric's timer).
-fn cpu_split(
-    before: &CpuMap,
-    after: &CpuMap,
-    msgs: u64,
-    hostile: &dyn Fn(&str) -> bool,
-) -> [f64; 3] {
-    let mut split = [0.0; 3];
+/// The CPU time per message between two snapshots (of this process, of the `pvrdma serve`
+/// of VMs 0-2 as `serve:`, of the second one as `other:`), split four ways: the well-behaved
+/// pair's threads (this process's main thread, devices 0 and 1), the hostile tenant's guest
+/// (its `hostile-*` threads: the vCPUs a VM would burn), its device (VM 2's device threads, and
+/// the second process's), and the rest (the fabric's timer, interrupt threads, each process's
+/// main thread).
+fn cpu_split(before: &CpuMap, after: &CpuMap, msgs: u64) -> [f64; 4] {
+    let mut split = [0.0; 4];
     for (k, &v) in after {
         let ns = v.saturating_sub(before.get(k).copied().unwrap_or(0)) as f64 / msgs.max(1) as f64;
-        let i = if hostile(k) {
-            1
-        } else if k == "pvrdma" || k.contains("vm0") || k.contains("vm1") {
+        let device = k.strip_prefix("serve:").unwrap_or("");
+        let i = if k == "pvrdma" || device.contains("vm0") || device.contains("vm1") {
             0
-        } else {
+        } else if k.starts_with("hostile") {
+            1
+        } else if device.contains("vm2") || (k.starts_with("other:") && k.contains("vm")) {
             2
+        } else {
+            3
         };
         split[i] += ns;
     }
@@ -502,17 +506,12 @@ pub(super) fn hostile_section(o: &Opts) -> Result<(), String> {
         if hostile.is_some() {
             println!("{:<8} the hostile tenant meanwhile: {tally}", "");
         }
-        let is_hostile = |k: &str| {
-            k.starts_with("hostile")
-                || k.starts_with("other:")
-                || (k.starts_with("serve:") && k.contains("vm2"))
-        };
-        let split = cpu_split(&before, &after, s.iters, &is_hostile);
+        let split = cpu_split(&before, &after, s.iters);
         rows.push((s, split, tally));
     }
     let p99 = |i: usize| rows[i].0.lat_us(0.99);
     let (same_x, other_x) = (p99(1) / p99(0), p99(2) / p99(0));
-    let cpu = |i: usize| rows[i].1;
+    let split = |i: usize| rows[i].1;
     println!(
         "hostile neighbour: 8 B send_lat p99 {:.2} us idle; {:.2} us ({same_x:.2}x) while a VM of \
          the same process is a hostile tenant; {:.2} us ({other_x:.2}x) while it runs in another \
@@ -522,10 +521,10 @@ pub(super) fn hostile_section(o: &Opts) -> Result<(), String> {
         p99(2)
     );
     for (i, name) in [(0, "idle"), (1, "hostile"), (2, "elsewhere")] {
-        let [pair, hostile, rest] = cpu(i);
+        let [pair, guest, device, rest] = split(i);
         println!(
-            "{:<8} CPU per message: {pair:.0} ns the pair's threads, {hostile:.0} ns the hostile \
-             tenant's, {rest:.0} ns the rest ({name})",
+            "{:<8} CPU per message ({name}): the pair's threads {pair:.0} ns; the hostile \
+             tenant's guest {guest:.0} ns, its device {device:.0} ns; the rest {rest:.0} ns",
             ""
         );
     }
@@ -540,13 +539,18 @@ pub(super) fn hostile_section(o: &Opts) -> Result<(), String> {
         ("elsewhere_p99_us", f(p99(2))),
         ("ratio", f(same_x)),
         ("elsewhere_ratio", f(other_x)),
-        ("idle_cpu_ns_per_msg", f(cpu(0)[0])),
-        ("hostile_pair_cpu_ns_per_msg", f(cpu(1)[0])),
-        ("hostile_tenant_cpu_ns_per_msg", f(cpu(1)[1])),
-        ("hostile_rest_cpu_ns_per_msg", f(cpu(1)[2])),
-        ("elsewhere_pair_cpu_ns_per_msg", f(cpu(2)[0])),
-        ("elsewhere_tenant_cpu_ns_per_msg", f(cpu(2)[1])),
     ];
+    let cpu_fields: Vec<(String, String)> = ["idle", "hostile", "elsewhere"]
+        .iter()
+        .enumerate()
+        .flat_map(|(i, row)| {
+            ["pair", "tenant_guest", "tenant_device", "rest"]
+                .iter()
+                .zip(split(i))
+                .map(move |(who, ns)| (format!("{row}_{who}_cpu_ns_per_msg"), f(ns)))
+        })
+        .collect();
+    fields.extend(cpu_fields.iter().map(|(k, v)| (k.as_str(), v.clone())));
     let tally: Vec<(String, u64)> = rows[1]
         .2
         .fields()
