@@ -654,7 +654,16 @@ impl Driver {
         let npages = ((iova % PAGE) + len).div_ceil(PAGE) as usize;
         let pages = self.alloc.scattered(self.mem(), npages);
         let pdir = GuestPdir::build(&self.alloc, self.mem(), pages);
-        self.reg_mr_pdir(pd, iova, len, access, pdir)
+        self.freed_on_err(self.reg_mr_pdir(pd, iova, len, access, pdir.clone()), &pdir)
+    }
+
+    /// `r`, with `pdir`'s pages, tables and directory handed back to the allocator if it is an
+    /// error: the command that was to take them failed (the kernel driver frees them too).
+    fn freed_on_err<T>(&self, r: Result<T>, pdir: &GuestPdir) -> Result<T> {
+        if r.is_err() {
+            pdir.clone().free(&self.alloc);
+        }
+        r
     }
 
     /// Registers an MR over an existing page list.
@@ -709,15 +718,18 @@ impl Driver {
         let npages = 1 + (u64::from(n) * 64).div_ceil(PAGE) as usize;
         let pages = self.alloc.scattered(self.mem(), npages);
         let pdir = GuestPdir::build(&self.alloc, self.mem(), pages);
-        let r: RespCreateCq = self.cmd(
-            cmd::CREATE_CQ,
-            CmdCreateCq {
-                pdir_dma: pdir.dir.0,
-                ctx_handle: ctx.handle,
-                cqe: n,
-                nchunks: npages as u32,
-                ..Default::default()
-            },
+        let r: RespCreateCq = self.freed_on_err(
+            self.cmd(
+                cmd::CREATE_CQ,
+                CmdCreateCq {
+                    pdir_dma: pdir.dir.0,
+                    ctx_handle: ctx.handle,
+                    cqe: n,
+                    nchunks: npages as u32,
+                    ..Default::default()
+                },
+            ),
+            &pdir,
         )?;
         assert_eq!(r.cqe, n, "CREATE_CQ_RESP.cqe must equal the request");
         Ok(Cq {
@@ -764,26 +776,29 @@ impl Driver {
         let total = 1 + send_chunks + rq_pages;
         let pages = self.alloc.scattered(self.mem(), total as usize);
         let pdir = GuestPdir::build(&self.alloc, self.mem(), pages);
-        let r: RespCreateQpV2 = self.cmd(
-            cmd::CREATE_QP,
-            CmdCreateQp {
-                pdir_dma: pdir.dir.0,
-                pd_handle: pd,
-                send_cq_handle: send_cq.handle,
-                recv_cq_handle: recv_cq.handle,
-                srq_handle: srq.map(|s| s.handle).unwrap_or(0),
-                max_send_wr,
-                max_recv_wr,
-                max_send_sge,
-                max_recv_sge,
-                access_flags: 1,
-                total_chunks: total as u16,
-                send_chunks: send_chunks as u16,
-                sq_sig_all: sq_sig_all as u8,
-                qp_type: kind as u8,
-                is_srq: srq.is_some() as u8,
-                ..Default::default()
-            },
+        let r: RespCreateQpV2 = self.freed_on_err(
+            self.cmd(
+                cmd::CREATE_QP,
+                CmdCreateQp {
+                    pdir_dma: pdir.dir.0,
+                    pd_handle: pd,
+                    send_cq_handle: send_cq.handle,
+                    recv_cq_handle: recv_cq.handle,
+                    srq_handle: srq.map(|s| s.handle).unwrap_or(0),
+                    max_send_wr,
+                    max_recv_wr,
+                    max_send_sge,
+                    max_recv_sge,
+                    access_flags: 1,
+                    total_chunks: total as u16,
+                    send_chunks: send_chunks as u16,
+                    sq_sig_all: sq_sig_all as u8,
+                    qp_type: kind as u8,
+                    is_srq: srq.is_some() as u8,
+                    ..Default::default()
+                },
+            ),
+            &pdir,
         )?;
         Ok(Qp {
             handle: r.qp_handle,
@@ -882,20 +897,23 @@ impl Driver {
         let npages = 1 + (u64::from(max_wr) * u64::from(wqe)).div_ceil(PAGE) as usize;
         let pages = self.alloc.scattered(self.mem(), npages);
         let pdir = GuestPdir::build(&self.alloc, self.mem(), pages);
-        let r: RespCreateSrq = self.cmd(
-            cmd::CREATE_SRQ,
-            CmdCreateSrq {
-                pdir_dma: pdir.dir.0,
-                pd_handle: pd,
-                nchunks: npages as u32,
-                attrs: SrqAttr {
-                    max_wr,
-                    max_sge,
-                    srq_limit: limit,
-                    reserved: 0,
+        let r: RespCreateSrq = self.freed_on_err(
+            self.cmd(
+                cmd::CREATE_SRQ,
+                CmdCreateSrq {
+                    pdir_dma: pdir.dir.0,
+                    pd_handle: pd,
+                    nchunks: npages as u32,
+                    attrs: SrqAttr {
+                        max_wr,
+                        max_sge,
+                        srq_limit: limit,
+                        reserved: 0,
+                    },
+                    ..Default::default()
                 },
-                ..Default::default()
-            },
+            ),
+            &pdir,
         )?;
         Ok(Srq {
             handle: r.srqn,
