@@ -28,7 +28,7 @@ use common::vms::*;
 use common::*;
 use pvrdma_dev::abi::{wr_opcode, Cqe};
 use pvrdma_dev::DeviceConfig;
-use pvrdma_guest::tenant::{self, Tally, Target};
+use pvrdma_guest::tenant::{self, Loops, Tally, Target};
 use pvrdma_guest::{Cq, Mr, SendWqe};
 
 /// The longest any step of a well-behaved VM may wait: generous (debug builds on two cores
@@ -257,19 +257,24 @@ fn soak(min_time: Duration, budget: u64, gib_writes: u32) {
         Target::new(&xa.end.qp, a.gid, &xb.end.qp, b.gid, &[&xa.mr, &ca]),
         Target::new(&xb.end.qp, b.gid, &xa.end.qp, a.gid, &[&xb.mr, &cb]),
     ];
+    let o = tenant::Opts {
+        gib_writes,
+        loops: Loops::ALL,
+    };
     let stop = AtomicBool::new(false);
     let tally = Tally::default();
     let start = Instant::now();
     let (lat, transfers, hostile) = std::thread::scope(|s| {
         let _stop = StopOnDrop(&stop);
-        let hostile = s.spawn(|| tenant::run(&h.drv, h.gid, &targets, gib_writes, &tally, &stop));
+        let hostile = s.spawn(|| tenant::run(&h.drv, h.gid, &targets, o, &tally, &stop));
         let (pa, pb, stop) = (&mut pa, &mut pb, &stop);
         let pinger = s.spawn(move || ping_pong(pa, pb, stop));
         let guard = pattern(HALF as usize, 0x9d);
         let mut rng = Rng(0x2545_f491_4f6c_dd1d);
         let mut n = 0;
         // Until the work loop has also cut its copies short both ways.
-        let ran = || tally.every_loop_ran() && tally.copy_rounds.load(Ordering::Relaxed) >= 3;
+        let ran =
+            || tally.every_loop_ran(Loops::ALL) && tally.copy_rounds.load(Ordering::Relaxed) >= 3;
         while (start.elapsed() < min_time || !ran()) && !hostile.is_finished() {
             assert!(
                 start.elapsed() < min_time + Duration::from_secs(120),
@@ -297,7 +302,7 @@ fn soak(min_time: Duration, budget: u64, gib_writes: u32) {
         xa.out.longest.max(xb.out.longest),
     );
     hostile.expect("the hostile tenant saw what no tenant may see");
-    assert!(tally.every_loop_ran(), "{tally}");
+    assert!(tally.every_loop_ran(Loops::ALL), "{tally}");
     assert!(
         tally.impostors.load(Ordering::Relaxed) > 0,
         "no intruder QP got a victim's peer's QPN"

@@ -54,7 +54,8 @@ options:\n\
 \x20                      `pvrdma serve` as VMs of one host (VM to VM next to loopback,\n\
 \x20                      fairness under a flooding VM, 16 VMs); hostile: a VM pair's latency\n\
 \x20                      next to a VM that fills its host-memory budget, queues stalled 1 GiB\n\
-\x20                      WRITEs and aims its QPs at the pair's\n";
+\x20                      WRITEs and aims its QPs at the pair's\n\
+\x20 --hostile LOOPS      the hostile VM's loops: mem,copy,intrude (default all three)\n";
 
 #[derive(Debug, Clone)]
 struct Opts {
@@ -71,6 +72,8 @@ struct Opts {
     workers: usize,
     bytes: u64,
     sections: Vec<String>,
+    /// The hostile tenant's loops (`hostile` section).
+    hostile: tenant::Loops,
 }
 
 /// Every test, in the order the tables list them.
@@ -104,6 +107,7 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         sections: ["data", "multi", "cmd", "mem", "vms", "hostile"]
             .map(String::from)
             .to_vec(),
+        hostile: tenant::Loops::ALL,
     };
     let mut sizes_set = false;
     let mut it = args.iter();
@@ -147,6 +151,7 @@ fn parse(args: &[String]) -> Result<Opts, String> {
             "--poll-us" => POLL_US.store(num(a, &val()?)? as i64, Ordering::Relaxed),
             "--bytes" => o.bytes = num(a, &val()?)?,
             "--only" => o.sections = val()?.split(',').map(String::from).collect(),
+            "--hostile" => o.hostile = tenant::Loops::parse(&val()?)?,
             "-h" | "--help" => {
                 print!("{HELP}");
                 std::process::exit(0);

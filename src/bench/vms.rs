@@ -428,10 +428,10 @@ fn beside_a_hostile_tenant(
     (a, b): (&Vm, &Vm),
     lat: &mut Pair,
     n: u64,
-    hostile: Option<(&Vm, &[Target])>,
+    hostile: Option<(&Vm, &[Target], tenant::Opts)>,
 ) -> Result<(Sample, [CpuMap; 2], Tally), String> {
     let tally = Tally::default();
-    let Some((h, targets)) = hostile else {
+    let Some((h, targets, to)) = hostile else {
         let before = snap();
         let s = perf::send_lat_between(&a.drv, &b.drv, lat, 8, n)
             .map_err(|e| format!("idle latency: {e}"))?;
@@ -440,13 +440,14 @@ fn beside_a_hostile_tenant(
     let stop = AtomicBool::new(false);
     let (r, cpu, hostile) = std::thread::scope(|s| {
         let (drv, gid, tally, stop) = (&h.drv, h.gid, &tally, &stop);
-        let t = s.spawn(move || tenant::run(drv, gid, targets, HOSTILE_GIB_WRITES, tally, stop));
+        let t = s.spawn(move || tenant::run(drv, gid, targets, to, tally, stop));
+        let began = || tally.every_loop_began(to.loops);
         let t0 = Instant::now();
-        while !tally.every_loop_began() && !t.is_finished() && t0.elapsed() < HOSTILE_START {
+        while !began() && !t.is_finished() && t0.elapsed() < HOSTILE_START {
             std::thread::sleep(Duration::from_millis(5));
         }
         let before = snap();
-        let r = if tally.every_loop_began() {
+        let r = if began() {
             perf::send_lat_between(&a.drv, &b.drv, lat, 8, n).map_err(|e| e.to_string())
         } else {
             Err(format!("the hostile tenant's loops did not begin: {tally}"))
@@ -490,12 +491,16 @@ pub(super) fn hostile_section(o: &Opts) -> Result<(), String> {
         Target::new(&lat.a, a.gid, &lat.b, b.gid, &[&lat.mr_a]),
         Target::new(&lat.b, b.gid, &lat.a, a.gid, &[&lat.mr_b]),
     ];
+    let to = tenant::Opts {
+        gib_writes: HOSTILE_GIB_WRITES,
+        loops: o.hostile,
+    };
     header();
     let mut rows = Vec::new();
     for (name, hostile) in [
         ("idle", None),
-        ("hostile", Some((&h, &targets[..]))),
-        ("elsewhere", Some((&h_other, &targets[..]))),
+        ("hostile", Some((&h, &targets[..], to))),
+        ("elsewhere", Some((&h_other, &targets[..], to))),
     ] {
         let (s, [before, after], tally) =
             beside_a_hostile_tenant(&snap, (&a, &b), &mut lat, n, hostile)?;
@@ -513,9 +518,10 @@ pub(super) fn hostile_section(o: &Opts) -> Result<(), String> {
     let (same_x, other_x) = (p99(1) / p99(0), p99(2) / p99(0));
     let split = |i: usize| rows[i].1;
     println!(
-        "hostile neighbour: 8 B send_lat p99 {:.2} us idle; {:.2} us ({same_x:.2}x) while a VM of \
-         the same process is a hostile tenant; {:.2} us ({other_x:.2}x) while it runs in another \
-         process",
+        "hostile neighbour ({}): 8 B send_lat p99 {:.2} us idle; {:.2} us ({same_x:.2}x) while a \
+         VM of the same process is a hostile tenant; {:.2} us ({other_x:.2}x) while it runs in \
+         another process",
+        o.hostile,
         p99(0),
         p99(1),
         p99(2)
@@ -530,6 +536,7 @@ pub(super) fn hostile_section(o: &Opts) -> Result<(), String> {
     }
     let mut fields = vec![
         ("kind", q("hostile_fairness")),
+        ("loops", q(&o.hostile.to_string())),
         ("iters", n.to_string()),
         ("idle_p50_us", f(rows[0].0.lat_us(0.5))),
         ("idle_p99_us", f(p99(0))),

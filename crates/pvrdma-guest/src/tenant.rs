@@ -190,6 +190,65 @@ impl Target {
     }
 }
 
+/// Which of the tenant's loops run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Loops {
+    /// QPs to the budget, filled, destroyed.
+    pub mem: bool,
+    /// Stalled 1 GiB WRITEs, released.
+    pub copy: bool,
+    /// WRs aimed at other VMs.
+    pub intrude: bool,
+}
+
+impl Loops {
+    /// All three.
+    pub const ALL: Loops = Loops {
+        mem: true,
+        copy: true,
+        intrude: true,
+    };
+
+    /// From a comma-separated list of `mem`, `copy` and `intrude`.
+    pub fn parse(list: &str) -> Result<Loops> {
+        let mut l = Loops {
+            mem: false,
+            copy: false,
+            intrude: false,
+        };
+        for name in list.split(',') {
+            match name {
+                "mem" => l.mem = true,
+                "copy" => l.copy = true,
+                "intrude" => l.intrude = true,
+                _ => return Err(format!("unknown loop `{name}` (mem, copy, intrude)")),
+            }
+        }
+        Ok(l)
+    }
+}
+
+impl fmt::Display for Loops {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let on = [
+            (self.mem, "mem"),
+            (self.copy, "copy"),
+            (self.intrude, "intrude"),
+        ];
+        let names: Vec<&str> = on.iter().filter(|o| o.0).map(|o| o.1).collect();
+        f.write_str(&names.join(","))
+    }
+}
+
+/// How the tenant runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Opts {
+    /// 1 GiB WRITEs per round of the work loop.
+    pub gib_writes: u32,
+    /// Which loops run.
+    pub loops: Loops,
+}
+
 /// What the hostile tenant has done so far (each loop adds as it goes).
 #[derive(Debug, Default)]
 pub struct Tally {
@@ -218,18 +277,22 @@ pub struct Tally {
 }
 
 impl Tally {
-    /// Whether each of the three loops is under way: QPs made, copies released, WRs aimed.
-    pub fn every_loop_began(&self) -> bool {
+    /// Whether each of `loops` is under way: QPs made, copies released, WRs aimed.
+    pub fn every_loop_began(&self, loops: Loops) -> bool {
+        let on = [loops.mem, loops.copy, loops.intrude];
         [&self.mem_qps, &self.released, &self.intrusions]
             .iter()
-            .all(|c| c.load(Ordering::Relaxed) > 0)
+            .zip(on)
+            .all(|(c, on)| !on || c.load(Ordering::Relaxed) > 0)
     }
 
-    /// Whether each of the three loops has completed a round.
-    pub fn every_loop_ran(&self) -> bool {
+    /// Whether each of `loops` has completed a round.
+    pub fn every_loop_ran(&self, loops: Loops) -> bool {
+        let on = [loops.mem, loops.copy, loops.intrude];
         [&self.mem_rounds, &self.copy_rounds, &self.intrusions]
             .iter()
-            .all(|c| c.load(Ordering::Relaxed) > 0)
+            .zip(on)
+            .all(|(c, on)| !on || c.load(Ordering::Relaxed) > 0)
     }
 
     /// The counters by name (for JSON lines).
@@ -271,19 +334,20 @@ impl fmt::Display for Tally {
     }
 }
 
-/// Runs the hostile tenant on the device of `drv` (whose GID 0 is `gid`) until `stop`: its
-/// three loops each on a thread of its own (`hostile-mem`, `hostile-copy`, `hostile-intrude`),
-/// `gib_writes` 1 GiB WRITEs per round of the work loop, the intruder aimed at `targets` in
+/// Runs the hostile tenant on the device of `drv` (whose GID 0 is `gid`) until `stop`: each of
+/// `o.loops` on a thread of its own (`hostile-mem`, `hostile-copy`, `hostile-intrude`),
+/// `o.gib_writes` 1 GiB WRITEs per round of the work loop, the intruder aimed at `targets` in
 /// turn. Everything it made is destroyed before it returns; the first thing it saw that a
 /// tenant must never see is its error.
 pub fn run(
     drv: &Driver,
     gid: [u8; 16],
     targets: &[Target],
-    gib_writes: u32,
+    o: Opts,
     tally: &Tally,
     stop: &AtomicBool,
 ) -> Result<()> {
+    let loops = o.loops;
     assert!(!targets.is_empty(), "the intruder needs a target");
     let ctx = (1..drv.caps.max_uar)
         .rev()
@@ -293,7 +357,7 @@ pub fn run(
     // The intruders first: QPNs are handed out in order, so the first QPs can take the numbers
     // of the victims' peers.
     let mut intruder = Intruder::new(drv, (ctx, pd), targets, tally)?;
-    let mut copier = Copier::new(drv, (ctx, pd), gib_writes)?;
+    let mut copier = Copier::new(drv, (ctx, pd), o.gib_writes)?;
     let mem_cq = drv.create_cq(ctx, 64).map_err(e("CQ"))?;
     let one_page = drv.reg_mr(pd, 0x7e_0000_0000, 4096, 1).map_err(e("MR"))?;
     let failed = AtomicBool::new(false);
@@ -306,7 +370,7 @@ pub fn run(
                 let sges: Vec<_> = (0..u64::from(SGES))
                     .map(|i| one_page_ref.sge(i * 64, 64))
                     .collect();
-                while !quit() {
+                while loops.mem && !quit() {
                     let mut qps = match qps_to_the_budget(drv, (ctx, pd, mem_cq_ref), 4096, &quit) {
                         Err(_) if quit() => break,
                         r => r?,
@@ -326,7 +390,7 @@ pub fn run(
             }),
             on_thread(s, "hostile-copy", &failed, move || {
                 let mut round = 0;
-                while !quit() {
+                while loops.copy && !quit() {
                     copier_ref.round(drv, gid, round, tally, &quit)?;
                     round += 1;
                 }
@@ -334,7 +398,7 @@ pub fn run(
             }),
             on_thread(s, "hostile-intrude", &failed, move || {
                 let mut round = 0;
-                while !quit() {
+                while loops.intrude && !quit() {
                     intruder_ref.round(drv, targets, round, tally)?;
                     round += 1;
                 }
