@@ -524,3 +524,42 @@ fn an_unmap_is_answered_promptly_during_one_huge_copy() {
     every_opcode(a, &b, &mut ea, &mut eb, 4);
     every_opcode(&b, a, &mut eb, &mut ea, 5);
 }
+
+/// The ERR value of a command that must fail.
+fn refused<T: std::fmt::Debug>(r: pvrdma_guest::driver::Result<T>) -> u32 {
+    match r {
+        Err(pvrdma_guest::GuestError::Command { err, .. }) => err,
+        other => panic!("expected a refused command, got {other:?}"),
+    }
+}
+
+/// A VM cannot take another VM's GIDs, and so cannot receive its traffic: the link-local GID
+/// of another device's MAC is refused (EINVAL) even while that device is down, and a GID another
+/// live device holds is refused (EBUSY) instead of being half-taken.
+#[test]
+fn a_vm_cannot_take_another_vms_gid() {
+    let _s = serial();
+    let (host, mut vms) = host(2);
+    let h = vms.pop().unwrap();
+    let a = vms.pop().unwrap();
+    let (einval, ebusy) = (pvrdma_dev::regs::err::EINVAL, pvrdma_dev::regs::err::EBUSY);
+    assert_eq!(refused(h.drv.create_bind(1, a.gid, 1)), einval);
+    // An address-based GID of a (IPv4-mapped 10.0.0.1): first come, first served.
+    let ip: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 0, 0, 1];
+    a.drv.create_bind(1, ip, 1).expect("a binds its address");
+    assert_eq!(refused(h.drv.create_bind(1, ip, 1)), ebusy);
+    // a's device goes down (a reset drops its GIDs, then its client leaves): its link-local
+    // GID is still not h's.
+    a.t.reset();
+    let gid = a.gid;
+    drop(a);
+    assert_eq!(refused(h.drv.create_bind(2, gid, 1)), einval);
+    // The device that comes back on a's socket binds its GIDs again.
+    let a2 = host.boot(0);
+    assert_eq!(a2.gid, gid);
+    a2.drv
+        .create_bind(1, ip, 1)
+        .expect("a binds its address again");
+    let (mut ea, mut eh) = connect(&a2, &h, 8);
+    every_opcode_light(&a2, &h, &mut ea, &mut eh, 9);
+}

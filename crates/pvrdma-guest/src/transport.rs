@@ -131,11 +131,12 @@ impl InProcess {
     /// A device with the emulated backend on `fabric`.
     pub fn new(cfg: DeviceConfig, ram: usize, fabric: &Arc<Fabric>) -> InProcess {
         let fabric = fabric.clone();
+        let mac = cfg.mac;
         Self::with_backend(
             cfg,
             ram,
             Box::new(move |mem: GuestMem, sink: Arc<dyn CompletionSink>| {
-                EmulatedBackend::new(&fabric, mem, sink) as Arc<dyn Backend>
+                EmulatedBackend::for_device(&fabric, mem, sink, mac) as Arc<dyn Backend>
             }),
         )
     }

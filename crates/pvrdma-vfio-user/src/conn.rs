@@ -39,12 +39,10 @@ fn backend_factory(
 ) -> BackendFactory {
     let fabric = fabric.clone();
     let choice = choice.clone();
-    // Only the rdma-core backend needs the MAC.
-    let _ = mac;
     Box::new(
         move |mem: GuestMem, sink: Arc<dyn CompletionSink>| match &choice {
             crate::BackendChoice::Emulated => {
-                EmulatedBackend::new(&fabric, mem, sink) as Arc<dyn Backend>
+                EmulatedBackend::for_device(&fabric, mem, sink, mac) as Arc<dyn Backend>
             }
             #[cfg(feature = "rdma-core")]
             crate::BackendChoice::RdmaCore(cfg) => {

@@ -191,6 +191,14 @@ pub struct EmulatedBackend {
     ctl: Mutex<Ctl>,
     /// QPs woken to go on, in order, for [`Backend::progress`].
     ready: Mutex<Ready>,
+    /// The MAC of the device this backend serves, when known: the link-local GIDs derived from
+    /// a MAC (EUI-64) are then that device's only.
+    mac: Option<[u8; 6]>,
+}
+
+/// Whether `g` is a link-local GID derived from a MAC (`fe80::/64` with an EUI-64 interface id).
+fn eui64_link_local(g: &Gid) -> bool {
+    g.0[..8] == [0xfe, 0x80, 0, 0, 0, 0, 0, 0] && g.0[11] == 0xff && g.0[12] == 0xfe
 }
 
 /// The QPs of a backend that have work to resume on a worker. A QP is listed at most once (its
@@ -220,6 +228,27 @@ impl EmulatedBackend {
         mem: GuestMem,
         sink: Arc<dyn CompletionSink>,
     ) -> Arc<EmulatedBackend> {
+        Self::build(fabric, mem, sink, None)
+    }
+
+    /// A new device as [`EmulatedBackend::new`], for the device with MAC `mac`: its guest may
+    /// bind the link-local GID of that MAC, and no other MAC-derived link-local GID (another
+    /// device's, which it would otherwise take over while that device is down).
+    pub fn for_device(
+        fabric: &Arc<Fabric>,
+        mem: GuestMem,
+        sink: Arc<dyn CompletionSink>,
+        mac: [u8; 6],
+    ) -> Arc<EmulatedBackend> {
+        Self::build(fabric, mem, sink, Some(mac))
+    }
+
+    fn build(
+        fabric: &Arc<Fabric>,
+        mem: GuestMem,
+        sink: Arc<dyn CompletionSink>,
+        mac: Option<[u8; 6]>,
+    ) -> Arc<EmulatedBackend> {
         Arc::new_cyclic(|me| EmulatedBackend {
             id: fabric.new_backend_id(),
             me: me.clone(),
@@ -234,6 +263,7 @@ impl EmulatedBackend {
                 ..Ctl::default()
             }),
             ready: Mutex::new(Ready::default()),
+            mac,
         })
     }
 
@@ -446,18 +476,28 @@ impl Backend for EmulatedBackend {
         true
     }
 
+    /// A GID another live device holds is refused (`Busy`): the first device to bind a GID
+    /// owns it until it lets go, and nobody else receives its traffic. With the device's MAC
+    /// known, a MAC-derived link-local GID not of that MAC is refused too (`Invalid`).
     fn add_gid(&self, index: u32, gid: Gid, ty: GidType) -> Result<()> {
+        if let Some(mac) = self.mac {
+            if eui64_link_local(&gid) && gid != Gid::from_mac(mac) {
+                return Err(Error::Invalid("the link-local GID of another MAC"));
+            }
+        }
         let mut g = write(&self.gids);
         let slot = g
             .get_mut(index as usize)
             .ok_or(Error::Invalid("GID index"))?;
-        if let Some((old, _)) = slot.take() {
-            self.fabric.unregister(&old, self.id);
-        }
         if !self.fabric.register(gid, self.id, self.me.clone()) {
-            log::warn!("GID {gid:?} is already owned by another device on the fabric");
+            log::debug!("GID {gid:?} is held by another device on the fabric: refused");
+            return Err(Error::Busy("GID"));
         }
-        *slot = Some((gid, ty));
+        if let Some((old, _)) = slot.replace((gid, ty)) {
+            if old != gid {
+                self.fabric.unregister(&old, self.id);
+            }
+        }
         Ok(())
     }
 
