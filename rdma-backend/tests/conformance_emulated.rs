@@ -362,6 +362,28 @@ fn sges(keys: &rdma_backend::MrKeys, iova: u64, len: u64) -> SgeList {
     .collect()
 }
 
+/// A loopback RC pair of `d` and, posted on its first QP, a 16 MiB WRITE (wr_id 1) out of an
+/// aliased page into a fresh MR: the QP, the destination, and the source (keys, iova).
+fn post_long_write(
+    d: &Dev,
+) -> (
+    rdma_backend::QpId,
+    conformance::Buf,
+    (rdma_backend::MrKeys, u64),
+) {
+    let (qa, _qb, _, _) = rc_pair(d, d, RcOpts::default());
+    let len = 16 * MIB;
+    let (src, siova) = aliased(d, 0x1000, len, Access::LOCAL_WRITE);
+    let dst = d.buf(len, Access::LOCAL_WRITE | Access::REMOTE_WRITE);
+    let write = SendOp::RdmaWrite {
+        remote_addr: dst.iova,
+        rkey: dst.keys.rkey,
+        imm: None,
+    };
+    d.send(qa, 1, write, sges(&src, siova, len));
+    (qa, dst, (src, siova))
+}
+
 /// Runs the backend's deferred work until it has none left; returns how many calls it took.
 fn progress_all(d: &Dev) -> usize {
     let mut calls = 1;
@@ -379,17 +401,9 @@ fn progress_all(d: &Dev) -> usize {
 fn a_long_transfer_moves_in_bounded_runs() {
     let (f, asked) = manual();
     let d = Dev::new(&f, 1);
-    let (qa, _qb, _, _) = rc_pair(&d, &d, RcOpts::default());
-    let len = 16 * MIB;
-    let (src, siova) = aliased(&d, 0x1000, len, Access::LOCAL_WRITE);
-    let dst = d.buf(len, Access::LOCAL_WRITE | Access::REMOTE_WRITE);
-    let write = SendOp::RdmaWrite {
-        remote_addr: dst.iova,
-        rkey: dst.keys.rkey,
-        imm: None,
-    };
     asked.store(0, Ordering::SeqCst);
-    d.send(qa, 1, write, sges(&src, siova, len));
+    let (qa, dst, (src, siova)) = post_long_write(&d);
+    let len = dst.len;
     assert!(d.sink.is_empty(), "a 16 MiB WRITE finished in one run");
     assert_eq!(asked.load(Ordering::SeqCst), 1, "the rest was handed on");
     let moved = dst.read(&d.mem, 0, len);
@@ -478,16 +492,8 @@ fn a_transfer_stops_at_the_next_step_when_its_qp_goes() {
     for destroy in [true, false] {
         let (f, _) = manual();
         let d = Dev::new(&f, 1);
-        let (qa, _qb, _, _) = rc_pair(&d, &d, RcOpts::default());
-        let len = 16 * MIB;
-        let (src, siova) = aliased(&d, 0x1000, len, Access::LOCAL_WRITE);
-        let dst = d.buf(len, Access::LOCAL_WRITE | Access::REMOTE_WRITE);
-        let write = SendOp::RdmaWrite {
-            remote_addr: dst.iova,
-            rkey: dst.keys.rkey,
-            imm: None,
-        };
-        d.send(qa, 1, write, sges(&src, siova, len));
+        let (qa, dst, _) = post_long_write(&d);
+        let len = dst.len;
         let before = dst.read(&d.mem, 0, len);
         assert!(before.iter().any(|&b| b != 0) && before.contains(&0));
         if destroy {
