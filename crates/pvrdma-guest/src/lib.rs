@@ -5,6 +5,7 @@
 //! and rings in guest memory, doorbells, CQ polling and the DSR rings. It talks to the device
 //! through a [`Transport`], so the same tests run in-process and over vfio-user.
 #![warn(missing_docs)]
+#![deny(unsafe_code)]
 
 pub mod driver;
 pub mod kernel;
@@ -12,6 +13,8 @@ pub mod mem;
 pub mod perf;
 pub mod tenant;
 pub mod transport;
+// memfd creation for the client's guest RAM.
+#[allow(unsafe_code)]
 pub mod vfio;
 
 pub use driver::{Cq, Ctx, Driver, GuestError, Modify, Mr, Qp, QpKind, SendWqe, Srq, UdAddr};
