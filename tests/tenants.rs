@@ -244,6 +244,34 @@ impl TimerWork {
 /// While one tenant's 64 GiB of copies run, another tenant's RNR and transport retries (made by
 /// the fabric's timer thread) complete on time; the copying tenant's device resets promptly, its
 /// copies stop, and a new driver on it is answered at once.
+/// Two VMs W and H on one host, H's 64 GiB of copies under way for 200 ms: the host, W, H, the
+/// copies, how many are still in flight, and the device process's CPU over the next second.
+fn mid_copy() -> (
+    Host,
+    Vm,
+    Vm,
+    Copies,
+    usize,
+    std::thread::JoinHandle<Duration>,
+) {
+    let (host, mut vms) = host(2);
+    let w = vms.pop().unwrap();
+    let h = vms.pop().unwrap();
+    let pid = devices_pid(&host);
+    let mut copies = start_copies(&h);
+    std::thread::sleep(Duration::from_millis(200));
+    let in_flight = K as usize - completed(&h, &mut copies);
+    let cpu = cpu_over(pid, Duration::from_secs(1));
+    (host, w, h, copies, in_flight, cpu)
+}
+
+/// `a` and `b` connect and exchange every opcode both ways (seeds `seed` and `seed + 1`).
+fn talk_both_ways(a: &Vm, b: &Vm, seed: u8) {
+    let (mut ea, mut eb) = connect(a, b, 8);
+    every_opcode_light(a, b, &mut ea, &mut eb, seed);
+    every_opcode_light(b, a, &mut eb, &mut ea, seed + 1);
+}
+
 #[test]
 fn one_tenants_long_copies_stall_no_other_tenant() {
     let _serial = serial();
@@ -304,9 +332,7 @@ fn one_tenants_long_copies_stall_no_other_tenant() {
         "{cpu:?} of CPU in the second after H's reset: its copies went on"
     );
     // H's new driver and W talk.
-    let (mut eh, mut ew) = connect(&h, &w, 8);
-    every_opcode_light(&h, &w, &mut eh, &mut ew, 1);
-    every_opcode_light(&w, &h, &mut ew, &mut eh, 2);
+    talk_both_ways(&h, &w, 1);
 }
 
 /// A tenant that goes away (its client disconnects; in-process, its device is shut down) in the
@@ -315,14 +341,7 @@ fn one_tenants_long_copies_stall_no_other_tenant() {
 #[test]
 fn a_tenant_that_leaves_mid_copy_is_torn_down_promptly() {
     let _serial = serial();
-    let (host, mut vms) = host(2);
-    let w = vms.pop().unwrap();
-    let h = vms.pop().unwrap();
-    let pid = devices_pid(&host);
-    let mut copies = start_copies(&h);
-    std::thread::sleep(Duration::from_millis(200));
-    let in_flight = K as usize - completed(&h, &mut copies);
-    let cpu = cpu_over(pid, Duration::from_secs(1));
+    let (host, w, h, _copies, in_flight, cpu) = mid_copy();
     let t = Instant::now();
     drop(h);
     let left_in = t.elapsed();
@@ -343,9 +362,7 @@ fn a_tenant_that_leaves_mid_copy_is_torn_down_promptly() {
         cpu < CPU_AFTER,
         "{cpu:?} of CPU in the second after H left: its copies went on"
     );
-    let (mut eh, mut ew) = connect(&h, &w, 8);
-    every_opcode_light(&h, &w, &mut eh, &mut ew, 3);
-    every_opcode_light(&w, &h, &mut ew, &mut eh, 4);
+    talk_both_ways(&h, &w, 3);
 }
 
 /// A tenant that destroys its QP in the middle of 64 GiB of copies gets its answer promptly, the
@@ -353,14 +370,7 @@ fn a_tenant_that_leaves_mid_copy_is_torn_down_promptly() {
 #[test]
 fn a_qp_destroyed_mid_copy_stops_copying() {
     let _serial = serial();
-    let (host, mut vms) = host(2);
-    let w = vms.pop().unwrap();
-    let h = vms.pop().unwrap();
-    let pid = devices_pid(&host);
-    let mut copies = start_copies(&h);
-    std::thread::sleep(Duration::from_millis(200));
-    let in_flight = K as usize - completed(&h, &mut copies);
-    let cpu = cpu_over(pid, Duration::from_secs(1));
+    let (_host, w, h, copies, in_flight, cpu) = mid_copy();
     let t = Instant::now();
     h.drv.destroy_qp(copies.h1.qp).expect("destroy h1");
     let destroyed_in = t.elapsed();
