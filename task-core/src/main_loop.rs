@@ -232,7 +232,7 @@ struct Inner {
 /// spins (~127 `pause` instructions) and yields 4 times first: on a host with fewer cores than
 /// busy threads (the loop, a pool's workers, vCPUs) that spin holds a core a thread with work
 /// could have had, and the loop of a busy device waits like that every few microseconds. The
-/// pool's workers wait the same way (`pool.rs`; docs/benchmarks.md, sessions 5 and 6).
+/// pool's workers wait the same way (`pool.rs`; docs/benchmarks.md, "Tried, not kept").
 const IDLE_YIELDS: u32 = 16;
 
 /// The main loop. It lives on the thread that created it (it is neither `Send` nor `Sync`).
