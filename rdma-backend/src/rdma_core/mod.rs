@@ -696,54 +696,47 @@ impl Shared {
         need_write: bool,
         max_runs: usize,
     ) -> std::result::Result<Vec<Run>, WcStatus> {
-        self.host_runs(t, pd, sges, need_write, max_runs)
-            .unwrap_or(Err(WcStatus::LocProtErr))
-    }
-
-    /// [`Shared::host_sges`], with `None` for a failed check.
-    fn host_runs(
-        &self,
-        t: &Tables,
-        pd: PdId,
-        sges: &[Sge],
-        need_write: bool,
-        max_runs: usize,
-    ) -> Option<std::result::Result<Vec<Run>, WcStatus>> {
-        let pde = t.pds.get(&pd.0)?;
+        let bad = WcStatus::LocProtErr;
+        let pde = t.pds.get(&pd.0).ok_or(bad)?;
         let m = self.mem.memory();
         let mut out: Vec<Run> = Vec::new();
         for s in sges {
             if s.length == 0 {
                 continue;
             }
-            let mr = t.mrs.get(t.lkeys.get(&s.lkey)?)?;
+            let mr = t
+                .lkeys
+                .get(&s.lkey)
+                .and_then(|id| t.mrs.get(id))
+                .ok_or(bad)?;
             if mr.pd != pd || (need_write && !mr.access.contains(Access::LOCAL_WRITE)) {
-                return None;
+                return Err(bad);
             }
             let mut a = s.addr;
-            let end = s.addr.checked_add(u64::from(s.length))?;
+            let end = s.addr.checked_add(u64::from(s.length)).ok_or(bad)?;
             if let MrKind::User { iova, length, .. } = &mr.kind {
-                if a < *iova || end > iova.checked_add(*length)? {
-                    return None;
+                if a < *iova || iova.checked_add(*length).is_none_or(|e| end > e) {
+                    return Err(bad);
                 }
             }
             while a < end {
                 if out.len() > max_runs {
-                    return Some(Err(WcStatus::LocLenErr));
+                    return Err(WcStatus::LocLenErr);
                 }
                 let n = (0x1000 - (a & 0xfff)).min(end - a);
                 let gpa = match &mr.kind {
                     MrKind::Dma => a,
                     MrKind::User { iova, pages, .. } => {
                         let i = ((a - (iova & !0xfff)) >> 12) as usize;
-                        pages.get(i)?.0 + (a & 0xfff)
+                        pages.get(i).ok_or(bad)?.0 + (a & 0xfff)
                     }
                 };
-                let hva = m.get_host_address(GuestAddress(gpa)).ok()? as usize;
+                let hva = m.get_host_address(GuestAddress(gpa)).map_err(|_| bad)? as usize;
                 let reg = pde
                     .ram
                     .iter()
-                    .find(|r| hva >= r.host && hva + n as usize <= r.host + r.len)?;
+                    .find(|r| hva >= r.host && hva + n as usize <= r.host + r.len)
+                    .ok_or(bad)?;
                 match out.last_mut() {
                     Some(l) if l.1 + l.2 == hva && l.3 == reg.mr.lkey => l.2 += n as usize,
                     _ => out.push((gpa, hva, n as usize, reg.mr.lkey)),
@@ -751,7 +744,7 @@ impl Shared {
                 a += n;
             }
         }
-        Some(Ok(out))
+        Ok(out)
     }
 
     /// Host SGEs for a WR, or a bounce buffer when there are too many runs. `copy_in`: the data
