@@ -125,9 +125,39 @@ fn cpu(serve: &ServeProcess) -> std::collections::BTreeMap<String, u64> {
     m
 }
 
-/// VM to VM next to loopback on the same device, case by case; for messages up to 4 KiB also
-/// the CPU time each thread spent per message (two cores: where the rate is bound by the sum of
-/// the threads' times, a case with more busy threads is slower without doing more work).
+/// CPU nanoseconds per message between two [`cpu`] readings: all threads, and those of the
+/// `pvrdma serve` process alone (the device; the rest is the harness playing the VMs).
+fn cpu_sums(
+    before: &std::collections::BTreeMap<String, u64>,
+    after: &std::collections::BTreeMap<String, u64>,
+    msgs: u64,
+) -> (f64, f64) {
+    let (mut all, mut serve) = (0u64, 0u64);
+    for (k, &v) in after {
+        let d = v.saturating_sub(before.get(k).copied().unwrap_or(0));
+        all += d;
+        if k.starts_with("serve:") {
+            serve += d;
+        }
+    }
+    let m = msgs.max(1) as f64;
+    (all as f64 / m, serve as f64 / m)
+}
+
+/// The median, minimum and maximum of `v` (not empty).
+fn spread(v: &mut [f64]) -> (f64, f64, f64) {
+    v.sort_by(f64::total_cmp);
+    (v[v.len() / 2], v[0], v[v.len() - 1])
+}
+
+/// Rounds of each VM-to-VM case: the figures of two devices on two cores swing between runs by
+/// up to 2× as the OS places eight busy threads, so a ratio is a median, never one run.
+const ROUNDS: usize = 5;
+
+/// VM to VM next to loopback on the same device, case by case, [`ROUNDS`] times in turn (one
+/// with `--quick`); for messages up to 4 KiB also the CPU time per message, of all threads and
+/// of the device's alone (two cores: where the rate is bound by the sum of the threads' times,
+/// a case with more busy threads is slower without doing more work).
 fn vm_to_vm(o: &Opts, serve: &ServeProcess, a: &Vm, b: &Vm) -> Result<(), String> {
     let sizes: Vec<u64> = o
         .sizes
@@ -136,6 +166,7 @@ fn vm_to_vm(o: &Opts, serve: &ServeProcess, a: &Vm, b: &Vm) -> Result<(), String
         .filter(|&s| (64..=1 << 20).contains(&s))
         .collect();
     let buf = sizes.iter().copied().max().unwrap_or(4096).max(2 << 16);
+    let rounds = if o.quick { 1 } else { ROUNDS };
     let mut lp = pair(a, None, o.depth, buf)?;
     let mut vp = pair(a, Some(b), o.depth, buf)?;
     header();
@@ -146,61 +177,98 @@ fn vm_to_vm(o: &Opts, serve: &ServeProcess, a: &Vm, b: &Vm) -> Result<(), String
             _ => continue,
         };
         for size in sizes {
-            let (mut l, mut v) = (None, None);
-            // Loopback first, then VM to VM, so a drift of the host hits both alike.
-            for (to, p, out, name) in [(a, &mut lp, &mut l, "loop"), (b, &mut vp, &mut v, "vm2vm")]
-            {
-                let before = cpu(serve);
-                match case(a, to, p, test, size, o) {
-                    Ok(s) => {
-                        let after = cpu(serve);
-                        report(name, &s, 1, o.workers, o, None, &[]);
-                        if size <= 4096 {
-                            let mut fields = vec![
-                                ("kind", q("cpu")),
-                                ("transport", q(name)),
-                                ("test", q(test.name())),
-                                ("size", size.to_string()),
-                            ];
-                            fields.extend(cpu_per_msg(&before, &after, s.iters));
-                            println!("{}", json_line(&fields));
+            // Per side (loop, vm2vm): figure, CPU ns/msg of all threads, of the device's.
+            let mut got: [Vec<(f64, f64, f64)>; 2] = [Vec::new(), Vec::new()];
+            for round in 0..rounds {
+                // Loopback and VM to VM in turn, first one then the other, so a drift of the
+                // host hits both alike.
+                let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+                for side in order {
+                    let (to, p, name) = if side == 0 {
+                        (a, &mut lp, "loop")
+                    } else {
+                        (b, &mut vp, "vm2vm")
+                    };
+                    let before = cpu(serve);
+                    match case(a, to, p, test, size, o) {
+                        Ok(s) => {
+                            let (all, dev) = cpu_sums(&before, &cpu(serve), s.iters);
+                            report(name, &s, 1, o.workers, o, None, &[]);
+                            got[side].push((figure(&s), all, dev));
                         }
-                        *out = Some(s);
-                    }
-                    Err(e) => {
-                        println!("{name:<8} {:<10} {size:>9} FAILED: {e}", test.name());
-                        STALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        Err(e) => {
+                            println!("{name:<8} {:<10} {size:>9} FAILED: {e}", test.name());
+                            STALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
                     }
                 }
             }
-            if let (Some(l), Some(v)) = (l, v) {
-                // Latency: loopback / VM-to-VM (above 1: VM to VM is faster), so that for
-                // every row 1.0 means "as good as loopback" and the target reads >= 0.9.
-                let ratio = if test == Test::SendLat {
-                    figure(&l) / figure(&v)
-                } else {
-                    figure(&v) / figure(&l)
-                };
-                println!(
-                    "{:<8} {:<10} {size:>9} VM-to-VM / loopback: {ratio:.3}",
-                    "ratio",
-                    test.name()
-                );
-                println!(
-                    "{}",
-                    json_line(&[
-                        ("kind", q("vm2vm")),
-                        ("test", q(test.name())),
-                        ("size", size.to_string()),
-                        ("loop", f(figure(&l))),
-                        ("vm2vm", f(figure(&v))),
-                        ("ratio", f(ratio)),
-                    ])
-                );
-            }
+            vm2vm_summary(test, size, &got);
         }
     }
     Ok(())
+}
+
+/// The ratio line of one VM-to-VM case over its rounds: the median ratio with its range, and
+/// for messages up to 4 KiB the median CPU time per message of each side.
+fn vm2vm_summary(test: Test, size: u64, got: &[Vec<(f64, f64, f64)>; 2]) {
+    let n = got[0].len().min(got[1].len());
+    if n == 0 {
+        return;
+    }
+    // Round by round, so each ratio compares runs next to each other. Latency: loopback /
+    // VM-to-VM (above 1: VM to VM is faster), so that for every row 1.0 means "as good as
+    // loopback" and the target reads >= 0.9.
+    let mut ratios: Vec<f64> = (0..n)
+        .map(|i| {
+            let (l, v) = (got[0][i].0, got[1][i].0);
+            if test == Test::SendLat {
+                l / v
+            } else {
+                v / l
+            }
+        })
+        .collect();
+    let (ratio, lo, hi) = spread(&mut ratios);
+    let med = |side: usize, k: usize| {
+        let mut v: Vec<f64> = got[side][..n].iter().map(|r| [r.0, r.1, r.2][k]).collect();
+        spread(&mut v).0
+    };
+    let (loop_fig, vm_fig) = (med(0, 0), med(1, 0));
+    let mut line = format!(
+        "{:<8} {:<10} {size:>9} VM-to-VM / loopback: {ratio:.3} (median of {n}; {lo:.3}-{hi:.3})",
+        "ratio",
+        test.name()
+    );
+    let mut fields = vec![
+        ("kind", q("vm2vm")),
+        ("test", q(test.name())),
+        ("size", size.to_string()),
+        ("rounds", n.to_string()),
+        ("loop", f(loop_fig)),
+        ("vm2vm", f(vm_fig)),
+        ("ratio", f(ratio)),
+        ("ratio_min", f(lo)),
+        ("ratio_max", f(hi)),
+    ];
+    if size <= 4096 && test != Test::SendLat {
+        let (la, ld, va, vd) = (med(0, 1), med(0, 2), med(1, 1), med(1, 2));
+        line += &format!(
+            "; CPU ns/msg all threads {la:.0} vs {va:.0} ({:.3}), device {ld:.0} vs {vd:.0} ({:.3})",
+            la / va,
+            ld / vd
+        );
+        fields.extend([
+            ("loop_cpu_ns_per_msg", f(la)),
+            ("vm2vm_cpu_ns_per_msg", f(va)),
+            ("loop_device_cpu_ns_per_msg", f(ld)),
+            ("vm2vm_device_cpu_ns_per_msg", f(vd)),
+            ("cpu_ratio", f(la / va)),
+            ("device_cpu_ratio", f(ld / vd)),
+        ]);
+    }
+    println!("{line}");
+    println!("{}", json_line(&fields));
 }
 
 /// `n` 8 B SEND round trips between `a` and `b` on `lat` while `flooders` (if any) flood 64 B
