@@ -144,8 +144,8 @@ fn read_entries<'b, M: GuestMemory + ?Sized>(
 /// layer in between (`physical_memory`) and the range lies in one region; `None` otherwise. The
 /// caller then takes vm-memory's general path, which gives the same bytes and the same errors
 /// but walks the regions with an iterator: a few hundred instructions per WQE or CQE on the
-/// data path (measured with callgrind; docs/benchmarks.md, "what the missed guest latency row and
-/// the WRITE row are made of").
+/// data path (measured with callgrind, the command in docs/benchmarks.md, "Where the time
+/// goes").
 pub(crate) fn backing_slice<M: GuestMemory + ?Sized>(
     mem: &M,
     addr: GuestAddress,

@@ -192,7 +192,7 @@ fn slice_at(mem: &GuestMemoryMmap, gpa: u64, n: u64) -> Option<VolatileSlice<'_,
 /// The guest memory region a copy used last, as one volatile slice: the next run in the same
 /// region (the usual case: guest RAM is one or two regions and an MR's pages are scattered in
 /// it) is a bounds-checked subslice instead of a region lookup. For 4 KiB runs the lookup cost
-/// about 8 % of the copy (measured with perf, docs/benchmarks.md); a send queue keeps one window per
+/// about 8 % of the copy (measured with perf); a send queue keeps one window per
 /// side for a whole run of WRs, so small copies skip it too.
 pub(crate) struct Window<'m> {
     mem: &'m GuestMemoryMmap,
