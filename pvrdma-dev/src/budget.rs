@@ -121,23 +121,6 @@ impl Account {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::datapath::{Pending, QpShared};
-
-    #[test]
-    fn the_fixed_part_of_a_qp_covers_what_the_device_keeps_for_it() {
-        // A full batch of each kind waiting for the backend, and the shared state.
-        let batch = 16
-            * (std::mem::size_of::<rdma_backend::SendWr>()
-                + std::mem::size_of::<rdma_backend::RecvWr>());
-        let device = std::mem::size_of::<QpShared>()
-            + std::mem::size_of::<Pending>()
-            + std::mem::size_of::<crate::device::Qp>();
-        // Half the fixed part is left for the backend's QP, timers and list entries.
-        assert!(
-            ((batch + device) as u64) < QP_FIXED / 2,
-            "{batch} + {device}"
-        );
-    }
 
     #[test]
     fn reservations_stop_at_the_limit_and_come_back() {

@@ -30,6 +30,7 @@ mod datapath;
 pub mod device;
 pub mod dsr;
 mod exec;
+mod objects;
 pub mod pci;
 pub mod pdir;
 pub mod regs;
@@ -47,3 +48,4 @@ pub use device::{
     BackendFactory, DeviceAccess, DeviceError, DeviceHandle, DeviceOptions, DeviceStats,
     InterruptSink, LocalDevice, Region,
 };
+pub use objects::NoRoom;

@@ -1,16 +1,42 @@
 //! The command channel (spec/device-abi.md §4): every command is prepared on the main loop
 //! (decode, check handles against the tables), runs its backend work on a worker as a task, and
 //! finishes on the main loop (tables updated, response written, ERR set, vector 0 raised).
+//!
+//! A command sees the device only through [`Ctx`]: the configuration, guest memory, the
+//! backend, and the object tables ([`Objects`], which do every reference count and
+//! reservation). What it needs the device to do afterwards it says in the context
+//! ([`Ctx::drain`]); the device does it once the command has finished.
 
 mod objects;
 mod qp;
+#[cfg(test)]
+mod tests;
 
+use std::sync::Arc;
+
+use rdma_backend::GuestMem;
 use vm_memory::ByteValued;
 
 use crate::abi::cmd as code;
+use crate::config::DeviceConfig;
 use crate::datapath::Env;
-use crate::device::Core;
+use crate::objects::{NoRoom, Objects};
 use crate::regs::err;
+
+/// What a command sees of the device, on the main loop.
+pub(crate) struct Ctx<'a> {
+    pub cfg: &'a DeviceConfig,
+    pub mem: &'a GuestMem,
+    pub env: &'a Arc<Env>,
+    /// The device is active (ports up).
+    pub active: bool,
+    /// The UAR PFN of the loaded DSR (`None` before one is loaded).
+    pub uar_pfn: Option<u64>,
+    pub objects: &'a mut Objects,
+    /// A QP to drain once the command has finished (a QP that reached RTS with WRs posted
+    /// before it could send).
+    pub drain: Option<u32>,
+}
 
 /// Why a command failed. Mapped to the ERR register (and `resp.hdr.err`) at one place,
 /// [`CmdError::code`].
@@ -43,9 +69,10 @@ pub enum CmdError {
     /// The worker panicked.
     #[error("internal error: {0}")]
     Internal(String),
-    /// The object would pass the device's host-memory budget.
+    /// The device has no room for the object (a full table, the host-memory or the MR
+    /// page-list budget).
     #[error(transparent)]
-    OverBudget(#[from] crate::budget::OverBudget),
+    NoRoom(#[from] NoRoom),
 }
 
 impl CmdError {
@@ -56,7 +83,7 @@ impl CmdError {
             CmdError::Unsupported(_) => err::EOPNOTSUPP,
             CmdError::Invalid(_) => err::EINVAL,
             CmdError::NoSuch(_) => err::ENOENT,
-            CmdError::Exhausted(_) | CmdError::OverBudget(_) => err::ENOMEM,
+            CmdError::Exhausted(_) | CmdError::NoRoom(_) => err::ENOMEM,
             CmdError::Busy(_) => err::EBUSY,
             CmdError::Pdir(_) => err::EFAULT,
             CmdError::Backend(b) => match b {
@@ -75,7 +102,7 @@ impl CmdError {
 /// A command's response bytes (header included; the device fills the header in).
 pub(crate) type CmdResult = Result<Vec<u8>, CmdError>;
 /// The main-loop half of a command, produced by its worker half.
-pub(crate) type Finish = Box<dyn FnOnce(&mut Core) -> CmdResult + Send>;
+pub(crate) type Finish = Box<dyn FnOnce(&mut Ctx<'_>) -> CmdResult + Send>;
 /// The worker half of a command.
 pub(crate) type Work = Box<dyn FnOnce(&Env) -> Result<Finish, CmdError> + Send>;
 
@@ -95,7 +122,7 @@ pub(crate) fn resp<T: ByteValued>(r: &T) -> Vec<u8> {
 
 /// A command whose work is entirely on the main loop (it still runs as a task).
 pub(crate) fn main_loop_only(
-    f: impl FnOnce(&mut Core) -> CmdResult + Send + 'static,
+    f: impl FnOnce(&mut Ctx<'_>) -> CmdResult + Send + 'static,
 ) -> Result<Work, CmdError> {
     Ok(Box::new(move |_env: &Env| Ok(Box::new(f) as Finish)))
 }
@@ -128,29 +155,29 @@ pub(crate) fn is_quick(cmd: u32, req: &[u8]) -> bool {
 }
 
 /// Decodes and checks a command; returns its work.
-pub(crate) fn prepare(core: &mut Core, cmd: u32, req: &[u8]) -> Result<Work, CmdError> {
+pub(crate) fn prepare(dev: &mut Ctx<'_>, cmd: u32, req: &[u8]) -> Result<Work, CmdError> {
     match cmd {
-        code::QUERY_PORT => objects::query_port(core, parse(req)),
-        code::QUERY_PKEY => objects::query_pkey(core, parse(req)),
-        code::CREATE_UC => objects::create_uc(core, parse(req)),
-        code::DESTROY_UC => objects::destroy_uc(core, parse(req)),
-        code::CREATE_PD => objects::create_pd(core, parse(req)),
-        code::DESTROY_PD => objects::destroy_pd(core, parse(req)),
-        code::CREATE_MR => objects::create_mr(core, parse(req)),
-        code::DESTROY_MR => objects::destroy_mr(core, parse(req)),
-        code::CREATE_CQ => objects::create_cq(core, parse(req)),
-        code::RESIZE_CQ => objects::resize_cq(core, parse(req)),
-        code::DESTROY_CQ => objects::destroy_cq(core, parse(req)),
-        code::CREATE_BIND => objects::create_bind(core, parse(req)),
-        code::DESTROY_BIND => objects::destroy_bind(core, parse(req)),
-        code::CREATE_QP => qp::create_qp(core, parse(req)),
-        code::MODIFY_QP => qp::modify_qp(core, parse(req)),
-        code::QUERY_QP => qp::query_qp(core, parse(req)),
-        code::DESTROY_QP => qp::destroy_qp(core, parse(req)),
-        code::CREATE_SRQ => qp::create_srq(core, parse(req)),
-        code::MODIFY_SRQ => qp::modify_srq(core, parse(req)),
-        code::QUERY_SRQ => qp::query_srq(core, parse(req)),
-        code::DESTROY_SRQ => qp::destroy_srq(core, parse(req)),
+        code::QUERY_PORT => objects::query_port(dev, parse(req)),
+        code::QUERY_PKEY => objects::query_pkey(dev, parse(req)),
+        code::CREATE_UC => objects::create_uc(dev, parse(req)),
+        code::DESTROY_UC => objects::destroy_uc(dev, parse(req)),
+        code::CREATE_PD => objects::create_pd(dev, parse(req)),
+        code::DESTROY_PD => objects::destroy_pd(dev, parse(req)),
+        code::CREATE_MR => objects::create_mr(dev, parse(req)),
+        code::DESTROY_MR => objects::destroy_mr(dev, parse(req)),
+        code::CREATE_CQ => objects::create_cq(dev, parse(req)),
+        code::RESIZE_CQ => objects::resize_cq(dev, parse(req)),
+        code::DESTROY_CQ => objects::destroy_cq(dev, parse(req)),
+        code::CREATE_BIND => objects::create_bind(dev, parse(req)),
+        code::DESTROY_BIND => objects::destroy_bind(dev, parse(req)),
+        code::CREATE_QP => qp::create_qp(dev, parse(req)),
+        code::MODIFY_QP => qp::modify_qp(dev, parse(req)),
+        code::QUERY_QP => qp::query_qp(dev, parse(req)),
+        code::DESTROY_QP => qp::destroy_qp(dev, parse(req)),
+        code::CREATE_SRQ => qp::create_srq(dev, parse(req)),
+        code::MODIFY_SRQ => qp::modify_srq(dev, parse(req)),
+        code::QUERY_SRQ => qp::query_srq(dev, parse(req)),
+        code::DESTROY_SRQ => qp::destroy_srq(dev, parse(req)),
         other => Err(CmdError::Unsupported(other)),
     }
 }

@@ -3,36 +3,36 @@
 use rdma_backend::{Access, Gid, GidType, MrKind};
 use vm_memory::GuestAddressSpace;
 
-use super::{main_loop_only, resp, CmdError, Finish, Work};
+use super::{main_loop_only, resp, CmdError, Ctx, Finish, Work};
 use crate::abi::*;
 use crate::budget;
 use crate::datapath::cq::CqRing;
 use crate::datapath::Env;
-use crate::device::{Core, Cq, Mr, Pd, Uc};
+use crate::objects::{Cq, Mr, Pd};
 use crate::pdir::{PageDir, MAX_PAGES, PAGE_SIZE};
 
 /// MR flags in CREATE_MR.
-const MR_FLAG_DMA: u32 = 1;
+pub(super) const MR_FLAG_DMA: u32 = 1;
 const MR_FLAG_FRMR: u32 = 2;
 
 /// Extra pages a user CQ buffer may carry beyond what its entries need: the provider rounds its
 /// buffer to whole pages; anything larger is refused so a guest cannot make the device walk a
 /// page directory far larger than the ring.
-const CQ_SLACK_PAGES: u64 = 2;
+pub(super) const CQ_SLACK_PAGES: u64 = 2;
 
 fn hdr() -> RespHdr {
     RespHdr::default()
 }
 
-pub(super) fn query_port(core: &mut Core, req: CmdQueryPort) -> Result<Work, CmdError> {
+pub(super) fn query_port(dev: &mut Ctx<'_>, req: CmdQueryPort) -> Result<Work, CmdError> {
     // Port 0 is not a port (qemu-reference.md hazard 11).
     if req.port_num != 1 {
         return Err(CmdError::Invalid("port number"));
     }
-    let gid_tbl_len = core.cfg.gid_tbl_len;
-    main_loop_only(move |core| {
+    let gid_tbl_len = dev.cfg.gid_tbl_len;
+    main_loop_only(move |dev| {
         let attrs = PortAttr {
-            state: if core.active {
+            state: if dev.active {
                 port_state::ACTIVE
             } else {
                 port_state::DOWN
@@ -46,7 +46,7 @@ pub(super) fn query_port(core: &mut Core, req: CmdQueryPort) -> Result<Work, Cmd
             max_vl_num: 1,
             active_width: 2,
             active_speed: 32,
-            phys_state: if core.active {
+            phys_state: if dev.active {
                 port_state::PHYS_LINK_UP
             } else {
                 port_state::PHYS_DISABLED
@@ -57,7 +57,7 @@ pub(super) fn query_port(core: &mut Core, req: CmdQueryPort) -> Result<Work, Cmd
     })
 }
 
-pub(super) fn query_pkey(_core: &mut Core, req: CmdQueryPkey) -> Result<Work, CmdError> {
+pub(super) fn query_pkey(_dev: &mut Ctx<'_>, req: CmdQueryPkey) -> Result<Work, CmdError> {
     // One P_Key (index 0); QEMU's off-by-one accepted index 1 (hazard 11).
     if req.port_num != 1 || req.index != 0 {
         return Err(CmdError::Invalid("port or pkey index"));
@@ -71,31 +71,23 @@ pub(super) fn query_pkey(_core: &mut Core, req: CmdQueryPkey) -> Result<Work, Cm
     })
 }
 
-pub(super) fn create_uc(core: &mut Core, req: CmdCreateUc) -> Result<Work, CmdError> {
-    let pfn = if core.cfg.version >= 19 {
+pub(super) fn create_uc(dev: &mut Ctx<'_>, req: CmdCreateUc) -> Result<Work, CmdError> {
+    let pfn = if dev.cfg.version >= 19 {
         req.pfn64
     } else {
         req.pfn64 & 0xffff_ffff
     };
     // The DSR's UAR PFN is BAR2's first page (the kernel's); contexts get the pages after it.
-    let base = core
-        .dsr
-        .as_ref()
-        .map(|d| d.uar_pfn)
-        .ok_or(CmdError::Reset)?;
+    let base = dev.uar_pfn.ok_or(CmdError::Reset)?;
     let index = pfn
         .checked_sub(base)
-        .filter(|i| (1..u64::from(core.cfg.max_uar)).contains(i))
+        .filter(|i| (1..u64::from(dev.cfg.max_uar)).contains(i))
         .ok_or(CmdError::Invalid("UAR pfn"))? as u32;
-    if core.uar_owner.contains_key(&index) {
+    if dev.objects.uar_owner.contains_key(&index) {
         return Err(CmdError::Busy("UAR page"));
     }
-    main_loop_only(move |core| {
-        let ctx = core
-            .ucs
-            .insert(Uc { uar_index: index })
-            .ok_or(CmdError::Exhausted("user contexts"))?;
-        core.uar_owner.insert(index, ctx);
+    main_loop_only(move |dev| {
+        let ctx = dev.objects.add_uc(index)?;
         Ok(resp(&RespCreateUc {
             hdr: hdr(),
             ctx_handle: ctx,
@@ -104,56 +96,51 @@ pub(super) fn create_uc(core: &mut Core, req: CmdCreateUc) -> Result<Work, CmdEr
     })
 }
 
-pub(super) fn destroy_uc(core: &mut Core, req: CmdDestroyUc) -> Result<Work, CmdError> {
+pub(super) fn destroy_uc(dev: &mut Ctx<'_>, req: CmdDestroyUc) -> Result<Work, CmdError> {
     let ctx = req.ctx_handle;
-    if core.ucs.get(ctx).is_none() {
+    if dev.objects.ucs.get(ctx).is_none() {
         return Err(CmdError::NoSuch("user context"));
     }
-    if core.pds.iter().any(|(_, p)| p.ctx == ctx) || core.cqs.iter().any(|(_, c)| c.ctx == ctx) {
+    if dev.objects.pds.iter().any(|(_, p)| p.ctx == ctx)
+        || dev.objects.cqs.iter().any(|(_, c)| c.ctx == ctx)
+    {
         return Err(CmdError::Busy("user context"));
     }
-    main_loop_only(move |core| {
-        if let Some(uc) = core.ucs.remove(ctx) {
-            core.uar_owner.remove(&uc.uar_index);
-        }
+    main_loop_only(move |dev| {
+        dev.objects.remove_uc(ctx);
         Ok(resp(&hdr()))
     })
 }
 
-fn check_ctx(core: &Core, ctx: u32) -> Result<(), CmdError> {
-    if ctx == 0 || core.ucs.get(ctx).is_some() {
+fn check_ctx(dev: &Ctx<'_>, ctx: u32) -> Result<(), CmdError> {
+    if ctx == 0 || dev.objects.ucs.get(ctx).is_some() {
         Ok(())
     } else {
         Err(CmdError::NoSuch("user context"))
     }
 }
 
-pub(super) fn create_pd(core: &mut Core, req: CmdCreatePd) -> Result<Work, CmdError> {
-    check_ctx(core, req.ctx_handle)?;
-    if core.pds.is_full() {
+pub(super) fn create_pd(dev: &mut Ctx<'_>, req: CmdCreatePd) -> Result<Work, CmdError> {
+    check_ctx(dev, req.ctx_handle)?;
+    if dev.objects.pds.is_full() {
         return Err(CmdError::Exhausted("PDs"));
     }
     let ctx = req.ctx_handle;
-    let cost = budget::pd(&*core.env.backend);
-    core.host_mem.check(cost, core.cfg.max_host_mem)?;
+    let cost = budget::pd(&*dev.env.backend);
+    dev.objects.room(cost)?;
     Ok(Box::new(move |env: &Env| {
         let backend = env.backend.create_pd()?;
         let b = env.backend.clone();
-        Ok(Box::new(move |core: &mut Core| {
-            if let Err(e) = core.host_mem.check(cost, core.cfg.max_host_mem) {
-                let _ = b.destroy_pd(backend);
-                return Err(e.into());
-            }
-            let Some(h) = core.pds.insert(Pd {
+        Ok(Box::new(move |dev: &mut Ctx<'_>| {
+            let pd = Pd {
                 ctx,
                 backend,
                 refs: 0,
                 cost,
-            }) else {
-                let _ = b.destroy_pd(backend);
-                return Err(CmdError::Exhausted("PDs"));
             };
-            core.host_mem.reserve(cost);
+            let h = dev.objects.add_pd(pd).inspect_err(|_| {
+                let _ = b.destroy_pd(backend);
+            })?;
             Ok(resp(&RespCreatePd {
                 hdr: hdr(),
                 pd_handle: h,
@@ -163,9 +150,9 @@ pub(super) fn create_pd(core: &mut Core, req: CmdCreatePd) -> Result<Work, CmdEr
     }))
 }
 
-pub(super) fn destroy_pd(core: &mut Core, req: CmdDestroyPd) -> Result<Work, CmdError> {
+pub(super) fn destroy_pd(dev: &mut Ctx<'_>, req: CmdDestroyPd) -> Result<Work, CmdError> {
     let h = req.pd_handle;
-    let pd = core.pds.get(h).ok_or(CmdError::NoSuch("PD"))?;
+    let pd = dev.objects.pds.get(h).ok_or(CmdError::NoSuch("PD"))?;
     // A real HCA refuses to free a PD that MRs, QPs or SRQs still use (hazard 8).
     if pd.refs != 0 {
         return Err(CmdError::Busy("PD"));
@@ -173,23 +160,26 @@ pub(super) fn destroy_pd(core: &mut Core, req: CmdDestroyPd) -> Result<Work, Cmd
     let b = pd.backend;
     Ok(Box::new(move |env: &Env| {
         env.backend.destroy_pd(b)?;
-        Ok(Box::new(move |core: &mut Core| {
-            if let Some(pd) = core.pds.remove(h) {
-                core.host_mem.release(pd.cost);
-            }
+        Ok(Box::new(move |dev: &mut Ctx<'_>| {
+            dev.objects.remove_pd(h);
             Ok(resp(&hdr()))
         }) as Finish)
     }))
 }
 
-pub(super) fn create_mr(core: &mut Core, req: CmdCreateMr) -> Result<Work, CmdError> {
+pub(super) fn create_mr(dev: &mut Ctx<'_>, req: CmdCreateMr) -> Result<Work, CmdError> {
     let pd_h = req.pd_handle;
-    let pd = core.pds.get(pd_h).ok_or(CmdError::NoSuch("PD"))?.backend;
-    if core.mrs.is_full() {
+    let pd = dev
+        .objects
+        .pds
+        .get(pd_h)
+        .ok_or(CmdError::NoSuch("PD"))?
+        .backend;
+    if dev.objects.mrs.is_full() {
         return Err(CmdError::Exhausted("MRs"));
     }
     let access = Access::from_bits_truncate(req.access_flags);
-    let max_mr_size = core.cfg.max_mr_size;
+    let max_mr_size = dev.cfg.max_mr_size;
     enum Plan {
         Dma,
         User { npages: u32 },
@@ -219,9 +209,7 @@ pub(super) fn create_mr(core: &mut Core, req: CmdCreateMr) -> Result<Work, CmdEr
             if u64::from(req.nchunks) != need || req.nchunks > MAX_PAGES {
                 return Err(CmdError::Invalid("MR nchunks"));
             }
-            if core.mr_pages + need > core.cfg.max_mr_pages {
-                return Err(CmdError::Exhausted("MR page-list budget"));
-            }
+            dev.objects.room_for_mr_pages(need)?;
             Plan::User {
                 npages: req.nchunks,
             }
@@ -234,7 +222,7 @@ pub(super) fn create_mr(core: &mut Core, req: CmdCreateMr) -> Result<Work, CmdEr
         Plan::User { npages } => u64::from(npages),
     };
     let cost = budget::mr(pages);
-    core.host_mem.check(cost, core.cfg.max_host_mem)?;
+    dev.objects.room(cost)?;
     Ok(Box::new(move |env: &Env| {
         let kind = match plan {
             Plan::Dma => MrKind::Dma,
@@ -250,29 +238,16 @@ pub(super) fn create_mr(core: &mut Core, req: CmdCreateMr) -> Result<Work, CmdEr
         };
         let keys = env.backend.create_mr(pd, kind, access)?;
         let b = env.backend.clone();
-        Ok(Box::new(move |core: &mut Core| {
-            if core.mr_pages + pages > core.cfg.max_mr_pages {
-                let _ = b.destroy_mr(keys.id);
-                return Err(CmdError::Exhausted("MR page-list budget"));
-            }
-            if let Err(e) = core.host_mem.check(cost, core.cfg.max_host_mem) {
-                let _ = b.destroy_mr(keys.id);
-                return Err(e.into());
-            }
-            let Some(h) = core.mrs.insert(Mr {
+        Ok(Box::new(move |dev: &mut Ctx<'_>| {
+            let mr = Mr {
                 pd: pd_h,
                 backend: keys.id,
                 pages,
                 cost,
-            }) else {
-                let _ = b.destroy_mr(keys.id);
-                return Err(CmdError::Exhausted("MRs"));
             };
-            core.mr_pages += pages;
-            core.host_mem.reserve(cost);
-            if let Some(p) = core.pds.get_mut(pd_h) {
-                p.refs += 1;
-            }
+            let h = dev.objects.add_mr(mr).inspect_err(|_| {
+                let _ = b.destroy_mr(keys.id);
+            })?;
             Ok(resp(&RespCreateMr {
                 hdr: hdr(),
                 mr_handle: h,
@@ -284,19 +259,18 @@ pub(super) fn create_mr(core: &mut Core, req: CmdCreateMr) -> Result<Work, CmdEr
     }))
 }
 
-pub(super) fn destroy_mr(core: &mut Core, req: CmdDestroyMr) -> Result<Work, CmdError> {
+pub(super) fn destroy_mr(dev: &mut Ctx<'_>, req: CmdDestroyMr) -> Result<Work, CmdError> {
     let h = req.mr_handle;
-    let b = core.mrs.get(h).ok_or(CmdError::NoSuch("MR"))?.backend;
+    let b = dev
+        .objects
+        .mrs
+        .get(h)
+        .ok_or(CmdError::NoSuch("MR"))?
+        .backend;
     Ok(Box::new(move |env: &Env| {
         env.backend.destroy_mr(b)?;
-        Ok(Box::new(move |core: &mut Core| {
-            if let Some(mr) = core.mrs.remove(h) {
-                core.mr_pages = core.mr_pages.saturating_sub(mr.pages);
-                core.host_mem.release(mr.cost);
-                if let Some(p) = core.pds.get_mut(mr.pd) {
-                    p.refs = p.refs.saturating_sub(1);
-                }
-            }
+        Ok(Box::new(move |dev: &mut Ctx<'_>| {
+            dev.objects.remove_mr(h);
             Ok(resp(&hdr()))
         }) as Finish)
     }))
@@ -307,11 +281,11 @@ fn cq_pages(cqe: u32) -> u64 {
     1 + (u64::from(cqe) * u64::from(CQE_SIZE)).div_ceil(PAGE_SIZE)
 }
 
-pub(super) fn create_cq(core: &mut Core, req: CmdCreateCq) -> Result<Work, CmdError> {
-    check_ctx(core, req.ctx_handle)?;
+pub(super) fn create_cq(dev: &mut Ctx<'_>, req: CmdCreateCq) -> Result<Work, CmdError> {
+    check_ctx(dev, req.ctx_handle)?;
     let cqe = req.cqe;
     // Hazard 2: a power of two the ring masks work with, and no more than the pages hold.
-    if cqe == 0 || !cqe.is_power_of_two() || cqe > core.cfg.max_cqe {
+    if cqe == 0 || !cqe.is_power_of_two() || cqe > dev.cfg.max_cqe {
         return Err(CmdError::Invalid("CQ size"));
     }
     let need = cq_pages(cqe);
@@ -319,11 +293,11 @@ pub(super) fn create_cq(core: &mut Core, req: CmdCreateCq) -> Result<Work, CmdEr
     if n < need || n > need + CQ_SLACK_PAGES {
         return Err(CmdError::Invalid("CQ nchunks"));
     }
-    if core.cqs.is_full() {
+    if dev.objects.cqs.is_full() {
         return Err(CmdError::Exhausted("CQs"));
     }
     let cost = budget::cq(n);
-    core.host_mem.check(cost, core.cfg.max_host_mem)?;
+    dev.objects.room(cost)?;
     let (ctx, pdir_dma, nchunks) = (req.ctx_handle, req.pdir_dma, req.nchunks);
     Ok(Box::new(move |env: &Env| {
         let pdir = {
@@ -333,23 +307,18 @@ pub(super) fn create_cq(core: &mut Core, req: CmdCreateCq) -> Result<Work, CmdEr
         let ring = CqRing::new(pdir, cqe).ok_or(CmdError::Invalid("CQ ring"))?;
         let backend = env.backend.create_cq(cqe, 0)?;
         let b = env.backend.clone();
-        Ok(Box::new(move |core: &mut Core| {
-            if let Err(e) = core.host_mem.check(cost, core.cfg.max_host_mem) {
-                let _ = b.destroy_cq(backend);
-                return Err(e.into());
-            }
-            let Some(h) = core.cqs.insert(Cq {
+        Ok(Box::new(move |dev: &mut Ctx<'_>| {
+            let cq = Cq {
                 ctx,
                 backend,
                 ring,
                 cqe,
                 refs: 0,
                 cost,
-            }) else {
-                let _ = b.destroy_cq(backend);
-                return Err(CmdError::Exhausted("CQs"));
             };
-            core.host_mem.reserve(cost);
+            let h = dev.objects.add_cq(cq).inspect_err(|_| {
+                let _ = b.destroy_cq(backend);
+            })?;
             Ok(resp(&RespCreateCq {
                 hdr: hdr(),
                 cq_handle: h,
@@ -359,11 +328,11 @@ pub(super) fn create_cq(core: &mut Core, req: CmdCreateCq) -> Result<Work, CmdEr
     }))
 }
 
-pub(super) fn resize_cq(core: &mut Core, req: CmdResizeCq) -> Result<Work, CmdError> {
+pub(super) fn resize_cq(dev: &mut Ctx<'_>, req: CmdResizeCq) -> Result<Work, CmdError> {
     let h = req.cq_handle;
     let cqe = req.cqe;
-    let cq = core.cqs.get(h).ok_or(CmdError::NoSuch("CQ"))?;
-    if cqe == 0 || !cqe.is_power_of_two() || cqe > core.cfg.max_cqe {
+    let cq = dev.objects.cqs.get(h).ok_or(CmdError::NoSuch("CQ"))?;
+    if cqe == 0 || !cqe.is_power_of_two() || cqe > dev.cfg.max_cqe {
         return Err(CmdError::Invalid("CQ size"));
     }
     // RESIZE_CQ carries no new pages: the new size must fit the CQ's own pages, and the ring must
@@ -371,9 +340,9 @@ pub(super) fn resize_cq(core: &mut Core, req: CmdResizeCq) -> Result<Work, CmdEr
     if cq_pages(cqe) > cq.ring.pages() as u64 {
         return Err(CmdError::Invalid("CQ size exceeds its pages"));
     }
-    main_loop_only(move |core| {
-        let mem = core.mem.memory();
-        let cq = core.cqs.get_mut(h).ok_or(CmdError::NoSuch("CQ"))?;
+    main_loop_only(move |dev| {
+        let mem = dev.mem.memory();
+        let cq = dev.objects.cqs.get_mut(h).ok_or(CmdError::NoSuch("CQ"))?;
         let ring = cq
             .ring
             .resized(&*mem, cqe)
@@ -388,9 +357,9 @@ pub(super) fn resize_cq(core: &mut Core, req: CmdResizeCq) -> Result<Work, CmdEr
     })
 }
 
-pub(super) fn destroy_cq(core: &mut Core, req: CmdDestroyCq) -> Result<Work, CmdError> {
+pub(super) fn destroy_cq(dev: &mut Ctx<'_>, req: CmdDestroyCq) -> Result<Work, CmdError> {
     let h = req.cq_handle;
-    let cq = core.cqs.get(h).ok_or(CmdError::NoSuch("CQ"))?;
+    let cq = dev.objects.cqs.get(h).ok_or(CmdError::NoSuch("CQ"))?;
     // Hazard 8: QEMU freed CQs that QPs still completed into.
     if cq.refs != 0 {
         return Err(CmdError::Busy("CQ"));
@@ -398,18 +367,16 @@ pub(super) fn destroy_cq(core: &mut Core, req: CmdDestroyCq) -> Result<Work, Cmd
     let b = cq.backend;
     Ok(Box::new(move |env: &Env| {
         env.backend.destroy_cq(b)?;
-        Ok(Box::new(move |core: &mut Core| {
-            if let Some(cq) = core.cqs.remove(h) {
-                core.host_mem.release(cq.cost);
-            }
+        Ok(Box::new(move |dev: &mut Ctx<'_>| {
+            dev.objects.remove_cq(h);
             Ok(resp(&hdr()))
         }) as Finish)
     }))
 }
 
-pub(super) fn create_bind(core: &mut Core, req: CmdCreateBind) -> Result<Work, CmdError> {
+pub(super) fn create_bind(dev: &mut Ctx<'_>, req: CmdCreateBind) -> Result<Work, CmdError> {
     let index = req.index;
-    if index >= core.cfg.gid_tbl_len {
+    if index >= dev.cfg.gid_tbl_len {
         return Err(CmdError::Invalid("GID index"));
     }
     let ty = match req.gid_type {
@@ -420,8 +387,8 @@ pub(super) fn create_bind(core: &mut Core, req: CmdCreateBind) -> Result<Work, C
     let (gid, gid_type) = (req.new_gid, req.gid_type);
     Ok(Box::new(move |env: &Env| {
         env.backend.add_gid(index, Gid(gid), ty)?;
-        Ok(Box::new(move |core: &mut Core| {
-            if let Some(slot) = core.gids.get_mut(index as usize) {
+        Ok(Box::new(move |dev: &mut Ctx<'_>| {
+            if let Some(slot) = dev.objects.gids.get_mut(index as usize) {
                 *slot = Some((gid, gid_type));
             }
             Ok(resp(&hdr()))
@@ -429,15 +396,20 @@ pub(super) fn create_bind(core: &mut Core, req: CmdCreateBind) -> Result<Work, C
     }))
 }
 
-pub(super) fn destroy_bind(core: &mut Core, req: CmdDestroyBind) -> Result<Work, CmdError> {
+pub(super) fn destroy_bind(dev: &mut Ctx<'_>, req: CmdDestroyBind) -> Result<Work, CmdError> {
     let index = req.index;
-    if core.gids.get(index as usize).is_none_or(|g| g.is_none()) {
+    if dev
+        .objects
+        .gids
+        .get(index as usize)
+        .is_none_or(|g| g.is_none())
+    {
         return Err(CmdError::NoSuch("GID entry"));
     }
     Ok(Box::new(move |env: &Env| {
         env.backend.del_gid(index)?;
-        Ok(Box::new(move |core: &mut Core| {
-            if let Some(slot) = core.gids.get_mut(index as usize) {
+        Ok(Box::new(move |dev: &mut Ctx<'_>| {
+            if let Some(slot) = dev.objects.gids.get_mut(index as usize) {
                 *slot = None;
             }
             Ok(resp(&hdr()))

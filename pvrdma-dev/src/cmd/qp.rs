@@ -6,12 +6,12 @@ use std::sync::Arc;
 use rdma_backend::{Access, AddressVector, Gid, QpAttrs, QpInit, QpState, QpType};
 use vm_memory::GuestAddressSpace;
 
-use super::{main_loop_only, resp, CmdError, Finish, Work};
+use super::{main_loop_only, resp, CmdError, Ctx, Finish, Work};
 use crate::abi::*;
 use crate::budget;
 use crate::datapath::Env;
 use crate::datapath::{pages_for, rq_wqe_size, sq_wqe_size, QpShared, SrqShared, WorkQueue};
-use crate::device::{cookie, Core, Qp, Sched, Srq};
+use crate::objects::{cookie, Qp, Sched, Srq};
 use crate::pdir::{PageDir, PAGE_SIZE};
 
 use crate::abi::qp_attr_mask as mask;
@@ -36,23 +36,25 @@ fn check_wr(n: u32, max: u32, what: &'static str) -> Result<(), CmdError> {
     }
 }
 
-pub(super) fn create_qp(core: &mut Core, req: CmdCreateQp) -> Result<Work, CmdError> {
+pub(super) fn create_qp(dev: &mut Ctx<'_>, req: CmdCreateQp) -> Result<Work, CmdError> {
     let qp_type = match req.qp_type {
         qp_type::GSI => QpType::Gsi,
         qp_type::RC => QpType::Rc,
         qp_type::UD => QpType::Ud,
         _ => return Err(CmdError::Invalid("QP type")),
     };
-    let cfg = core.cfg.clone();
+    let cfg = dev.cfg.clone();
     let pd_h = req.pd_handle;
-    let pd = core.pds.get(pd_h).ok_or(CmdError::NoSuch("PD"))?;
+    let pd = dev.objects.pds.get(pd_h).ok_or(CmdError::NoSuch("PD"))?;
     let pd_ctx = pd.ctx;
     let pd_b = pd.backend;
-    let scq = core
+    let scq = dev
+        .objects
         .cqs
         .get(req.send_cq_handle)
         .ok_or(CmdError::NoSuch("send CQ"))?;
-    let rcq = core
+    let rcq = dev
+        .objects
         .cqs
         .get(req.recv_cq_handle)
         .ok_or(CmdError::NoSuch("recv CQ"))?;
@@ -62,11 +64,12 @@ pub(super) fn create_qp(core: &mut Core, req: CmdCreateQp) -> Result<Work, CmdEr
     let (scq_b, rcq_b) = (scq.backend, rcq.backend);
     let is_srq = req.is_srq != 0;
     let srq_b = if is_srq {
-        let srq = core
+        let srq = dev
+            .objects
             .srqs
             .get(req.srq_handle)
             .ok_or(CmdError::NoSuch("SRQ"))?;
-        if srq.pd != pd_h && core.pds.get(srq.pd).map(|p| p.ctx) != Some(pd_ctx) {
+        if srq.pd != pd_h && dev.objects.pds.get(srq.pd).map(|p| p.ctx) != Some(pd_ctx) {
             return Err(CmdError::Invalid("SRQ of another context"));
         }
         Some(srq.shared.backend_srq)
@@ -96,21 +99,31 @@ pub(super) fn create_qp(core: &mut Core, req: CmdCreateQp) -> Result<Work, CmdEr
     if total < min_total || total > max_total {
         return Err(CmdError::Invalid("total_chunks"));
     }
-    if qp_type == QpType::Gsi && core.qps.iter().any(|(_, q)| q.qp_type == QpType::Gsi) {
+    if qp_type == QpType::Gsi
+        && dev
+            .objects
+            .qps
+            .iter()
+            .any(|(_, q)| q.qp_type == QpType::Gsi)
+    {
         return Err(CmdError::Busy("GSI QP"));
     }
     let recv_wr = if is_srq { 0 } else { req.max_recv_wr };
     let cost = budget::qp(
-        &*core.env.backend,
+        &*dev.env.backend,
         req.max_send_wr,
         req.max_send_sge,
         recv_wr,
         req.max_recv_sge,
         total,
     );
-    core.host_mem.check(cost, cfg.max_host_mem)?;
-    let handle = core.qps.next_handle().ok_or(CmdError::Exhausted("QPs"))?;
-    let gen = core.new_gen();
+    dev.objects.room(cost)?;
+    let handle = dev
+        .objects
+        .qps
+        .next_handle()
+        .ok_or(CmdError::Exhausted("QPs"))?;
+    let gen = dev.objects.new_gen();
     let ck = cookie(handle, gen);
     let version = cfg.version;
     let init = QpInit {
@@ -173,7 +186,7 @@ pub(super) fn create_qp(core: &mut Core, req: CmdCreateQp) -> Result<Work, CmdEr
             resets: Default::default(),
         });
         let b = env.backend.clone();
-        Ok(Box::new(move |core: &mut Core| {
+        Ok(Box::new(move |dev: &mut Ctx<'_>| {
             let attrs = QpAttr {
                 cap: QpCap {
                     max_send_wr: init.max_send_wr,
@@ -184,11 +197,7 @@ pub(super) fn create_qp(core: &mut Core, req: CmdCreateQp) -> Result<Work, CmdEr
                 },
                 ..QpAttr::default()
             };
-            if let Err(e) = core.host_mem.check(cost, core.cfg.max_host_mem) {
-                let _ = b.destroy_qp(backend_qp);
-                return Err(e.into());
-            }
-            let inserted = core.qps.insert(Qp {
+            let qp = Qp {
                 pd: pd_h,
                 gen,
                 qp_type,
@@ -199,28 +208,10 @@ pub(super) fn create_qp(core: &mut Core, req: CmdCreateQp) -> Result<Work, CmdEr
                 shared,
                 sched: Sched::default(),
                 cost,
-            });
-            if inserted != Some(handle) {
-                if let Some(h) = inserted {
-                    core.qps.remove(h);
-                }
+            };
+            dev.objects.add_qp(handle, qp).inspect_err(|_| {
                 let _ = b.destroy_qp(backend_qp);
-                return Err(CmdError::Exhausted("QPs"));
-            }
-            core.host_mem.reserve(cost);
-            if let Some(p) = core.pds.get_mut(pd_h) {
-                p.refs += 1;
-            }
-            for c in [scq_h, rcq_h] {
-                if let Some(c) = core.cqs.get_mut(c) {
-                    c.refs += 1;
-                }
-            }
-            if is_srq {
-                if let Some(s) = core.srqs.get_mut(srq_h) {
-                    s.refs += 1;
-                }
-            }
+            })?;
             let (ms, mr, mss, mrs) = (
                 init.max_send_wr,
                 init.max_recv_wr,
@@ -255,7 +246,7 @@ pub(super) fn create_qp(core: &mut Core, req: CmdCreateQp) -> Result<Work, CmdEr
 
 /// Converts the masked wire attributes into backend attributes, validating what the device
 /// itself depends on.
-fn to_backend_attrs(core: &Core, m: u32, a: &QpAttr) -> Result<QpAttrs, CmdError> {
+fn to_backend_attrs(dev: &Ctx<'_>, m: u32, a: &QpAttr) -> Result<QpAttrs, CmdError> {
     let mut out = QpAttrs::default();
     let state = |v: u32| QpState::from_u32(v).ok_or(CmdError::Invalid("QP state"));
     if m & mask::STATE != 0 {
@@ -284,7 +275,7 @@ fn to_backend_attrs(core: &Core, m: u32, a: &QpAttr) -> Result<QpAttrs, CmdError
     }
     if m & mask::AV != 0 {
         let ah = &a.ah_attr;
-        if u32::from(ah.grh.sgid_index) >= core.cfg.gid_tbl_len {
+        if u32::from(ah.grh.sgid_index) >= dev.cfg.gid_tbl_len {
             return Err(CmdError::Invalid("sgid index"));
         }
         out.ah = Some(AddressVector {
@@ -357,19 +348,19 @@ fn merge_attrs(stored: &mut QpAttr, m: u32, a: &QpAttr) {
     take!(mask::DEST_QPN, dest_qp_num);
 }
 
-pub(super) fn modify_qp(core: &mut Core, req: CmdModifyQp) -> Result<Work, CmdError> {
+pub(super) fn modify_qp(dev: &mut Ctx<'_>, req: CmdModifyQp) -> Result<Work, CmdError> {
     let h = req.qp_handle;
-    let qp = core.qps.get(h).ok_or(CmdError::NoSuch("QP"))?;
+    let qp = dev.objects.qps.get(h).ok_or(CmdError::NoSuch("QP"))?;
     let m = req.attr_mask & mask::ALL;
-    let attrs = to_backend_attrs(core, m, &req.attrs)?;
+    let attrs = to_backend_attrs(dev, m, &req.attrs)?;
     let b = qp.backend();
     let gen = qp.gen;
     let wire = req.attrs;
     Ok(Box::new(move |env: &Env| {
         env.backend.modify_qp(b, &attrs)?;
-        Ok(Box::new(move |core: &mut Core| {
-            let mem = core.mem.memory();
-            let Some(qp) = core.qps.get_mut(h).filter(|q| q.gen == gen) else {
+        Ok(Box::new(move |dev: &mut Ctx<'_>| {
+            let mem = dev.mem.memory();
+            let Some(qp) = dev.objects.qps.get_mut(h).filter(|q| q.gen == gen) else {
                 return Err(CmdError::NoSuch("QP"));
             };
             merge_attrs(&mut qp.attrs, m, &wire);
@@ -390,22 +381,23 @@ pub(super) fn modify_qp(core: &mut Core, req: CmdModifyQp) -> Result<Work, CmdEr
             ) && qp.shared.may_have_work(&*mem);
             drop(mem);
             if drain {
-                core.schedule_qp(h);
+                dev.drain = Some(h);
             }
             Ok(resp(&hdr()))
         }) as Finish)
     }))
 }
 
-pub(super) fn query_qp(core: &mut Core, req: CmdQueryQp) -> Result<Work, CmdError> {
+pub(super) fn query_qp(dev: &mut Ctx<'_>, req: CmdQueryQp) -> Result<Work, CmdError> {
     let h = req.qp_handle;
-    let qp = core.qps.get(h).ok_or(CmdError::NoSuch("QP"))?;
+    let qp = dev.objects.qps.get(h).ok_or(CmdError::NoSuch("QP"))?;
     let b = qp.backend();
     let gen = qp.gen;
     Ok(Box::new(move |env: &Env| {
         let state = env.backend.query_qp_state(b)?;
-        Ok(Box::new(move |core: &mut Core| {
-            let qp = core
+        Ok(Box::new(move |dev: &mut Ctx<'_>| {
+            let qp = dev
+                .objects
                 .qps
                 .get(h)
                 .filter(|q| q.gen == gen)
@@ -418,35 +410,22 @@ pub(super) fn query_qp(core: &mut Core, req: CmdQueryQp) -> Result<Work, CmdErro
     }))
 }
 
-pub(super) fn destroy_qp(core: &mut Core, req: CmdDestroyQp) -> Result<Work, CmdError> {
+pub(super) fn destroy_qp(dev: &mut Ctx<'_>, req: CmdDestroyQp) -> Result<Work, CmdError> {
     let h = req.qp_handle;
-    let qp = core.qps.get(h).ok_or(CmdError::NoSuch("QP"))?;
+    let qp = dev.objects.qps.get(h).ok_or(CmdError::NoSuch("QP"))?;
     // Workers stop at their next WQE; completions already queued are dropped by generation.
     qp.shared.dead.store(true, Ordering::Release);
     let b = qp.backend();
     Ok(Box::new(move |env: &Env| {
         let r = env.backend.destroy_qp(b);
-        Ok(Box::new(move |core: &mut Core| {
+        Ok(Box::new(move |dev: &mut Ctx<'_>| {
             if let Err(e) = r {
-                if let Some(qp) = core.qps.get(h) {
+                if let Some(qp) = dev.objects.qps.get(h) {
                     qp.shared.dead.store(false, Ordering::Release);
                 }
                 return Err(e.into());
             }
-            if let Some(qp) = core.qps.remove(h) {
-                core.host_mem.release(qp.cost);
-                if let Some(p) = core.pds.get_mut(qp.pd) {
-                    p.refs = p.refs.saturating_sub(1);
-                }
-                for c in [qp.send_cq, qp.recv_cq] {
-                    if let Some(c) = core.cqs.get_mut(c) {
-                        c.refs = c.refs.saturating_sub(1);
-                    }
-                }
-                if let Some(s) = qp.srq.and_then(|s| core.srqs.get_mut(s)) {
-                    s.refs = s.refs.saturating_sub(1);
-                }
-            }
+            dev.objects.remove_qp(h);
             Ok(resp(&RespDestroyQp {
                 hdr: hdr(),
                 events_reported: 0,
@@ -456,18 +435,23 @@ pub(super) fn destroy_qp(core: &mut Core, req: CmdDestroyQp) -> Result<Work, Cmd
     }))
 }
 
-pub(super) fn create_srq(core: &mut Core, req: CmdCreateSrq) -> Result<Work, CmdError> {
-    if core.cfg.max_srq == 0 {
+pub(super) fn create_srq(dev: &mut Ctx<'_>, req: CmdCreateSrq) -> Result<Work, CmdError> {
+    if dev.cfg.max_srq == 0 {
         return Err(CmdError::Unsupported(17));
     }
     if req.srq_type != 0 {
         return Err(CmdError::Invalid("SRQ type"));
     }
     let pd_h = req.pd_handle;
-    let pd_b = core.pds.get(pd_h).ok_or(CmdError::NoSuch("PD"))?.backend;
+    let pd_b = dev
+        .objects
+        .pds
+        .get(pd_h)
+        .ok_or(CmdError::NoSuch("PD"))?
+        .backend;
     let a = req.attrs;
-    check_wr(a.max_wr, core.cfg.max_srq_wr, "SRQ max_wr")?;
-    if a.max_sge == 0 || a.max_sge > core.cfg.max_srq_sge {
+    check_wr(a.max_wr, dev.cfg.max_srq_wr, "SRQ max_wr")?;
+    if a.max_sge == 0 || a.max_sge > dev.cfg.max_srq_sge {
         return Err(CmdError::Invalid("SRQ max_sge"));
     }
     if a.srq_limit > a.max_wr {
@@ -480,10 +464,14 @@ pub(super) fn create_srq(core: &mut Core, req: CmdCreateSrq) -> Result<Work, Cmd
     if n < 1 + need || n > 1 + 2 * need + QUEUE_SLACK_PAGES {
         return Err(CmdError::Invalid("SRQ nchunks"));
     }
-    let handle = core.srqs.next_handle().ok_or(CmdError::Exhausted("SRQs"))?;
-    let cost = budget::srq(&*core.env.backend, a.max_wr, a.max_sge, n);
-    core.host_mem.check(cost, core.cfg.max_host_mem)?;
-    let gen = core.new_gen();
+    let handle = dev
+        .objects
+        .srqs
+        .next_handle()
+        .ok_or(CmdError::Exhausted("SRQs"))?;
+    let cost = budget::srq(&*dev.env.backend, a.max_wr, a.max_sge, n);
+    dev.objects.room(cost)?;
+    let gen = dev.objects.new_gen();
     let (pdir_dma, nchunks) = (req.pdir_dma, req.nchunks);
     Ok(Box::new(move |env: &Env| {
         let pdir = {
@@ -503,12 +491,8 @@ pub(super) fn create_srq(core: &mut Core, req: CmdCreateSrq) -> Result<Work, Cmd
             pending: Default::default(),
         });
         let b = env.backend.clone();
-        Ok(Box::new(move |core: &mut Core| {
-            if let Err(e) = core.host_mem.check(cost, core.cfg.max_host_mem) {
-                let _ = b.destroy_srq(backend_srq);
-                return Err(e.into());
-            }
-            let inserted = core.srqs.insert(Srq {
+        Ok(Box::new(move |dev: &mut Ctx<'_>| {
+            let srq = Srq {
                 pd: pd_h,
                 gen,
                 attrs: a,
@@ -516,18 +500,10 @@ pub(super) fn create_srq(core: &mut Core, req: CmdCreateSrq) -> Result<Work, Cmd
                 sched: Sched::default(),
                 refs: 0,
                 cost,
-            });
-            if inserted != Some(handle) {
-                if let Some(h) = inserted {
-                    core.srqs.remove(h);
-                }
+            };
+            dev.objects.add_srq(handle, srq).inspect_err(|_| {
                 let _ = b.destroy_srq(backend_srq);
-                return Err(CmdError::Exhausted("SRQs"));
-            }
-            core.host_mem.reserve(cost);
-            if let Some(p) = core.pds.get_mut(pd_h) {
-                p.refs += 1;
-            }
+            })?;
             Ok(resp(&RespCreateSrq {
                 hdr: hdr(),
                 srqn: handle,
@@ -537,9 +513,9 @@ pub(super) fn create_srq(core: &mut Core, req: CmdCreateSrq) -> Result<Work, Cmd
     }))
 }
 
-pub(super) fn modify_srq(core: &mut Core, req: CmdModifySrq) -> Result<Work, CmdError> {
+pub(super) fn modify_srq(dev: &mut Ctx<'_>, req: CmdModifySrq) -> Result<Work, CmdError> {
     let h = req.srq_handle;
-    let srq = core.srqs.get(h).ok_or(CmdError::NoSuch("SRQ"))?;
+    let srq = dev.objects.srqs.get(h).ok_or(CmdError::NoSuch("SRQ"))?;
     if req.attr_mask & SRQ_MAX_WR != 0 {
         // Resizing an SRQ is not supported (the kernel never asks).
         return Err(CmdError::Unsupported(18));
@@ -554,8 +530,8 @@ pub(super) fn modify_srq(core: &mut Core, req: CmdModifySrq) -> Result<Work, Cmd
     let b = srq.shared.backend_srq;
     Ok(Box::new(move |env: &Env| {
         env.backend.modify_srq(b, limit)?;
-        Ok(Box::new(move |core: &mut Core| {
-            if let Some(s) = core.srqs.get_mut(h) {
+        Ok(Box::new(move |dev: &mut Ctx<'_>| {
+            if let Some(s) = dev.objects.srqs.get_mut(h) {
                 s.attrs.srq_limit = limit;
             }
             Ok(resp(&hdr()))
@@ -563,8 +539,9 @@ pub(super) fn modify_srq(core: &mut Core, req: CmdModifySrq) -> Result<Work, Cmd
     }))
 }
 
-pub(super) fn query_srq(core: &mut Core, req: CmdQuerySrq) -> Result<Work, CmdError> {
-    let attrs = core
+pub(super) fn query_srq(dev: &mut Ctx<'_>, req: CmdQuerySrq) -> Result<Work, CmdError> {
+    let attrs = dev
+        .objects
         .srqs
         .get(req.srq_handle)
         .ok_or(CmdError::NoSuch("SRQ"))?
@@ -572,9 +549,9 @@ pub(super) fn query_srq(core: &mut Core, req: CmdQuerySrq) -> Result<Work, CmdEr
     main_loop_only(move |_| Ok(resp(&RespQuerySrq { hdr: hdr(), attrs })))
 }
 
-pub(super) fn destroy_srq(core: &mut Core, req: CmdDestroySrq) -> Result<Work, CmdError> {
+pub(super) fn destroy_srq(dev: &mut Ctx<'_>, req: CmdDestroySrq) -> Result<Work, CmdError> {
     let h = req.srq_handle;
-    let srq = core.srqs.get(h).ok_or(CmdError::NoSuch("SRQ"))?;
+    let srq = dev.objects.srqs.get(h).ok_or(CmdError::NoSuch("SRQ"))?;
     if srq.refs != 0 {
         return Err(CmdError::Busy("SRQ"));
     }
@@ -582,13 +559,8 @@ pub(super) fn destroy_srq(core: &mut Core, req: CmdDestroySrq) -> Result<Work, C
     let b = srq.shared.backend_srq;
     Ok(Box::new(move |env: &Env| {
         env.backend.destroy_srq(b)?;
-        Ok(Box::new(move |core: &mut Core| {
-            if let Some(s) = core.srqs.remove(h) {
-                core.host_mem.release(s.cost);
-                if let Some(p) = core.pds.get_mut(s.pd) {
-                    p.refs = p.refs.saturating_sub(1);
-                }
-            }
+        Ok(Box::new(move |dev: &mut Ctx<'_>| {
+            dev.objects.remove_srq(h);
             Ok(resp(&hdr()))
         }) as Finish)
     }))

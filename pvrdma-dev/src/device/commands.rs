@@ -20,7 +20,7 @@ impl Core {
         }
         let hdr = CmdHdr::from_slice(&req[..16]).copied().unwrap_or_default();
         self.stats.commands += 1;
-        let job = cmd::prepare(self, hdr.cmd, &req);
+        let job = self.with_cmd_ctx(|dev| cmd::prepare(dev, hdr.cmd, &req));
         self.cmd_pending = true;
         let weak = self.weak.clone();
         let epoch = self.epoch;
@@ -39,13 +39,32 @@ impl Core {
                     return;
                 }
                 let result = match r {
-                    Ok(Ok(finish)) => finish(&mut core),
+                    Ok(Ok(finish)) => core.with_cmd_ctx(finish),
                     Ok(Err(e)) => Err(e),
                     Err(panic) => Err(CmdError::Internal(panic)),
                 };
                 core.finish_command(hdr, result);
             },
         );
+    }
+
+    /// Runs `f` with the command context ([`cmd::Ctx`]) on this device, then does what the
+    /// command asked for in it.
+    fn with_cmd_ctx<R>(&mut self, f: impl FnOnce(&mut cmd::Ctx<'_>) -> R) -> R {
+        let mut dev = cmd::Ctx {
+            cfg: &self.cfg,
+            mem: &self.mem,
+            env: &self.env,
+            active: self.active,
+            uar_pfn: self.dsr.as_ref().map(|d| d.uar_pfn),
+            objects: &mut self.objects,
+            drain: None,
+        };
+        let r = f(&mut dev);
+        if let Some(h) = dev.drain {
+            self.schedule_qp(h);
+        }
+        r
     }
 
     pub(super) fn finish_command(&mut self, hdr: CmdHdr, result: cmd::CmdResult) {

@@ -31,7 +31,8 @@ impl Core {
 
     pub(super) fn live_qp(&self, cookie: u64) -> Option<u32> {
         let (handle, gen) = split_cookie(cookie);
-        self.qps
+        self.objects
+            .qps
             .get(handle)
             .filter(|q| q.gen == gen)
             .map(|_| handle)
@@ -49,7 +50,7 @@ impl Core {
                 self.stats.stale_completions += 1;
                 continue;
             };
-            let qp = self.qps.get(qh).expect("live QP");
+            let qp = self.objects.qps.get(qh).expect("live QP");
             let cqh = if matches!(wc.opcode, WcOpcode::Recv | WcOpcode::RecvRdmaWithImm) {
                 qp.recv_cq
             } else {
@@ -58,7 +59,7 @@ impl Core {
             if qp.sched.stalled {
                 restart.push(qh);
             }
-            let Some(cq) = self.cqs.get_mut(cqh) else {
+            let Some(cq) = self.objects.cqs.get_mut(cqh) else {
                 self.stats.stale_completions += 1;
                 continue;
             };
@@ -84,7 +85,7 @@ impl Core {
         }
         // Each CQ's prod_tail once for the run, before any notification about it.
         for &cqh in &written {
-            if let Some(cq) = self.cqs.get_mut(cqh) {
+            if let Some(cq) = self.objects.cqs.get_mut(cqh) {
                 if !cq.ring.publish(&*mem) {
                     self.stats.cq_overflows += 1;
                 }
@@ -106,14 +107,14 @@ impl Core {
         }
         for cqh in overflowed {
             // Report a CQ overflow once per CQ (CQ_ERR, info = CQ handle).
-            if self.cqs.get(cqh).is_some() {
+            if self.objects.cqs.get(cqh).is_some() {
                 self.post_event(event::CQ_ERR, cqh);
             }
         }
         restart.sort_unstable();
         restart.dedup();
         for qh in restart {
-            if let Some(qp) = self.qps.get_mut(qh) {
+            if let Some(qp) = self.objects.qps.get_mut(qh) {
                 qp.sched.stalled = false;
             }
             self.schedule_qp(qh);
@@ -134,9 +135,9 @@ impl Core {
         };
         let (handle, gen) = split_cookie(cookie);
         let live = if is_srq {
-            self.srqs.get(handle).is_some_and(|s| s.gen == gen)
+            self.objects.srqs.get(handle).is_some_and(|s| s.gen == gen)
         } else {
-            self.qps.get(handle).is_some_and(|q| q.gen == gen)
+            self.objects.qps.get(handle).is_some_and(|q| q.gen == gen)
         };
         if live {
             self.post_event(ty, handle);

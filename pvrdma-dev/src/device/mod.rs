@@ -9,8 +9,7 @@
 
 //!
 //! One file per concern: `handle.rs` (the handles transports hold, and the loop they drive),
-//! `sink.rs` (where backends deliver), `records.rs` (the object records and tables),
-//! `registers.rs` (register and config accesses, DSR, reset), `commands.rs` (a command's start
+//! `sink.rs` (where backends deliver), `registers.rs` (register and config accesses, DSR, reset), `commands.rs` (a command's start
 //! and finish), `events.rs` (interrupts and async events), `work.rs` (doorbells and the
 //! workers' jobs), `completions.rs` (completions into CQEs).
 
@@ -18,19 +17,16 @@ mod commands;
 mod completions;
 mod events;
 mod handle;
-mod records;
 mod registers;
 mod sink;
 mod work;
 
 use handle::Msg;
 pub use handle::{DeviceAccess, DeviceHandle, LocalDevice};
-use records::Tables;
-pub(crate) use records::{cookie, split_cookie, Cq, Mr, Pd, Qp, Sched, Srq, Uc};
 use sink::{Completion, Sink};
 
 use std::cell::RefCell;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::rc::{Rc, Weak};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -38,21 +34,20 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use rdma_backend::{
-    AsyncEvent, Backend, CompletionSink, CqId, GuestMem, MrId, PdId, QpId, QpState, QpType,
-    WcOpcode, WorkCompletion,
+    AsyncEvent, Backend, CompletionSink, GuestMem, QpState, WcOpcode, WorkCompletion,
 };
 use vm_memory::{ByteValued, Bytes, GuestAddressSpace};
 
-use crate::abi::{event, CmdHdr, QpAttr, RespHdr, SrqAttr, CMD_SLOT_SIZE, RESP_ACK};
+use crate::abi::{event, CmdHdr, RespHdr, CMD_SLOT_SIZE, RESP_ACK};
 use crate::cmd::{self, CmdError};
 use crate::config::DeviceConfig;
-use crate::datapath::cq::{self, Arm, CqRing, Pushed};
-use crate::datapath::{self, Drained, Env, QpShared, SrqShared};
+use crate::datapath::cq::{self, Arm, Pushed};
+use crate::datapath::{self, Drained, Env};
 use crate::dsr::{self, LoadedDsr};
 use crate::exec::Exec;
+use crate::objects::{split_cookie, Objects};
 use crate::pci::{ConfigSpace, MsixTable, MSIX_BAR, REG_BAR, UAR_BAR};
 use crate::regs::{ctl, err, offset, uar, vector, CqDoorbell, IntrCause, QpDoorbell, SrqDoorbell};
-use crate::resources::HandleTable;
 
 /// Accesses that may wait behind one running command. Transports wait for every read and for
 /// non-posted writes, so only posted writes queue here; the bound keeps a flood of them finite.
@@ -180,22 +175,10 @@ pub(crate) struct Core {
     pub active: bool,
     /// Bumped on every reset; work started before carries the old value and is dropped.
     pub epoch: u32,
-    /// Generation counter for objects (cookie high half).
-    pub next_gen: u32,
     cmd_pending: bool,
     deferred: VecDeque<Msg>,
-    pub ucs: HandleTable<Uc>,
-    pub uar_owner: HashMap<u32, u32>,
-    pub pds: HandleTable<Pd>,
-    pub mrs: HandleTable<Mr>,
-    pub cqs: HandleTable<Cq>,
-    pub qps: HandleTable<Qp>,
-    pub srqs: HandleTable<Srq>,
-    pub gids: Vec<Option<([u8; 16], u8)>>,
-    /// Pages listed by all user MRs (bounded by `max_mr_pages`).
-    pub mr_pages: u64,
-    /// Host memory reserved by the guest's objects (bounded by `max_host_mem`).
-    pub host_mem: crate::budget::Account,
+    /// The guest's objects: every table, its references and reservations.
+    pub objects: Objects,
     pub stats: DeviceStats,
     /// CQs written by the current run of completions (kept for its allocation).
     cqs_written: Vec<u32>,

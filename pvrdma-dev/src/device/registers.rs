@@ -20,7 +20,6 @@ impl Core {
         weak: Weak<RefCell<Core>>,
     ) -> Core {
         let config = ConfigSpace::new(cfg.uar_bar_size(), crate::pci::DEFAULT_SUBSYSTEM);
-        let tables = Tables::new(&cfg);
         Core {
             config,
             msix: MsixTable::new(),
@@ -28,19 +27,9 @@ impl Core {
             dsr: None,
             active: false,
             epoch: 0,
-            next_gen: 1,
             cmd_pending: false,
             deferred: VecDeque::new(),
-            ucs: tables.ucs,
-            uar_owner: HashMap::new(),
-            pds: tables.pds,
-            mrs: tables.mrs,
-            cqs: tables.cqs,
-            qps: tables.qps,
-            srqs: tables.srqs,
-            gids: vec![None; cfg.gid_tbl_len as usize],
-            mr_pages: 0,
-            host_mem: Default::default(),
+            objects: Objects::new(&cfg),
             stats: DeviceStats::default(),
             cqs_written: Vec::new(),
             progress_running: false,
@@ -52,12 +41,6 @@ impl Core {
             exec,
             weak,
         }
-    }
-
-    pub(crate) fn new_gen(&mut self) -> u32 {
-        let g = self.next_gen;
-        self.next_gen = self.next_gen.wrapping_add(1).max(1);
-        g
     }
 
     pub(super) fn on_msg(&mut self, msg: Msg) {
@@ -117,14 +100,14 @@ impl Core {
             Msg::Stats { reply } => {
                 let mut s = self.stats.clone();
                 s.objects = [
-                    self.pds.len(),
-                    self.mrs.len(),
-                    self.cqs.len(),
-                    self.qps.len(),
-                    self.srqs.len(),
-                    self.ucs.len(),
+                    self.objects.pds.len(),
+                    self.objects.mrs.len(),
+                    self.objects.cqs.len(),
+                    self.objects.qps.len(),
+                    self.objects.srqs.len(),
+                    self.objects.ucs.len(),
                 ];
-                s.host_mem = self.host_mem.reserved();
+                s.host_mem = self.objects.host_mem();
                 let _ = reply.send(s);
             }
             Msg::Stop => {}
@@ -333,23 +316,14 @@ impl Core {
 
     /// Frees every object; the backend and rings are reset; in-flight work is disowned.
     pub(super) fn reset_objects(&mut self) {
-        for (_, qp) in self.qps.iter() {
+        for (_, qp) in self.objects.qps.iter() {
             qp.shared.dead.store(true, Ordering::Release);
         }
-        for (_, srq) in self.srqs.iter() {
+        for (_, srq) in self.objects.srqs.iter() {
             srq.shared.dead.store(true, Ordering::Release);
         }
         self.env.backend.reset();
-        self.qps.clear();
-        self.srqs.clear();
-        self.cqs.clear();
-        self.mrs.clear();
-        self.pds.clear();
-        self.ucs.clear();
-        self.uar_owner.clear();
-        self.gids.iter_mut().for_each(|g| *g = None);
-        self.mr_pages = 0;
-        self.host_mem.clear();
+        self.objects.clear();
         self.epoch = self.epoch.wrapping_add(1);
     }
 

@@ -6,6 +6,7 @@ impl Core {
     /// Drains again every queue whose last drain stopped at a WR the backend did not take.
     pub(super) fn restart_stalled(&mut self) {
         let qps: Vec<u32> = self
+            .objects
             .qps
             .iter_mut()
             .filter(|(_, q)| q.sched.stalled)
@@ -18,6 +19,7 @@ impl Core {
             self.schedule_qp(h);
         }
         let srqs: Vec<u32> = self
+            .objects
             .srqs
             .iter_mut()
             .filter(|(_, s)| s.sched.stalled)
@@ -63,24 +65,11 @@ impl Core {
 
     // ---- doorbells -----------------------------------------------------------------------
 
-    /// The user context that owns UAR page `page` (0 = the kernel).
-    pub(super) fn page_ctx(&self, page: u32) -> Option<u32> {
-        if page == 0 {
-            Some(0)
-        } else {
-            self.uar_owner.get(&page).copied()
-        }
-    }
-
-    pub(super) fn pd_ctx(&self, pd: u32) -> Option<u32> {
-        self.pds.get(pd).map(|p| p.ctx)
-    }
-
     pub(super) fn doorbell(&mut self, off: u64, v: u32) {
         let page = (off >> 12) as u32;
         let reg = off & 0xfff;
         let handle = v & uar::HANDLE_MASK;
-        let Some(ctx) = self.page_ctx(page) else {
+        let Some(ctx) = self.objects.page_ctx(page) else {
             self.stats.bad_doorbells += 1;
             return;
         };
@@ -91,9 +80,10 @@ impl Core {
         match reg {
             uar::QP => {
                 let ok = self
+                    .objects
                     .qps
                     .get(handle)
-                    .is_some_and(|qp| self.pd_ctx(qp.pd) == Some(ctx));
+                    .is_some_and(|qp| self.objects.pd_ctx(qp.pd) == Some(ctx));
                 let flags = QpDoorbell::from_bits_truncate(v);
                 if !ok || flags.is_empty() {
                     self.stats.bad_doorbells += 1;
@@ -103,7 +93,7 @@ impl Core {
             }
             uar::CQ => {
                 let flags = CqDoorbell::from_bits_truncate(v);
-                let Some(cq) = self.cqs.get_mut(handle).filter(|c| c.ctx == ctx) else {
+                let Some(cq) = self.objects.cqs.get_mut(handle).filter(|c| c.ctx == ctx) else {
                     self.stats.bad_doorbells += 1;
                     return;
                 };
@@ -117,9 +107,10 @@ impl Core {
             }
             uar::SRQ => {
                 let ok = self
+                    .objects
                     .srqs
                     .get(handle)
-                    .is_some_and(|s| self.pd_ctx(s.pd) == Some(ctx));
+                    .is_some_and(|s| self.objects.pd_ctx(s.pd) == Some(ctx));
                 if !ok || !SrqDoorbell::from_bits_truncate(v).contains(SrqDoorbell::RECV) {
                     self.stats.bad_doorbells += 1;
                     return;
@@ -132,7 +123,7 @@ impl Core {
 
     pub(crate) fn schedule_qp(&mut self, handle: u32) {
         let epoch = self.epoch;
-        let Some(qp) = self.qps.get_mut(handle) else {
+        let Some(qp) = self.objects.qps.get_mut(handle) else {
             return;
         };
         if qp.sched.busy {
@@ -173,7 +164,7 @@ impl Core {
     }
 
     pub(super) fn qp_drained(&mut self, handle: u32, gen: u32, resets: u32, d: Drained) {
-        let Some(qp) = self.qps.get_mut(handle).filter(|q| q.gen == gen) else {
+        let Some(qp) = self.objects.qps.get_mut(handle).filter(|q| q.gen == gen) else {
             return;
         };
         qp.sched.busy = false;
@@ -198,7 +189,7 @@ impl Core {
 
     pub(crate) fn schedule_srq(&mut self, handle: u32) {
         let epoch = self.epoch;
-        let Some(srq) = self.srqs.get_mut(handle) else {
+        let Some(srq) = self.objects.srqs.get_mut(handle) else {
             return;
         };
         if srq.sched.busy {
@@ -221,7 +212,7 @@ impl Core {
                     return;
                 }
                 let d = r.unwrap_or_default();
-                let Some(srq) = core.srqs.get_mut(handle).filter(|s| s.gen == gen) else {
+                let Some(srq) = core.objects.srqs.get_mut(handle).filter(|s| s.gen == gen) else {
                     return;
                 };
                 srq.sched.busy = false;
