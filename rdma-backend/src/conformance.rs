@@ -9,8 +9,7 @@
 //! [`Fabric`]: crate::emulated::Fabric
 
 use std::collections::HashSet;
-use std::fs::File;
-use std::os::fd::{FromRawFd, OwnedFd};
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
@@ -247,12 +246,7 @@ impl Default for RcOpts {
 /// [`MEM_SIZE`] of guest RAM in a memfd, mapped shared, as vfio-user guest RAM is (QEMU's
 /// `memory-backend-memfd` passed in DMA_MAP): a backend may map its pages a second time.
 pub fn guest_memory() -> GuestMem {
-    // SAFETY: the name is a valid NUL-terminated string; memfd_create has no other preconditions.
-    let fd = unsafe { libc::memfd_create(c"pvrdma-conformance".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-    // SAFETY: `fd` was just returned by memfd_create, is open, and nothing else owns it.
-    let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-    file.set_len(MEM_SIZE as u64).expect("memfd size");
+    let file = crate::shm::memfd(c"pvrdma-conformance", MEM_SIZE as u64).expect("memfd");
     let ranges = [(GuestAddress(0), MEM_SIZE, Some(FileOffset::new(file, 0)))];
     GuestMem::new(GuestMemoryMmap::from_ranges_with_files(&ranges).expect("guest memory"))
 }

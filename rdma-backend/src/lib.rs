@@ -23,14 +23,15 @@ use std::sync::Arc;
 
 use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
-// memfd creation for the suite's guest memory.
-#[allow(unsafe_code)]
 #[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod emulated;
 mod progress;
 #[cfg(feature = "rdma-core")]
 pub mod rdma_core;
+// memfd_create and taking ownership of its descriptor.
+#[allow(unsafe_code)]
+pub mod shm;
 mod sync;
 
 pub use progress::ProgressThread;

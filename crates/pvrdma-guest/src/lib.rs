@@ -13,8 +13,6 @@ pub mod mem;
 pub mod perf;
 pub mod tenant;
 pub mod transport;
-// memfd creation for the client's guest RAM.
-#[allow(unsafe_code)]
 pub mod vfio;
 
 pub use driver::{Cq, Ctx, Driver, GuestError, Modify, Mr, Qp, QpKind, SendWqe, Srq, UdAddr};

@@ -4,7 +4,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -51,18 +51,7 @@ fn io_err(what: &str) -> impl FnOnce(io::Error) -> VfioError + '_ {
 
 /// A shared memory file (memfd) of `size` bytes.
 fn memfd(size: usize) -> Result<File> {
-    // SAFETY: the name is a valid NUL-terminated string; memfd_create has no other preconditions.
-    let fd = unsafe { libc::memfd_create(c"pvrdma-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(VfioError::Io(
-            "memfd_create".into(),
-            io::Error::last_os_error(),
-        ));
-    }
-    // SAFETY: `fd` was just returned by memfd_create, is open, and nothing else owns it.
-    let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-    file.set_len(size as u64).map_err(io_err("memfd size"))?;
-    Ok(file)
+    rdma_backend::shm::memfd(c"pvrdma-guest-ram", size as u64).map_err(io_err("memfd"))
 }
 
 /// The device behind a vfio-user socket.

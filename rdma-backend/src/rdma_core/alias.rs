@@ -144,17 +144,11 @@ impl Drop for Alias {
 mod tests {
     use super::*;
     use std::fs::File;
-    use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+    use std::os::fd::AsFd;
     use std::os::unix::fs::FileExt;
 
     fn memfd(size: u64) -> File {
-        // SAFETY: valid NUL-terminated name; no other preconditions.
-        let fd = unsafe { libc::memfd_create(c"alias-test".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0, "memfd_create: {}", io::Error::last_os_error());
-        // SAFETY: `fd` is a fresh descriptor nothing else owns.
-        let f = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-        f.set_len(size).unwrap();
-        f
+        crate::shm::memfd(c"alias-test", size).unwrap()
     }
 
     #[test]
