@@ -400,6 +400,15 @@ pub const SGE_SIZE: u32 = 16;
 /// Size of one CQE.
 pub const CQE_SIZE: u32 = 64;
 
+/// Where the two ring states (`struct pvrdma_ring { prod_tail, cons_head }`) sit in page 0 of a
+/// queue's page directory (spec §6).
+pub mod ring_state {
+    /// The tx half: a QP's send queue.
+    pub const TX: u64 = 0;
+    /// The rx half: a QP's receive queue, an SRQ, a CQ, the async-event ring.
+    pub const RX: u64 = 8;
+}
+
 /// IB QP attribute mask bits (`ib_qp_attr_mask`), as MODIFY_QP's `attr_mask` carries them.
 pub mod qp_attr_mask {
     /// `qp_state`.

@@ -116,7 +116,7 @@ impl EventRing {
             .ok_or(DsrError::BadRingPages(name, num_pages))?;
         // The device produces into the rx half of the ring state (@8).
         let ring = ProducerRing::new_quirk(RingAddr {
-            addr: state.unchecked_add(8),
+            addr: state.unchecked_add(crate::abi::ring_state::RX),
             n,
         })
         .map_err(|e| DsrError::Ring(name, e))?;

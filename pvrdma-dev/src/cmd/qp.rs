@@ -3,12 +3,15 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use rdma_backend::{Access, AddressVector, Gid, QpAttrs, QpInit, QpState, QpType};
+use rdma_backend::{
+    Access, AddressVector, CqId, Gid, GuestMem, PdId, QpAttrs, QpInit, QpState, QpType, SrqId,
+};
 use vm_memory::GuestAddressSpace;
 
 use super::{main_loop_only, resp, CmdError, Ctx, Finish, Work};
 use crate::abi::*;
 use crate::budget;
+use crate::config::DeviceConfig;
 use crate::datapath::Env;
 use crate::datapath::{pages_for, rq_wqe_size, sq_wqe_size, QpShared, SrqShared, WorkQueue};
 use crate::objects::{cookie, Qp, Sched, Srq};
@@ -36,6 +39,122 @@ fn check_wr(n: u32, max: u32, what: &'static str) -> Result<(), CmdError> {
     }
 }
 
+/// A QP's queues as CREATE_QP lays them out in its page directory (spec §6): page 0 holds the
+/// rings' state, the send queue's WQEs follow from page 1, the receive queue's (none on an
+/// SRQ) after `send_chunks` pages.
+#[derive(Clone, Copy)]
+struct QpLayout {
+    sq_wqe: u32,
+    rq_wqe: u32,
+    send_chunks: u64,
+    total_chunks: u16,
+    on_srq: bool,
+}
+
+impl QpLayout {
+    /// Checks the queue sizes against the device's limits and the page counts against what the
+    /// queues need (with a little slack for the producers' rounding).
+    fn check(cfg: &DeviceConfig, req: &CmdCreateQp) -> Result<QpLayout, CmdError> {
+        let on_srq = req.is_srq != 0;
+        check_wr(req.max_send_wr, cfg.max_qp_wr, "max_send_wr")?;
+        if req.max_send_sge > cfg.max_sge || req.max_recv_sge > cfg.max_sge {
+            return Err(CmdError::Invalid("SGE count"));
+        }
+        let sq_wqe = sq_wqe_size(req.max_send_sge);
+        let rq_wqe = rq_wqe_size(req.max_recv_sge);
+        let sq_pages = pages_for(req.max_send_wr, sq_wqe);
+        let send_chunks = u64::from(req.send_chunks);
+        if send_chunks < sq_pages || send_chunks > sq_pages + QUEUE_SLACK_PAGES {
+            return Err(CmdError::Invalid("send_chunks"));
+        }
+        let rq_pages = if on_srq {
+            0
+        } else {
+            check_wr(req.max_recv_wr, cfg.max_qp_wr, "max_recv_wr")?;
+            pages_for(req.max_recv_wr, rq_wqe)
+        };
+        let total = u64::from(req.total_chunks);
+        let min_total = 1 + send_chunks + rq_pages;
+        let max_total = min_total + if on_srq { 0 } else { QUEUE_SLACK_PAGES };
+        if total < min_total || total > max_total {
+            return Err(CmdError::Invalid("total_chunks"));
+        }
+        Ok(QpLayout {
+            sq_wqe,
+            rq_wqe,
+            send_chunks,
+            total_chunks: req.total_chunks,
+            on_srq,
+        })
+    }
+
+    /// Loads the page directory and places the queues in it (on a worker).
+    fn load(
+        self,
+        mem: &GuestMem,
+        pdir_dma: u64,
+        init: &QpInit,
+    ) -> Result<(PageDir, WorkQueue, Option<WorkQueue>), CmdError> {
+        let pdir = PageDir::load(&*mem.memory(), pdir_dma, u32::from(self.total_chunks))?;
+        let sq = WorkQueue::new(
+            &pdir,
+            ring_state::TX,
+            init.max_send_wr,
+            PAGE_SIZE,
+            self.sq_wqe,
+            init.max_send_sge,
+        )
+        .ok_or(CmdError::Invalid("send queue"))?;
+        let rq = if self.on_srq {
+            None
+        } else {
+            let rq = WorkQueue::new(
+                &pdir,
+                ring_state::RX,
+                init.max_recv_wr,
+                (1 + self.send_chunks) * PAGE_SIZE,
+                self.rq_wqe,
+                init.max_recv_sge,
+            );
+            Some(rq.ok_or(CmdError::Invalid("receive queue"))?)
+        };
+        Ok((pdir, sq, rq))
+    }
+}
+
+/// The backend objects a new QP uses: its PD, CQs and SRQ, all of one user context.
+fn qp_peers(
+    dev: &Ctx<'_>,
+    req: &CmdCreateQp,
+) -> Result<(PdId, CqId, CqId, Option<SrqId>), CmdError> {
+    let objects = &*dev.objects;
+    let pd = objects
+        .pds
+        .get(req.pd_handle)
+        .ok_or(CmdError::NoSuch("PD"))?;
+    let cq = |h, what| objects.cqs.get(h).ok_or(CmdError::NoSuch(what));
+    let (scq, rcq) = (
+        cq(req.send_cq_handle, "send CQ")?,
+        cq(req.recv_cq_handle, "recv CQ")?,
+    );
+    if scq.ctx != pd.ctx || rcq.ctx != pd.ctx {
+        return Err(CmdError::Invalid("CQ of another context"));
+    }
+    let srq = if req.is_srq != 0 {
+        let srq = objects
+            .srqs
+            .get(req.srq_handle)
+            .ok_or(CmdError::NoSuch("SRQ"))?;
+        if srq.pd != req.pd_handle && objects.pd_ctx(srq.pd) != Some(pd.ctx) {
+            return Err(CmdError::Invalid("SRQ of another context"));
+        }
+        Some(srq.shared.backend_srq)
+    } else {
+        None
+    };
+    Ok((pd.backend, scq.backend, rcq.backend, srq))
+}
+
 pub(super) fn create_qp(dev: &mut Ctx<'_>, req: CmdCreateQp) -> Result<Work, CmdError> {
     let qp_type = match req.qp_type {
         qp_type::GSI => QpType::Gsi,
@@ -43,62 +162,8 @@ pub(super) fn create_qp(dev: &mut Ctx<'_>, req: CmdCreateQp) -> Result<Work, Cmd
         qp_type::UD => QpType::Ud,
         _ => return Err(CmdError::Invalid("QP type")),
     };
-    let cfg = dev.cfg.clone();
-    let pd_h = req.pd_handle;
-    let pd = dev.objects.pds.get(pd_h).ok_or(CmdError::NoSuch("PD"))?;
-    let pd_ctx = pd.ctx;
-    let pd_b = pd.backend;
-    let scq = dev
-        .objects
-        .cqs
-        .get(req.send_cq_handle)
-        .ok_or(CmdError::NoSuch("send CQ"))?;
-    let rcq = dev
-        .objects
-        .cqs
-        .get(req.recv_cq_handle)
-        .ok_or(CmdError::NoSuch("recv CQ"))?;
-    if scq.ctx != pd_ctx || rcq.ctx != pd_ctx {
-        return Err(CmdError::Invalid("CQ of another context"));
-    }
-    let (scq_b, rcq_b) = (scq.backend, rcq.backend);
-    let is_srq = req.is_srq != 0;
-    let srq_b = if is_srq {
-        let srq = dev
-            .objects
-            .srqs
-            .get(req.srq_handle)
-            .ok_or(CmdError::NoSuch("SRQ"))?;
-        if srq.pd != pd_h && dev.objects.pds.get(srq.pd).map(|p| p.ctx) != Some(pd_ctx) {
-            return Err(CmdError::Invalid("SRQ of another context"));
-        }
-        Some(srq.shared.backend_srq)
-    } else {
-        None
-    };
-    check_wr(req.max_send_wr, cfg.max_qp_wr, "max_send_wr")?;
-    if req.max_send_sge > cfg.max_sge || req.max_recv_sge > cfg.max_sge {
-        return Err(CmdError::Invalid("SGE count"));
-    }
-    let sq_wqe = sq_wqe_size(req.max_send_sge);
-    let rq_wqe = rq_wqe_size(req.max_recv_sge);
-    let sq_pages = pages_for(req.max_send_wr, sq_wqe);
-    let send_chunks = u64::from(req.send_chunks);
-    if send_chunks < sq_pages || send_chunks > sq_pages + QUEUE_SLACK_PAGES {
-        return Err(CmdError::Invalid("send_chunks"));
-    }
-    let rq_pages = if is_srq {
-        0
-    } else {
-        check_wr(req.max_recv_wr, cfg.max_qp_wr, "max_recv_wr")?;
-        pages_for(req.max_recv_wr, rq_wqe)
-    };
-    let total = u64::from(req.total_chunks);
-    let min_total = 1 + send_chunks + rq_pages;
-    let max_total = min_total + if is_srq { 0 } else { QUEUE_SLACK_PAGES };
-    if total < min_total || total > max_total {
-        return Err(CmdError::Invalid("total_chunks"));
-    }
+    let (pd, send_cq, recv_cq, srq) = qp_peers(dev, &req)?;
+    let layout = QpLayout::check(dev.cfg, &req)?;
     if qp_type == QpType::Gsi
         && dev
             .objects
@@ -108,14 +173,14 @@ pub(super) fn create_qp(dev: &mut Ctx<'_>, req: CmdCreateQp) -> Result<Work, Cmd
     {
         return Err(CmdError::Busy("GSI QP"));
     }
-    let recv_wr = if is_srq { 0 } else { req.max_recv_wr };
+    let recv_wr = if layout.on_srq { 0 } else { req.max_recv_wr };
     let cost = budget::qp(
         &*dev.env.backend,
         req.max_send_wr,
         req.max_send_sge,
         recv_wr,
         req.max_recv_sge,
-        total,
+        u64::from(req.total_chunks),
     );
     dev.objects.room(cost)?;
     let handle = dev
@@ -124,57 +189,27 @@ pub(super) fn create_qp(dev: &mut Ctx<'_>, req: CmdCreateQp) -> Result<Work, Cmd
         .next_handle()
         .ok_or(CmdError::Exhausted("QPs"))?;
     let gen = dev.objects.new_gen();
-    let ck = cookie(handle, gen);
-    let version = cfg.version;
     let init = QpInit {
         qp_type,
-        pd: pd_b,
-        send_cq: scq_b,
-        recv_cq: rcq_b,
-        srq: srq_b,
+        pd,
+        send_cq,
+        recv_cq,
+        srq,
         max_send_wr: req.max_send_wr,
         max_recv_wr: recv_wr,
         max_send_sge: req.max_send_sge,
         max_recv_sge: req.max_recv_sge,
         sq_sig_all: req.sq_sig_all != 0,
-        cookie: ck,
+        cookie: cookie(handle, gen),
     };
-    let (pdir_dma, total_chunks) = (req.pdir_dma, req.total_chunks);
-    let (scq_h, rcq_h, srq_h) = (req.send_cq_handle, req.recv_cq_handle, req.srq_handle);
+    let version = dev.cfg.version;
     Ok(Box::new(move |env: &Env| {
-        let pdir = {
-            let mem = env.mem.memory();
-            PageDir::load(&*mem, pdir_dma, u32::from(total_chunks))?
-        };
-        let sq = WorkQueue::new(
-            &pdir,
-            0,
-            init.max_send_wr,
-            PAGE_SIZE,
-            sq_wqe,
-            init.max_send_sge,
-        )
-        .ok_or(CmdError::Invalid("send queue"))?;
-        let rq = if is_srq {
-            None
-        } else {
-            Some(
-                WorkQueue::new(
-                    &pdir,
-                    8,
-                    init.max_recv_wr,
-                    (1 + send_chunks) * PAGE_SIZE,
-                    rq_wqe,
-                    init.max_recv_sge,
-                )
-                .ok_or(CmdError::Invalid("receive queue"))?,
-            )
-        };
+        let (pdir, sq, rq) = layout.load(&env.mem, req.pdir_dma, &init)?;
         let (backend_qp, qpn) = env.backend.create_qp(&init)?;
         let shared = Arc::new(QpShared {
             backend_qp,
             qp_type,
-            cookie: ck,
+            cookie: init.cookie,
             send_cq: init.send_cq,
             recv_cq: init.recv_cq,
             pdir,
@@ -187,24 +222,24 @@ pub(super) fn create_qp(dev: &mut Ctx<'_>, req: CmdCreateQp) -> Result<Work, Cmd
         });
         let b = env.backend.clone();
         Ok(Box::new(move |dev: &mut Ctx<'_>| {
-            let attrs = QpAttr {
-                cap: QpCap {
-                    max_send_wr: init.max_send_wr,
-                    max_recv_wr: init.max_recv_wr,
-                    max_send_sge: init.max_send_sge,
-                    max_recv_sge: init.max_recv_sge,
-                    ..QpCap::default()
-                },
-                ..QpAttr::default()
+            let cap = QpCap {
+                max_send_wr: init.max_send_wr,
+                max_recv_wr: init.max_recv_wr,
+                max_send_sge: init.max_send_sge,
+                max_recv_sge: init.max_recv_sge,
+                ..QpCap::default()
             };
             let qp = Qp {
-                pd: pd_h,
+                pd: req.pd_handle,
                 gen,
                 qp_type,
-                send_cq: scq_h,
-                recv_cq: rcq_h,
-                srq: is_srq.then_some(srq_h),
-                attrs,
+                send_cq: req.send_cq_handle,
+                recv_cq: req.recv_cq_handle,
+                srq: layout.on_srq.then_some(req.srq_handle),
+                attrs: QpAttr {
+                    cap,
+                    ..QpAttr::default()
+                },
                 shared,
                 sched: Sched::default(),
                 cost,
@@ -212,36 +247,36 @@ pub(super) fn create_qp(dev: &mut Ctx<'_>, req: CmdCreateQp) -> Result<Work, Cmd
             dev.objects.add_qp(handle, qp).inspect_err(|_| {
                 let _ = b.destroy_qp(backend_qp);
             })?;
-            let (ms, mr, mss, mrs) = (
-                init.max_send_wr,
-                init.max_recv_wr,
-                init.max_send_sge,
-                init.max_recv_sge,
-            );
-            Ok(if version >= 20 {
-                resp(&RespCreateQpV2 {
-                    hdr: hdr(),
-                    qpn,
-                    qp_handle: handle,
-                    max_send_wr: ms,
-                    max_recv_wr: mr,
-                    max_send_sge: mss,
-                    max_recv_sge: mrs,
-                    ..Default::default()
-                })
-            } else {
-                resp(&RespCreateQpV1 {
-                    hdr: hdr(),
-                    qpn: handle,
-                    max_send_wr: ms,
-                    max_recv_wr: mr,
-                    max_send_sge: mss,
-                    max_recv_sge: mrs,
-                    max_inline_data: 0,
-                })
-            })
+            Ok(create_qp_response(version, cap, qpn, handle))
         }) as Finish)
     }))
+}
+
+/// CREATE_QP's response: from ABI 20 with the QP's handle beside its QPN; before, the QPN is
+/// the handle (spec §4).
+fn create_qp_response(version: u32, cap: QpCap, qpn: u32, handle: u32) -> Vec<u8> {
+    if version >= 20 {
+        resp(&RespCreateQpV2 {
+            hdr: hdr(),
+            qpn,
+            qp_handle: handle,
+            max_send_wr: cap.max_send_wr,
+            max_recv_wr: cap.max_recv_wr,
+            max_send_sge: cap.max_send_sge,
+            max_recv_sge: cap.max_recv_sge,
+            ..Default::default()
+        })
+    } else {
+        resp(&RespCreateQpV1 {
+            hdr: hdr(),
+            qpn: handle,
+            max_send_wr: cap.max_send_wr,
+            max_recv_wr: cap.max_recv_wr,
+            max_send_sge: cap.max_send_sge,
+            max_recv_sge: cap.max_recv_sge,
+            max_inline_data: 0,
+        })
+    }
 }
 
 /// Converts the masked wire attributes into backend attributes, validating what the device
@@ -478,7 +513,7 @@ pub(super) fn create_srq(dev: &mut Ctx<'_>, req: CmdCreateSrq) -> Result<Work, C
             let mem = env.mem.memory();
             PageDir::load(&*mem, pdir_dma, nchunks)?
         };
-        let rq = WorkQueue::new(&pdir, 8, a.max_wr, PAGE_SIZE, wqe, a.max_sge)
+        let rq = WorkQueue::new(&pdir, ring_state::RX, a.max_wr, PAGE_SIZE, wqe, a.max_sge)
             .ok_or(CmdError::Invalid("SRQ ring"))?;
         let backend_srq =
             env.backend

@@ -50,7 +50,7 @@ impl CqRing {
     pub(crate) fn new(pdir: PageDir, cqe: u32) -> Option<CqRing> {
         let state = pdir.page(0)?;
         let ring = ProducerRing::new(RingAddr {
-            addr: state.unchecked_add(8),
+            addr: state.unchecked_add(crate::abi::ring_state::RX),
             n: cqe,
         })
         .ok()?;
