@@ -40,13 +40,13 @@ mod qp;
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
 pub use fabric::Fabric;
 use mem::{Mr, Segs};
 pub use qp::HOLD_MAX;
-use qp::{drive, kick, resume, Held, Qp, QueuedRecv, QueuedSend, Rq, Sq, Srq, SrqQ, Trigger, Wake};
+use qp::{drive, kick, resume, Qp, QueuedRecv, QueuedSend, Rq, Sq, Srq, SrqQ, Trigger, Wake};
 
 use crate::{
     Access, Backend, CompletionSink, CqId, Error, Gid, GidType, GuestMem, MrId, MrKeys, MrKind,
@@ -713,75 +713,8 @@ impl Backend for EmulatedBackend {
             None => None,
         };
         let mut qps = write(&self.qps);
-        let qpn = if init.qp_type == QpType::Gsi {
-            if qps.contains_key(&1) {
-                return Err(Error::Busy("GSI QP"));
-            }
-            1
-        } else {
-            if qps.len() >= MAX_QPS {
-                return Err(Error::Exhausted("QPs"));
-            }
-            loop {
-                ctl.next_qpn = (ctl.next_qpn + 1) & 0xff_ffff;
-                if ctl.next_qpn < 2 {
-                    ctl.next_qpn = 2;
-                }
-                if !qps.contains_key(&ctl.next_qpn) {
-                    break ctl.next_qpn;
-                }
-            }
-        };
-        let qp = Arc::new(Qp {
-            qpn,
-            ty: init.qp_type,
-            pd: init.pd,
-            send_cq: init.send_cq,
-            recv_cq: init.recv_cq,
-            srq: srq.clone(),
-            sig_all: init.sq_sig_all,
-            cookie: init.cookie,
-            max_send_wr: init.max_send_wr,
-            max_recv_wr: init.max_recv_wr,
-            max_send_sge: init.max_send_sge,
-            // With an SRQ the receives are the SRQ's, whose own SGE limit was checked when they
-            // were posted; the QP's receive limits (0 from the provider) do not apply.
-            max_recv_sge: if init.srq.is_some() {
-                MAX_SGE as u32
-            } else {
-                init.max_recv_sge
-            },
-            backend: self.me.clone(),
-            state: AtomicU8::new(QpState::Reset as u8),
-            access: AtomicU32::new(0),
-            dead: AtomicBool::new(false),
-            wakes: AtomicU8::new(0),
-            wake_token: AtomicU64::new(0),
-            connected: Mutex::new(qp::Connected::default()),
-            sq: Mutex::new(Sq {
-                pending: VecDeque::new(),
-                partial: None,
-                held: Held::default(),
-                stall: None,
-                token: 1,
-                path_mtu: 0,
-                dest_qpn: 0,
-                ah: None,
-                rnr_retry: 0,
-                retry_cnt: 0,
-                timeout: 0,
-                qkey: 0,
-                remote: Weak::new(),
-            }),
-            rq: Mutex::new(Rq {
-                wqes: VecDeque::new(),
-                taken: 0,
-                held: Held::default(),
-                waiters: Vec::new(),
-                qkey: 0,
-                min_rnr_timer: 0,
-            }),
-        });
+        let qpn = new_qpn(&mut ctl.next_qpn, &qps, init.qp_type)?;
+        let qp = Arc::new(Qp::new(self.me.clone(), qpn, init, srq.clone()));
         qps.insert(qpn, qp);
         *ctl.pds.entry(init.pd.0).or_default() += 1;
         *ctl.cqs.entry(init.send_cq.0).or_default() += 1;
@@ -1002,5 +935,28 @@ impl Backend for EmulatedBackend {
             ..Ctl::default()
         };
         self.clear_gids();
+    }
+}
+
+/// A QPN for a new QP of type `ty`: 1 for the GSI QP (one per device), otherwise the next free
+/// one after `last` in 2..2^24 (0 and 1 are never handed out).
+fn new_qpn(last: &mut u32, qps: &QpMap, ty: QpType) -> Result<u32> {
+    if ty == QpType::Gsi {
+        if qps.contains_key(&1) {
+            return Err(Error::Busy("GSI QP"));
+        }
+        return Ok(1);
+    }
+    if qps.len() >= MAX_QPS {
+        return Err(Error::Exhausted("QPs"));
+    }
+    loop {
+        *last = (*last + 1) & 0xff_ffff;
+        if *last < 2 {
+            *last = 2;
+        }
+        if !qps.contains_key(last) {
+            return Ok(*last);
+        }
     }
 }

@@ -225,6 +225,25 @@ pub(crate) struct Sq {
 }
 
 impl Sq {
+    /// An empty send queue (timer token 1: 0 never names a timer entry).
+    fn new() -> Sq {
+        Sq {
+            pending: VecDeque::new(),
+            partial: None,
+            held: Held::default(),
+            stall: None,
+            token: 1,
+            path_mtu: 0,
+            dest_qpn: 0,
+            ah: None,
+            rnr_retry: 0,
+            retry_cnt: 0,
+            timeout: 0,
+            qkey: 0,
+            remote: Weak::new(),
+        }
+    }
+
     /// Forgets the head WR's progress (it starts over if it runs again); a receive it took
     /// from an SRQ goes back first in line.
     pub(crate) fn abandon(&mut self) {
@@ -257,7 +276,7 @@ pub(crate) struct Stall {
 }
 
 /// The receive-side state of a QP.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(crate) struct Rq {
     pub wqes: VecDeque<QueuedRecv>,
     /// Receives ever removed from `wqes` (used or dropped): while it is unchanged, the head is
@@ -342,6 +361,46 @@ impl Qp {
         match c.gid {
             Some(g) => from.fabric.lookup(&g).is_some_and(|b| b.id == from.id),
             None => self.backend.upgrade().is_some_and(|b| b.id == from.id),
+        }
+    }
+}
+
+impl Qp {
+    /// A new QP in RESET, QPN `qpn`, of backend `backend`, on `srq` if it has one.
+    pub(crate) fn new(
+        backend: Weak<EmulatedBackend>,
+        qpn: u32,
+        init: &crate::QpInit,
+        srq: Option<Arc<Srq>>,
+    ) -> Qp {
+        Qp {
+            qpn,
+            ty: init.qp_type,
+            pd: init.pd,
+            send_cq: init.send_cq,
+            recv_cq: init.recv_cq,
+            srq,
+            sig_all: init.sq_sig_all,
+            cookie: init.cookie,
+            max_send_wr: init.max_send_wr,
+            max_recv_wr: init.max_recv_wr,
+            max_send_sge: init.max_send_sge,
+            // With an SRQ the receives are the SRQ's, whose own SGE limit was checked when they
+            // were posted; the QP's receive limits (0 from the provider) do not apply.
+            max_recv_sge: if init.srq.is_some() {
+                crate::MAX_SGE as u32
+            } else {
+                init.max_recv_sge
+            },
+            backend,
+            state: AtomicU8::new(QpState::Reset as u8),
+            access: AtomicU32::new(0),
+            dead: AtomicBool::new(false),
+            wakes: AtomicU8::new(0),
+            wake_token: AtomicU64::new(0),
+            connected: Mutex::new(Connected::default()),
+            sq: Mutex::new(Sq::new()),
+            rq: Mutex::new(Rq::default()),
         }
     }
 }
