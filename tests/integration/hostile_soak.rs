@@ -5,12 +5,10 @@
 //!
 //! Short by default; `PVRDMA_SOAK_LONG=1` runs it for much longer.
 
-mod common;
-
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use common::*;
+use crate::common::*;
 use pvrdma_dev::abi::{wr_opcode, CMD_SLOT_SIZE};
 use pvrdma_guest::{Driver, QpKind, SendWqe};
 use vm_memory::{Bytes, GuestAddress};
@@ -150,6 +148,7 @@ fn run(transfers: u64) {
 
 #[test]
 fn verified_workload_survives_a_hostile_neighbour() {
+    let _shared = crate::common::shared();
     if std::env::var_os("PVRDMA_SOAK_LONG").is_some() {
         run(200_000);
     } else {

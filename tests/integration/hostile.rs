@@ -3,13 +3,11 @@
 //! the device must survive. Every test asserts the documented error and then that the device
 //! still serves a fresh RC ping-pong ([`assert_device_healthy`]).
 
-mod common;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
-use pvrdma_dev::abi::{self, cmd, *};
+use crate::common::*;
+use pvrdma_dev::abi::{cmd, *};
 use pvrdma_dev::regs::{ctl, err, offset, uar};
 use pvrdma_dev::{DeviceConfig, Region};
 use pvrdma_guest::driver::{pci_enable, rc_connect_attrs, ud_attrs, GuestError};
@@ -27,17 +25,6 @@ const SHORT: Duration = Duration::from_millis(100);
 const OUTSIDE: u64 = 1 << 40;
 
 // ---- helpers ------------------------------------------------------------------------------
-
-/// The ERR value of a command that must fail through ERR.
-fn err_of<T: std::fmt::Debug>(r: pvrdma_guest::driver::Result<T>) -> u32 {
-    match r {
-        Err(GuestError::Command { err, .. }) => {
-            assert_ne!(err, 0);
-            err
-        }
-        other => panic!("expected a command failing through ERR, got {other:?}"),
-    }
-}
 
 /// Posts `req` under `code`, expecting a response.
 fn raw<Q: ByteValued>(drv: &Driver, code: u32, req: Q) -> pvrdma_guest::driver::Result<RespHdr> {
@@ -199,6 +186,7 @@ fn manual_probe(t: &Arc<InProcess>, tweak: impl FnOnce(&mut Dsr, &PageAlloc)) ->
 /// leave no objects, and RESET frees everything.
 #[test]
 fn cve_2018_20123_start_stop_and_failures_leak_nothing() {
+    let _shared = crate::common::shared();
     for _ in 0..3 {
         let t = device();
         let drv = probe(&t);
@@ -237,6 +225,7 @@ fn cve_2018_20123_start_stop_and_failures_leak_nothing() {
 /// CVE-2018-20124: SQ and RQ WQEs with num_sge > 4 complete in error; nothing overflows.
 #[test]
 fn cve_2018_20124_num_sge_above_max_sge() {
+    let _shared = crate::common::shared();
     let (_t, drv) = probed_local();
     let mut p = rc_pair(&drv, MAC, 8, 4);
     let m = drv.reg_mr(p.pd, 0x1000, 4096, ALL_ACCESS).unwrap();
@@ -263,6 +252,7 @@ fn cve_2018_20124_num_sge_above_max_sge() {
 /// CVE-2018-20125: CREATE_CQ/CREATE_QP with 0 or huge page counts are refused.
 #[test]
 fn cve_2018_20125_zero_or_huge_page_counts() {
+    let _shared = crate::common::shared();
     let (t, drv) = probed_local();
     let pd = drv.create_pd(Ctx::KERNEL).unwrap();
     let good = cq_pdir(&drv, 64);
@@ -299,6 +289,7 @@ fn cve_2018_20125_zero_or_huge_page_counts() {
 /// PD it referenced can still be destroyed).
 #[test]
 fn cve_2018_20126_ring_creation_failing_midway_leaks_nothing() {
+    let _shared = crate::common::shared();
     let (t, drv) = probed_local();
     let pd = drv.create_pd(Ctx::KERNEL).unwrap();
     let cq = drv.create_cq(Ctx::KERNEL, 16).unwrap();
@@ -323,6 +314,7 @@ fn cve_2018_20126_ring_creation_failing_midway_leaks_nothing() {
 /// CVE-2018-20191: BAR2 reads are answered with all-ones.
 #[test]
 fn cve_2018_20191_uar_reads_return_all_ones() {
+    let _shared = crate::common::shared();
     let (_t, drv) = probed_local();
     let tr = drv.transport();
     for off in [
@@ -352,6 +344,7 @@ fn cve_2018_20191_uar_reads_return_all_ones() {
 /// the QP, and the device keeps serving other QPs.
 #[test]
 fn cve_2018_20216_ring_indices_out_of_range() {
+    let _shared = crate::common::shared();
     let (t, drv) = probed_local();
     let _ = drv.events();
     for (state_off, bell, bad) in [
@@ -405,6 +398,7 @@ fn cve_2018_20216_ring_indices_out_of_range() {
 /// CVE-2021-3582 and hazard 6 (first half): MR length vs nchunks, computed in 64 bits.
 #[test]
 fn cve_2021_3582_mr_length_exceeds_nchunks() {
+    let _shared = crate::common::shared();
     let (t, drv) = probed_local();
     let pd = drv.create_pd(Ctx::KERNEL).unwrap();
     let pdir = pages(&drv, 2);
@@ -448,6 +442,7 @@ fn cve_2021_3582_mr_length_exceeds_nchunks() {
 /// (no DSR, ACTIVATE and REQUEST fail), and a proper probe works afterwards.
 #[test]
 fn cve_2021_3607_and_2023_1544_dsr_ring_num_pages() {
+    let _shared = crate::common::shared();
     let t = device();
     for n in [0u32, 1, 513, u32::MAX] {
         for which in 0..2 {
@@ -480,6 +475,7 @@ fn cve_2021_3607_and_2023_1544_dsr_ring_num_pages() {
 /// CVE-2021-3608: a DSR ring or CQ whose page table has an unmappable entry midway.
 #[test]
 fn cve_2021_3608_ring_page_unmappable_midway() {
+    let _shared = crate::common::shared();
     let t = device();
     for bad in [0u64, OUTSIDE, 0x1234] {
         let (e1, e2) = manual_probe(&t, |d, _| {
@@ -505,6 +501,7 @@ fn cve_2021_3608_ring_page_unmappable_midway() {
 /// CVE-2022-1050: REQUEST before any DSR, and after a DSR load failed.
 #[test]
 fn cve_2022_1050_request_without_dsr() {
+    let _shared = crate::common::shared();
     let t = device();
     let tr: &dyn Transport = &*t;
     pci_enable(tr);
@@ -534,6 +531,7 @@ fn cve_2022_1050_request_without_dsr() {
 /// (incl. 255) complete in error and the ring moves on.
 #[test]
 fn hazard_01_bad_num_sge_and_gid_index_do_not_loop() {
+    let _shared = crate::common::shared();
     let (_t, drv) = probed_local();
     let gid = gid_of(MAC);
     drv.create_bind(0, gid, 1).unwrap();
@@ -616,6 +614,7 @@ fn hazard_01_bad_num_sge_and_gid_index_do_not_loop() {
 /// Hazard 2: ring sizes that are 0, not a power of two, or larger than the pages supplied.
 #[test]
 fn hazard_02_ring_sizes() {
+    let _shared = crate::common::shared();
     let (t, drv) = probed_local();
     let ctx = drv.create_uc(5).unwrap();
     let pd = drv.create_pd(ctx).unwrap();
@@ -678,6 +677,7 @@ fn hazard_02_ring_sizes() {
 /// SGEs would cross the page): error CQE; a good WQE in the last slot works.
 #[test]
 fn hazard_03_wqe_in_last_slot_of_a_page() {
+    let _shared = crate::common::shared();
     let (_t, drv) = probed_local();
     // max_send_sge 1 → 128-byte WQEs, 32 per page; depth 32 = exactly one page.
     let mut p = rc_pair(&drv, MAC, 32, 1);
@@ -714,6 +714,7 @@ fn hazard_03_wqe_in_last_slot_of_a_page() {
 /// Hazard 4: huge max_send_sge / max_recv_sge / SRQ max_sge at create time.
 #[test]
 fn hazard_04_huge_sge_counts() {
+    let _shared = crate::common::shared();
     let (_t, drv) = probed_local();
     let pd = drv.create_pd(Ctx::KERNEL).unwrap();
     let cq = drv.create_cq(Ctx::KERNEL, 16).unwrap();
@@ -758,6 +759,7 @@ fn hazard_04_huge_sge_counts() {
 /// RAM or 0; a directory entry 0.
 #[test]
 fn hazard_05_page_directory_entries() {
+    let _shared = crate::common::shared();
     let (t, drv) = probed_local();
     let mem = drv.mem();
     for (what, bad) in [
@@ -796,6 +798,7 @@ fn hazard_05_page_directory_entries() {
 /// Hazard 6: CREATE_MR with nchunks > 262144 (past the directory page) and the 32-bit overflow.
 #[test]
 fn hazard_06_mr_nchunks_beyond_directory() {
+    let _shared = crate::common::shared();
     let (_t, drv) = probed_local();
     let pd = drv.create_pd(Ctx::KERNEL).unwrap();
     let pdir = pages(&drv, 1);
@@ -827,6 +830,7 @@ fn hazard_06_mr_nchunks_beyond_directory() {
 /// limits the driver indexes with; free everything and reuse.
 #[test]
 fn hazard_07_and_13_exhaust_every_table_then_reuse() {
+    let _shared = crate::common::shared();
     let (t, drv) = probed_local();
     let caps = &drv.caps;
     // UCs.
@@ -990,6 +994,7 @@ fn hazard_07_and_13_exhaust_every_table_then_reuse() {
 /// Hazard 8: DESTROY_PD/CQ/SRQ while in use fail with EBUSY; in order they succeed.
 #[test]
 fn hazard_08_destroy_in_use_is_ebusy() {
+    let _shared = crate::common::shared();
     let (t, drv) = probed_local();
     let ctx = drv.create_uc(9).unwrap();
     let pd = drv.create_pd(ctx).unwrap();
@@ -1038,6 +1043,7 @@ fn hazard_08_destroy_in_use_is_ebusy() {
 /// Hazard 9: a second DSRHIGH write while objects exist starts from a clean device.
 #[test]
 fn hazard_09_dsr_reload_while_objects_exist() {
+    let _shared = crate::common::shared();
     let (t, drv) = probed_local();
     let mut p = rc_pair(&drv, MAC, 8, 1);
     let m = drv.reg_mr(p.pd, 0x1000, 4096, ALL_ACCESS).unwrap();
@@ -1055,6 +1061,7 @@ fn hazard_09_dsr_reload_while_objects_exist() {
 /// Hazard 9 (second half): CTL RESET with WQEs outstanding, then a fresh probe works.
 #[test]
 fn hazard_09_reset_with_wqes_outstanding() {
+    let _shared = crate::common::shared();
     let (t, drv) = probed_local();
     let mut p = rc_pair(&drv, MAC, 64, 1);
     let m = drv.reg_mr(p.pd, 0x1000, 1 << 20, ALL_ACCESS).unwrap();
@@ -1072,6 +1079,7 @@ fn hazard_09_reset_with_wqes_outstanding() {
 /// Hazard 10: GSI sends with odd SGE counts or > 256 bytes, and a GSI receive buffer < 296 B.
 #[test]
 fn hazard_10_gsi_odd_sges() {
+    let _shared = crate::common::shared();
     let (_t, drv) = probed_local();
     let mut k = ib_register(&drv, MAC).unwrap();
     let bufs = drv.alloc.contiguous(drv.mem(), 4);
@@ -1117,6 +1125,7 @@ fn hazard_10_gsi_odd_sges() {
 /// Hazard 11: QUERY_PKEY index 1; QUERY_PORT port 0 and 2.
 #[test]
 fn hazard_11_query_pkey_and_port_bounds() {
+    let _shared = crate::common::shared();
     let (_t, drv) = probed_local();
     assert_eq!(err_of(drv.query_pkey(1, 1)), err::EINVAL);
     assert_eq!(err_of(drv.query_pkey(1, 255)), err::EINVAL);
@@ -1131,6 +1140,7 @@ fn hazard_11_query_pkey_and_port_bounds() {
 /// Hazard 12: command codes 7 (bad args), 21, 0xffffffff; REQUEST with a non-zero value.
 #[test]
 fn hazard_12_unknown_commands_and_request_values() {
+    let _shared = crate::common::shared();
     let (_t, drv) = probed_local();
     let cq = drv.create_cq(Ctx::KERNEL, 16).unwrap();
     let resize = |h: u32, cqe: u32| {
@@ -1176,6 +1186,7 @@ fn hazard_12_unknown_commands_and_request_values() {
 /// config space are answered; garbage writes everywhere are survived.
 #[test]
 fn register_accesses_of_every_size_and_offset() {
+    let _shared = crate::common::shared();
     let t = device();
     let _drv = probe(&t);
     let tr: &dyn Transport = &*t;
@@ -1230,6 +1241,7 @@ fn register_accesses_of_every_size_and_offset() {
 /// BAR2 reads return all-ones (any page, any size), also before probe.
 #[test]
 fn bar2_reads_return_all_ones() {
+    let _shared = crate::common::shared();
     let t = device();
     let tr: &dyn Transport = &*t;
     for off in [0u64, 3, 0x1000, 0x1ff_ffc] {
@@ -1244,6 +1256,7 @@ fn bar2_reads_return_all_ones() {
 /// A DSR outside guest RAM, straddling its end, or with slots outside it.
 #[test]
 fn dsr_outside_guest_ram() {
+    let _shared = crate::common::shared();
     let t = device();
     let tr: &dyn Transport = &*t;
     pci_enable(tr);
@@ -1286,6 +1299,7 @@ fn dsr_outside_guest_ram() {
 /// ignored; the right doorbell still works.
 #[test]
 fn doorbells_unknown_foreign_and_garbage() {
+    let _shared = crate::common::shared();
     let (t, drv) = probed_local();
     let mut p = rc_pair(&drv, MAC, 8, 1);
     let m = drv.reg_mr(p.pd, 0x1000, 4096, ALL_ACCESS).unwrap();
@@ -1345,6 +1359,7 @@ fn doorbells_unknown_foreign_and_garbage() {
 /// Arming a destroyed CQ is ignored (no notification, no crash).
 #[test]
 fn cq_arm_of_destroyed_cq() {
+    let _shared = crate::common::shared();
     let (t, drv) = probed_local();
     let cq = drv.create_cq(Ctx::KERNEL, 16).unwrap();
     let (h, ctx) = (cq.handle, cq.ctx);
@@ -1362,6 +1377,7 @@ fn cq_arm_of_destroyed_cq() {
 /// CQ overflow: CQ_ERR (type 0, info = CQ handle), and the device keeps serving.
 #[test]
 fn cq_overflow_posts_cq_err() {
+    let _shared = crate::common::shared();
     let (t, drv) = probed_local();
     let mut p = rc_pair(&drv, MAC, 16, 1);
     let m = drv.reg_mr(p.pd, 0x1000, 4096, ALL_ACCESS).unwrap();
@@ -1415,6 +1431,7 @@ fn cq_overflow_posts_cq_err() {
 /// even when its handle is reused at once.
 #[test]
 fn destroyed_qp_completions_never_surface() {
+    let _shared = crate::common::shared();
     let (t, drv) = probed_local();
     for _ in 0..3 {
         let mut p = rc_pair(&drv, MAC, 64, 1);
@@ -1457,6 +1474,7 @@ fn destroyed_qp_completions_never_surface() {
 /// CTL RESET, then a full re-probe (new DSR) and ib registration, twice.
 #[test]
 fn reset_then_reprobe_and_ib_register_twice() {
+    let _shared = crate::common::shared();
     let t = device();
     let drv = probe(&t);
     ib_register(&drv, MAC).unwrap();
@@ -1500,6 +1518,7 @@ fn fatal_qp(drv: &Driver) -> Qp {
 /// driver's index formulas; none is lost while the guest keeps up.
 #[test]
 fn dsr_rings_wrap_without_loss_when_consumed() {
+    let _shared = crate::common::shared();
     let (_t, drv) = probed_local();
     assert_eq!(drv.events(), vec![(9, 1)]);
     let qp = fatal_qp(&drv);
@@ -1549,6 +1568,7 @@ fn dsr_rings_wrap_without_loss_when_consumed() {
 /// CQNEs (the driver cannot detect an overrun of its non-power-of-two rings).
 #[test]
 fn dsr_rings_cap_outstanding_entries() {
+    let _shared = crate::common::shared();
     let (t, drv) = probed_local();
     let qp = fatal_qp(&drv);
     // Doorbells rung while a drain runs coalesce, so wait for each event before the next ring.
@@ -1587,13 +1607,11 @@ fn dsr_rings_cap_outstanding_entries() {
     assert_device_healthy(&drv);
 }
 
-#[allow(dead_code)]
-fn _uses(_: abi::Cqe) {}
-
 /// A doorbell written past the end of BAR2 (offset 2^44 + x) must not alias the kernel's UAR
 /// page 0; zero-length accesses change nothing.
 #[test]
 fn uar_offsets_past_bar2_do_not_alias_page_0() {
+    let _shared = crate::common::shared();
     let (t, drv) = probed_local();
     let gid = gid_of(MAC);
     drv.create_bind(0, gid, 1).unwrap();
@@ -1654,6 +1672,7 @@ fn rss_anon_kib() -> u64 {
 /// guest did get grows the process by less than the budget.
 #[test]
 fn a_guest_holds_no_more_host_memory_than_the_devices_budget() {
+    let _shared = crate::common::shared();
     const BUDGET: u64 = 48 << 20;
     let cfg = DeviceConfig {
         mac: MAC,

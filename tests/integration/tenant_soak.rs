@@ -18,14 +18,12 @@
 //! serve` process. Short by default (a few seconds, a 24 MiB budget per device);
 //! `PVRDMA_SOAK_LONG=1` runs it for five minutes with the default budget (128 MiB).
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::vms::*;
-use common::*;
+use crate::common::vms::*;
+use crate::common::*;
 use pvrdma_dev::abi::{wr_opcode, Cqe};
 use pvrdma_dev::DeviceConfig;
 use pvrdma_guest::tenant::{self, Loops, Tally, Target};
@@ -332,6 +330,7 @@ fn soak(min_time: Duration, budget: u64, gib_writes: u32) {
 
 #[test]
 fn a_hostile_tenant_costs_its_neighbours_no_byte_and_no_stall() {
+    let _alone = crate::common::alone();
     if std::env::var_os("PVRDMA_SOAK_LONG").is_some() {
         soak(
             Duration::from_secs(300),

@@ -10,14 +10,11 @@
 //! test prints what it measured. In-process by default; with `PVRDMA_TRANSPORT=vfio-user` the
 //! VMs are devices of one `pvrdma serve` process, as in `multi_vm.rs`.
 
-mod common;
-
 use std::collections::BTreeMap;
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use common::vms::*;
-use common::*;
+use crate::common::vms::*;
+use crate::common::*;
 use pvrdma_dev::abi::wr_opcode;
 use pvrdma_guest::driver::rc_connect_attrs;
 use pvrdma_guest::tenant::{aliased_gib, GIB};
@@ -33,13 +30,6 @@ const K: u64 = 64;
 const PROMPT: Duration = Duration::from_millis(500);
 /// The most CPU time the host may burn in the second after a copying tenant is reset or leaves.
 const CPU_AFTER: Duration = Duration::from_millis(300);
-
-/// The tests measure latencies and the CPU time of their process: one at a time.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// A zeroed guest page of `v` filled with pattern `seed` (left zero for `None`).
 fn page_of(v: &Vm, seed: Option<u8>) -> GuestAddress {
@@ -274,7 +264,7 @@ fn talk_both_ways(a: &Vm, b: &Vm, seed: u8) {
 
 #[test]
 fn one_tenants_long_copies_stall_no_other_tenant() {
-    let _serial = serial();
+    let _alone = crate::common::alone();
     let (host, mut vms) = host(2);
     let w = vms.pop().unwrap();
     let h = vms.pop().unwrap();
@@ -340,7 +330,7 @@ fn one_tenants_long_copies_stall_no_other_tenant() {
 /// place is answered at once.
 #[test]
 fn a_tenant_that_leaves_mid_copy_is_torn_down_promptly() {
-    let _serial = serial();
+    let _alone = crate::common::alone();
     let (host, w, h, _copies, in_flight, cpu) = mid_copy();
     let t = Instant::now();
     drop(h);
@@ -369,7 +359,7 @@ fn a_tenant_that_leaves_mid_copy_is_torn_down_promptly() {
 /// copies stop, and its device keeps serving it.
 #[test]
 fn a_qp_destroyed_mid_copy_stops_copying() {
-    let _serial = serial();
+    let _alone = crate::common::alone();
     let (_host, w, h, copies, in_flight, cpu) = mid_copy();
     let t = Instant::now();
     h.drv.destroy_qp(copies.h1.qp).expect("destroy h1");
@@ -405,7 +395,7 @@ fn a_qp_destroyed_mid_copy_stops_copying() {
 /// message of that protocol.)
 #[test]
 fn an_unmap_is_answered_promptly_during_one_huge_copy() {
-    let _serial = serial();
+    let _alone = crate::common::alone();
     if !over_vfio_user() {
         return;
     }
@@ -548,7 +538,7 @@ fn refused<T: std::fmt::Debug>(r: pvrdma_guest::driver::Result<T>) -> u32 {
 /// live device holds is refused (EBUSY) instead of being half-taken.
 #[test]
 fn a_vm_cannot_take_another_vms_gid() {
-    let _s = serial();
+    let _alone = crate::common::alone();
     let (host, mut vms) = host(2);
     let h = vms.pop().unwrap();
     let a = vms.pop().unwrap();

@@ -2,20 +2,19 @@
 //! registration, data path, interrupts through eventfds, reconnect, DMA maps without an fd,
 //! DEVICE_RESET with work in flight, and a clean exit on SIGTERM.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use pvrdma_dev::abi::wr_opcode;
 use pvrdma_guest::kernel::ib_register;
 use pvrdma_guest::{Driver, SendWqe, Transport};
 
 #[test]
 fn probe_and_kernel_registration() {
+    let _shared = crate::common::shared();
     let (_server, _t, drv) = probed_vfio();
     assert_eq!(drv.version, 20);
     assert_eq!(drv.caps.phys_port_cnt, 1);
@@ -28,6 +27,7 @@ fn probe_and_kernel_registration() {
 
 #[test]
 fn rc_ping_pong_rdma_write_and_cq_interrupt() {
+    let _shared = crate::common::shared();
     let (_server, t, drv) = probed_vfio();
     let mut p = rc_pair(&drv, MAC, 16, 1);
     let mem = drv.mem();
@@ -98,6 +98,7 @@ fn rc_ping_pong_rdma_write_and_cq_interrupt() {
 
 #[test]
 fn reconnect_gets_a_fresh_device() {
+    let _shared = crate::common::shared();
     let server = serve_process();
     {
         let (t, drv) = probed_over(&server);
@@ -115,6 +116,7 @@ fn reconnect_gets_a_fresh_device() {
 
 #[test]
 fn device_reset_with_work_in_flight_then_probe_again() {
+    let _shared = crate::common::shared();
     let (_server, t, drv) = probed_vfio();
     let mut p = rc_pair(&drv, MAC, 64, 1);
     let _mrs = post_writes_in_flight(&drv, &mut p, 32, 256 << 10);
@@ -133,6 +135,7 @@ fn device_reset_with_work_in_flight_then_probe_again() {
 
 #[test]
 fn dma_unmap_while_transfers_use_the_range() {
+    let _shared = crate::common::shared();
     let (server, t, drv) = probed_vfio();
     let mut p = rc_pair(&drv, MAC, 64, 1);
     let _mrs = post_writes_in_flight(&drv, &mut p, 32, 1 << 20);
@@ -230,6 +233,7 @@ impl Raw {
 
 #[test]
 fn dma_map_without_fd_is_accepted_and_skipped() {
+    let _shared = crate::common::shared();
     let server = serve_process();
     let mut raw = Raw::connect(server.socket());
     // QEMU's ROM/VGA/PAM ranges: no fd; mapped, unmapped and mapped again.
@@ -256,6 +260,7 @@ fn dma_map_without_fd_is_accepted_and_skipped() {
 
 #[test]
 fn sigterm_exits_zero_and_removes_the_socket() {
+    let _shared = crate::common::shared();
     let mut server = serve_process();
     {
         let (_t, _drv) = probed_over(&server);
@@ -268,6 +273,7 @@ fn sigterm_exits_zero_and_removes_the_socket() {
 
 #[test]
 fn sigterm_with_a_client_connected_exits_zero() {
+    let _shared = crate::common::shared();
     let mut server = serve_process();
     let (_t, drv) = probed_over(&server);
     let st = server.terminate(Duration::from_secs(10)).unwrap();
@@ -281,6 +287,7 @@ fn sigterm_with_a_client_connected_exits_zero() {
 /// process goes on as if nothing happened, and the attacked socket serves the next client.
 #[test]
 fn a_malformed_version_costs_its_sender_the_connection_only() {
+    let _shared = crate::common::shared();
     let macs = [MAC, [0x00, 0x50, 0x56, 0x12, 0x34, 0x57]];
     let mut server = pvrdma_guest::vfio::ServeProcess::spawn_devices(
         std::path::Path::new(env!("CARGO_BIN_EXE_pvrdma")),
@@ -340,6 +347,7 @@ fn probed_over_socket(p: &std::path::Path) -> (Arc<pvrdma_guest::vfio::VfioUser>
 /// (closing their client's connection), while the device of the command line serves on.
 #[test]
 fn sighup_adds_and_removes_the_devices_of_the_config_file() {
+    let _shared = crate::common::shared();
     let dir = std::env::temp_dir().join(format!("pvrdma-reload-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();

@@ -3,14 +3,12 @@
 //! are those of ONE `pvrdma serve` process (`--device` per VM), each reached by its own client
 //! with its own guest RAM, as separate QEMUs would.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::vms::*;
-use common::*;
+use crate::common::vms::*;
+use crate::common::*;
 use pvrdma_dev::abi::{wr_opcode, Cqe};
 use pvrdma_guest::driver::ud_attrs;
 use pvrdma_guest::{Cq, Mr, Qp, QpKind, SendWqe, Transport, UdAddr};
@@ -18,6 +16,7 @@ use rdma_backend::WcStatus;
 
 #[test]
 fn every_rc_opcode_both_ways_between_two_vms() {
+    let _shared = crate::common::shared();
     let (_host, vms) = host(2);
     let (a, b) = (&vms[0], &vms[1]);
     let (mut ea, mut eb) = connect(a, b, 16);
@@ -46,6 +45,7 @@ fn send_until_received(
 
 #[test]
 fn ud_and_gsi_between_two_vms() {
+    let _shared = crate::common::shared();
     let (_host, vms) = host(2);
     let (a, b) = (&vms[0], &vms[1]);
     // UD: a datagram with the right Q_Key arrives with a GRH naming the sender; a wrong Q_Key
@@ -150,6 +150,7 @@ fn ud_and_gsi_between_two_vms() {
 /// is a remote access error on the initiator, with nothing written or read.
 #[test]
 fn a_vm_reaches_another_only_with_its_keys_within_bounds() {
+    let _shared = crate::common::shared();
     let (_host, vms) = host(3);
     let (a, b, c) = (&vms[0], &vms[1], &vms[2]);
     let la = a.drv.reg_mr(a.pd, 0x1000, 8192, ALL_ACCESS).unwrap();
@@ -255,6 +256,7 @@ fn a_vm_reaches_another_only_with_its_keys_within_bounds() {
 /// checked, every completion accounted for.
 #[test]
 fn sixteen_vms_all_to_all() {
+    let _shared = crate::common::shared();
     const N: usize = 16;
     const ROUNDS: u64 = 4;
     const SIZE: usize = 3000;
@@ -344,6 +346,7 @@ fn sixteen_vms_all_to_all() {
 /// the survivor then talks to the VM that takes the socket next.
 #[test]
 fn a_peer_that_goes_away_mid_transfer_costs_only_error_completions() {
+    let _shared = crate::common::shared();
     let (host, mut vms) = host(2);
     let b = vms.pop().unwrap();
     let a = &vms[0];
@@ -417,6 +420,7 @@ fn a_peer_that_goes_away_mid_transfer_costs_only_error_completions() {
 /// message of that protocol.)
 #[test]
 fn unmapping_a_vms_memory_during_copies_both_ways() {
+    let _shared = crate::common::shared();
     if !over_vfio_user() {
         return;
     }
@@ -548,6 +552,7 @@ fn unmapping_a_vms_memory_during_copies_both_ways() {
 /// fds it had. Short by default; `PVRDMA_SOAK_LONG=1` runs at least 10^6 transfers.
 #[test]
 fn cross_vm_soak_with_a_vm_joining_and_leaving() {
+    let _shared = crate::common::shared();
     let long = std::env::var_os("PVRDMA_SOAK_LONG").is_some();
     let transfers: u64 = if long { 1_000_000 } else { 4_000 };
     const BUF: u64 = 64 * 1024;

@@ -1,22 +1,14 @@
 //! Every command of ABI version 20: its success path and an error path, through the real
 //! command channel (slot, REQUEST, ERR, vector 0, response slot with its ack).
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use pvrdma_dev::abi::{cmd, CmdResizeCq, RespResizeCq};
 use pvrdma_guest::driver::{qp_mask, Modify};
 use pvrdma_guest::{Ctx, GuestError, QpKind};
 
-fn err_of<T: std::fmt::Debug>(r: Result<T, GuestError>) -> u32 {
-    match r {
-        Err(GuestError::Command { err, .. }) => err,
-        other => panic!("expected an ERR failure, got {other:?}"),
-    }
-}
-
 #[test]
 fn port_pkey_and_gid_table() {
+    let _shared = crate::common::shared();
     let (_t, drv) = probed();
     let p = drv.query_port(1).unwrap();
     assert_eq!((p.state, p.pkey_tbl_len, p.max_msg_sz), (4, 1, 1 << 31));
@@ -36,6 +28,7 @@ fn port_pkey_and_gid_table() {
 
 #[test]
 fn user_contexts() {
+    let _shared = crate::common::shared();
     let (_t, drv) = probed();
     let c = drv.create_uc(5).unwrap();
     assert_ne!(c.handle, 0, "user contexts are non-zero");
@@ -52,6 +45,7 @@ fn user_contexts() {
 
 #[test]
 fn pds_and_mrs() {
+    let _shared = crate::common::shared();
     let (_t, drv) = probed();
     let pd = drv.create_pd(Ctx::KERNEL).unwrap();
     let dma = drv.dma_mr(pd).unwrap();
@@ -88,6 +82,7 @@ fn pds_and_mrs() {
 
 #[test]
 fn cqs_including_resize() {
+    let _shared = crate::common::shared();
     let (_t, drv) = probed();
     let cq = drv.create_cq(Ctx::KERNEL, 256).unwrap();
     // Resize within the CQ's own pages (256 → 64 fits; 4096 does not).
@@ -127,6 +122,7 @@ fn destroy_raw(drv: &pvrdma_guest::Driver, code: u32, handle: u32) -> Result<(),
 
 #[test]
 fn qps_create_modify_query_destroy() {
+    let _shared = crate::common::shared();
     let (_t, drv) = probed();
     let gid = gid_of(MAC);
     drv.create_bind(0, gid, 1).unwrap();
@@ -251,6 +247,7 @@ fn qps_create_modify_query_destroy() {
 
 #[test]
 fn srqs_create_modify_query_destroy() {
+    let _shared = crate::common::shared();
     let (_t, drv) = probed();
     let ctx = drv.create_uc(2).unwrap();
     let pd = drv.create_pd(ctx).unwrap();
@@ -288,6 +285,7 @@ fn srqs_create_modify_query_destroy() {
 
 #[test]
 fn unknown_commands_fail_through_err_and_the_channel_keeps_working() {
+    let _shared = crate::common::shared();
     let (_t, drv) = probed();
     for code in [21u32, 100, 0xffff_ffff] {
         let mut req = [0u8; 24];
@@ -299,6 +297,7 @@ fn unknown_commands_fail_through_err_and_the_channel_keeps_working() {
 
 #[test]
 fn reset_and_reactivation() {
+    let _shared = crate::common::shared();
     let (t, drv) = probed();
     let k = pvrdma_guest::kernel::ib_register(&drv, MAC).unwrap();
     drop(k);
@@ -313,6 +312,7 @@ fn reset_and_reactivation() {
 
 #[test]
 fn mr_page_lists_are_bounded_by_a_device_budget() {
+    let _shared = crate::common::shared();
     let cfg = pvrdma_dev::DeviceConfig {
         max_mr_pages: 64,
         ..Default::default()

@@ -2,17 +2,15 @@
 //! create, a client disconnecting mid-transfer, and connect/RESET/disconnect cycles that must not
 //! grow the server's fds, threads or memory.
 
-mod common;
-
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use pvrdma_dev::DeviceConfig;
 use pvrdma_guest::transport::DEFAULT_RAM;
 use pvrdma_guest::vfio::VfioUser;
-use pvrdma_guest::{Ctx, Driver, GuestError, InProcess, QpKind, Transport};
+use pvrdma_guest::{Ctx, Driver, InProcess, QpKind, Transport};
 use rdma_backend::emulated::{EmulatedBackend, Fabric};
 use rdma_backend::*;
 
@@ -157,15 +155,9 @@ fn faulty_device() -> (Arc<InProcess>, Driver, Arc<Faulty>) {
     (t, drv, f)
 }
 
-fn err_of<T: std::fmt::Debug>(r: std::result::Result<T, GuestError>) -> u32 {
-    match r {
-        Err(GuestError::Command { err, .. }) => err,
-        other => panic!("expected an ERR failure, got {other:?}"),
-    }
-}
-
 #[test]
 fn worker_panic_during_a_command_fails_it_and_the_device_goes_on() {
+    let _alone = crate::common::alone();
     let (_t, drv, f) = faulty_device();
     let pd = drv.create_pd(Ctx::KERNEL).unwrap();
     let cq = drv.create_cq(Ctx::KERNEL, 16).unwrap();
@@ -198,6 +190,7 @@ fn worker_panic_during_a_command_fails_it_and_the_device_goes_on() {
 
 #[test]
 fn backend_error_on_create_is_reported_and_nothing_leaks() {
+    let _alone = crate::common::alone();
     let (t, drv, f) = faulty_device();
     let before = t.device().stats().unwrap().objects;
     f.fail_create_cq.store(true, Ordering::SeqCst);
@@ -212,6 +205,7 @@ fn backend_error_on_create_is_reported_and_nothing_leaks() {
 
 #[test]
 fn worker_panic_during_a_transfer_fails_that_qp_only() {
+    let _alone = crate::common::alone();
     let (_t, drv, f) = faulty_device();
     let mut p = rc_pair(&drv, MAC, 8, 1);
     let m = drv.reg_mr(p.pd, 0x1000, 4096, ALL_ACCESS).unwrap();
@@ -234,6 +228,7 @@ fn worker_panic_during_a_transfer_fails_that_qp_only() {
 
 #[test]
 fn client_disconnect_mid_transfer_then_a_new_client() {
+    let _alone = crate::common::alone();
     let server = serve_process();
     {
         let (t, drv) = probed_over(&server);
@@ -249,6 +244,7 @@ fn client_disconnect_mid_transfer_then_a_new_client() {
 
 #[test]
 fn connect_reset_disconnect_cycles_do_not_grow_the_server() {
+    let _alone = crate::common::alone();
     let server = serve_process();
     let pid = server.pid();
     let cycle = || {
@@ -289,6 +285,7 @@ fn connect_reset_disconnect_cycles_do_not_grow_the_server() {
 /// register read right after is still answered at once, not when the worker is free again.
 #[test]
 fn the_main_loop_answers_while_the_worker_copies_and_jobs_pile_up() {
+    let _alone = crate::common::alone();
     const QPS: usize = 1100;
     let cfg = DeviceConfig {
         mac: MAC,
@@ -357,6 +354,7 @@ fn the_main_loop_answers_while_the_worker_copies_and_jobs_pile_up() {
 /// new driver probes and runs on the reset device.
 #[test]
 fn a_reset_does_not_wait_for_a_command_in_progress() {
+    let _alone = crate::common::alone();
     let (t, drv, f) = faulty_device();
     let ctx = drv.create_uc(1).unwrap();
     *f.hold_create_pd.lock().unwrap() = true;
@@ -395,6 +393,7 @@ fn a_reset_does_not_wait_for_a_command_in_progress() {
 /// if no completion of the queue arrives to wake it.
 #[test]
 fn a_refused_wr_is_posted_when_the_backend_makes_room() {
+    let _alone = crate::common::alone();
     let (_t, drv, f) = faulty_device();
     let mut p = rc_pair(&drv, MAC, 8, 1);
     let m = drv.reg_mr(p.pd, 0x1000, 4096, ALL_ACCESS).unwrap();

@@ -1,12 +1,10 @@
 //! Data path through the real guest rings: RC, UD, SRQ, arming, errors, two devices.
 
-mod common;
-
 use std::time::Duration;
 
 use vm_memory::Address;
 
-use common::*;
+use crate::common::*;
 use pvrdma_dev::abi::{wr_opcode, WireSge};
 use pvrdma_guest::driver::ud_attrs;
 use pvrdma_guest::{QpKind, SendWqe, UdAddr};
@@ -14,6 +12,7 @@ use rdma_backend::emulated::Fabric;
 
 #[test]
 fn rc_ping_pong() {
+    let _shared = crate::common::shared();
     let (_t, drv) = probed();
     let mut p = rc_pair(&drv, MAC, 16, 1);
     let mem = drv.mem();
@@ -53,6 +52,7 @@ fn rc_ping_pong() {
 
 #[test]
 fn unsignaled_sends_produce_no_cqe_but_advance_the_ring() {
+    let _shared = crate::common::shared();
     let (_t, drv) = probed();
     let mut p = rc_pair(&drv, MAC, 8, 1);
     let m = drv.reg_mr(p.pd, 0x1000, 8192, ALL_ACCESS).unwrap();
@@ -78,6 +78,7 @@ fn unsignaled_sends_produce_no_cqe_but_advance_the_ring() {
 
 #[test]
 fn rdma_write_read_and_atomics_verified() {
+    let _shared = crate::common::shared();
     let (_t, drv) = probed();
     let mut p = rc_pair(&drv, MAC, 16, 4);
     let mem = drv.mem();
@@ -165,6 +166,7 @@ fn rdma_write_read_and_atomics_verified() {
 
 #[test]
 fn write_with_imm_consumes_a_receive() {
+    let _shared = crate::common::shared();
     let (_t, drv) = probed();
     let mut p = rc_pair(&drv, MAC, 8, 1);
     let m = drv.reg_mr(p.pd, 0x5000, 8192, ALL_ACCESS).unwrap();
@@ -188,6 +190,7 @@ fn write_with_imm_consumes_a_receive() {
 
 #[test]
 fn cq_arm_fires_exactly_once_per_arm() {
+    let _shared = crate::common::shared();
     let (_t, drv) = probed();
     let mut p = rc_pair(&drv, MAC, 16, 1);
     let m = drv.reg_mr(p.pd, 0x9000, 4096, ALL_ACCESS).unwrap();
@@ -224,6 +227,7 @@ fn cq_arm_fires_exactly_once_per_arm() {
 
 #[test]
 fn access_violation_errors_and_flushes() {
+    let _shared = crate::common::shared();
     let (_t, drv) = probed();
     let mut p = rc_pair(&drv, MAC, 8, 1);
     let m = drv.reg_mr(p.pd, 0xa000, 4096, 1).unwrap(); // local write only: no remote access
@@ -255,6 +259,7 @@ fn access_violation_errors_and_flushes() {
 
 #[test]
 fn bad_wqes_complete_in_error_and_the_ring_moves_on() {
+    let _shared = crate::common::shared();
     let (_t, drv) = probed();
     let mut p = rc_pair(&drv, MAC, 8, 2);
     let m = drv.reg_mr(p.pd, 0xb000, 4096, ALL_ACCESS).unwrap();
@@ -280,6 +285,7 @@ fn bad_wqes_complete_in_error_and_the_ring_moves_on() {
 
 #[test]
 fn ud_send_with_grh_and_qkey_check() {
+    let _shared = crate::common::shared();
     let (_t, drv) = probed();
     let gid = gid_of(MAC);
     drv.create_bind(0, gid, 1).unwrap();
@@ -337,6 +343,7 @@ fn ud_send_with_grh_and_qkey_check() {
 
 #[test]
 fn srq_receives_are_shared() {
+    let _shared = crate::common::shared();
     let (_t, drv) = probed();
     let gid = gid_of(MAC);
     drv.create_bind(0, gid, 1).unwrap();
@@ -387,6 +394,7 @@ fn srq_receives_are_shared() {
 
 #[test]
 fn two_devices_on_one_fabric() {
+    let _shared = crate::common::shared();
     let fabric = Fabric::new();
     let mac_a = [0x00, 0x50, 0x56, 0, 0, 0xa];
     let mac_b = [0x00, 0x50, 0x56, 0, 0, 0xb];
@@ -428,6 +436,7 @@ fn two_devices_on_one_fabric() {
 
 #[test]
 fn gsi_mads_loop_back_to_qp1_with_a_grh() {
+    let _shared = crate::common::shared();
     let (_t, drv) = probed();
     let mut k = pvrdma_guest::kernel::ib_register(&drv, MAC).unwrap();
     let mad = pattern(256, 0x4d);
@@ -471,6 +480,7 @@ fn gsi_mads_loop_back_to_qp1_with_a_grh() {
 
 #[test]
 fn atomics_from_several_qps_at_once_are_exact() {
+    let _shared = crate::common::shared();
     let (_t, drv) = probed();
     let threads = 4u64;
     let per = 500u64;
@@ -536,6 +546,7 @@ fn atomics_from_several_qps_at_once_are_exact() {
 
 #[test]
 fn rnr_waits_for_a_receive_then_gives_up_when_retries_are_exhausted() {
+    let _shared = crate::common::shared();
     let (_t, drv) = probed();
     let mut p = rc_pair(&drv, MAC, 8, 1);
     let m = drv.reg_mr(p.pd, 0xc000, 4096, ALL_ACCESS).unwrap();
@@ -563,6 +574,7 @@ fn rnr_waits_for_a_receive_then_gives_up_when_retries_are_exhausted() {
 
 #[test]
 fn a_wqe_slot_is_free_once_its_work_is_visible() {
+    let _shared = crate::common::shared();
     // ib_write_lat with a send queue of depth 1: the next WQE is posted as soon as the peer's
     // data arrives, so the slot must be given back before the work completes (as an HCA does
     // when it fetches a WQE).
@@ -607,6 +619,7 @@ fn a_wqe_slot_is_free_once_its_work_is_visible() {
 
 #[test]
 fn sends_beyond_the_backend_queue_wait_in_order_and_none_is_lost() {
+    let _shared = crate::common::shared();
     // The responder has no receive (RNR, retried forever), so the backend's send queue fills
     // (16 WRs), the device keeps what it fetched beyond that, and the guest's ring fills behind
     // it. Once receives arrive every send completes, in order, with its own bytes.
@@ -666,6 +679,7 @@ fn sends_beyond_the_backend_queue_wait_in_order_and_none_is_lost() {
 
 #[test]
 fn a_malformed_receive_completes_on_the_receive_cq() {
+    let _shared = crate::common::shared();
     let (_t, drv) = probed();
     let p = rc_pair(&drv, MAC, 8, 1);
     let mut scq = drv.create_cq(p.ctx, 16).unwrap();

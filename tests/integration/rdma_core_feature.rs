@@ -1,17 +1,17 @@
 //! A `pvrdma` binary built with the `rdma-core` feature, on the host the test runs on:
 //! `--backend emulated` serves a guest whether or not libibverbs is installed, and
 //! `--backend rdma-core` either works or refuses at start-up with a message that says why.
-//! `scripts/test` runs it with `cargo test -p pvrdma --features rdma-core --test rdma_core_feature`
+//! `scripts/test` runs it with `cargo test -p pvrdma --features rdma-core --test integration rdma_core_feature::`
 //! (the CI host has no libibverbs).
 #![cfg(feature = "rdma-core")]
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
-use common::assert_device_healthy;
+use crate::common::assert_device_healthy;
 use pvrdma_guest::vfio::{ServeProcess, VfioUser};
 use pvrdma_guest::{kernel, Driver, Transport};
 
@@ -21,6 +21,7 @@ fn bin() -> &'static Path {
 
 #[test]
 fn emulated_backend_serves_with_or_without_libibverbs() {
+    let _shared = crate::common::shared();
     let loadable = rdma_backend::rdma_core::available().is_ok();
     println!("libibverbs.so.1 loadable here: {loadable}");
     let serve = ServeProcess::spawn(
@@ -36,6 +37,7 @@ fn emulated_backend_serves_with_or_without_libibverbs() {
 
 #[test]
 fn rdma_core_backend_refuses_clearly_without_libibverbs() {
+    let _shared = crate::common::shared();
     if rdma_backend::rdma_core::available().is_ok() {
         println!("skipped: libibverbs is installed here");
         return;

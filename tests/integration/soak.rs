@@ -3,12 +3,10 @@
 //!
 //! Short by default; `PVRDMA_SOAK_LONG=1` runs at least 10^6 transfers (see docs/benchmarks.md).
 
-mod common;
-
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use pvrdma_dev::abi::wr_opcode;
 use pvrdma_guest::{Driver, QpKind, SendWqe};
 
@@ -117,6 +115,7 @@ fn run_soak(pairs: usize, transfers: u64, threads: usize) {
 
 #[test]
 fn integrity_soak() {
+    let _shared = crate::common::shared();
     if std::env::var_os("PVRDMA_SOAK_LONG").is_some() {
         run_soak(64, 1_000_000, 2);
     } else {

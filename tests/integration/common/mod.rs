@@ -1,9 +1,8 @@
 //! Shared set-up for the harness-driven integration tests.
-#![allow(dead_code)]
 
 pub mod vms;
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use pvrdma_dev::DeviceConfig;
 use pvrdma_guest::transport::DEFAULT_RAM;
@@ -18,8 +17,12 @@ pub const MAC: [u8; 6] = [0x00, 0x50, 0x56, 0x12, 0x34, 0x56];
 pub enum Dev {
     /// In-process transport.
     Local(Arc<InProcess>),
-    /// A `pvrdma serve` child process and the vfio-user client connected to it.
-    Remote(ServeProcess, Arc<VfioUser>),
+    /// The vfio-user client of a `pvrdma serve` child process (held here: it stops when
+    /// dropped).
+    Remote {
+        client: Arc<VfioUser>,
+        _serve: ServeProcess,
+    },
 }
 
 impl Dev {
@@ -27,7 +30,7 @@ impl Dev {
     pub fn transport(&self) -> Arc<dyn Transport> {
         match self {
             Dev::Local(t) => t.clone(),
-            Dev::Remote(_, t) => t.clone(),
+            Dev::Remote { client, .. } => client.clone(),
         }
     }
 
@@ -35,7 +38,7 @@ impl Dev {
     pub fn stats(&self) -> Option<pvrdma_dev::DeviceStats> {
         match self {
             Dev::Local(t) => t.device().stats().ok(),
-            Dev::Remote(..) => None,
+            Dev::Remote { .. } => None,
         }
     }
 }
@@ -50,7 +53,13 @@ pub fn over_vfio_user() -> bool {
 pub fn probed() -> (Dev, Driver) {
     if over_vfio_user() {
         let (server, t, drv) = probed_vfio();
-        (Dev::Remote(server, t), drv)
+        (
+            Dev::Remote {
+                client: t,
+                _serve: server,
+            },
+            drv,
+        )
     } else {
         let (t, drv) = probed_local();
         (Dev::Local(t), drv)
@@ -313,4 +322,29 @@ pub fn proc_counts(pid: u32) -> (usize, usize, u64) {
             .unwrap_or(0)
     };
     (fds, field("Threads:") as usize, field("VmRSS:"))
+}
+
+/// The ERR code of a command that must fail through the command channel (never 0).
+pub fn err_of<T: std::fmt::Debug>(r: pvrdma_guest::driver::Result<T>) -> u32 {
+    match r {
+        Err(pvrdma_guest::GuestError::Command { err, .. }) => {
+            assert_ne!(err, 0);
+            err
+        }
+        other => panic!("expected a command failing through ERR, got {other:?}"),
+    }
+}
+
+/// The tests share one process. Those that measure time or the process's CPU (hostile tenants,
+/// faults, the tenant soak) run alone ([`alone`]); the others run side by side ([`shared`]).
+static ROOM: RwLock<()> = RwLock::new(());
+
+/// Held by a test that must have the process to itself.
+pub fn alone() -> RwLockWriteGuard<'static, ()> {
+    ROOM.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Held by every other test.
+pub fn shared() -> RwLockReadGuard<'static, ()> {
+    ROOM.read().unwrap_or_else(|e| e.into_inner())
 }

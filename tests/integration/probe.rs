@@ -1,12 +1,13 @@
 //! The probe sequence and the kernel's registration sequence, as `vmw_pvrdma` and ib_mad run them.
 
-mod common;
+use crate::common;
 
 use pvrdma_dev::regs::offset;
 use pvrdma_guest::kernel::ib_register;
 
 #[test]
 fn probe_writes_caps_and_activates() {
+    let _shared = crate::common::shared();
     let (_t, drv) = common::probed();
     assert_eq!(drv.version, 20);
     assert_eq!(drv.caps.mode, 0);
@@ -22,6 +23,7 @@ fn probe_writes_caps_and_activates() {
 
 #[test]
 fn kernel_registration_sequence() {
+    let _shared = crate::common::shared();
     let (_t, drv) = common::probed();
     let k = ib_register(&drv, common::MAC).expect("ib_register");
     assert_eq!(k.gsi.qpn, 1, "GSI must be QP1");

@@ -1,11 +1,10 @@
 //! The harness over `pvrdma_guest::Local`: the device driven on the test's own thread, with an
 //! inline worker pool. The same guest accesses give the same device behaviour, run after run
 //! (what the fuzz targets rely on to reproduce a crash from its input).
-mod common;
 
 use std::sync::Arc;
 
-use common::{assert_device_healthy, MAC};
+use crate::common::{assert_device_healthy, MAC};
 use pvrdma_dev::DeviceConfig;
 use pvrdma_guest::{kernel, Driver, Local, Transport};
 use rdma_backend::emulated::Fabric;
@@ -27,6 +26,7 @@ fn run_once() -> (pvrdma_dev::DeviceStats, u64) {
 
 #[test]
 fn local_device_serves_the_driver_deterministically() {
+    let _shared = crate::common::shared();
     let first = run_once();
     assert!(first.0.commands > 50 && first.0.cqes >= 24, "{first:?}");
     assert_eq!(first.0.command_errors, 0);
@@ -36,6 +36,7 @@ fn local_device_serves_the_driver_deterministically() {
 
 #[test]
 fn local_device_is_inert_on_another_thread() {
+    let _shared = crate::common::shared();
     let fabric = Fabric::new();
     let t = Arc::new(Local::new(DeviceConfig::default(), 16 << 20, &fabric).expect("local"));
     let t2 = t.clone();
