@@ -193,7 +193,7 @@ pub(super) fn create_mr(dev: &mut Ctx<'_>, req: CmdCreateMr) -> Result<Work, Cmd
             }
             Plan::Dma
         }
-        MR_FLAG_FRMR => return Err(CmdError::Unsupported(4)),
+        MR_FLAG_FRMR => return Err(CmdError::Unsupported(cmd::CREATE_MR)),
         0 => {
             if req.length == 0 || req.length > max_mr_size {
                 return Err(CmdError::Invalid("MR length"));

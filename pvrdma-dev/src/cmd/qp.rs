@@ -472,7 +472,7 @@ pub(super) fn destroy_qp(dev: &mut Ctx<'_>, req: CmdDestroyQp) -> Result<Work, C
 
 pub(super) fn create_srq(dev: &mut Ctx<'_>, req: CmdCreateSrq) -> Result<Work, CmdError> {
     if dev.cfg.max_srq == 0 {
-        return Err(CmdError::Unsupported(17));
+        return Err(CmdError::Unsupported(cmd::CREATE_SRQ));
     }
     if req.srq_type != 0 {
         return Err(CmdError::Invalid("SRQ type"));
@@ -553,7 +553,7 @@ pub(super) fn modify_srq(dev: &mut Ctx<'_>, req: CmdModifySrq) -> Result<Work, C
     let srq = dev.objects.srqs.get(h).ok_or(CmdError::NoSuch("SRQ"))?;
     if req.attr_mask & SRQ_MAX_WR != 0 {
         // Resizing an SRQ is not supported (the kernel never asks).
-        return Err(CmdError::Unsupported(18));
+        return Err(CmdError::Unsupported(cmd::MODIFY_SRQ));
     }
     if req.attr_mask & SRQ_LIMIT == 0 {
         return main_loop_only(|_| Ok(resp(&hdr())));
