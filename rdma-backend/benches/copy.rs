@@ -5,7 +5,7 @@
 //!
 //! `cargo bench -p rdma-backend --bench copy` (add `-- --quick` or set `BENCH_QUICK=1` for a
 //! short run). For instruction counts: `BENCH_QUICK=1 valgrind --tool=callgrind <the bench
-//! binary under target/release/deps>` (docs/benchmarks.md, session 4).
+//! binary under target/release/deps>`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
