@@ -133,7 +133,10 @@ fn wqes(c: &mut Cursor, m: &GuestMemoryMmap) {
         max_sge: u32::from(c.u8() % 20),
     };
     let qp_type = [QpType::Rc, QpType::Ud, QpType::Gsi][usize::from(c.u8() % 3)];
-    let sig_all = c.u8() & 1 != 0;
+    let flags = c.u8();
+    let sig_all = flags & 1 != 0;
+    // A kernel QP: fast registration (its page list read from `m`) and invalidation.
+    let kernel = flags & 2 != 0;
     let fill = c.bytes(4 * 4096);
     let _ = m.write_slice(fill, GuestAddress(0));
     let len = pdir.byte_len();
@@ -145,7 +148,7 @@ fn wqes(c: &mut Cursor, m: &GuestMemoryMmap) {
         let off = q.base + u64::from(slot) * u64::from(q.wqe_size);
         let fits = |n: u64| off + n <= len;
         if c.u8() % 2 == 0 {
-            let r = fetch_send(&pdir, m, q, slot, qp_type, sig_all);
+            let r = fetch_send(&pdir, m, q, slot, qp_type, sig_all, kernel);
             if !fits(u64::from(SQ_WQE_HDR_SIZE)) {
                 assert!(r.is_none());
                 continue;
@@ -156,8 +159,11 @@ fn wqes(c: &mut Cursor, m: &GuestMemoryMmap) {
             match r {
                 None => assert!(ok_n && !fits(sge_end), "send WQE at {off:#x} refused"),
                 Some(Err((st, _))) => {
+                    let fast_reg = kernel && qp_type == QpType::Rc && hdr.opcode == 11;
                     if !ok_n {
                         assert_eq!(st, WcStatus::LocLenErr);
+                    } else if fast_reg && st == WcStatus::LocProtErr {
+                        // Its page list could not be read.
                     } else {
                         assert_eq!(st, WcStatus::LocQpOpErr);
                     }
@@ -170,6 +176,18 @@ fn wqes(c: &mut Cursor, m: &GuestMemoryMmap) {
                     if let Some(ud) = &wr.ud {
                         assert!(ud.remote_qpn <= 0xff_ffff);
                         assert!(matches!(wr.op, SendOp::Send { .. }));
+                    }
+                    match &wr.op {
+                        SendOp::FastReg(r) => {
+                            assert!(kernel && hdr.opcode == 11);
+                            let fr = hdr.fast_reg();
+                            assert_eq!(fr.page_shift, 12);
+                            assert!((1..=128).contains(&fr.page_list_len));
+                            assert_eq!(r.pages.len(), fr.page_list_len as usize);
+                            assert!(r.pages.iter().all(|p| p.0 < MEM as u64));
+                        }
+                        SendOp::LocalInv { .. } | SendOp::SendInv { .. } => assert!(kernel),
+                        _ => {}
                     }
                     if sig_all {
                         assert!(wr.signaled);

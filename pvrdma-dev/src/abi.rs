@@ -465,6 +465,25 @@ pub mod wr_opcode {
     pub const ATOMIC_CMP_AND_SWP: u32 = 5;
     /// Fetch and add.
     pub const ATOMIC_FETCH_AND_ADD: u32 = 6;
+    /// SEND with invalidate (kernel QPs only; `ex` is the responder's rkey).
+    pub const SEND_WITH_INV: u32 = 8;
+    /// Local invalidate (kernel QPs only; `ex` is the key).
+    pub const LOCAL_INV: u32 = 10;
+    /// Fast registration (kernel QPs only; the `fast_reg` member of the `wr` union).
+    pub const FAST_REG_MR: u32 = 11;
+}
+
+/// `bmme_flags` bits of the caps (spec §2 @202): all three make the guest core report
+/// `IB_DEVICE_MEM_MGT_EXTENSIONS`.
+pub mod bmme {
+    /// Local invalidate.
+    pub const LOCAL_INV: u8 = 1 << 0;
+    /// Remote invalidate (SEND with invalidate).
+    pub const REMOTE_INV: u8 = 1 << 1;
+    /// Fast-register work requests.
+    pub const FAST_REG_WR: u8 = 1 << 2;
+    /// All of them.
+    pub const ALL: u8 = LOCAL_INV | REMOTE_INV | FAST_REG_WR;
 }
 
 /// Async event types (`ib_event_type` numbering, spec §9): the `type` of an event ring entry.
@@ -527,6 +546,9 @@ pub mod wc_flags {
     pub const GRH: u32 = 1 << 0;
     /// `imm_data` is valid.
     pub const WITH_IMM: u32 = 1 << 1;
+    /// A SEND with invalidate invalidated the key in `imm_data` (kernel CQs only: user space
+    /// reads this bit as IP_CSUM_OK).
+    pub const WITH_INVALIDATE: u32 = 1 << 2;
     /// `network_hdr_type` is valid (kernel CQs only).
     pub const WITH_NETWORK_HDR_TYPE: u32 = 1 << 6;
 }
@@ -553,12 +575,44 @@ impl SqWqeHdr {
             self.wr_u32(24),
         )
     }
+    /// `wr.fast_reg`: iova_start, pl_pdir_dma, page_shift, page_list_len, length, access_flags,
+    /// rkey.
+    pub fn fast_reg(&self) -> FastRegWr {
+        FastRegWr {
+            iova_start: self.wr_u64(0),
+            pl_pdir_dma: self.wr_u64(8),
+            page_shift: self.wr_u32(16),
+            page_list_len: self.wr_u32(20),
+            length: self.wr_u32(24),
+            access_flags: self.wr_u32(28),
+            rkey: self.wr_u32(32),
+        }
+    }
     /// `wr.ud`: remote_qpn, remote_qkey and the address vector.
     pub fn ud(&self) -> (u32, u32, WireAv) {
         let mut av = WireAv::default();
         av.as_mut_slice().copy_from_slice(&self.as_slice()[40..80]);
         (self.wr_u32(0), self.wr_u32(4), av)
     }
+}
+
+/// The `fast_reg` member of a send WQE's `wr` union (spec §7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FastRegWr {
+    /// First address of the mapping.
+    pub iova_start: u64,
+    /// Page directory of the page list.
+    pub pl_pdir_dma: u64,
+    /// log2 of the page size (the driver uses 12).
+    pub page_shift: u32,
+    /// Pages in the list.
+    pub page_list_len: u32,
+    /// Length in bytes (32 bits on the wire).
+    pub length: u32,
+    /// Access flags (IB numbering).
+    pub access_flags: u32,
+    /// The new key.
+    pub rkey: u32,
 }
 
 wire!(/// Address vector inside a UD WQE (40 bytes).

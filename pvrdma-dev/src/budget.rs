@@ -31,20 +31,36 @@ pub(crate) const MR_FIXED: u64 = 512;
 /// share).
 pub(crate) const PER_PAGE: u64 = 8;
 
+/// A QP's send queue, as far as its cost goes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SendQueue {
+    pub wr: u32,
+    pub sge: u32,
+    /// Pages a fast registration on it may list (0: none): each queued FAST_REG WR holds
+    /// its page list.
+    pub fast_reg_pages: u32,
+}
+
 /// What a QP with these queues reserves (`recv_wr` 0 for a QP on an SRQ).
 pub(crate) fn qp(
     be: &dyn Backend,
-    send_wr: u32,
-    send_sge: u32,
+    sq: SendQueue,
     recv_wr: u32,
     recv_sge: u32,
     pages: u64,
 ) -> u64 {
+    let page_list = match sq.fast_reg_pages {
+        0 => 0,
+        n => ARC_HEADER + u64::from(n) * PER_PAGE,
+    };
     QP_FIXED
         + pages * PER_PAGE
-        + u64::from(send_wr) * be.queued_wr_bytes(true, send_sge)
+        + u64::from(sq.wr) * (be.queued_wr_bytes(true, sq.sge) + page_list)
         + u64::from(recv_wr) * be.queued_wr_bytes(false, recv_sge)
 }
+
+/// The counts in front of a shared page list.
+const ARC_HEADER: u64 = 16;
 
 /// What an SRQ reserves.
 pub(crate) fn srq(be: &dyn Backend, wr: u32, sge: u32, pages: u64) -> u64 {

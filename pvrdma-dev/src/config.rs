@@ -57,6 +57,11 @@ pub struct DeviceConfig {
     pub max_qp_rd_atom: u32,
     /// Advertise atomics (CMP_SWAP and FETCH_ADD).
     pub atomics: bool,
+    /// Pages one fast registration may map (caps `max_fast_reg_page_list_len`): with a nonzero
+    /// value the device offers the guest kernel fast-register MRs, local and remote
+    /// invalidation (`bmme_flags`, which NVMe over Fabrics, NFS over RDMA and iSER need). 0 turns
+    /// them off; a device lowers it to what its backend supports (0 for one without them).
+    pub fast_reg_pages: u32,
     /// Worker threads of the data path and command pool.
     pub workers: usize,
     /// Microseconds the main loop polls for the next access or completion before it parks its
@@ -93,6 +98,7 @@ impl Default for DeviceConfig {
             gid_tbl_len: 128,
             max_qp_rd_atom: 16,
             atomics: true,
+            fast_reg_pages: 128,
             workers: 2,
             poll_us: 0,
         }
@@ -142,6 +148,10 @@ impl DeviceConfig {
             "max_qp_wr must be a power of two",
         )?;
         bad(self.max_qp_wr > 1 << 16, "max_qp_wr must be at most 65536")?;
+        bad(
+            self.fast_reg_pages > 128,
+            "fast_reg_pages must be at most 128 (the driver's own bound)",
+        )?;
         bad(
             !self.max_cqe.is_power_of_two() || self.max_cqe > 1 << 20,
             "max_cqe: power of two <= 2^20",

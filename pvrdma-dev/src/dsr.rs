@@ -76,10 +76,14 @@ pub fn caps(cfg: &DeviceConfig) -> Caps {
         phys_port_cnt: 1,
         mode: 0,
         atomic_ops: if cfg.atomics { 0x3 } else { 0 },
-        bmme_flags: 0,
+        bmme_flags: if cfg.fast_reg_pages > 0 {
+            crate::abi::bmme::ALL
+        } else {
+            0
+        },
         // RoCE v1: accepted by every driver version (17 requires exactly 1).
         gid_types: 0x1,
-        max_fast_reg_page_list_len: 0,
+        max_fast_reg_page_list_len: cfg.fast_reg_pages,
         ..Caps::default()
     }
 }

@@ -784,13 +784,13 @@ pub fn rc_atomics(f: &Factory<'_>) {
         ),
     ];
     for (i, (op, orig, now)) in ops.into_iter().enumerate() {
-        d.send(qa, i as u64, op, [res.sge(8, 8)].into_iter().collect());
-        let s = d.wait(1)[0];
         let opc = if matches!(op, SendOp::CmpSwap { .. }) {
             WcOpcode::CompSwap
         } else {
             WcOpcode::FetchAdd
         };
+        d.send(qa, i as u64, op, [res.sge(8, 8)].into_iter().collect());
+        let s = d.wait(1)[0];
         assert_eq!((s.status, s.opcode), (WcStatus::Success, opc));
         assert_eq!(rd(8), orig, "original value of op {i}");
         let cur = u64::from_ne_bytes(target.read(&d.mem, toff, 8).try_into().unwrap());

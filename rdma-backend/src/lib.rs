@@ -182,6 +182,13 @@ pub enum MrKind {
         /// Guest-physical addresses of the 4 KiB pages covering `[iova, iova + length)`.
         pages: Arc<[GuestAddress]>,
     },
+    /// A fast-register MR (the guest kernel's `ib_alloc_mr`): no pages and no access yet, room
+    /// for `max_pages` pages. A [`SendOp::FastReg`] maps it (it is then usable with the key the
+    /// WR carries) and a [`SendOp::LocalInv`] or a [`SendOp::SendInv`] received unmaps it.
+    Frmr {
+        /// Pages a registration may map, at most ([`Backend::fast_reg_max_pages`] bounds it).
+        max_pages: u32,
+    },
 }
 
 /// Keys of a registered MR.
@@ -430,8 +437,26 @@ impl FromIterator<Sge> for SgeList {
     }
 }
 
+/// A fast registration: what [`SendOp::FastReg`] binds to a fast-register MR.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FastReg {
+    /// The MR's key with its new low 8 bits (the consumer's part): the other bits must be the
+    /// MR's, and afterwards the MR answers to exactly this key (and the lkey with the same low
+    /// 8 bits).
+    pub key: u32,
+    /// First address of the mapping as the guest sees it.
+    pub iova: u64,
+    /// Length in bytes.
+    pub length: u64,
+    /// Access rights of the mapping.
+    pub access: Access,
+    /// Guest-physical addresses of the 4 KiB pages covering `[iova, iova + length)`, as for
+    /// [`MrKind::User`].
+    pub pages: Arc<[GuestAddress]>,
+}
+
 /// What a send work request does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SendOp {
     /// SEND, optionally with immediate data.
     Send {
@@ -474,6 +499,18 @@ pub enum SendOp {
         /// Value to add.
         add: u64,
     },
+    /// SEND that invalidates the responder's fast-register MR `rkey` when it lands (RC).
+    SendInv {
+        /// The responder's key to invalidate.
+        rkey: u32,
+    },
+    /// Invalidates one of the QP's own fast-register MRs (local; RC).
+    LocalInv {
+        /// Its lkey or rkey.
+        key: u32,
+    },
+    /// Maps one of the QP's own fast-register MRs (local; RC).
+    FastReg(FastReg),
 }
 
 /// UD/GSI destination of a send.
@@ -488,7 +525,7 @@ pub struct UdDest {
 }
 
 /// A send work request.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct SendWr {
     /// Caller's identifier, returned in the completion.
     pub wr_id: u64,
@@ -561,6 +598,10 @@ pub enum WcOpcode {
     CompSwap = 3,
     /// Fetch and add.
     FetchAdd = 4,
+    /// Local invalidation.
+    LocalInv = 7,
+    /// Fast registration.
+    FastRegMr = 8,
     /// A receive.
     Recv = 128,
     /// A receive consumed by RDMA WRITE with immediate.
@@ -584,6 +625,8 @@ pub struct WorkCompletion {
     pub byte_len: u32,
     /// Immediate data, if any.
     pub imm_data: Option<u32>,
+    /// The responder's key a SEND with invalidate invalidated (receives).
+    pub invalidated: Option<u32>,
     /// Source QP number (UD/GSI receives).
     pub src_qp: u32,
     /// A GRH was written before the payload (UD/GSI receives).
@@ -720,6 +763,13 @@ pub trait Backend: Send + Sync {
             }
         }
         (wrs.len(), Ok(()))
+    }
+
+    /// Pages one fast registration may map, at most; 0 when the backend has no fast-register
+    /// MRs ([`MrKind::Frmr`], [`SendOp::FastReg`], [`SendOp::LocalInv`], [`SendOp::SendInv`]
+    /// are then refused). The default is 0.
+    fn fast_reg_max_pages(&self) -> u32 {
+        0
     }
 
     /// Drops every object (device RESET). No completion is delivered after this returns.

@@ -157,13 +157,12 @@ fi
 
 # ---------------------------------------------------------------------------------------------------
 # 5. initramfs
-if ! done_step initrd || [ ! -e "$CACHE/initrd.img" ] ||
-   [ "$HERE/guest-init.sh" -nt "$STAMPS/initrd" ] || [ "$HERE/setup.sh" -nt "$STAMPS/initrd" ]; then
-    log "building initramfs for $KV"
-    mkdir -p "$ROOT/usr/src/vmw_pvrdma-e2e"
-    cp "$CACHE/vmw_pvrdma.ko" "$ROOT/usr/src/vmw_pvrdma-e2e/vmw_pvrdma.ko"
-    cp "$HERE/guest-init.sh" "$ROOT/usr/src/vmw_pvrdma-e2e/init"
-    cat >"$ROOT/usr/src/vmw_pvrdma-e2e/stage.sh" <<'STAGE'
+# Rebuilt when setup.sh or guest-init.sh is newer than the stamp, and when its content changes:
+# $STAMPS/initrd.key holds a hash of the staging script (which lists the binaries and modules),
+# guest-init.sh and the kernel version, so an initrd built by another version of this file (another
+# clone or branch sharing the cache) is not silently kept.
+stage_script() {
+    cat <<'STAGE'
 #!/bin/bash
 # Runs inside the chroot: stage the initramfs tree in $S.
 set -euo pipefail
@@ -220,7 +219,9 @@ done
 # modules with their dependencies
 M=lib/modules/$KV
 mkdir -p "usr/$M/extra"
-for m in vmxnet3 ib_core ib_uverbs rdma_ucm rdma_cm ib_cm iw_cm ib_umad rdma_rxe crc32_generic ip6_udp_tunnel udp_tunnel; do
+# NVMe-oF (guest/nvmeof.sh): host, target, a RAM disk for the namespace, a dummy netdev for rxe0
+for m in vmxnet3 ib_core ib_uverbs rdma_ucm rdma_cm ib_cm iw_cm ib_umad rdma_rxe crc32_generic ip6_udp_tunnel udp_tunnel \
+         configfs nvme_fabrics nvme_rdma nvmet nvmet_rdma brd dummy; do
     deps=$(modprobe -S "$KV" --show-depends "$m" 2>/dev/null) || {
         case $m in crc32_generic) echo "note: no module $m in $KV (built in or gone)"; continue ;; esac
         echo "module $m not found for $KV" >&2; exit 1; }
@@ -248,12 +249,23 @@ printf '127.0.0.1 localhost\n10.0.2.15 guest\n' >etc/hosts
 echo "$KV" >etc/e2e-kernel-version
 echo "staged: $(du -sh "$S" | cut -f1), $(find "$S/usr/$M" -name '*.ko' | wc -l) modules"
 STAGE
+}
+INITRD_KEY=$({ stage_script; cat "$HERE/guest-init.sh"; echo "$KV"; } | sha256sum | cut -d' ' -f1)
+if ! done_step initrd || [ ! -e "$CACHE/initrd.img" ] ||
+   [ "$(cat "$STAMPS/initrd.key" 2>/dev/null)" != "$INITRD_KEY" ] ||
+   [ "$HERE/guest-init.sh" -nt "$STAMPS/initrd" ] || [ "$HERE/setup.sh" -nt "$STAMPS/initrd" ]; then
+    log "building initramfs for $KV"
+    mkdir -p "$ROOT/usr/src/vmw_pvrdma-e2e"
+    cp "$CACHE/vmw_pvrdma.ko" "$ROOT/usr/src/vmw_pvrdma-e2e/vmw_pvrdma.ko"
+    cp "$HERE/guest-init.sh" "$ROOT/usr/src/vmw_pvrdma-e2e/init"
+    stage_script >"$ROOT/usr/src/vmw_pvrdma-e2e/stage.sh"
     chmod 755 "$ROOT/usr/src/vmw_pvrdma-e2e/stage.sh"
     in_chroot /usr/src/vmw_pvrdma-e2e/stage.sh "$KV" /var/tmp/e2e-initramfs | sed 's/^/[e2e-setup]   /'
     (cd "$ROOT/var/tmp/e2e-initramfs" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc --quiet -R 0:0 | gzip -6) \
         >"$CACHE/initrd.img.new"
     mv "$CACHE/initrd.img.new" "$CACHE/initrd.img"
     rm -rf "$ROOT/var/tmp/e2e-initramfs"
+    echo "$INITRD_KEY" >"$STAMPS/initrd.key"
     mark initrd
     log "initrd: $CACHE/initrd.img ($(du -h "$CACHE/initrd.img" | cut -f1))"
 fi

@@ -63,17 +63,6 @@ fn pds_and_mrs() {
         err_of(drv.cmd::<_, pvrdma_dev::abi::RespCreateMr>(cmd::CREATE_MR, bad)),
         0
     );
-    // FRMR is not advertised (bmme_flags = 0).
-    let frmr = pvrdma_dev::abi::CmdCreateMr {
-        pd_handle: pd,
-        flags: 2,
-        nchunks: 16,
-        ..Default::default()
-    };
-    assert_ne!(
-        err_of(drv.cmd::<_, pvrdma_dev::abi::RespCreateMr>(cmd::CREATE_MR, frmr)),
-        0
-    );
     drv.destroy_mr(mr).unwrap();
     drv.destroy_mr(dma).unwrap();
     drv.destroy_pd(pd).unwrap();

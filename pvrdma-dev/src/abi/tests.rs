@@ -296,3 +296,28 @@ fn wr_union_views() {
     assert_eq!(qkey, 0x1122_3344);
     assert_eq!(av.port_pd, 0xaabb_ccdd);
 }
+
+#[test]
+fn fast_reg_view_at_the_spec_offsets() {
+    let mut w = SqWqeHdr::default();
+    let b = w.as_mut_slice();
+    b[32..40].copy_from_slice(&0x7f00_0000_1234u64.to_le_bytes());
+    b[40..48].copy_from_slice(&0x5000u64.to_le_bytes());
+    b[48..52].copy_from_slice(&12u32.to_le_bytes());
+    b[52..56].copy_from_slice(&3u32.to_le_bytes());
+    b[56..60].copy_from_slice(&0x2345u32.to_le_bytes());
+    b[60..64].copy_from_slice(&7u32.to_le_bytes());
+    b[64..68].copy_from_slice(&0xabcd_ef42u32.to_le_bytes());
+    assert_eq!(
+        w.fast_reg(),
+        FastRegWr {
+            iova_start: 0x7f00_0000_1234,
+            pl_pdir_dma: 0x5000,
+            page_shift: 12,
+            page_list_len: 3,
+            length: 0x2345,
+            access_flags: 7,
+            rkey: 0xabcd_ef42,
+        }
+    );
+}

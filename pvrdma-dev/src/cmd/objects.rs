@@ -183,6 +183,7 @@ pub(super) fn create_mr(dev: &mut Ctx<'_>, req: CmdCreateMr) -> Result<Work, Cmd
     enum Plan {
         Dma,
         User { npages: u32 },
+        Frmr { max_pages: u32 },
     }
     let plan = match req.flags {
         MR_FLAG_DMA => {
@@ -193,7 +194,23 @@ pub(super) fn create_mr(dev: &mut Ctx<'_>, req: CmdCreateMr) -> Result<Work, Cmd
             }
             Plan::Dma
         }
-        MR_FLAG_FRMR => return Err(CmdError::Unsupported(cmd::CREATE_MR)),
+        // The guest kernel's `ib_alloc_mr`: no pages yet, room for `nchunks` (its max_num_sg),
+        // mapped later by FAST_REG_MR WQEs. `start`, `length` and `pdir_dma` mean nothing.
+        MR_FLAG_FRMR => {
+            if dev.cfg.fast_reg_pages == 0 {
+                return Err(CmdError::Unsupported(cmd::CREATE_MR));
+            }
+            if dev.objects.pd_ctx(pd_h) != Some(0) {
+                return Err(CmdError::Invalid("fast-register MR outside the kernel"));
+            }
+            if req.nchunks == 0 || req.nchunks > dev.cfg.fast_reg_pages {
+                return Err(CmdError::Invalid("fast-register MR size"));
+            }
+            dev.objects.room_for_mr_pages(req.nchunks.into())?;
+            Plan::Frmr {
+                max_pages: req.nchunks,
+            }
+        }
         0 => {
             if req.length == 0 || req.length > max_mr_size {
                 return Err(CmdError::Invalid("MR length"));
@@ -220,6 +237,7 @@ pub(super) fn create_mr(dev: &mut Ctx<'_>, req: CmdCreateMr) -> Result<Work, Cmd
     let pages = match plan {
         Plan::Dma => 0,
         Plan::User { npages } => u64::from(npages),
+        Plan::Frmr { max_pages } => u64::from(max_pages),
     };
     let cost = budget::mr(pages);
     dev.objects.room(cost)?;
@@ -235,6 +253,7 @@ pub(super) fn create_mr(dev: &mut Ctx<'_>, req: CmdCreateMr) -> Result<Work, Cmd
                     pages: pdir.pages().clone(),
                 }
             }
+            Plan::Frmr { max_pages } => MrKind::Frmr { max_pages },
         };
         let keys = env.backend.create_mr(pd, kind, access)?;
         let b = env.backend.clone();

@@ -174,10 +174,18 @@ pub(super) fn create_qp(dev: &mut Ctx<'_>, req: CmdCreateQp) -> Result<Work, Cmd
         return Err(CmdError::Busy("GSI QP"));
     }
     let recv_wr = if layout.on_srq { 0 } else { req.max_recv_wr };
+    // The guest kernel's RC QPs (PD of context 0) take fast registration and invalidation.
+    let fast_reg_pages = match (qp_type, dev.objects.pd_ctx(req.pd_handle)) {
+        (QpType::Rc, Some(0)) => dev.cfg.fast_reg_pages,
+        _ => 0,
+    };
     let cost = budget::qp(
         &*dev.env.backend,
-        req.max_send_wr,
-        req.max_send_sge,
+        budget::SendQueue {
+            wr: req.max_send_wr,
+            sge: req.max_send_sge,
+            fast_reg_pages,
+        },
         recv_wr,
         req.max_recv_sge,
         u64::from(req.total_chunks),
@@ -216,6 +224,7 @@ pub(super) fn create_qp(dev: &mut Ctx<'_>, req: CmdCreateQp) -> Result<Work, Cmd
             sq,
             rq,
             sq_sig_all: init.sq_sig_all,
+            fast_reg_pages,
             dead: AtomicBool::new(false),
             pending: Default::default(),
             resets: Default::default(),

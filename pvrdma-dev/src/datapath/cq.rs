@@ -140,13 +140,18 @@ pub(crate) fn make_cqe(wc: &WorkCompletion, qp_handle: u32, kernel: bool) -> Cqe
     if wc.imm_data.is_some() {
         flags |= wc_flags::WITH_IMM;
     }
+    // The invalidated key goes where the kernel reads `ex.invalidate_rkey` (the same 4 bytes
+    // as the immediate). User space reads the flag bit as IP_CSUM_OK: not there.
+    if wc.invalidated.is_some() && kernel {
+        flags |= wc_flags::WITH_INVALIDATE;
+    }
     Cqe {
         wr_id: wc.wr_id,
         qp: u64::from(qp_handle),
         opcode: wc.opcode as u32,
         status: wc.status as u32,
         byte_len: wc.byte_len,
-        imm_data: wc.imm_data.unwrap_or(0),
+        imm_data: wc.imm_data.or(wc.invalidated).unwrap_or(0),
         src_qp: wc.src_qp,
         wc_flags: flags,
         port_num: if kernel { 1 } else { 0 },

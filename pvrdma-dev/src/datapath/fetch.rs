@@ -137,14 +137,13 @@ pub(super) fn fetch_send_into<M: GuestMemory + ?Sized>(
     mem: &M,
     sq: &WorkQueue,
     slot: u32,
-    qp_type: QpType,
-    sq_sig_all: bool,
+    kind: wqe::SqKind,
     out: &mut SendWr,
 ) -> Option<Result<(), (u64, wqe::WqeError)>> {
     if sq.max_sge <= FEW_SGES {
-        send_from::<FEW_WQE_READ, M>(pdir, mem, sq, slot, qp_type, sq_sig_all, out)
+        send_from::<FEW_WQE_READ, M>(pdir, mem, sq, slot, kind, out)
     } else {
-        send_from::<MAX_WQE_READ, M>(pdir, mem, sq, slot, qp_type, sq_sig_all, out)
+        send_from::<MAX_WQE_READ, M>(pdir, mem, sq, slot, kind, out)
     }
 }
 
@@ -154,8 +153,7 @@ fn send_from<const N: usize, M: GuestMemory + ?Sized>(
     mem: &M,
     sq: &WorkQueue,
     slot: u32,
-    qp_type: QpType,
-    sq_sig_all: bool,
+    kind: wqe::SqKind,
     out: &mut SendWr,
 ) -> Option<Result<(), (u64, wqe::WqeError)>> {
     let w = WqeBytes::<N>::read(pdir, mem, sq, slot, SQ_WQE_HDR_SIZE)?;
@@ -163,11 +161,11 @@ fn send_from<const N: usize, M: GuestMemory + ?Sized>(
     let parsed = match wqe::checked_num_sge(hdr.num_sge, sq.max_sge) {
         None => Err(wqe::WqeError {
             status: WcStatus::LocLenErr,
-            opcode: wqe::wc_opcode_of(hdr.opcode),
+            opcode: wqe::wc_opcode_of(hdr.opcode, kind.fast_reg_pages > 0),
         }),
         Some(n) => {
             w.sges_into(n, &mut out.sges)?;
-            wqe::parse_send(&hdr, qp_type, sq_sig_all, out)
+            wqe::parse_send(&hdr, kind, mem, out)
         }
     };
     Some(parsed.map_err(|e| (hdr.wr_id, e)))
@@ -179,10 +177,9 @@ pub(crate) fn fetch_send<M: GuestMemory + ?Sized>(
     mem: &M,
     sq: &WorkQueue,
     slot: u32,
-    qp_type: QpType,
-    sq_sig_all: bool,
+    kind: wqe::SqKind,
 ) -> Option<Result<SendWr, (u64, wqe::WqeError)>> {
     let mut wr = NO_SEND;
-    let r = fetch_send_into(pdir, mem, sq, slot, qp_type, sq_sig_all, &mut wr)?;
+    let r = fetch_send_into(pdir, mem, sq, slot, kind, &mut wr)?;
     Some(r.map(|()| wr))
 }

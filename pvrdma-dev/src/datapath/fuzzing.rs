@@ -25,7 +25,9 @@ fn work_queue(pdir: &PageDir, q: Queue) -> Option<WorkQueue> {
 }
 
 /// Fetches and parses the send WQE in `slot` as `drain_qp` does: `None` where the drain would
-/// put the ring in error, `Err((status, opcode))` where the WQE completes in error.
+/// put the ring in error, `Err((status, opcode))` where the WQE completes in error. A `kernel`
+/// QP takes fast registration (page lists of up to 128 pages, read from `mem`) and
+/// invalidation.
 #[allow(clippy::type_complexity)]
 pub fn fetch_send<M: GuestMemory + ?Sized>(
     pdir: &PageDir,
@@ -34,9 +36,15 @@ pub fn fetch_send<M: GuestMemory + ?Sized>(
     slot: u32,
     qp_type: QpType,
     sq_sig_all: bool,
+    kernel: bool,
 ) -> Option<Result<SendWr, (WcStatus, WcOpcode)>> {
     let sq = work_queue(pdir, q)?;
-    let r = super::fetch_send(pdir, mem, &sq, slot, qp_type, sq_sig_all)?;
+    let kind = super::wqe::SqKind {
+        qp_type,
+        sq_sig_all,
+        fast_reg_pages: if kernel { 128 } else { 0 },
+    };
+    let r = super::fetch_send(pdir, mem, &sq, slot, kind)?;
     Some(r.map_err(|(_, e)| (e.status, e.opcode)))
 }
 

@@ -90,6 +90,9 @@ pub(crate) struct QpShared {
     /// `None` when the QP uses an SRQ.
     pub rq: Option<WorkQueue>,
     pub sq_sig_all: bool,
+    /// Pages a FAST_REG_MR WQE may list; 0 where the kernel-only opcodes are refused (a user
+    /// QP, or a device without fast-register MRs).
+    pub fast_reg_pages: u32,
     /// Set on the main loop before the QP is destroyed or the device reset: workers stop.
     pub dead: AtomicBool,
     /// WRs fetched but not yet taken by the backend (only its one worker touches it).
@@ -164,6 +167,7 @@ fn error_wc(shared: &QpShared, cq: CqId, wr_id: u64, e: wqe::WqeError) -> WorkCo
         opcode: e.opcode,
         byte_len: 0,
         imm_data: None,
+        invalidated: None,
         src_qp: 0,
         grh: false,
         solicited: false,
@@ -190,6 +194,15 @@ pub(crate) struct Pending {
 }
 
 impl QpShared {
+    /// What its send queue takes.
+    pub(crate) fn sq_kind(&self) -> wqe::SqKind {
+        wqe::SqKind {
+            qp_type: self.qp_type,
+            sq_sig_all: self.sq_sig_all,
+            fast_reg_pages: self.fast_reg_pages,
+        }
+    }
+
     /// Whether a drain could do anything: a WQE in either ring, a WR waiting for the backend,
     /// or rings it cannot read (the drain reports those). On the main loop, where it decides if
     /// a state change needs a drain: after a connect's INIT/RTR/RTS the rings are usually empty,
@@ -340,19 +353,19 @@ const NO_SEND: SendWr = SendWr {
 /// completes in error, the error goes to `bad`), then gives their slots back at once. Returns
 /// how many, and whether the WQE after them could not be read (the queue is broken: those
 /// before it are still executed); `None` when the ring's indices are unusable.
-fn take_batch<W: Copy, E>(
+fn take_batch<W: Clone, E>(
     ring: &ConsumerRing,
     mem: &(impl GuestMemory + ?Sized),
     limit: u32,
     good: &mut Vec<W>,
     bad: &mut [Option<E>; BATCH],
-    filler: W,
+    filler: &W,
     mut fetch: impl FnMut(u32, &mut W) -> Option<Result<(), E>>,
 ) -> Option<(usize, bool)> {
     let avail = ring.available(mem).ok()?;
     let want = avail.min(limit).min(BATCH as u32) as usize;
     if good.len() < BATCH {
-        good.resize(BATCH, filler);
+        good.resize(BATCH, filler.clone());
     }
     let mut k = 0;
     for (wr, bad) in good.iter_mut().zip(bad.iter_mut()).take(want) {
@@ -369,7 +382,7 @@ fn take_batch<W: Copy, E>(
 /// Posts a fetched batch in order: runs of good WRs through `post_run` (returns how many it
 /// took and, if not all, why the next was not taken), bad ones through `handle_bad`. What is not
 /// taken yet stays in `left`.
-fn post_batch<W: Copy, E: Copy>(
+fn post_batch<W: Clone, E: Copy>(
     good: &[W],
     bad: &[Option<E>; BATCH],
     k: usize,
@@ -394,7 +407,7 @@ fn post_batch<W: Copy, E: Copy>(
                 Ok(()) => Posted::Later,
             };
             if let Posted::Later = p {
-                left.extend((j..k).map(|i| bad[i].map_or(Ok(good[i]), Err)));
+                left.extend((j..k).map(|i| bad[i].map_or_else(|| Ok(good[i].clone()), Err)));
             }
             return Some(p);
         }
@@ -427,7 +440,7 @@ fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
 /// good WRs posted in runs with `post_run`, bad ones completed with `handle_bad`; what the
 /// backend does not take stays in `left`.
 #[allow(clippy::too_many_arguments)]
-fn drain_ring<W: Copy, E: Copy>(
+fn drain_ring<W: Clone, E: Copy>(
     ring: &ConsumerRing,
     dead: &AtomicBool,
     mem: &(impl GuestMemory + ?Sized),
@@ -447,7 +460,7 @@ fn drain_ring<W: Copy, E: Copy>(
             return QueueEnd::Dead;
         }
         let Some((k, broken)) =
-            take_batch(ring, mem, n - taken, good, &mut bad, filler, &mut fetch)
+            take_batch(ring, mem, n - taken, good, &mut bad, &filler, &mut fetch)
         else {
             return QueueEnd::Broken;
         };
@@ -531,15 +544,7 @@ fn drain_sq(
                 &mut s.send,
                 NO_SEND,
                 |slot, wr| {
-                    fetch_send_into(
-                        &shared.pdir,
-                        mem,
-                        sq,
-                        slot,
-                        shared.qp_type,
-                        shared.sq_sig_all,
-                        wr,
-                    )
+                    fetch_send_into(&shared.pdir, mem, sq, slot, shared.sq_kind(), wr)
                 },
                 |run| env.backend.post_send_batch(shared.backend_qp, run),
                 |e| {

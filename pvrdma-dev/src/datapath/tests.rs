@@ -29,16 +29,22 @@ fn put_send(mem: &GuestMemoryMmap, at: u64, num_sge: u32) {
     }
 }
 
+const USER_RC: wqe::SqKind = wqe::SqKind {
+    qp_type: QpType::Rc,
+    sq_sig_all: false,
+    fast_reg_pages: 0,
+};
+
 #[test]
 fn small_and_large_wqe_buffers_decode_the_same_wr() {
     let (mem, pdir, few) = queue(2, 128, PAGE_SIZE);
     put_send(&mem, 0x2000 + 128, 2);
-    let a = fetch_send(&pdir, &mem, &few, 1, QpType::Rc, false)
+    let a = fetch_send(&pdir, &mem, &few, 1, USER_RC)
         .unwrap()
         .unwrap();
     let (_, _, many) = queue(16, 512, PAGE_SIZE);
     put_send(&mem, 0x2000, 2);
-    let b = fetch_send(&pdir, &mem, &many, 0, QpType::Rc, false)
+    let b = fetch_send(&pdir, &mem, &many, 0, USER_RC)
         .unwrap()
         .unwrap();
     for w in [&a, &b] {
@@ -57,7 +63,7 @@ fn sges_beyond_the_queue_pages_break_the_queue() {
     let (mem, pdir, q) = queue(2, 128, 2 * PAGE_SIZE - 96);
     let at = 0x3000 - 96;
     put_send(&mem, at, 1);
-    assert!(fetch_send(&pdir, &mem, &q, 0, QpType::Rc, false).is_some());
+    assert!(fetch_send(&pdir, &mem, &q, 0, USER_RC).is_some());
     mem.write_obj(2u32, GuestAddress(at + 8)).unwrap();
-    assert!(fetch_send(&pdir, &mem, &q, 0, QpType::Rc, false).is_none());
+    assert!(fetch_send(&pdir, &mem, &q, 0, USER_RC).is_none());
 }

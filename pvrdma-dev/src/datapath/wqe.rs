@@ -1,10 +1,30 @@
 //! WQE parsing (spec/device-abi.md §7): every field the opcode defines is checked, stale fields
-//! are ignored, INLINE is a no-op, and userspace opcodes ≥ 7 are rejected.
+//! are ignored, INLINE is a no-op, and userspace opcodes ≥ 7 are rejected (the kernel's
+//! SEND_WITH_INV, LOCAL_INV and FAST_REG_MR are taken from kernel QPs only).
 
-use rdma_backend::{AddressVector, Gid, QpType, SendOp, SendWr, UdDest};
+use rdma_backend::{Access, AddressVector, FastReg, Gid, QpType, SendOp, SendWr, UdDest};
 use rdma_backend::{WcOpcode, WcStatus, MAX_SGE};
+use vm_memory::GuestMemory;
 
-use crate::abi::{send_flags, wr_opcode, SqWqeHdr};
+use crate::abi::{send_flags, wr_opcode, FastRegWr, SqWqeHdr};
+use crate::pdir::PageDir;
+
+/// What a send queue takes, as its WQEs are parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SqKind {
+    pub qp_type: QpType,
+    /// Every WQE is signaled.
+    pub sq_sig_all: bool,
+    /// Pages a FAST_REG_MR may list. 0: the kernel-only opcodes (fast registration and
+    /// invalidation) are refused: a user QP, or a device without fast-register MRs.
+    pub fast_reg_pages: u32,
+}
+
+impl SqKind {
+    fn kernel_ops(&self) -> bool {
+        self.fast_reg_pages > 0
+    }
+}
 
 /// Why a WQE cannot be executed; it completes with this status and opcode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -13,15 +33,41 @@ pub(crate) struct WqeError {
     pub opcode: WcOpcode,
 }
 
-/// The CQE opcode a send opcode completes with (for error completions too).
-pub(crate) fn wc_opcode_of(opcode: u32) -> WcOpcode {
+/// The CQE opcode a send opcode completes with (for error completions too). `kernel_ops`: the
+/// queue takes the kernel-only opcodes (elsewhere 10 and 11 are user space's TSO and DRIVER1).
+pub(crate) fn wc_opcode_of(opcode: u32, kernel_ops: bool) -> WcOpcode {
     match opcode {
         wr_opcode::RDMA_WRITE | wr_opcode::RDMA_WRITE_WITH_IMM => WcOpcode::RdmaWrite,
         wr_opcode::RDMA_READ => WcOpcode::RdmaRead,
         wr_opcode::ATOMIC_CMP_AND_SWP => WcOpcode::CompSwap,
         wr_opcode::ATOMIC_FETCH_AND_ADD => WcOpcode::FetchAdd,
+        wr_opcode::LOCAL_INV if kernel_ops => WcOpcode::LocalInv,
+        wr_opcode::FAST_REG_MR if kernel_ops => WcOpcode::FastRegMr,
         _ => WcOpcode::Send,
     }
+}
+
+/// The registration a FAST_REG_MR WQE asks for, its page list read through its page directory.
+/// A list of 4 KiB pages (the driver's `page_shift` is always 12), 1 to `max_pages` of them;
+/// a list that cannot be read is a local protection error. The backend checks the rest (the
+/// MR, the key, the range against the pages).
+fn fast_reg<M: GuestMemory + ?Sized>(
+    w: &FastRegWr,
+    max_pages: u32,
+    mem: &M,
+) -> Result<FastReg, WcStatus> {
+    if w.page_shift != 12 || w.page_list_len == 0 || w.page_list_len > max_pages {
+        return Err(WcStatus::LocQpOpErr);
+    }
+    let list = PageDir::load(mem, w.pl_pdir_dma, w.page_list_len)
+        .map_err(|_| WcStatus::LocProtErr)?;
+    Ok(FastReg {
+        key: w.rkey,
+        iova: w.iova_start,
+        length: w.length.into(),
+        access: Access::from_bits_truncate(w.access_flags),
+        pages: list.pages().clone(),
+    })
 }
 
 /// Number of SGEs a WQE claims, checked against the QP's own maximum (CVE-2018-20124 and
@@ -35,19 +81,20 @@ pub(crate) fn checked_num_sge(num_sge: u32, max_sge: u32) -> Option<usize> {
 }
 
 /// Fills a backend send WR from a send WQE header (everything but its SGEs, which the caller
-/// has put in `out` already).
-pub(crate) fn parse_send(
+/// has put in `out` already). `mem` holds a FAST_REG_MR's page list.
+pub(crate) fn parse_send<M: GuestMemory + ?Sized>(
     hdr: &SqWqeHdr,
-    qp_type: QpType,
-    sq_sig_all: bool,
+    sq: SqKind,
+    mem: &M,
     out: &mut SendWr,
 ) -> Result<(), WqeError> {
     let opcode = hdr.opcode;
     let err = |status| WqeError {
         status,
-        opcode: wc_opcode_of(opcode),
+        opcode: wc_opcode_of(opcode, sq.kernel_ops()),
     };
     let imm = Some(hdr.ex);
+    let qp_type = sq.qp_type;
     let op = match (qp_type, opcode) {
         (_, wr_opcode::SEND) => SendOp::Send { imm: None },
         (_, wr_opcode::SEND_WITH_IMM) => SendOp::Send { imm },
@@ -88,6 +135,13 @@ pub(crate) fn parse_send(
                 add,
             }
         }
+        (QpType::Rc, wr_opcode::SEND_WITH_INV) if sq.kernel_ops() => {
+            SendOp::SendInv { rkey: hdr.ex }
+        }
+        (QpType::Rc, wr_opcode::LOCAL_INV) if sq.kernel_ops() => SendOp::LocalInv { key: hdr.ex },
+        (QpType::Rc, wr_opcode::FAST_REG_MR) if sq.kernel_ops() => {
+            SendOp::FastReg(fast_reg(&hdr.fast_reg(), sq.fast_reg_pages, mem).map_err(err)?)
+        }
         // Opcodes ≥ 7 from userspace are mis-numbered ibv opcodes (LOCAL_INV, BIND_MW, …), and
         // RDMA/atomics are not allowed on UD/GSI.
         _ => return Err(err(WcStatus::LocQpOpErr)),
@@ -114,7 +168,7 @@ pub(crate) fn parse_send(
     // INLINE (8) is never honoured by the producers: the SGEs are still addresses.
     out.wr_id = hdr.wr_id;
     out.op = op;
-    out.signaled = sq_sig_all || hdr.send_flags & send_flags::SIGNALED != 0;
+    out.signaled = sq.sq_sig_all || hdr.send_flags & send_flags::SIGNALED != 0;
     out.solicited = hdr.send_flags & send_flags::SOLICITED != 0;
     out.ud = ud;
     Ok(())
@@ -124,7 +178,7 @@ pub(crate) fn parse_send(
 mod tests {
     use super::*;
     use rdma_backend::Sge;
-    use vm_memory::ByteValued;
+    use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 
     use rdma_backend::SgeList;
 
@@ -138,12 +192,26 @@ mod tests {
         .collect()
     }
 
-    /// `parse_send` into a fresh WR carrying `sges`.
+    /// `parse_send` into a fresh WR carrying `sges`, for a user QP.
     fn parse(
         hdr: &SqWqeHdr,
         sges: SgeList,
         qp_type: QpType,
         sq_sig_all: bool,
+    ) -> Result<SendWr, WqeError> {
+        let sq = SqKind {
+            qp_type,
+            sq_sig_all,
+            fast_reg_pages: 0,
+        };
+        parse_in(hdr, sges, sq, &mem())
+    }
+
+    fn parse_in(
+        hdr: &SqWqeHdr,
+        sges: SgeList,
+        sq: SqKind,
+        mem: &GuestMemoryMmap,
     ) -> Result<SendWr, WqeError> {
         let mut wr = SendWr {
             wr_id: 0,
@@ -153,7 +221,113 @@ mod tests {
             solicited: false,
             ud: None,
         };
-        parse_send(hdr, qp_type, sq_sig_all, &mut wr).map(|()| wr)
+        parse_send(hdr, sq, mem, &mut wr).map(|()| wr)
+    }
+
+    /// 1 MiB of guest memory.
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()
+    }
+
+    const KERNEL_RC: SqKind = SqKind {
+        qp_type: QpType::Rc,
+        sq_sig_all: false,
+        fast_reg_pages: 128,
+    };
+
+    /// A FAST_REG_MR WQE whose page list (`pages`) sits in a page directory at 0x1000 (its one
+    /// table at 0x2000).
+    fn fast_reg_wqe(m: &GuestMemoryMmap, pages: &[u64], shift: u32, len: u32) -> SqWqeHdr {
+        m.write_obj(0x2000u64, GuestAddress(0x1000)).unwrap();
+        for (i, p) in pages.iter().enumerate() {
+            m.write_obj(*p, GuestAddress(0x2000 + 8 * i as u64)).unwrap();
+        }
+        let mut h = hdr(wr_opcode::FAST_REG_MR, 2);
+        h.num_sge = 0;
+        let b = h.as_mut_slice();
+        b[32..40].copy_from_slice(&0x7f00_0000_0100u64.to_le_bytes());
+        b[40..48].copy_from_slice(&0x1000u64.to_le_bytes());
+        b[48..52].copy_from_slice(&shift.to_le_bytes());
+        b[52..56].copy_from_slice(&len.to_le_bytes());
+        b[56..60].copy_from_slice(&0x2f00u32.to_le_bytes());
+        b[60..64].copy_from_slice(&7u32.to_le_bytes());
+        b[64..68].copy_from_slice(&0x0001_2345u32.to_le_bytes());
+        h
+    }
+
+    #[test]
+    fn fast_reg_reads_its_page_list() {
+        let m = mem();
+        let pages = [0x10000, 0x30000, 0x11000];
+        let h = fast_reg_wqe(&m, &pages, 12, 3);
+        let w = parse_in(&h, SgeList::EMPTY, KERNEL_RC, &m).unwrap();
+        let SendOp::FastReg(r) = w.op else {
+            panic!("not a fast registration: {:?}", w.op)
+        };
+        assert_eq!((r.key, r.iova, r.length), (0x0001_2345, 0x7f00_0000_0100, 0x2f00));
+        assert_eq!(r.access, Access::LOCAL_WRITE | Access::REMOTE_WRITE | Access::REMOTE_READ);
+        let got: Vec<u64> = r.pages.iter().map(|p| p.0).collect();
+        assert_eq!(got, pages);
+    }
+
+    #[test]
+    fn fast_reg_bad_lists_complete_in_error() {
+        let m = mem();
+        let status = |h: &SqWqeHdr, sq: SqKind| {
+            let e = parse_in(h, SgeList::EMPTY, sq, &m).unwrap_err();
+            assert_eq!(e.opcode, WcOpcode::FastRegMr);
+            e.status
+        };
+        let h = fast_reg_wqe(&m, &[0x10000], 16, 1);
+        assert_eq!(status(&h, KERNEL_RC), WcStatus::LocQpOpErr, "page_shift 16");
+        let h = fast_reg_wqe(&m, &[0x10000], 12, 0);
+        assert_eq!(status(&h, KERNEL_RC), WcStatus::LocQpOpErr, "no pages");
+        let h = fast_reg_wqe(&m, &[0x10000], 12, 129);
+        assert_eq!(status(&h, KERNEL_RC), WcStatus::LocQpOpErr, "past the cap");
+        let small = SqKind {
+            fast_reg_pages: 2,
+            ..KERNEL_RC
+        };
+        let h = fast_reg_wqe(&m, &[0x10000; 3], 12, 3);
+        assert_eq!(status(&h, small), WcStatus::LocQpOpErr, "past the device's cap");
+        // A page-list directory outside guest RAM.
+        let mut h = fast_reg_wqe(&m, &[0x10000], 12, 1);
+        h.as_mut_slice()[40..48].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        assert_eq!(status(&h, KERNEL_RC), WcStatus::LocProtErr, "directory outside RAM");
+        // A table pointer outside guest RAM.
+        let h = fast_reg_wqe(&m, &[0x10000], 12, 1);
+        m.write_obj(1u64 << 40, GuestAddress(0x1000)).unwrap();
+        assert_eq!(status(&h, KERNEL_RC), WcStatus::LocProtErr, "table outside RAM");
+    }
+
+    #[test]
+    fn kernel_opcodes_only_on_kernel_rc_qps() {
+        let m = mem();
+        let inv = |op, sq| parse_in(&hdr(op, 2), SgeList::EMPTY, sq, &m);
+        assert_eq!(
+            inv(wr_opcode::LOCAL_INV, KERNEL_RC).unwrap().op,
+            SendOp::LocalInv { key: 0x1234_5678 }
+        );
+        assert_eq!(
+            inv(wr_opcode::SEND_WITH_INV, KERNEL_RC).unwrap().op,
+            SendOp::SendInv { rkey: 0x1234_5678 }
+        );
+        let user = SqKind {
+            fast_reg_pages: 0,
+            ..KERNEL_RC
+        };
+        let ud = SqKind {
+            qp_type: QpType::Ud,
+            ..KERNEL_RC
+        };
+        for op in [wr_opcode::SEND_WITH_INV, wr_opcode::LOCAL_INV, wr_opcode::FAST_REG_MR] {
+            for sq in [user, ud] {
+                let e = inv(op, sq).unwrap_err();
+                assert_eq!(e.status, WcStatus::LocQpOpErr, "opcode {op} on {sq:?}");
+            }
+            // User space's opcodes 10 and 11 (TSO, DRIVER1) complete as sends, as before.
+            assert_eq!(inv(op, user).unwrap_err().opcode, WcOpcode::Send);
+        }
     }
 
     fn hdr(opcode: u32, flags: u32) -> SqWqeHdr {

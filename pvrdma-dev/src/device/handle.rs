@@ -268,7 +268,7 @@ struct Running {
 impl Running {
     /// Builds the core, the backend and the loop's sources. `pool` runs the device's work.
     fn new(
-        cfg: DeviceConfig,
+        mut cfg: DeviceConfig,
         opts: DeviceOptions,
         mem: GuestMem,
         irq: Arc<dyn InterruptSink>,
@@ -286,6 +286,8 @@ impl Running {
         });
         let sink: Arc<dyn CompletionSink> = device_sink.clone();
         let backend = backend(mem.clone(), sink.clone());
+        // Fast registration only as far as the backend has it.
+        cfg.fast_reg_pages = cfg.fast_reg_pages.min(backend.fast_reg_max_pages());
         let env = Arc::new(Env {
             mem: mem.clone(),
             backend: backend.clone(),

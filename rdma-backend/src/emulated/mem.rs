@@ -41,6 +41,7 @@ impl Mr {
             MrKind::User { iova, length, .. } => iova
                 .checked_add(*length)
                 .is_some_and(|mr_end| addr >= *iova && end <= mr_end),
+            MrKind::Frmr { .. } => false,
         }
     }
 
@@ -67,6 +68,7 @@ impl Mr {
                 }
                 Some((first.checked_add(off)?, len))
             }
+            MrKind::Frmr { .. } => None,
         }
     }
 }

@@ -23,6 +23,9 @@
 //! | UD: bad lkey / too long for the path MTU | `LocProtErr` / `LocLenErr`, QP → SQE | — |
 //! | UD: qkey mismatch, no receive, no such QP | success (datagram dropped) | nothing |
 //! | UD: receive buffer too small | success | receive `LocLenErr` |
+//! | FAST_REG: MR not a free fast-register MR of the QP's PD, key bits beyond the low 8, pages past its room or short of the range, length 0, range wraps | `LocQpOpErr`, QP → ERR | — |
+//! | LOCAL_INV: key names no mapped fast-register MR of the QP's PD | `LocQpOpErr`, QP → ERR | — |
+//! | SEND with invalidate: rkey names no mapped fast-register MR of the responder's PD | `RemInvReqErr`, QP → ERR | receive `RemInvReqErr`, QP → ERR |
 //!
 //! Every other outstanding WR of a QP that went to ERR completes with `WrFlushErr`, and so does
 //! every WR posted to it later. Posting a send to a QP in RESET, INIT or RTR, or a receive to a
@@ -49,7 +52,7 @@ pub use qp::HOLD_MAX;
 use qp::{drive, kick, resume, Qp, QueuedRecv, QueuedSend, Rq, Sq, Srq, SrqQ, Trigger, Wake};
 
 use crate::{
-    Access, Backend, CompletionSink, CqId, Error, Gid, GidType, GuestMem, MrId, MrKeys, MrKind,
+    Access, Backend, CompletionSink, CqId, Error, FastReg, Gid, GidType, GuestMem, MrId, MrKeys, MrKind,
     PdId, QpAttrs, QpId, QpInit, QpState, QpType, RecvWr, Result, SendWr, Sge, SrqId, WcOpcode,
     WcStatus, MAX_SGE,
 };
@@ -102,8 +105,21 @@ use crate::sync::{read, write};
 struct MrSlot {
     /// The lkey of the MR registered in the slot now (its rkey is `key | RKEY_BIT`).
     key: u32,
+    /// What the key reaches; `None` for a fast-register MR with no mapping (free).
     mr: Option<Arc<Mr>>,
+    /// Set for a fast-register MR: what its registrations are checked against.
+    frmr: Option<Frmr>,
 }
+
+/// The fixed part of a fast-register MR.
+#[derive(Debug, Clone, Copy)]
+struct Frmr {
+    pd: PdId,
+    max_pages: u32,
+}
+
+/// Pages one fast registration maps, at most (the Linux driver's own bound).
+pub const FAST_REG_MAX_PAGES: u32 = 128;
 
 #[derive(Debug)]
 struct MrTable {
@@ -322,6 +338,69 @@ impl EmulatedBackend {
         s.mr.clone()
     }
 
+    /// Maps the fast-register MR `reg.key` names for a QP on `pd` (a FAST_REG WR). The MR must
+    /// be free, of `pd`, with room for the pages, and the key may differ from its own in the
+    /// low 8 bits only. Errors are the WR's completion status.
+    pub(crate) fn fast_reg(&self, pd: PdId, reg: &FastReg) -> std::result::Result<(), WcStatus> {
+        let bad = WcStatus::LocQpOpErr;
+        let end = reg.iova.checked_add(reg.length).ok_or(bad)?;
+        let npages = end.div_ceil(mem::PAGE) - reg.iova / mem::PAGE;
+        if reg.length == 0 || (reg.pages.len() as u64) < npages {
+            return Err(bad);
+        }
+        if reg
+            .access
+            .intersects(Access::REMOTE_WRITE | Access::REMOTE_ATOMIC)
+            && !reg.access.contains(Access::LOCAL_WRITE)
+        {
+            return Err(bad);
+        }
+        let key = reg.key & !RKEY_BIT;
+        let mut t = write(&self.mrs);
+        let s = t
+            .slots
+            .get_mut(((key & !KEY_RANDOM_BITS) >> 8) as usize)
+            .ok_or(bad)?;
+        let f = s.frmr.ok_or(bad)?;
+        if f.pd != pd
+            || s.mr.is_some()
+            || s.key & !0xff != key & !0xff
+            || reg.pages.len() > f.max_pages as usize
+        {
+            return Err(bad);
+        }
+        s.key = key;
+        s.mr = Some(Arc::new(Mr {
+            pd,
+            access: reg.access,
+            kind: MrKind::User {
+                iova: reg.iova,
+                length: reg.length,
+                pages: reg.pages.clone(),
+            },
+        }));
+        Ok(())
+    }
+
+    /// Unmaps the fast-register MR `key` names, of `pd`: a LOCAL_INV (`remote` false: its lkey
+    /// or rkey) or a SEND with invalidate received (`remote`: its rkey). `false` when the key
+    /// names no mapped fast-register MR of `pd`. Transfers already under way finish on the
+    /// mapping they hold.
+    pub(crate) fn invalidate(&self, pd: PdId, key: u32, remote: bool) -> bool {
+        if remote && key & RKEY_BIT == 0 {
+            return false;
+        }
+        let key = key & !RKEY_BIT;
+        let mut t = write(&self.mrs);
+        let Some(s) = t.slots.get_mut(((key & !KEY_RANDOM_BITS) >> 8) as usize) else {
+            return false;
+        };
+        match s.frmr {
+            Some(f) if f.pd == pd && s.key == key => s.mr.take().is_some(),
+            _ => false,
+        }
+    }
+
     /// Validates local SGEs: the lkey exists, belongs to `pd`, grants `need`, covers the range.
     pub(crate) fn resolve_local(&self, sges: &[Sge], pd: PdId, need: Access) -> Option<Segs> {
         let mut segs = Segs::new();
@@ -525,20 +604,32 @@ impl Backend for EmulatedBackend {
     }
 
     fn create_mr(&self, pd: PdId, kind: MrKind, access: Access) -> Result<MrKeys> {
-        if let MrKind::User {
-            iova,
-            length,
-            pages,
-        } = &kind
-        {
-            let end = iova
-                .checked_add(*length)
-                .ok_or(Error::Invalid("MR wraps around"))?;
-            let first = iova & !(mem::PAGE - 1);
-            let npages = end.div_ceil(mem::PAGE) - first / mem::PAGE;
-            if (pages.len() as u64) < npages {
-                return Err(Error::Invalid("MR page list too short"));
+        let mut frmr = None;
+        match &kind {
+            MrKind::User {
+                iova,
+                length,
+                pages,
+            } => {
+                let end = iova
+                    .checked_add(*length)
+                    .ok_or(Error::Invalid("MR wraps around"))?;
+                let first = iova & !(mem::PAGE - 1);
+                let npages = end.div_ceil(mem::PAGE) - first / mem::PAGE;
+                if (pages.len() as u64) < npages {
+                    return Err(Error::Invalid("MR page list too short"));
+                }
             }
+            MrKind::Frmr { max_pages } => {
+                if *max_pages == 0 || *max_pages > FAST_REG_MAX_PAGES {
+                    return Err(Error::Invalid("fast-register MR size"));
+                }
+                frmr = Some(Frmr {
+                    pd,
+                    max_pages: *max_pages,
+                });
+            }
+            MrKind::Dma => {}
         }
         // IB: remote write/atomic need local write.
         if access.intersects(Access::REMOTE_WRITE | Access::REMOTE_ATOMIC)
@@ -557,15 +648,22 @@ impl Backend for EmulatedBackend {
             }
             None => return Err(Error::Exhausted("MRs")),
         };
-        // Random bits, never those of the slot's previous key (whose holders must miss).
+        // Random bits, never those of the slot's previous key (whose holders must miss). The
+        // low 8 bits of a fast-register MR's key are its consumer's: its high ones must differ.
+        let differ = if frmr.is_some() {
+            KEY_RANDOM_BITS & !0xff
+        } else {
+            KEY_RANDOM_BITS
+        };
         let mut bits = t.random() & KEY_RANDOM_BITS;
-        while bits == t.slots[slot].key & KEY_RANDOM_BITS {
+        while bits & differ == t.slots[slot].key & differ {
             bits = t.random() & KEY_RANDOM_BITS;
         }
         let lkey = ((slot as u32) << 8) | bits;
         let s = &mut t.slots[slot];
         s.key = lkey;
-        s.mr = Some(Arc::new(Mr { pd, access, kind }));
+        s.mr = frmr.is_none().then(|| Arc::new(Mr { pd, access, kind }));
+        s.frmr = frmr;
         *refs += 1;
         ctl.mr_pd.insert(slot as u32, pd);
         Ok(MrKeys {
@@ -581,6 +679,7 @@ impl Backend for EmulatedBackend {
         let mut t = write(&self.mrs);
         if let Some(s) = t.slots.get_mut(mr.0 as usize) {
             s.mr = None;
+            s.frmr = None;
         }
         t.free.push(mr.0);
         if let Some(r) = ctl.pds.get_mut(&pd.0) {
@@ -916,6 +1015,10 @@ impl Backend for EmulatedBackend {
         r.asked
     }
 
+    fn fast_reg_max_pages(&self) -> u32 {
+        FAST_REG_MAX_PAGES
+    }
+
     fn reset(&self) {
         let qps: Vec<Arc<Qp>> = write(&self.qps).drain().map(|(_, q)| q).collect();
         for qp in &qps {
@@ -927,6 +1030,7 @@ impl Backend for EmulatedBackend {
             let mut t = write(&self.mrs);
             for s in t.slots.iter_mut() {
                 s.mr = None;
+                s.frmr = None;
             }
             t.free = (0..t.slots.len() as u32).rev().collect();
         }

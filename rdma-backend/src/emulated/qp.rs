@@ -153,7 +153,7 @@ impl From<&SendWr> for QueuedSend {
     fn from(wr: &SendWr) -> Self {
         QueuedSend {
             wr_id: wr.wr_id,
-            op: wr.op,
+            op: wr.op.clone(),
             sges: QueuedSges::from_slice(wr.sges.as_slice()),
             signaled: wr.signaled,
             solicited: wr.solicited,
@@ -444,6 +444,7 @@ impl Qp {
             opcode,
             byte_len: u32::try_from(len).unwrap_or(u32::MAX),
             imm_data: None,
+            invalidated: None,
             src_qp: 0,
             grh: false,
             solicited: false,
@@ -454,7 +455,9 @@ impl Qp {
 /// The completion opcode of a send WR.
 pub(crate) fn send_opcode(op: &SendOp) -> WcOpcode {
     match op {
-        SendOp::Send { .. } => WcOpcode::Send,
+        SendOp::Send { .. } | SendOp::SendInv { .. } => WcOpcode::Send,
+        SendOp::LocalInv { .. } => WcOpcode::LocalInv,
+        SendOp::FastReg(_) => WcOpcode::FastRegMr,
         SendOp::RdmaWrite { .. } => WcOpcode::RdmaWrite,
         SendOp::RdmaRead { .. } => WcOpcode::RdmaRead,
         SendOp::CmpSwap { .. } => WcOpcode::CompSwap,
@@ -507,6 +510,9 @@ enum Step {
 enum Into {
     /// In the receive's buffers (SEND).
     Recv,
+    /// In the receive's buffers, invalidating the responder's fast-register MR with this rkey
+    /// (SEND with invalidate).
+    RecvInv(u32),
     /// In the responder's MR (RDMA WRITE with immediate).
     Remote { addr: u64, rkey: u32 },
 }
@@ -981,6 +987,22 @@ fn execute_rc(
     if wr.sges.as_slice().len() > qp.max_send_sge as usize {
         return Outcome::Error(WcStatus::LocLenErr);
     }
+    // Local operations: in queue order, with no responder.
+    match &wr.op {
+        SendOp::FastReg(reg) => {
+            return match be.fast_reg(qp.pd, reg) {
+                Ok(()) => Outcome::Done(0),
+                Err(status) => Outcome::Error(status),
+            }
+        }
+        SendOp::LocalInv { key } => {
+            return match be.invalidate(qp.pd, *key, false) {
+                true => Outcome::Done(0),
+                false => Outcome::Error(WcStatus::LocQpOpErr),
+            }
+        }
+        _ => {}
+    }
     let needs_write = matches!(
         wr.op,
         SendOp::RdmaRead { .. } | SendOp::CmpSwap { .. } | SendOp::FetchAdd { .. }
@@ -1011,6 +1033,11 @@ fn execute_rc(
     let solicited = wr.solicited;
     let res = match wr.op {
         SendOp::Send { imm } => rc_message(qp, io, tb, tqp, Into::Recv, imm, solicited, part),
+        SendOp::SendInv { rkey } => {
+            rc_message(qp, io, tb, tqp, Into::RecvInv(rkey), None, solicited, part)
+        }
+        // Executed above.
+        SendOp::LocalInv { .. } | SendOp::FastReg(_) => Ok(Step::Done(0)),
         SendOp::RdmaWrite {
             remote_addr: addr,
             rkey,
@@ -1115,7 +1142,7 @@ fn rc_message(
             len,
         )?),
         Into::Remote { .. } => Some(Segs::new()),
-        Into::Recv => None,
+        Into::Recv | Into::RecvInv(_) => None,
     };
     let mut rq = lock(&tqp.rq);
     if tqp.is_dead() || !tqp.can_receive() {
@@ -1136,7 +1163,7 @@ fn rc_message(
         }
     }
     let opcode = match into {
-        Into::Recv => WcOpcode::Recv,
+        Into::Recv | Into::RecvInv(_) => WcOpcode::Recv,
         Into::Remote { .. } => WcOpcode::RecvRdmaWithImm,
     };
     // The receive's id, and where the bytes go (or the receive and NAK statuses of why not).
@@ -1192,9 +1219,18 @@ fn rc_message(
         *part = Some(Partial { done: at, recv });
         return Ok(Step::More(n));
     }
+    if let Into::RecvInv(rkey) = into {
+        if !tb.invalidate(tqp.pd, rkey, true) {
+            let status = WcStatus::RemInvReqErr;
+            return fail(&mut rq, &landing, (status, status));
+        }
+    }
     landing.consume(&mut rq);
     let mut wc = tqp.wc(tqp.recv_cq, wr_id, WcStatus::Success, opcode, len);
     wc.imm_data = imm;
+    if let Into::RecvInv(rkey) = into {
+        wc.invalidated = Some(rkey);
+    }
     wc.src_qp = qp.qpn;
     wc.solicited = solicited;
     rq.held.hold(&*tb.sink, wc);
@@ -1359,7 +1395,7 @@ fn execute_ud(
     sq: &Sq,
     wr: &QueuedSend,
 ) -> Outcome {
-    let (SendOp::Send { imm }, Some(ud)) = (wr.op, wr.ud) else {
+    let (&SendOp::Send { imm }, Some(ud)) = (&wr.op, wr.ud) else {
         return Outcome::Error(WcStatus::LocQpOpErr);
     };
     if wr.sges.as_slice().len() > qp.max_send_sge as usize {

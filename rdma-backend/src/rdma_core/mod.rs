@@ -549,6 +549,11 @@ impl Backend for RdmaCoreBackend {
     }
 
     fn create_mr(&self, pd: PdId, kind: MrKind, access: Access) -> Result<MrKeys> {
+        if let MrKind::Frmr { .. } = kind {
+            return Err(Error::Unsupported(
+                "fast-register MRs (user-space verbs have no fast registration)",
+            ));
+        }
         if let MrKind::User {
             iova,
             length,

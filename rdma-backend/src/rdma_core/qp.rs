@@ -267,16 +267,16 @@ impl RdmaCoreBackend {
         }
         drop(t);
         let mut pend = lock(&e.pending);
-        let (mut sges, bounce, failed) = match (prep, atomic_error(wr)) {
+        let (mut sges, bounce, failed) = match (prep, refused_at_post(wr)) {
             (Ok((s, b)), None) => (s, b, None),
             (Err(Unprepared::Busy), _) => {
                 drop(pend);
                 return Err(Error::QueueFull);
             }
-            (prep, atomic_err) => {
+            (prep, refused) => {
                 let status = match prep {
                     Err(Unprepared::Fail(status)) => status,
-                    _ => atomic_err.unwrap_or(WcStatus::LocProtErr),
+                    _ => refused.unwrap_or(WcStatus::LocProtErr),
                 };
                 fail_before_post(&e, &mut op)?;
                 (vec![poison_sge()], None, Some(status))
@@ -315,6 +315,7 @@ impl RdmaCoreBackend {
                 opcode: WcOpcode::Recv,
                 byte_len: 0,
                 imm_data: None,
+                invalidated: None,
                 src_qp: 0,
                 grh: false,
                 solicited: false,
@@ -396,6 +397,10 @@ fn host_send(wr: &SendWr) -> (WcOpcode, verbs::HostSend, bool, bool) {
         ud: None,
     };
     let (opcode, need_write, copy_in) = match wr.op {
+        // Refused before post (`refused_at_post`): libibverbs has no fast registration.
+        SendOp::SendInv { .. } => (WcOpcode::Send, false, false),
+        SendOp::LocalInv { .. } => (WcOpcode::LocalInv, false, false),
+        SendOp::FastReg(_) => (WcOpcode::FastRegMr, false, false),
         SendOp::Send { imm } => {
             op.opcode = with_imm(imm, Op::IBV_WR_SEND_WITH_IMM, Op::IBV_WR_SEND);
             op.imm = imm.unwrap_or(0);
@@ -438,11 +443,16 @@ fn host_send(wr: &SendWr) -> (WcOpcode, verbs::HostSend, bool, bool) {
     (opcode, op, need_write, copy_in)
 }
 
-/// Atomics rxe refuses at post time (EINVAL), which a guest ring cannot report: a local buffer
-/// other than 8 bytes is a local length error; a misaligned target is NAKed by an HCA's
-/// responder (Invalid Request). The requester's view of both.
-fn atomic_error(wr: &SendWr) -> Option<WcStatus> {
+/// WRs the host would refuse at post time (EINVAL), which a guest ring cannot report, as an
+/// HCA completes them. Atomics: a local buffer other than 8 bytes is a local length error; a
+/// misaligned target is NAKed by an HCA's responder (Invalid Request). Fast registration and
+/// invalidation, which user-space verbs do not offer (the device does not advertise them with
+/// this backend): a local QP operation error.
+fn refused_at_post(wr: &SendWr) -> Option<WcStatus> {
     match wr.op {
+        SendOp::SendInv { .. } | SendOp::LocalInv { .. } | SendOp::FastReg(_) => {
+            Some(WcStatus::LocQpOpErr)
+        }
         SendOp::CmpSwap { remote_addr, .. } | SendOp::FetchAdd { remote_addr, .. } => {
             let local: u64 = wr.sges.as_slice().iter().map(|s| u64::from(s.length)).sum();
             if local != 8 {

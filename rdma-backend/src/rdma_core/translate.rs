@@ -122,6 +122,7 @@ impl Shared {
             opcode,
             byte_len: w.byte_len,
             imm_data: w.imm,
+            invalidated: None,
             src_qp,
             grh: w.grh,
             solicited: false,
@@ -175,6 +176,7 @@ impl Shared {
                         let i = ((a - (iova & !0xfff)) >> 12) as usize;
                         pages.get(i).ok_or(bad)?.0 + (a & 0xfff)
                     }
+                    MrKind::Frmr { .. } => return Err(bad),
                 };
                 let hva = m.get_host_address(GuestAddress(gpa)).map_err(|_| bad)? as usize;
                 let reg = pde
