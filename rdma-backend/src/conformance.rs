@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestAddressSpace, GuestMemoryMmap};
 
 use crate::{
-    Access, AddressVector, AsyncEvent, Backend, CompletionSink, CqId, Error, Gid, GidType,
+    Access, AddressVector, AsyncEvent, Backend, CompletionSink, CqId, Error, FastReg, Gid, GidType,
     GuestMem, MrKeys, MrKind, PdId, ProgressThread, QpAttrs, QpId, QpInit, QpState, QpType, RecvWr,
     SendOp, SendWr, Sge, SgeList, SrqId, UdDest, WcOpcode, WcStatus, WorkCompletion,
 };
@@ -1761,6 +1761,246 @@ pub fn device_reset(f: &Factory<'_>) {
     assert!(d.be.destroy_pd(d.pd).is_err());
 }
 
+/// A fast-register MR of `d` in `pd` (room for `max_pages`), mapped as a [`Buf`] of `len`
+/// bytes at a page offset of 0x123 once a [`fast_reg`] with the buffer's keys has run.
+fn frmr_buf(d: &Dev, pd: PdId, max_pages: u32, len: u64) -> Buf {
+    let keys = d
+        .be
+        .create_mr(pd, MrKind::Frmr { max_pages }, Access::empty())
+        .expect("a fast-register MR");
+    let iova = d.next_iova.fetch_add(1 << 32, Ordering::Relaxed) + 0x123;
+    let npages = ((iova + len).div_ceil(4096) - iova / 4096) as usize;
+    Buf {
+        iova,
+        len,
+        pages: d.pages(npages, true).into(),
+        keys,
+    }
+}
+
+/// `buf` with the consumer's part of its keys (the low 8 bits) set to `low`.
+fn rekeyed(buf: &Buf, low: u8) -> Buf {
+    let mut b = buf.clone();
+    b.keys.lkey = (b.keys.lkey & !0xff) | u32::from(low);
+    b.keys.rkey = (b.keys.rkey & !0xff) | u32::from(low);
+    b
+}
+
+/// The FAST_REG WR that maps `buf` (its pages, iova and length) with its rkey and `access`.
+fn fast_reg(buf: &Buf, access: Access) -> SendOp {
+    SendOp::FastReg(FastReg {
+        key: buf.keys.rkey,
+        iova: buf.iova,
+        length: buf.len,
+        access,
+        pages: buf.pages.clone(),
+    })
+}
+
+/// Posts one signaled WR and returns its completion (and any others that came with it).
+fn one(d: &Dev, qp: QpId, id: u64, op: SendOp, sges: SgeList) -> WorkCompletion {
+    d.send(qp, id, op, sges);
+    let mut wcs = d.wait(1);
+    wcs.extend(d.sink.take());
+    find(&wcs, id)
+}
+
+/// Without fast registration (`fast_reg_max_pages` 0), a backend refuses it cleanly: no
+/// fast-register MR, and the WRs complete in error instead of hanging. `true` if so.
+fn frmr_refused(d: &Dev) -> bool {
+    if d.be.fast_reg_max_pages() > 0 {
+        return false;
+    }
+    assert!(matches!(
+        d.be.create_mr(d.pd, MrKind::Frmr { max_pages: 4 }, Access::empty()),
+        Err(Error::Unsupported(_))
+    ));
+    let buf = d.buf(4096, ALL);
+    for op in [
+        fast_reg(&buf, ALL),
+        SendOp::LocalInv {
+            key: buf.keys.lkey,
+        },
+        SendOp::SendInv {
+            rkey: buf.keys.rkey,
+        },
+    ] {
+        let (qa, qb, _, _) = rc_pair(d, d, RcOpts::default());
+        d.recv(qb, 1, buf.sges(0, 64, 1));
+        let s = one(d, qa, 2, op, SgeList::new());
+        assert_eq!(s.status, WcStatus::LocQpOpErr);
+        d.sink.take();
+    }
+    true
+}
+
+/// Fast registration as the guest kernel uses it: REG_MR with a fresh key, RDMA WRITE and READ
+/// by a peer with that key within exactly the registered range, LOCAL_INV, then the peer's
+/// access fails and writes nothing; a new registration with another key works again, and a
+/// SEND with invalidate from the peer unmaps it on arrival (the key in the receive's
+/// completion).
+pub fn frmr_register_and_invalidate(f: &Factory<'_>) {
+    let a = Dev::new(f, 1);
+    let b = Dev::new(f, 2);
+    if frmr_refused(&b) {
+        return;
+    }
+    let len = 3 * 4096 + 100;
+    let mr = frmr_buf(&b, b.pd, 8, len);
+    let src = a.buf(len, ALL);
+    let back = a.buf(len, ALL);
+    let (qa, qb, _, _) = rc_pair(&a, &b, RcOpts::default());
+    // Map it with the consumer's key 0x42.
+    let m = rekeyed(&mr, 0x42);
+    let s = one(&b, qb, 1, fast_reg(&m, ALL), SgeList::new());
+    assert_eq!((s.status, s.opcode), (WcStatus::Success, WcOpcode::FastRegMr));
+    let data = a.random(len as usize);
+    src.write(&a.mem, 0, &data);
+    let write = |rkey, at: u64| SendOp::RdmaWrite {
+        remote_addr: m.iova + at,
+        rkey,
+        imm: None,
+    };
+    let s = one(&a, qa, 2, write(m.keys.rkey, 0), src.sges(0, len, 2));
+    assert_eq!(s.status, WcStatus::Success);
+    assert!(m.read(&b.mem, 0, len) == data, "WRITE through the fast-registered key");
+    let read = SendOp::RdmaRead {
+        remote_addr: m.iova,
+        rkey: m.keys.rkey,
+    };
+    let s = one(&a, qa, 3, read, back.sges(0, len, 3));
+    assert_eq!(s.status, WcStatus::Success);
+    assert!(back.read(&a.mem, 0, len) == data, "READ through the fast-registered key");
+    // The MR's own lkey, with the same low 8 bits, serves its owner's local SGEs.
+    b.recv(qb, 4, m.sges(0, 64, 1));
+    let s = one(&a, qa, 5, SEND, src.sges(0, 64, 1));
+    assert_eq!(s.status, WcStatus::Success);
+    b.sink.wait(1, WAIT);
+    // Invalidate; every later use of the key fails and writes nothing.
+    let inv = SendOp::LocalInv { key: m.keys.rkey };
+    let s = one(&b, qb, 6, inv, SgeList::new());
+    assert_eq!((s.status, s.opcode), (WcStatus::Success, WcOpcode::LocalInv));
+    let before = m.read(&b.mem, 0, len);
+    let s = one(&a, qa, 7, write(m.keys.rkey, 0), src.sges(0, 8, 1));
+    assert_eq!(s.status, WcStatus::RemAccessErr);
+    assert!(m.read(&b.mem, 0, len) == before, "nothing written after LOCAL_INV");
+    b.sink.take();
+    // A new registration with another key; the old key and a range off by one fail.
+    let (qa, qb, _, _) = rc_pair(&a, &b, RcOpts::default());
+    let m2 = rekeyed(&mr, 0x43);
+    let s = one(&b, qb, 10, fast_reg(&m2, ALL), SgeList::new());
+    assert_eq!(s.status, WcStatus::Success);
+    let s = one(&a, qa, 11, write(m2.keys.rkey, len - 8), src.sges(0, 8, 1));
+    assert_eq!(s.status, WcStatus::Success, "the last 8 bytes of the range");
+    for (i, (rkey, at)) in [(m.keys.rkey, 0), (m2.keys.rkey, len - 7)].into_iter().enumerate() {
+        let (qa, _, _, _) = rc_pair(&a, &b, RcOpts::default());
+        let s = one(&a, qa, 12 + i as u64, write(rkey, at), src.sges(0, 8, 1));
+        assert_eq!(s.status, WcStatus::RemAccessErr, "case {i}");
+        b.sink.take();
+    }
+    // SEND with invalidate from the peer: the key arrives in the receive's completion and no
+    // longer works.
+    let dst = b.buf(64, ALL);
+    b.recv(qb, 20, dst.sges(0, 64, 1));
+    let send_inv = SendOp::SendInv {
+        rkey: m2.keys.rkey,
+    };
+    let s = one(&a, qa, 21, send_inv, src.sges(0, 64, 1));
+    assert_eq!((s.status, s.opcode), (WcStatus::Success, WcOpcode::Send));
+    let r = find(&b.sink.wait(1, WAIT), 20);
+    assert_eq!(
+        (r.status, r.opcode, r.invalidated, r.byte_len),
+        (WcStatus::Success, WcOpcode::Recv, Some(m2.keys.rkey), 64)
+    );
+    let s = one(&a, qa, 22, write(m2.keys.rkey, 0), src.sges(0, 8, 1));
+    assert_eq!(s.status, WcStatus::RemAccessErr, "after the remote invalidation");
+}
+
+/// Fast registration's state errors, each a `LocQpOpErr` completion that moves the QP to ERR
+/// (a new QP for each): register a mapped MR, invalidate a free one, an MR of another PD, a key
+/// that differs beyond its low 8 bits, more pages than the MR has room for, pages short of the
+/// range, length 0, a range that wraps; a SEND with invalidate naming a key that is not a
+/// mapped fast-register MR of the responder fails on both sides (`RemInvReqErr`).
+pub fn frmr_state_errors(f: &Factory<'_>) {
+    let d = Dev::new(f, 1);
+    if frmr_refused(&d) {
+        return;
+    }
+    let fresh = || rc_pair(&d, &d, RcOpts::default()).0;
+    let expect_err = |what: &str, op: SendOp| {
+        let qp = fresh();
+        let s = one(&d, qp, 1, op, SgeList::new());
+        assert_eq!(s.status, WcStatus::LocQpOpErr, "{what}");
+        // The QP is in ERR: the next WR is flushed.
+        let s = one(&d, qp, 2, SEND, SgeList::new());
+        assert_eq!(s.status, WcStatus::WrFlushErr, "{what}: QP in ERR");
+        d.sink.take();
+    };
+    let mr = frmr_buf(&d, d.pd, 4, 2 * 4096);
+    let mapped = rekeyed(&mr, 1);
+    let s = one(&d, fresh(), 1, fast_reg(&mapped, ALL), SgeList::new());
+    assert_eq!(s.status, WcStatus::Success);
+    expect_err("register a mapped MR", fast_reg(&rekeyed(&mr, 2), ALL));
+    let free = frmr_buf(&d, d.pd, 4, 4096);
+    expect_err(
+        "invalidate a free MR",
+        SendOp::LocalInv {
+            key: free.keys.rkey,
+        },
+    );
+    expect_err(
+        "invalidate a user MR",
+        SendOp::LocalInv {
+            key: d.buf(4096, ALL).keys.lkey,
+        },
+    );
+    let other_pd = d.be.create_pd().unwrap();
+    let theirs = frmr_buf(&d, other_pd, 4, 4096);
+    expect_err("an MR of another PD", fast_reg(&theirs, ALL));
+    let mut wrong = free.clone();
+    wrong.keys.rkey ^= 0x100;
+    expect_err("key bits beyond the low 8", fast_reg(&wrong, ALL));
+    let big = Buf {
+        len: 5 * 4096,
+        pages: d.pages(6, false).into(),
+        ..free.clone()
+    };
+    expect_err("more pages than its room", fast_reg(&big, ALL));
+    let short = Buf {
+        len: 2 * 4096,
+        pages: d.pages(1, false).into(),
+        ..free.clone()
+    };
+    expect_err("pages short of the range", fast_reg(&short, ALL));
+    let empty = Buf {
+        len: 0,
+        ..free.clone()
+    };
+    expect_err("length 0", fast_reg(&empty, ALL));
+    let wraps = Buf {
+        iova: u64::MAX - 100,
+        ..free.clone()
+    };
+    expect_err("a range that wraps", fast_reg(&wraps, ALL));
+    // The free MR is still usable after all that.
+    let s = one(&d, fresh(), 3, fast_reg(&rekeyed(&free, 9), ALL), SgeList::new());
+    assert_eq!(s.status, WcStatus::Success);
+    // SEND with invalidate of a key that is no mapped fast-register MR of the responder.
+    let dst = d.buf(64, ALL);
+    for (i, rkey) in [dst.keys.rkey, free.keys.rkey, theirs.keys.rkey]
+        .into_iter()
+        .enumerate()
+    {
+        let (qa, qb, _, _) = rc_pair(&d, &d, RcOpts::default());
+        d.recv(qb, 100 + i as u64, dst.sges(0, 64, 1));
+        d.send(qa, 200 + i as u64, SendOp::SendInv { rkey }, dst.sges(0, 8, 1));
+        let wcs = d.wait(2);
+        assert_eq!(find(&wcs, 200 + i as u64).status, WcStatus::RemInvReqErr, "{i}");
+        assert_eq!(find(&wcs, 100 + i as u64).status, WcStatus::RemInvReqErr, "{i}");
+        d.sink.take();
+    }
+}
+
 /// A conformance case.
 pub type Case = fn(&Factory<'_>);
 
@@ -1791,4 +2031,6 @@ pub const CASES: &[(&str, Case)] = &[
     ("no_completion_after_destroy", no_completion_after_destroy),
     ("bidirectional_stress", bidirectional_stress),
     ("device_reset", device_reset),
+    ("frmr_register_and_invalidate", frmr_register_and_invalidate),
+    ("frmr_state_errors", frmr_state_errors),
 ];

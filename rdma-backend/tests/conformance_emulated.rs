@@ -37,6 +37,8 @@ macro_rules! cases {
 }
 
 cases!(
+    frmr_register_and_invalidate,
+    frmr_state_errors,
     rc_ping_pong,
     rc_opcodes,
     rc_16mib,

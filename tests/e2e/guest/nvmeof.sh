@@ -138,8 +138,9 @@ connect() {
     before_c=$(ctrls); before_n=$(nsdevs)
     opts="transport=rdma,traddr=$2,trsvcid=4420,nqn=$1,ctrl_loss_tmo=30"
     say "connect: $opts"
-    bounded 180 sh -c 'exec 3<>/dev/nvme-fabrics && printf "%s" "$1" >&3 && read -r r <&3; echo "[e2e]   /dev/nvme-fabrics: ${r:-?}"' \
-        connect "$opts" || return 1
+    bounded 120 sh -c 'exec 3<>/dev/nvme-fabrics || exit 1
+        printf "%s" "$1" >&3 || { echo "[e2e]   write to /dev/nvme-fabrics failed"; exit 1; }
+        read -r r <&3; echo "[e2e]   /dev/nvme-fabrics: $r"' connect "$opts" || return 1
     CTRL=$(new_entry "$before_c" "$(ctrls)") || { say "no new controller in /sys/class/nvme"; return 1; }
     say "controller $CTRL: $(cat /sys/class/nvme/$CTRL/transport) $(cat /sys/class/nvme/$CTRL/address) $(cat /sys/class/nvme/$CTRL/subsysnqn) state $(cat /sys/class/nvme/$CTRL/state)"
     [ "$(cat /sys/class/nvme/$CTRL/subsysnqn)" = "$1" ] || { say "$CTRL is not $1"; return 1; }
@@ -177,12 +178,12 @@ figure() { # DEV NAME FLAG
         "/tmp/nvmeof.$2.t"
 }
 write_data() { # DEV
-    bounded 600 xfer write if=/tmp/nvmeof.pat of="/dev/$NS" bs=1M count="$SIZE_MB" oflag=direct &&
+    bounded 300 xfer write if=/tmp/nvmeof.pat of="/dev/$NS" bs=1M count="$SIZE_MB" oflag=direct &&
         figure "$1" write oflag=direct
 }
 read_data() { # DEV
     rm -f /tmp/nvmeof.rd
-    bounded 600 xfer read if="/dev/$NS" of=/tmp/nvmeof.rd bs=1M count="$SIZE_MB" iflag=direct &&
+    bounded 300 xfer read if="/dev/$NS" of=/tmp/nvmeof.rd bs=1M count="$SIZE_MB" iflag=direct &&
         figure "$1" read iflag=direct
 }
 verify_data() {
