@@ -15,7 +15,7 @@
 # to vmw_pvrdma0. rxe0 therefore gets its own netdev: a dummy interface "nvmeof0" with 10.0.9.1/24
 # (rxe loops packets between its own addresses back without transmitting). vmw_pvrdma0 uses eth0's
 # address (10.0.2.15). Both can exist at once, in any order; the nvmeof-DEV-device check confirms from
-# `rdma resource show qp` that the nvme QPs sit on the intended device.
+# `rdma resource show cm_id` that the nvme_rdma and nvmet_rdma cm_ids sit on the intended device.
 #
 # Every wait is bounded; a command stuck in the kernel is abandoned (the run then ends by run.sh's timeout
 # at worst, not here). Connect uses ctrl_loss_tmo=30 so a broken path fails I/O instead of retrying 600 s.
@@ -68,7 +68,6 @@ load_modules() {
     wait_for 10 test -b /dev/ram0 || { say "no /dev/ram0"; return 1; }
     grep -q ' /sys/kernel/config ' /proc/mounts || mount -t configfs none /sys/kernel/config || return 1
     [ -d "$CFG" ] || { say "no $CFG"; return 1; }
-    # Sequential runs get the lowest free controller instance again; the old one must be gone by then.
     [ -c /dev/nvme-fabrics ] || wait_for 10 test -c /dev/nvme-fabrics
 }
 make_pattern() {
