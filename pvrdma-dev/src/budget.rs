@@ -42,13 +42,7 @@ pub(crate) struct SendQueue {
 }
 
 /// What a QP with these queues reserves (`recv_wr` 0 for a QP on an SRQ).
-pub(crate) fn qp(
-    be: &dyn Backend,
-    sq: SendQueue,
-    recv_wr: u32,
-    recv_sge: u32,
-    pages: u64,
-) -> u64 {
+pub(crate) fn qp(be: &dyn Backend, sq: SendQueue, recv_wr: u32, recv_sge: u32, pages: u64) -> u64 {
     let page_list = match sq.fast_reg_pages {
         0 => 0,
         n => ARC_HEADER + u64::from(n) * PER_PAGE,

@@ -1764,10 +1764,9 @@ pub fn device_reset(f: &Factory<'_>) {
 /// A fast-register MR of `d` in `pd` (room for `max_pages`), mapped as a [`Buf`] of `len`
 /// bytes at a page offset of 0x123 once a [`fast_reg`] with the buffer's keys has run.
 fn frmr_buf(d: &Dev, pd: PdId, max_pages: u32, len: u64) -> Buf {
-    let keys = d
-        .be
-        .create_mr(pd, MrKind::Frmr { max_pages }, Access::empty())
-        .expect("a fast-register MR");
+    let keys =
+        d.be.create_mr(pd, MrKind::Frmr { max_pages }, Access::empty())
+            .expect("a fast-register MR");
     let iova = d.next_iova.fetch_add(1 << 32, Ordering::Relaxed) + 0x123;
     let npages = ((iova + len).div_ceil(4096) - iova / 4096) as usize;
     Buf {
@@ -1818,9 +1817,7 @@ fn frmr_refused(d: &Dev) -> bool {
     let buf = d.buf(4096, ALL);
     for op in [
         fast_reg(&buf, ALL),
-        SendOp::LocalInv {
-            key: buf.keys.lkey,
-        },
+        SendOp::LocalInv { key: buf.keys.lkey },
         SendOp::SendInv {
             rkey: buf.keys.rkey,
         },
@@ -1853,7 +1850,10 @@ pub fn frmr_register_and_invalidate(f: &Factory<'_>) {
     // Map it with the consumer's key 0x42.
     let m = rekeyed(&mr, 0x42);
     let s = one(&b, qb, 1, fast_reg(&m, ALL), SgeList::new());
-    assert_eq!((s.status, s.opcode), (WcStatus::Success, WcOpcode::FastRegMr));
+    assert_eq!(
+        (s.status, s.opcode),
+        (WcStatus::Success, WcOpcode::FastRegMr)
+    );
     let data = a.random(len as usize);
     src.write(&a.mem, 0, &data);
     let write = |rkey, at: u64| SendOp::RdmaWrite {
@@ -1863,14 +1863,20 @@ pub fn frmr_register_and_invalidate(f: &Factory<'_>) {
     };
     let s = one(&a, qa, 2, write(m.keys.rkey, 0), src.sges(0, len, 2));
     assert_eq!(s.status, WcStatus::Success);
-    assert!(m.read(&b.mem, 0, len) == data, "WRITE through the fast-registered key");
+    assert!(
+        m.read(&b.mem, 0, len) == data,
+        "WRITE through the fast-registered key"
+    );
     let read = SendOp::RdmaRead {
         remote_addr: m.iova,
         rkey: m.keys.rkey,
     };
     let s = one(&a, qa, 3, read, back.sges(0, len, 3));
     assert_eq!(s.status, WcStatus::Success);
-    assert!(back.read(&a.mem, 0, len) == data, "READ through the fast-registered key");
+    assert!(
+        back.read(&a.mem, 0, len) == data,
+        "READ through the fast-registered key"
+    );
     // The MR's own lkey, with the same low 8 bits, serves its owner's local SGEs.
     b.recv(qb, 4, m.sges(0, 64, 1));
     let s = one(&a, qa, 5, SEND, src.sges(0, 64, 1));
@@ -1879,11 +1885,17 @@ pub fn frmr_register_and_invalidate(f: &Factory<'_>) {
     // Invalidate; every later use of the key fails and writes nothing.
     let inv = SendOp::LocalInv { key: m.keys.rkey };
     let s = one(&b, qb, 6, inv, SgeList::new());
-    assert_eq!((s.status, s.opcode), (WcStatus::Success, WcOpcode::LocalInv));
+    assert_eq!(
+        (s.status, s.opcode),
+        (WcStatus::Success, WcOpcode::LocalInv)
+    );
     let before = m.read(&b.mem, 0, len);
     let s = one(&a, qa, 7, write(m.keys.rkey, 0), src.sges(0, 8, 1));
     assert_eq!(s.status, WcStatus::RemAccessErr);
-    assert!(m.read(&b.mem, 0, len) == before, "nothing written after LOCAL_INV");
+    assert!(
+        m.read(&b.mem, 0, len) == before,
+        "nothing written after LOCAL_INV"
+    );
     b.sink.take();
     // A new registration with another key; the old key and a range off by one fail.
     let (qa, qb, _, _) = rc_pair(&a, &b, RcOpts::default());
@@ -1892,7 +1904,10 @@ pub fn frmr_register_and_invalidate(f: &Factory<'_>) {
     assert_eq!(s.status, WcStatus::Success);
     let s = one(&a, qa, 11, write(m2.keys.rkey, len - 8), src.sges(0, 8, 1));
     assert_eq!(s.status, WcStatus::Success, "the last 8 bytes of the range");
-    for (i, (rkey, at)) in [(m.keys.rkey, 0), (m2.keys.rkey, len - 7)].into_iter().enumerate() {
+    for (i, (rkey, at)) in [(m.keys.rkey, 0), (m2.keys.rkey, len - 7)]
+        .into_iter()
+        .enumerate()
+    {
         let (qa, _, _, _) = rc_pair(&a, &b, RcOpts::default());
         let s = one(&a, qa, 12 + i as u64, write(rkey, at), src.sges(0, 8, 1));
         assert_eq!(s.status, WcStatus::RemAccessErr, "case {i}");
@@ -1902,9 +1917,7 @@ pub fn frmr_register_and_invalidate(f: &Factory<'_>) {
     // longer works.
     let dst = b.buf(64, ALL);
     b.recv(qb, 20, dst.sges(0, 64, 1));
-    let send_inv = SendOp::SendInv {
-        rkey: m2.keys.rkey,
-    };
+    let send_inv = SendOp::SendInv { rkey: m2.keys.rkey };
     let s = one(&a, qa, 21, send_inv, src.sges(0, 64, 1));
     assert_eq!((s.status, s.opcode), (WcStatus::Success, WcOpcode::Send));
     let r = find(&b.sink.wait(1, WAIT), 20);
@@ -1913,7 +1926,11 @@ pub fn frmr_register_and_invalidate(f: &Factory<'_>) {
         (WcStatus::Success, WcOpcode::Recv, Some(m2.keys.rkey), 64)
     );
     let s = one(&a, qa, 22, write(m2.keys.rkey, 0), src.sges(0, 8, 1));
-    assert_eq!(s.status, WcStatus::RemAccessErr, "after the remote invalidation");
+    assert_eq!(
+        s.status,
+        WcStatus::RemAccessErr,
+        "after the remote invalidation"
+    );
 }
 
 /// Fast registration's state errors, each a `LocQpOpErr` completion that moves the QP to ERR
@@ -1983,7 +2000,13 @@ pub fn frmr_state_errors(f: &Factory<'_>) {
     };
     expect_err("a range that wraps", fast_reg(&wraps, ALL));
     // The free MR is still usable after all that.
-    let s = one(&d, fresh(), 3, fast_reg(&rekeyed(&free, 9), ALL), SgeList::new());
+    let s = one(
+        &d,
+        fresh(),
+        3,
+        fast_reg(&rekeyed(&free, 9), ALL),
+        SgeList::new(),
+    );
     assert_eq!(s.status, WcStatus::Success);
     // SEND with invalidate of a key that is no mapped fast-register MR of the responder.
     let dst = d.buf(64, ALL);
@@ -1993,10 +2016,23 @@ pub fn frmr_state_errors(f: &Factory<'_>) {
     {
         let (qa, qb, _, _) = rc_pair(&d, &d, RcOpts::default());
         d.recv(qb, 100 + i as u64, dst.sges(0, 64, 1));
-        d.send(qa, 200 + i as u64, SendOp::SendInv { rkey }, dst.sges(0, 8, 1));
+        d.send(
+            qa,
+            200 + i as u64,
+            SendOp::SendInv { rkey },
+            dst.sges(0, 8, 1),
+        );
         let wcs = d.wait(2);
-        assert_eq!(find(&wcs, 200 + i as u64).status, WcStatus::RemInvReqErr, "{i}");
-        assert_eq!(find(&wcs, 100 + i as u64).status, WcStatus::RemInvReqErr, "{i}");
+        assert_eq!(
+            find(&wcs, 200 + i as u64).status,
+            WcStatus::RemInvReqErr,
+            "{i}"
+        );
+        assert_eq!(
+            find(&wcs, 100 + i as u64).status,
+            WcStatus::RemInvReqErr,
+            "{i}"
+        );
         d.sink.take();
     }
 }

@@ -8,6 +8,7 @@ mod common;
 mod commands;
 mod datapath;
 mod faults;
+mod frmr;
 mod hostile;
 mod hostile_soak;
 mod local;

@@ -301,8 +301,50 @@ pub struct SendWqe {
     pub swap: u64,
     /// UD destination.
     pub ud: Option<UdAddr>,
+    /// FAST_REG_MR: the `fast_reg` member of the `wr` union.
+    pub fast_reg: Option<FastRegWqe>,
     /// Overrides `num_sge` (to post malformed WQEs).
     pub num_sge_override: Option<u32>,
+}
+
+/// The `fast_reg` member of a FAST_REG_MR WQE, as `pvrdma_post_send` fills it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FastRegWqe {
+    /// First address of the mapping (`mr->ibmr.iova`).
+    pub iova: u64,
+    /// Page directory of the page list.
+    pub pl_pdir: u64,
+    /// log2 of the page size (the driver: 12).
+    pub page_shift: u32,
+    /// Pages in the list.
+    pub page_list_len: u32,
+    /// Length in bytes.
+    pub length: u32,
+    /// Access flags.
+    pub access: u32,
+    /// The key (the MR's with the consumer's low 8 bits).
+    pub rkey: u32,
+}
+
+/// A fast-register MR (the kernel's `ib_alloc_mr`): its keys and room. Each registration
+/// brings its own pages.
+#[derive(Debug, Clone, Copy)]
+pub struct Frmr {
+    /// Handle.
+    pub handle: u32,
+    /// Local key as created.
+    pub lkey: u32,
+    /// Remote key as created.
+    pub rkey: u32,
+    /// Pages a registration may map.
+    pub max_pages: u32,
+}
+
+impl Frmr {
+    /// Its rkey with the consumer's low 8 bits set to `low` (`ib_update_fast_reg_key`).
+    pub fn key(&self, low: u8) -> u32 {
+        (self.rkey & !0xff) | u32::from(low)
+    }
 }
 
 /// UD destination of a send.
@@ -698,6 +740,36 @@ impl Driver {
         })
     }
 
+    /// A fast-register MR of `max_pages` (CREATE_MR with the FRMR flag, as `pvrdma_alloc_mr`).
+    pub fn alloc_mr(&self, pd: u32, max_pages: u32) -> Result<Frmr> {
+        let r: RespCreateMr = self.cmd(
+            cmd::CREATE_MR,
+            CmdCreateMr {
+                pd_handle: pd,
+                flags: 2,
+                nchunks: max_pages,
+                ..Default::default()
+            },
+        )?;
+        Ok(Frmr {
+            handle: r.mr_handle,
+            lkey: r.lkey,
+            rkey: r.rkey,
+            max_pages,
+        })
+    }
+
+    /// DESTROY_MR of a fast-register MR.
+    pub fn destroy_frmr(&self, mr: Frmr) -> Result<()> {
+        self.cmd_noresp(
+            cmd::DESTROY_MR,
+            CmdDestroyMr {
+                mr_handle: mr.handle,
+                ..Default::default()
+            },
+        )
+    }
+
     /// DESTROY_MR.
     pub fn destroy_mr(&self, mr: Mr) -> Result<()> {
         self.cmd_noresp(
@@ -1016,7 +1088,15 @@ impl Driver {
         };
         {
             let b = hdr.as_mut_slice();
-            if let Some(ud) = w.ud {
+            if let Some(f) = w.fast_reg {
+                b[32..40].copy_from_slice(&f.iova.to_le_bytes());
+                b[40..48].copy_from_slice(&f.pl_pdir.to_le_bytes());
+                b[48..52].copy_from_slice(&f.page_shift.to_le_bytes());
+                b[52..56].copy_from_slice(&f.page_list_len.to_le_bytes());
+                b[56..60].copy_from_slice(&f.length.to_le_bytes());
+                b[60..64].copy_from_slice(&f.access.to_le_bytes());
+                b[64..68].copy_from_slice(&f.rkey.to_le_bytes());
+            } else if let Some(ud) = w.ud {
                 b[32..36].copy_from_slice(&ud.remote_qpn.to_le_bytes());
                 b[36..40].copy_from_slice(&ud.qkey.to_le_bytes());
                 b[40..44].copy_from_slice(&(ud.pd | (1 << 24)).to_le_bytes());

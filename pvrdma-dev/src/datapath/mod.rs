@@ -543,9 +543,7 @@ fn drain_sq(
                 left,
                 &mut s.send,
                 NO_SEND,
-                |slot, wr| {
-                    fetch_send_into(&shared.pdir, mem, sq, slot, shared.sq_kind(), wr)
-                },
+                |slot, wr| fetch_send_into(&shared.pdir, mem, sq, slot, shared.sq_kind(), wr),
                 |run| env.backend.post_send_batch(shared.backend_qp, run),
                 |e| {
                     handle_send(shared, env, &Err(e));

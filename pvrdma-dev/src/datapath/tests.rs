@@ -39,14 +39,10 @@ const USER_RC: wqe::SqKind = wqe::SqKind {
 fn small_and_large_wqe_buffers_decode_the_same_wr() {
     let (mem, pdir, few) = queue(2, 128, PAGE_SIZE);
     put_send(&mem, 0x2000 + 128, 2);
-    let a = fetch_send(&pdir, &mem, &few, 1, USER_RC)
-        .unwrap()
-        .unwrap();
+    let a = fetch_send(&pdir, &mem, &few, 1, USER_RC).unwrap().unwrap();
     let (_, _, many) = queue(16, 512, PAGE_SIZE);
     put_send(&mem, 0x2000, 2);
-    let b = fetch_send(&pdir, &mem, &many, 0, USER_RC)
-        .unwrap()
-        .unwrap();
+    let b = fetch_send(&pdir, &mem, &many, 0, USER_RC).unwrap().unwrap();
     for w in [&a, &b] {
         assert_eq!((w.wr_id, w.signaled), (0x77, true));
         let s = w.sges.as_slice();

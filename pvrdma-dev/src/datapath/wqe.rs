@@ -59,8 +59,8 @@ fn fast_reg<M: GuestMemory + ?Sized>(
     if w.page_shift != 12 || w.page_list_len == 0 || w.page_list_len > max_pages {
         return Err(WcStatus::LocQpOpErr);
     }
-    let list = PageDir::load(mem, w.pl_pdir_dma, w.page_list_len)
-        .map_err(|_| WcStatus::LocProtErr)?;
+    let list =
+        PageDir::load(mem, w.pl_pdir_dma, w.page_list_len).map_err(|_| WcStatus::LocProtErr)?;
     Ok(FastReg {
         key: w.rkey,
         iova: w.iova_start,
@@ -240,7 +240,8 @@ mod tests {
     fn fast_reg_wqe(m: &GuestMemoryMmap, pages: &[u64], shift: u32, len: u32) -> SqWqeHdr {
         m.write_obj(0x2000u64, GuestAddress(0x1000)).unwrap();
         for (i, p) in pages.iter().enumerate() {
-            m.write_obj(*p, GuestAddress(0x2000 + 8 * i as u64)).unwrap();
+            m.write_obj(*p, GuestAddress(0x2000 + 8 * i as u64))
+                .unwrap();
         }
         let mut h = hdr(wr_opcode::FAST_REG_MR, 2);
         h.num_sge = 0;
@@ -264,8 +265,14 @@ mod tests {
         let SendOp::FastReg(r) = w.op else {
             panic!("not a fast registration: {:?}", w.op)
         };
-        assert_eq!((r.key, r.iova, r.length), (0x0001_2345, 0x7f00_0000_0100, 0x2f00));
-        assert_eq!(r.access, Access::LOCAL_WRITE | Access::REMOTE_WRITE | Access::REMOTE_READ);
+        assert_eq!(
+            (r.key, r.iova, r.length),
+            (0x0001_2345, 0x7f00_0000_0100, 0x2f00)
+        );
+        assert_eq!(
+            r.access,
+            Access::LOCAL_WRITE | Access::REMOTE_WRITE | Access::REMOTE_READ
+        );
         let got: Vec<u64> = r.pages.iter().map(|p| p.0).collect();
         assert_eq!(got, pages);
     }
@@ -289,15 +296,27 @@ mod tests {
             ..KERNEL_RC
         };
         let h = fast_reg_wqe(&m, &[0x10000; 3], 12, 3);
-        assert_eq!(status(&h, small), WcStatus::LocQpOpErr, "past the device's cap");
+        assert_eq!(
+            status(&h, small),
+            WcStatus::LocQpOpErr,
+            "past the device's cap"
+        );
         // A page-list directory outside guest RAM.
         let mut h = fast_reg_wqe(&m, &[0x10000], 12, 1);
         h.as_mut_slice()[40..48].copy_from_slice(&(1u64 << 40).to_le_bytes());
-        assert_eq!(status(&h, KERNEL_RC), WcStatus::LocProtErr, "directory outside RAM");
+        assert_eq!(
+            status(&h, KERNEL_RC),
+            WcStatus::LocProtErr,
+            "directory outside RAM"
+        );
         // A table pointer outside guest RAM.
         let h = fast_reg_wqe(&m, &[0x10000], 12, 1);
         m.write_obj(1u64 << 40, GuestAddress(0x1000)).unwrap();
-        assert_eq!(status(&h, KERNEL_RC), WcStatus::LocProtErr, "table outside RAM");
+        assert_eq!(
+            status(&h, KERNEL_RC),
+            WcStatus::LocProtErr,
+            "table outside RAM"
+        );
     }
 
     #[test]
@@ -320,7 +339,11 @@ mod tests {
             qp_type: QpType::Ud,
             ..KERNEL_RC
         };
-        for op in [wr_opcode::SEND_WITH_INV, wr_opcode::LOCAL_INV, wr_opcode::FAST_REG_MR] {
+        for op in [
+            wr_opcode::SEND_WITH_INV,
+            wr_opcode::LOCAL_INV,
+            wr_opcode::FAST_REG_MR,
+        ] {
             for sq in [user, ud] {
                 let e = inv(op, sq).unwrap_err();
                 assert_eq!(e.status, WcStatus::LocQpOpErr, "opcode {op} on {sq:?}");

@@ -52,9 +52,9 @@ pub use qp::HOLD_MAX;
 use qp::{drive, kick, resume, Qp, QueuedRecv, QueuedSend, Rq, Sq, Srq, SrqQ, Trigger, Wake};
 
 use crate::{
-    Access, Backend, CompletionSink, CqId, Error, FastReg, Gid, GidType, GuestMem, MrId, MrKeys, MrKind,
-    PdId, QpAttrs, QpId, QpInit, QpState, QpType, RecvWr, Result, SendWr, Sge, SrqId, WcOpcode,
-    WcStatus, MAX_SGE,
+    Access, Backend, CompletionSink, CqId, Error, FastReg, Gid, GidType, GuestMem, MrId, MrKeys,
+    MrKind, PdId, QpAttrs, QpId, QpInit, QpState, QpType, RecvWr, Result, SendWr, Sge, SrqId,
+    WcOpcode, WcStatus, MAX_SGE,
 };
 
 /// GID table entries per backend (the device reports a smaller `gid_tbl_len`).
