@@ -4,17 +4,17 @@
 # rdma_core_backend needs no pvrdma device: it runs the rdma-core backend's conformance suite on
 # soft-RoCE in the guest, with the test binary built by rdma-core-test-bin.sh.
 # vm2vm boots two guests (then a third) on ONE server with two devices (vms.sh, guest/vm2vm.sh).
-# nvmeof (NVMe over Fabrics on vmw_pvrdma0, then rxe0) runs only when named: not in the default list yet.
+# nvmeof runs NVMe over Fabrics (the kernel's fast-register MRs) on vmw_pvrdma0, then rxe0.
 #
-#   tests/e2e/all.sh [TEST...]      default: probe pingpong perftest reload rping compare vm2vm
-#                                   rdma_core_backend; also: nvmeof
+#   tests/e2e/all.sh [TEST...]      default: probe pingpong perftest reload rping compare nvmeof
+#                                   vm2vm rdma_core_backend
 # PVRDMA_E2E_BIN=PATH: use that pvrdma binary instead of building target/release/pvrdma with cargo.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 cd "$REPO"
 TESTS=("$@")
-[ ${#TESTS[@]} -gt 0 ] || TESTS=(probe pingpong perftest reload rping compare vm2vm rdma_core_backend)
+[ ${#TESTS[@]} -gt 0 ] || TESTS=(probe pingpong perftest reload rping compare nvmeof vm2vm rdma_core_backend)
 
 "$HERE/setup.sh"
 # The pvrdma server, unless rdma_core_backend (which needs none) is the only test.
