@@ -1787,13 +1787,13 @@ fn rekeyed(buf: &Buf, low: u8) -> Buf {
 
 /// The FAST_REG WR that maps `buf` (its pages, iova and length) with its rkey and `access`.
 fn fast_reg(buf: &Buf, access: Access) -> SendOp {
-    SendOp::FastReg(FastReg {
+    SendOp::FastReg(Box::new(FastReg {
         key: buf.keys.rkey,
         iova: buf.iova,
         length: buf.len,
         access,
         pages: buf.pages.clone(),
-    })
+    }))
 }
 
 /// Posts one signaled WR and returns its completion (and any others that came with it).

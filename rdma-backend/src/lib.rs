@@ -509,8 +509,9 @@ pub enum SendOp {
         /// Its lkey or rkey.
         key: u32,
     },
-    /// Maps one of the QP's own fast-register MRs (local; RC).
-    FastReg(FastReg),
+    /// Maps one of the QP's own fast-register MRs (local; RC). Boxed: the other operations,
+    /// on every data-path WR, stay as small as before.
+    FastReg(Box<FastReg>),
 }
 
 /// UD/GSI destination of a send.

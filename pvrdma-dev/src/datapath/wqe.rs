@@ -140,7 +140,8 @@ pub(crate) fn parse_send<M: GuestMemory + ?Sized>(
         }
         (QpType::Rc, wr_opcode::LOCAL_INV) if sq.kernel_ops() => SendOp::LocalInv { key: hdr.ex },
         (QpType::Rc, wr_opcode::FAST_REG_MR) if sq.kernel_ops() => {
-            SendOp::FastReg(fast_reg(&hdr.fast_reg(), sq.fast_reg_pages, mem).map_err(err)?)
+            let reg = fast_reg(&hdr.fast_reg(), sq.fast_reg_pages, mem).map_err(err)?;
+            SendOp::FastReg(Box::new(reg))
         }
         // Opcodes ≥ 7 from userspace are mis-numbered ibv opcodes (LOCAL_INV, BIND_MW, …), and
         // RDMA/atomics are not allowed on UD/GSI.

@@ -150,6 +150,7 @@ pub(crate) struct QueuedSend {
 }
 
 impl From<&SendWr> for QueuedSend {
+    #[inline]
     fn from(wr: &SendWr) -> Self {
         QueuedSend {
             wr_id: wr.wr_id,
