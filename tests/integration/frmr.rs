@@ -6,9 +6,9 @@
 
 use crate::common::*;
 use pvrdma_dev::abi::{bmme, cmd, wc_flags, wr_opcode, CmdCreateMr, Cqe, RespCreateMr};
-use pvrdma_guest::driver::{rc_connect_attrs, FastRegWqe};
+use pvrdma_guest::driver::FastRegWqe;
 use pvrdma_guest::mem::GuestPdir;
-use pvrdma_guest::{Cq, Ctx, Driver, Mr, Qp, QpKind, SendWqe};
+use pvrdma_guest::{Cq, Ctx, Driver, Mr, Qp, SendWqe};
 use vm_memory::{Bytes, GuestAddress};
 
 /// ib_wc_status values the tests expect.
@@ -54,21 +54,7 @@ impl Kernel {
     }
 
     fn pair_in(&self, drv: &Driver, ctx: Ctx, pd: u32) -> Pair {
-        let cq_a = drv.create_cq(ctx, 64).expect("cq a");
-        let cq_b = drv.create_cq(ctx, 64).expect("cq b");
-        let caps = (32, 32, 4, 4);
-        let a = drv
-            .create_qp(ctx, QpKind::Rc, pd, &cq_a, &cq_a, None, caps, false)
-            .expect("qp a");
-        let b = drv
-            .create_qp(ctx, QpKind::Rc, pd, &cq_b, &cq_b, None, caps, false)
-            .expect("qp b");
-        for m in rc_connect_attrs(b.qpn, self.gid, ALL_ACCESS) {
-            drv.modify_qp(&a, m).expect("modify a");
-        }
-        for m in rc_connect_attrs(a.qpn, self.gid, ALL_ACCESS) {
-            drv.modify_qp(&b, m).expect("modify b");
-        }
+        let ((a, cq_a), (b, cq_b)) = connected_rc(drv, ctx, pd, self.gid, 16, 4);
         Pair { a, cq_a, b, cq_b }
     }
 

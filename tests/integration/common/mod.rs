@@ -149,6 +149,28 @@ pub fn rc_pair(drv: &Driver, mac: [u8; 6], depth: u32, sge: u32) -> RcPair {
         .find_map(|u| drv.create_uc(u).ok())
         .expect("a free UAR page for the pair");
     let pd = drv.create_pd(ctx).expect("pd");
+    let ((a, cq_a), (b, cq_b)) = connected_rc(drv, ctx, pd, gid, depth, sge);
+    RcPair {
+        ctx,
+        pd,
+        cq_a,
+        cq_b,
+        a,
+        b,
+        gid,
+    }
+}
+
+/// Two RC QPs of `ctx` on `pd`, each with a CQ of its own, connected to each other through
+/// `gid` (loopback), with `depth` WRs and `sge` SGEs per queue.
+pub fn connected_rc(
+    drv: &Driver,
+    ctx: Ctx,
+    pd: u32,
+    gid: [u8; 16],
+    depth: u32,
+    sge: u32,
+) -> ((Qp, Cq), (Qp, Cq)) {
     let cq_a = drv
         .create_cq(ctx, 4 * depth.next_power_of_two())
         .expect("cq a");
@@ -168,15 +190,7 @@ pub fn rc_pair(drv: &Driver, mac: [u8; 6], depth: u32, sge: u32) -> RcPair {
     for m in rc_connect_attrs(a.qpn, gid, ALL_ACCESS) {
         drv.modify_qp(&b, m).expect("modify b");
     }
-    RcPair {
-        ctx,
-        pd,
-        cq_a,
-        cq_b,
-        a,
-        b,
-        gid,
-    }
+    ((a, cq_a), (b, cq_b))
 }
 
 /// A signaled SEND of one SGE.
