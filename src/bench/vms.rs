@@ -155,8 +155,8 @@ fn spread(v: &mut [f64]) -> (f64, f64, f64) {
 const ROUNDS: usize = 5;
 
 /// VM to VM next to loopback on the same device, case by case, [`ROUNDS`] times in turn (one
-/// with `--quick`); for messages up to 4 KiB also the CPU time per message, of all threads and
-/// of the device's alone (two cores: where the rate is bound by the sum of the threads' times,
+/// with `--quick`), with the CPU time per message (per round trip for latency), of all threads
+/// and of the device's alone (two cores: where the rate is bound by the sum of the threads' times,
 /// a case with more busy threads is slower without doing more work).
 fn vm_to_vm(o: &Opts, serve: &ServeProcess, a: &Vm, b: &Vm) -> Result<(), String> {
     let sizes: Vec<u64> = o
@@ -210,7 +210,7 @@ fn vm_to_vm(o: &Opts, serve: &ServeProcess, a: &Vm, b: &Vm) -> Result<(), String
 }
 
 /// The ratio line of one VM-to-VM case over its rounds: the median ratio with its range, and
-/// for messages up to 4 KiB the median CPU time per message of each side.
+/// the median CPU time per message (per round trip for latency) of each side.
 fn vm2vm_summary(test: Test, size: u64, got: &[Vec<(f64, f64, f64)>; 2]) {
     let n = got[0].len().min(got[1].len());
     if n == 0 {
@@ -251,7 +251,7 @@ fn vm2vm_summary(test: Test, size: u64, got: &[Vec<(f64, f64, f64)>; 2]) {
         ("ratio_min", f(lo)),
         ("ratio_max", f(hi)),
     ];
-    if size <= 4096 && test != Test::SendLat {
+    {
         let (la, ld, va, vd) = (med(0, 1), med(0, 2), med(1, 1), med(1, 2));
         line += &format!(
             "; CPU ns/msg all threads {la:.0} vs {va:.0} ({:.3}), device {ld:.0} vs {vd:.0} ({:.3})",
