@@ -284,8 +284,13 @@ nvmeof_target_data() {
     [ "$s" = "$want" ]
 }
 # nvmeof_dmesg_clean MARK: no kernel messages of level warning or worse (or oops/error-like ones) after
-# the line containing MARK (the caller wrote it to /dev/kmsg), except $NVMEOF_DMESG_OK and TCG's jittery
-# clock ("clocksource: Long readout interval, skipping watchdog check", level 4)
+# the line containing MARK (the caller wrote it to /dev/kmsg), except $NVMEOF_DMESG_OK, TCG's jittery
+# clock ("clocksource: Long readout interval, skipping watchdog check", level 4) and a race of the 6.12
+# host in delete_controller (printed as "tolerated"): keep-alive is stopped only in
+# nvme_remove_admin_tag_set, after the admin queue went non-live, so a keep-alive queued in between is
+# failed by nvme_fail_nonready_command before it ever started: "failed nvme_keep_alive_end_io error=4"
+# (BLK_STS_TRANSPORT) and "long keepalive RTT (N ms)" with N absurd (computed from a zero deadline).
+# Both only after "Removing ctrl"; an RTT under 2^31 ms or another error number still fails.
 nvmeof_dmesg_clean() {
     local ok="^clocksource: Long readout interval, skipping watchdog check" rc
     [ -n "$NVMEOF_DMESG_OK" ] && ok="$ok|$NVMEOF_DMESG_OK"
@@ -295,9 +300,13 @@ nvmeof_dmesg_clean() {
     awk -v ok="$ok" '{ lvl = 7; if (match($0, /^<[0-9]+>/)) lvl = substr($0, 2, RLENGTH - 2) % 8
                        msg = $0; sub(/^<[0-9]+>\[ *[0-9.]+\] /, "", msg) }
          msg ~ ok { next }
-         lvl <= 4 || /Bogus remote invalidation|Oops|BUG:|Call Trace|WARNING:|[Ee]rror|[Ff]ail/ { print; bad = 1 }
-         END { exit bad }' /tmp/nvmeof.dmesg >/tmp/nvmeof.dmesg.bad
-    rc=$?
-    sed 's/^/[e2e]   bad dmesg line: /' /tmp/nvmeof.dmesg.bad
-    return $rc
+         msg ~ /^nvme nvme[0-9]+: Removing ctrl: / { removing = 1 }
+         removing && msg ~ /^nvme nvme[0-9]+: failed nvme_keep_alive_end_io error=4$/ {
+             print "[e2e]   tolerated (keep-alive raced with delete_controller): " msg; next }
+         removing && msg ~ /^nvme nvme[0-9]+: long keepalive RTT \([0-9]+ ms\)$/ {
+             n = msg; sub(/.*RTT \(/, "", n); sub(/ ms\)$/, "", n)
+             if (n + 0 >= 2147483648) { print "[e2e]   tolerated (keep-alive raced with delete_controller): " msg; next } }
+         lvl <= 4 || /Bogus remote invalidation|Oops|BUG:|Call Trace|WARNING:|[Ee]rror|[Ff]ail/ {
+             print "[e2e]   bad dmesg line: " $0; bad = 1 }
+         END { exit bad }' /tmp/nvmeof.dmesg
 }
