@@ -33,6 +33,7 @@ mod exec;
 mod objects;
 pub mod pci;
 pub mod pdir;
+pub mod ratelog;
 pub mod regs;
 pub mod resources;
 pub mod ring;

@@ -1742,3 +1742,65 @@ fn a_guest_holds_no_more_host_memory_than_the_devices_budget() {
     assert!(again.is_ok(), "{again:?}");
     assert_device_healthy(&drv);
 }
+
+/// A guest ringing a million bad doorbells is counted, one by one, and writes no log line; a
+/// guest rewriting a bad DSR and a client accessing outside the regions, 20,000 times each, on a
+/// real `pvrdma serve` at its default log level, leave at most a burst of lines per kind
+/// (`pvrdma_dev::ratelog`).
+#[test]
+fn guest_log_floods_are_bounded() {
+    let _alone = crate::common::alone();
+    let t = device();
+    let _drv = probe(&t);
+    let tr: &dyn Transport = &*t;
+    let before = stats(&t).bad_doorbells;
+    // UAR page 511 belongs to no context.
+    for i in 0..1_000_000u32 {
+        tr.write(
+            Region::Bar(2),
+            (511 << 12) | uar::QP,
+            &(i | (1 << 31)).to_le_bytes(),
+        );
+    }
+    assert_eq!(stats(&t).bad_doorbells - before, 1_000_000);
+
+    let log_path =
+        std::env::temp_dir().join(format!("pvrdma-log-flood-{}.log", std::process::id()));
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut server = pvrdma_guest::vfio::ServeProcess::spawn_logging(
+        std::path::Path::new(env!("CARGO_BIN_EXE_pvrdma")),
+        &["--mac", "00:50:56:12:34:56"],
+        log,
+    )
+    .expect("pvrdma serve starts");
+    let (client, drv) = probed_over(&server);
+    let tr: &dyn Transport = &*client;
+    for _ in 0..20_000 {
+        tr.write(
+            Region::Bar(1),
+            offset::DSRLOW,
+            &(OUTSIDE as u32 | 0x1000).to_le_bytes(),
+        );
+        tr.write(
+            Region::Bar(1),
+            offset::DSRHIGH,
+            &((OUTSIDE >> 32) as u32).to_le_bytes(),
+        );
+        tr.write(Region::Bar(1), 1 << 20, &[0xa5; 4]);
+    }
+    drop(drv);
+    drop(client);
+    server
+        .terminate(Duration::from_secs(30))
+        .expect("serve stops");
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    let _ = std::fs::remove_file(&log_path);
+    let count = |pat: &str| text.lines().filter(|l| l.contains(pat)).count();
+    let lines = text.lines().count();
+    assert!(lines < 100, "{lines} log lines:\n{text}");
+    assert!((1..=10).contains(&count("rejected")), "DSR lines:\n{text}");
+    assert!(
+        (1..=10).contains(&count("outside region")),
+        "access lines:\n{text}"
+    );
+}

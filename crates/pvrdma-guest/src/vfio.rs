@@ -217,17 +217,27 @@ impl ServeProcess {
     /// to accept connections. `bin` is the `pvrdma` binary (`env!("CARGO_BIN_EXE_pvrdma")` in
     /// the root package's tests).
     pub fn spawn(bin: &Path, args: &[&str]) -> io::Result<ServeProcess> {
-        Self::start(bin, None, args)
+        Self::start(bin, None, args, None)
+    }
+
+    /// [`ServeProcess::spawn`] with the server's log (its stderr) going to `log`.
+    pub fn spawn_logging(bin: &Path, args: &[&str], log: File) -> io::Result<ServeProcess> {
+        Self::start(bin, None, args, Some(log))
     }
 
     /// Starts one `pvrdma serve` with a device per MAC of `macs` (`--device
     /// socket=DIR/vmI.sock,mac=MAC` each: the VMs of one host), then ARGS, and waits for every
     /// socket. [`ServeProcess::sockets`] lists them in the order of `macs`.
     pub fn spawn_devices(bin: &Path, macs: &[[u8; 6]], args: &[&str]) -> io::Result<ServeProcess> {
-        Self::start(bin, Some(macs), args)
+        Self::start(bin, Some(macs), args, None)
     }
 
-    fn start(bin: &Path, macs: Option<&[[u8; 6]]>, args: &[&str]) -> io::Result<ServeProcess> {
+    fn start(
+        bin: &Path,
+        macs: Option<&[[u8; 6]]>,
+        args: &[&str],
+        log: Option<File>,
+    ) -> io::Result<ServeProcess> {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let dir = std::env::temp_dir().join(format!(
             "pvrdma-vfio-{}-{}",
@@ -258,7 +268,11 @@ impl ServeProcess {
                 })
                 .collect(),
         };
-        let child = cmd.args(args).stdin(Stdio::null()).spawn()?;
+        cmd.args(args).stdin(Stdio::null());
+        if let Some(log) = log {
+            cmd.stderr(log);
+        }
+        let child = cmd.spawn()?;
         let mut p = ServeProcess {
             child: Some(child),
             dir,

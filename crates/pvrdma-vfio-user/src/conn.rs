@@ -29,6 +29,9 @@ pub struct Connection<D: DeviceAccess = DeviceHandle> {
     irqs: Arc<EventfdIrqs>,
     dma: DmaMaps,
     uar_bar_size: u64,
+    /// Budget of the log lines of accesses outside the device's regions (a client can send
+    /// them at will).
+    bad_access_log: pvrdma_dev::ratelog::Limiter,
 }
 
 /// The constructor of the backend `choice` names, for the device with MAC `mac`.
@@ -124,6 +127,7 @@ impl<D: DeviceAccess> Connection<D> {
             irqs,
             dma: DmaMaps::new(mem),
             uar_bar_size: pvrdma_dev::pci::uar_bar_size(cfg.max_uar),
+            bad_access_log: Default::default(),
         })
     }
 
@@ -139,13 +143,17 @@ impl<D: DeviceAccess> Connection<D> {
     }
 
     /// Checks an access against the region; `None` (logged) if it is outside.
-    fn target(&self, index: u32, offset: u64, len: usize, what: &str) -> Option<Region> {
+    fn target(&mut self, index: u32, offset: u64, len: usize, what: &str) -> Option<Region> {
         let Some((region, size)) = region_of(index, self.uar_bar_size) else {
-            log::warn!("{what} of region {index}, which the device does not have: ignored");
+            pvrdma_dev::limited_warn!(
+                self.bad_access_log,
+                "{what} of region {index}, which the device does not have: ignored"
+            );
             return None;
         };
         if offset.checked_add(len as u64).is_none_or(|end| end > size) {
-            log::warn!(
+            pvrdma_dev::limited_warn!(
+                self.bad_access_log,
                 "{what} of {len} bytes at {offset:#x} is outside region {index} \
                  ({size:#x} bytes): ignored"
             );

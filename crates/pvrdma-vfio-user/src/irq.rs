@@ -47,6 +47,8 @@ struct State {
     msix: [Vector; MSIX_VECTORS as usize],
     intx: Vector,
     intx_level: bool,
+    /// Budget of the log lines of SET_IRQS mistakes (the client's to make).
+    log: pvrdma_dev::ratelog::Limiter,
 }
 
 /// The device's interrupt sink for one connection: MSI-X vectors and INTx as eventfds.
@@ -75,7 +77,10 @@ impl EventfdIrqs {
                 MSIX_IRQ => &mut s.msix,
                 INTX_IRQ => std::slice::from_mut(&mut s.intx),
                 _ => {
-                    log::warn!("SET_IRQS on unsupported interrupt index {index}: ignored");
+                    pvrdma_dev::limited_warn!(
+                        s.log,
+                        "SET_IRQS on unsupported interrupt index {index}: ignored"
+                    );
                     return;
                 }
             };
@@ -89,7 +94,10 @@ impl EventfdIrqs {
                 return;
             }
             if u64::from(start) + u64::from(count) > n {
-                log::warn!("SET_IRQS index {index}: vectors {start}+{count} out of range: ignored");
+                pvrdma_dev::limited_warn!(
+                    s.log,
+                    "SET_IRQS index {index}: vectors {start}+{count} out of range: ignored"
+                );
                 return;
             }
             let range = start as usize..(start + count) as usize;
@@ -125,7 +133,10 @@ impl EventfdIrqs {
                         s.intx.masked = true;
                     }
                 }
-                _ => log::warn!("SET_IRQS index {index}: unsupported flags {flags:#x}: ignored"),
+                _ => pvrdma_dev::limited_warn!(
+                    s.log,
+                    "SET_IRQS index {index}: unsupported flags {flags:#x}: ignored"
+                ),
             }
         });
     }

@@ -184,6 +184,17 @@ pub(crate) struct Core {
     cqs_written: Vec<u32>,
     /// A job running [`Backend::progress`] is queued or running on the pool.
     progress_running: bool,
+    /// Budgets of the log lines the guest can cause.
+    logs: GuestLogs,
+}
+
+/// The log lines a guest can cause at will, each kind with its budget.
+#[derive(Debug, Default)]
+struct GuestLogs {
+    /// Posted writes dropped behind a command.
+    dropped_writes: crate::ratelog::Limiter,
+    /// DSRs rejected.
+    bad_dsr: crate::ratelog::Limiter,
 }
 
 impl std::fmt::Debug for Core {

@@ -33,6 +33,7 @@ impl Core {
             stats: DeviceStats::default(),
             cqs_written: Vec::new(),
             progress_running: false,
+            logs: GuestLogs::default(),
             cfg,
             opts,
             mem,
@@ -56,7 +57,11 @@ impl Core {
             if self.deferred.len() >= MAX_DEFERRED {
                 // Only posted writes can pile up here (every other access waits for its
                 // answer); a guest that posts this many while one command runs loses them.
-                log::warn!("{MAX_DEFERRED} accesses wait for a command; dropping one");
+                crate::limited_warn!(
+                    self.logs.dropped_writes,
+                    "{}: {MAX_DEFERRED} accesses wait for a command; dropping one",
+                    self.opts.name
+                );
                 if let Msg::Read { reply, .. } = msg {
                     let _ = reply.send(u64::MAX);
                 }
@@ -277,7 +282,11 @@ impl Core {
                 self.regs.err = err::OK;
             }
             Err(e) => {
-                log::warn!("DSR at {addr:#x} rejected: {e}");
+                crate::limited_warn!(
+                    self.logs.bad_dsr,
+                    "{}: DSR at {addr:#x} rejected: {e}",
+                    self.opts.name
+                );
                 self.dsr = None;
                 self.regs.err = err::EFAULT;
             }
