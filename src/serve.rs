@@ -24,7 +24,8 @@ device's, and --socket is optional.\n\
 devices:\n\
 \x20 --socket PATH        one device on PATH (with --mac and the limits below)\n\
 \x20 --device SPEC        a device (repeatable): socket=PATH,mac=MAC[,name=NAME][,max-qp=N]\n\
-\x20                      [,max-cq=N][,max-mr=N][,max-host-mem=SIZE][,workers=N][,poll-us=N];\n\
+\x20                      [,max-cq=N][,max-mr=N][,max-host-mem=SIZE][,workers=N][,poll-us=N]\n\
+\x20                      [,roce-version=1|2];\n\
 \x20                      unset keys take the\n\
 \x20                      options below. NAME (default: the socket's file name without .sock)\n\
 \x20                      names the device in logs and thread names\n\
@@ -51,6 +52,9 @@ options (defaults for every device):\n\
 \x20 --workers N          worker threads of each device's data path (default 2)\n\
 \x20 --poll-us N          polling for the next access / answer before a thread sleeps, in µs\n\
 \x20                      (default 32; 0 off)\n\
+\x20 --roce-version 1|2   the RoCE version the device offers the guest (default 1: every driver\n\
+\x20                      version takes it; 2: RoCE v2 GIDs and IP headers on UD, drivers of\n\
+\x20                      ABI 18 and later)\n\
 \x20 -h, --help           this text\n";
 
 fn parse_mac(s: &str) -> Result<[u8; 6], String> {
@@ -99,6 +103,7 @@ fn set_device_key(cfg: &mut DeviceConfig, key: &str, v: &str) -> Result<(), Stri
         "max-host-mem" => cfg.max_host_mem = parse_size(&opt, v)?,
         "workers" => cfg.workers = parse_num(&opt, v)?,
         "poll-us" => cfg.poll_us = parse_num(&opt, v)?,
+        "roce-version" => cfg.roce_version = parse_num(&opt, v)?,
         _ => return Err(format!("unknown device key `{key}`")),
     }
     Ok(())
@@ -319,7 +324,9 @@ fn parse(args: &[String]) -> Result<Args, String> {
             "--ibdev" => out.ibdev = value()?,
             "--ibport" => out.ibport = parse_num(opt, &value()?)?,
             "--mac" | "--max-qp" | "--max-cq" | "--max-mr" | "--max-host-mem" | "--workers"
-            | "--poll-us" => set_device_key(&mut out.device, &opt[2..], &value()?)?,
+            | "--poll-us" | "--roce-version" => {
+                set_device_key(&mut out.device, &opt[2..], &value()?)?
+            }
             other => return Err(format!("unknown option `{other}`\n\n{HELP}")),
         }
     }
@@ -519,6 +526,8 @@ mod tests {
             "16",
             "--workers",
             "1",
+            "--roce-version",
+            "2",
             "--backend",
             "emulated",
         ]))
@@ -529,7 +538,7 @@ mod tests {
             (a.device.max_qp, a.device.max_cq, a.device.max_mr),
             (64, 32, 16)
         );
-        assert_eq!(a.device.workers, 1);
+        assert_eq!((a.device.workers, a.device.roce_version), (1, 2));
         assert!(parse(&args(&["--backend", "nope"])).is_err());
         let a = parse(&args(&[
             "--backend",

@@ -540,6 +540,16 @@ pub mod send_flags {
     pub const INLINE: u32 = 8;
 }
 
+/// CQE `network_hdr_type` values (kernel CQs only).
+pub mod network_hdr {
+    /// RoCE v1 (an IB GRH).
+    pub const ROCE_V1: u8 = 0;
+    /// RoCE v2 over IPv4.
+    pub const IPV4: u8 = 1;
+    /// RoCE v2 over IPv6.
+    pub const IPV6: u8 = 2;
+}
+
 /// CQE `wc_flags` bits the device sets.
 pub mod wc_flags {
     /// A GRH is present in the first 40 bytes.

@@ -57,6 +57,11 @@ pub struct DeviceConfig {
     pub max_qp_rd_atom: u32,
     /// Advertise atomics (CMP_SWAP and FETCH_ADD).
     pub atomics: bool,
+    /// The RoCE version the device offers (caps `gid_types`; a device offers exactly one): 1
+    /// (the default: every driver version takes it, and the GIDs are the netdev's link-local
+    /// and IP addresses with an IB GRH on UD) or 2 (ABI 18 and later: RoCE v2 GIDs, UD
+    /// receives carry the IPv4 or IPv6 header; what a host's RoCE v2 fabric and rxe speak).
+    pub roce_version: u8,
     /// Pages one fast registration may map (caps `max_fast_reg_page_list_len`): with a nonzero
     /// value the device offers the guest kernel fast-register MRs, local and remote
     /// invalidation (`bmme_flags`, which NVMe over Fabrics, NFS over RDMA and iSER need). 0 turns
@@ -99,6 +104,7 @@ impl Default for DeviceConfig {
             max_qp_rd_atom: 16,
             atomics: true,
             fast_reg_pages: 128,
+            roce_version: 1,
             workers: 2,
             poll_us: 0,
         }
@@ -148,6 +154,14 @@ impl DeviceConfig {
             "max_qp_wr must be a power of two",
         )?;
         bad(self.max_qp_wr > 1 << 16, "max_qp_wr must be at most 65536")?;
+        bad(
+            !(1..=2).contains(&self.roce_version),
+            "roce_version must be 1 or 2",
+        )?;
+        bad(
+            self.roce_version == 2 && self.version < 18,
+            "RoCE v2 needs version 18 or later (version 17 drivers take RoCE v1 only)",
+        )?;
         bad(
             self.fast_reg_pages > 128,
             "fast_reg_pages must be at most 128 (the driver's own bound)",

@@ -81,8 +81,8 @@ pub fn caps(cfg: &DeviceConfig) -> Caps {
         } else {
             0
         },
-        // RoCE v1: accepted by every driver version (17 requires exactly 1).
-        gid_types: 0x1,
+        // Exactly one type: 0x1 RoCE v1 (every driver version), 0x2 RoCE v2 (18 and later).
+        gid_types: 1 << (cfg.roce_version.clamp(1, 2) - 1),
         max_fast_reg_page_list_len: cfg.fast_reg_pages,
         ..Caps::default()
     }

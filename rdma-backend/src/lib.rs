@@ -630,10 +630,32 @@ pub struct WorkCompletion {
     pub invalidated: Option<u32>,
     /// Source QP number (UD/GSI receives).
     pub src_qp: u32,
-    /// A GRH was written before the payload (UD/GSI receives).
-    pub grh: bool,
+    /// The network header written in the 40 bytes before the payload (UD/GSI receives), if
+    /// any.
+    pub grh: Option<NetworkHeader>,
     /// The sender asked for a solicited event.
     pub solicited: bool,
+}
+
+/// The network header in front of a UD/GSI receive's payload (its first 40 bytes), as the
+/// sender's GID type makes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum NetworkHeader {
+    /// An IB GRH (RoCE v1).
+    Grh,
+    /// An IPv4 header in bytes 20..40 (RoCE v2, IPv4-mapped GIDs).
+    Ipv4,
+    /// An IPv6 header (RoCE v2).
+    Ipv6,
+}
+
+impl Gid {
+    /// The IPv4 address of an IPv4-mapped GID (`::ffff:a.b.c.d`).
+    pub fn ipv4(&self) -> Option<[u8; 4]> {
+        let g = &self.0;
+        (g[..10].iter().all(|&b| b == 0) && g[10] == 0xff && g[11] == 0xff)
+            .then(|| [g[12], g[13], g[14], g[15]])
+    }
 }
 
 /// Asynchronous events a backend raises (numbering of `ib_event_type`).

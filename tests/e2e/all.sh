@@ -6,15 +6,17 @@
 # vm2vm boots two guests (then a third) on ONE server with two devices (vms.sh, guest/vm2vm.sh).
 # nvmeof runs NVMe over Fabrics (the kernel's fast-register MRs) on vmw_pvrdma0, then rxe0.
 #
-#   tests/e2e/all.sh [TEST...]      default: probe pingpong perftest reload rping compare nvmeof
-#                                   vm2vm rdma_core_backend
+# roce_v2 serves the device with --roce-version 2.
+#
+#   tests/e2e/all.sh [TEST...]      default: probe pingpong perftest reload rping roce_v2 compare
+#                                   nvmeof vm2vm rdma_core_backend
 # PVRDMA_E2E_BIN=PATH: use that pvrdma binary instead of building target/release/pvrdma with cargo.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 cd "$REPO"
 TESTS=("$@")
-[ ${#TESTS[@]} -gt 0 ] || TESTS=(probe pingpong perftest reload rping compare nvmeof vm2vm rdma_core_backend)
+[ ${#TESTS[@]} -gt 0 ] || TESTS=(probe pingpong perftest reload rping roce_v2 compare nvmeof vm2vm rdma_core_backend)
 
 "$HERE/setup.sh"
 # The pvrdma server, unless rdma_core_backend (which needs none) is the only test.
@@ -65,7 +67,9 @@ for t in "${TESTS[@]}"; do
     else
         sock=$SOCKDIR/$t.sock
         rm -f "$sock"
-        args=(--socket "$sock" --server-cmd "exec $BIN serve --socket $sock --mac 52:54:00:12:34:56")
+        extra=""
+        [ "$t" = roce_v2 ] && extra="--roce-version 2"
+        args=(--socket "$sock" --server-cmd "exec $BIN serve --socket $sock --mac 52:54:00:12:34:56 $extra")
     fi
     tmo=400
     [ "$t" = nvmeof ] && tmo=900   # two devices, 2 x 64 MiB each under TCG

@@ -398,9 +398,10 @@ pub(super) fn create_bind(dev: &mut Ctx<'_>, req: CmdCreateBind) -> Result<Work,
     if index >= dev.cfg.gid_tbl_len {
         return Err(CmdError::Invalid("GID index"));
     }
-    let ty = match req.gid_type {
-        1 => GidType::RoceV1,
-        2 => GidType::RoceV2,
+    // The one GID type the device offers (the core adds no other).
+    let ty = match (req.gid_type, dev.cfg.roce_version) {
+        (1, 1) => GidType::RoceV1,
+        (2, 2) => GidType::RoceV2,
         _ => return Err(CmdError::Invalid("GID type")),
     };
     let (gid, gid_type) = (req.new_gid, req.gid_type);

@@ -587,11 +587,42 @@ fn gid_entries_are_bound_within_the_table() {
         ..Default::default()
     };
     assert_eq!(err_of(s.run(code::DESTROY_BIND, &unbind)), err::ENOENT);
+    // Only the type the device offers (RoCE v1 by default).
+    req.gid_type = 2;
+    assert_eq!(err_of(s.run(code::CREATE_BIND, &req)), err::EINVAL);
     req.gid_type = 1;
     s.run(code::CREATE_BIND, &req).unwrap();
     assert_eq!(s.objects.gids[0], Some((req.new_gid, 1)));
     s.run(code::DESTROY_BIND, &unbind).unwrap();
     assert_eq!(s.objects.gids[0], None);
+}
+
+#[test]
+fn a_roce_v2_device_binds_roce_v2_gids_only() {
+    let mut s = Seam::new(DeviceConfig {
+        roce_version: 2,
+        ..DeviceConfig::default()
+    });
+    assert_eq!(crate::dsr::caps(&s.cfg).gid_types, 0x2);
+    let mut req = CmdCreateBind {
+        index: 1,
+        gid_type: 1,
+        ..Default::default()
+    };
+    req.new_gid[10] = 0xff;
+    req.new_gid[11] = 0xff;
+    req.new_gid[12..].copy_from_slice(&[10, 0, 2, 15]);
+    assert_eq!(err_of(s.run(code::CREATE_BIND, &req)), err::EINVAL);
+    req.gid_type = 2;
+    s.run(code::CREATE_BIND, &req).unwrap();
+    assert_eq!(s.objects.gids[1], Some((req.new_gid, 2)));
+    // Version 17 drivers take RoCE v1 only.
+    let old = DeviceConfig {
+        roce_version: 2,
+        version: 17,
+        ..DeviceConfig::default()
+    };
+    assert!(old.validate().is_err());
 }
 
 #[test]

@@ -1,9 +1,9 @@
 //! CQ rings as the device produces into them (spec §5, §8, §9): CQEs, arming and notification.
 
-use rdma_backend::{WcOpcode, WcStatus, WorkCompletion};
+use rdma_backend::{NetworkHeader, WcOpcode, WcStatus, WorkCompletion};
 use vm_memory::{Address, Bytes, GuestMemory};
 
-use crate::abi::{wc_flags, Cqe, CQE_SIZE};
+use crate::abi::{network_hdr, wc_flags, Cqe, CQE_SIZE};
 use crate::pdir::{PageDir, PAGE_SIZE};
 use crate::ring::{ProducerRing, RingAddr};
 
@@ -130,11 +130,16 @@ impl CqRing {
 /// The CQE for a backend completion. `kernel` CQs (ctx 0) get the kernel-only flags.
 pub(crate) fn make_cqe(wc: &WorkCompletion, qp_handle: u32, kernel: bool) -> Cqe {
     let mut flags = 0;
-    if wc.grh {
+    let mut network_hdr_type = 0;
+    if let Some(h) = wc.grh {
         flags |= wc_flags::GRH;
         if kernel {
-            // network_hdr_type 0 = RoCE v1 (the GID type this device advertises).
             flags |= wc_flags::WITH_NETWORK_HDR_TYPE;
+            network_hdr_type = match h {
+                NetworkHeader::Grh => network_hdr::ROCE_V1,
+                NetworkHeader::Ipv4 => network_hdr::IPV4,
+                NetworkHeader::Ipv6 => network_hdr::IPV6,
+            };
         }
     }
     if wc.imm_data.is_some() {
@@ -155,6 +160,7 @@ pub(crate) fn make_cqe(wc: &WorkCompletion, qp_handle: u32, kernel: bool) -> Cqe
         src_qp: wc.src_qp,
         wc_flags: flags,
         port_num: if kernel { 1 } else { 0 },
+        network_hdr_type,
         ..Cqe::default()
     }
 }

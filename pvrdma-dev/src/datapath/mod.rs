@@ -169,7 +169,7 @@ fn error_wc(shared: &QpShared, cq: CqId, wr_id: u64, e: wqe::WqeError) -> WorkCo
         imm_data: None,
         invalidated: None,
         src_qp: 0,
-        grh: false,
+        grh: None,
         solicited: false,
     }
 }

@@ -308,12 +308,8 @@ impl EmulatedBackend {
         &self.fabric
     }
 
-    pub(crate) fn gid(&self, index: u8) -> Option<Gid> {
-        read(&self.gids)
-            .get(usize::from(index))
-            .copied()
-            .flatten()
-            .map(|(g, _)| g)
+    pub(crate) fn gid(&self, index: u8) -> Option<(Gid, GidType)> {
+        read(&self.gids).get(usize::from(index)).copied().flatten()
     }
 
     pub(crate) fn qp_by_qpn(&self, qpn: u32) -> Option<Arc<Qp>> {

@@ -40,8 +40,9 @@ use vm_memory::{atomic::GuestMemoryLoadGuard, GuestAddressSpace, GuestMemoryMmap
 use super::mem::{atomic_at, atomic_target, copy, write_bytes, Fault, Segs, Window};
 use super::{lock, EmulatedBackend};
 use crate::{
-    Access, AddressVector, AsyncEvent, CompletionSink, CqId, Gid, PdId, QpState, QpType, RecvWr,
-    SendOp, SendWr, Sge, SrqId, UdDest, WcOpcode, WcStatus, WorkCompletion,
+    Access, AddressVector, AsyncEvent, CompletionSink, CqId, Gid, GidType, NetworkHeader, PdId,
+    QpState, QpType, RecvWr, SendOp, SendWr, Sge, SrqId, UdDest, WcOpcode, WcStatus,
+    WorkCompletion,
 };
 
 /// Token of a timer entry that only flushes a QP that went to ERR as a responder.
@@ -447,7 +448,7 @@ impl Qp {
             imm_data: None,
             invalidated: None,
             src_qp: 0,
-            grh: false,
+            grh: None,
             solicited: false,
         }
     }
@@ -1372,20 +1373,72 @@ fn rc_atomic(
     Ok(Step::Done(8))
 }
 
-/// Builds the 40-byte IPv6-style GRH of a UD datagram.
-fn grh(av: &AddressVector, sgid: &[u8; 16], len: u64) -> [u8; 40] {
+/// The UDP datagram of a RoCE v2 UD packet with `len` bytes of payload: UDP (8), BTH (12),
+/// DETH (8), the immediate (4) if any, the payload padded to 4 bytes, ICRC (4).
+fn roce_v2_udp_len(len: u64, imm: bool) -> u64 {
+    8 + 12 + 8 + if imm { 4 } else { 0 } + len.next_multiple_of(4) + 4
+}
+
+/// The 40-byte network header in front of a UD datagram of `len` bytes from `sgid`, as the
+/// receiver finds it: an IB GRH for a RoCE v1 source GID; for RoCE v2 the IP header of the
+/// packet (IPv4 in bytes 20..40 for an IPv4-mapped GID, with its checksum: the guest kernel
+/// checks it; else IPv6 with next header UDP).
+fn network_header(
+    av: &AddressVector,
+    sgid: &Gid,
+    ty: GidType,
+    len: u64,
+    imm: bool,
+) -> ([u8; 40], NetworkHeader) {
     let mut g = [0u8; 40];
     let tc = av.traffic_class;
-    let fl = av.flow_label & 0xf_ffff;
-    g[0] = 0x60 | (tc >> 4);
-    g[1] = (tc << 4) | ((fl >> 16) as u8 & 0xf);
-    g[2..4].copy_from_slice(&(fl as u16).to_be_bytes());
-    g[4..6].copy_from_slice(&u16::try_from(len).unwrap_or(u16::MAX).to_be_bytes());
-    g[6] = 0x1b;
-    g[7] = av.hop_limit;
-    g[8..24].copy_from_slice(sgid);
-    g[24..40].copy_from_slice(&av.dgid.0);
-    g
+    match (ty, sgid.ipv4(), av.dgid.ipv4()) {
+        (GidType::RoceV2, Some(src), Some(dst)) => {
+            let total = u16::try_from(20 + roce_v2_udp_len(len, imm)).unwrap_or(u16::MAX);
+            let h = &mut g[20..40];
+            h[0] = 0x45;
+            h[1] = tc;
+            h[2..4].copy_from_slice(&total.to_be_bytes());
+            h[6] = 0x40; // don't fragment
+            h[8] = av.hop_limit;
+            h[9] = 17; // UDP
+            h[12..16].copy_from_slice(&src);
+            h[16..20].copy_from_slice(&dst);
+            let sum = h
+                .chunks_exact(2)
+                .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+                .sum::<u32>();
+            let sum = (sum & 0xffff) + (sum >> 16);
+            let sum = (sum & 0xffff) + (sum >> 16);
+            h[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+            (g, NetworkHeader::Ipv4)
+        }
+        (GidType::RoceV2, ..) => {
+            let fl = av.flow_label & 0xf_ffff;
+            g[0] = 0x60 | (tc >> 4);
+            g[1] = (tc << 4) | ((fl >> 16) as u8 & 0xf);
+            g[2..4].copy_from_slice(&(fl as u16).to_be_bytes());
+            let payload = u16::try_from(roce_v2_udp_len(len, imm)).unwrap_or(u16::MAX);
+            g[4..6].copy_from_slice(&payload.to_be_bytes());
+            g[6] = 17; // UDP
+            g[7] = av.hop_limit;
+            g[8..24].copy_from_slice(&sgid.0);
+            g[24..40].copy_from_slice(&av.dgid.0);
+            (g, NetworkHeader::Ipv6)
+        }
+        (GidType::RoceV1, ..) => {
+            let fl = av.flow_label & 0xf_ffff;
+            g[0] = 0x60 | (tc >> 4);
+            g[1] = (tc << 4) | ((fl >> 16) as u8 & 0xf);
+            g[2..4].copy_from_slice(&(fl as u16).to_be_bytes());
+            g[4..6].copy_from_slice(&u16::try_from(len).unwrap_or(u16::MAX).to_be_bytes());
+            g[6] = 0x1b; // IB: next header BTH
+            g[7] = av.hop_limit;
+            g[8..24].copy_from_slice(&sgid.0);
+            g[24..40].copy_from_slice(&av.dgid.0);
+            (g, NetworkHeader::Grh)
+        }
+    }
 }
 
 /// Executes one UD/GSI send WR. The send completes locally whether or not it is delivered.
@@ -1409,7 +1462,7 @@ fn execute_ud(
     if len > mtu_bytes(sq.path_mtu) {
         return Outcome::Error(WcStatus::LocLenErr);
     }
-    let Some(sgid) = be.gid(ud.av.sgid_index) else {
+    let Some((sgid, sgid_type)) = be.gid(ud.av.sgid_index) else {
         return Outcome::Error(WcStatus::LocQpOpErr);
     };
     let qkey = if ud.remote_qkey & 0x8000_0000 != 0 {
@@ -1453,7 +1506,7 @@ fn execute_ud(
         Some(dst) if dst.total() < 40 + len => wc.status = WcStatus::LocLenErr,
         Some(dst) => {
             let mut c = dst.cursor();
-            let header = grh(&ud.av, &sgid.0, len);
+            let (header, kind) = network_header(&ud.av, &sgid, sgid_type, len, imm.is_some());
             let res = if write_bytes(&tmem, &mut c, &header) {
                 copy(lw, &mut src.cursor(), &mut rw, &mut c, len)
             } else {
@@ -1464,7 +1517,7 @@ fn execute_ud(
                     wc.byte_len = (40 + len) as u32;
                     wc.imm_data = imm;
                     wc.src_qp = qp.qpn;
-                    wc.grh = true;
+                    wc.grh = Some(kind);
                     wc.solicited = wr.solicited;
                 }
                 Err(Fault::Src) => {
@@ -1482,8 +1535,60 @@ fn execute_ud(
 
 #[cfg(test)]
 mod tests {
-    use super::{QueuedRecv, QueuedSend};
-    use crate::{RecvWr, SendWr, Sge, SgeList};
+    use super::{network_header, QueuedRecv, QueuedSend};
+    use crate::{AddressVector, Gid, GidType, NetworkHeader, RecvWr, SendWr, Sge, SgeList};
+
+    fn v4(a: [u8; 4]) -> Gid {
+        let mut g = [0u8; 16];
+        g[10] = 0xff;
+        g[11] = 0xff;
+        g[12..].copy_from_slice(&a);
+        Gid(g)
+    }
+
+    #[test]
+    fn network_headers_by_gid_type() {
+        let av = AddressVector {
+            dgid: v4([10, 0, 2, 15]),
+            hop_limit: 64,
+            traffic_class: 0x12,
+            ..Default::default()
+        };
+        let src = v4([10, 0, 2, 16]);
+        // RoCE v2 between IPv4-mapped GIDs: an IPv4 header in bytes 20..40 whose checksum
+        // verifies (the guest kernel checks it), total length = IP + UDP datagram.
+        let (h, kind) = network_header(&av, &src, GidType::RoceV2, 100, false);
+        assert_eq!(kind, NetworkHeader::Ipv4);
+        assert!(h[..20].iter().all(|&b| b == 0));
+        let ip = &h[20..];
+        assert_eq!((ip[0], ip[1], ip[8], ip[9]), (0x45, 0x12, 64, 17));
+        assert_eq!(
+            u16::from_be_bytes([ip[2], ip[3]]),
+            20 + 8 + 12 + 8 + 100 + 4
+        );
+        assert_eq!(
+            (&ip[12..16], &ip[16..20]),
+            (&[10, 0, 2, 16][..], &[10, 0, 2, 15][..])
+        );
+        let sum: u32 = ip
+            .chunks_exact(2)
+            .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+            .sum();
+        assert_eq!((sum & 0xffff) + (sum >> 16), 0xffff, "checksum");
+        // RoCE v2 on other GIDs: IPv6, next header UDP, payload = the UDP datagram (padded
+        // payload, immediate).
+        let ll = Gid::from_mac([0, 0x50, 0x56, 1, 2, 3]);
+        let av6 = AddressVector { dgid: ll, ..av };
+        let (h, kind) = network_header(&av6, &ll, GidType::RoceV2, 5, true);
+        assert_eq!(kind, NetworkHeader::Ipv6);
+        assert_eq!((h[0] >> 4, h[6], h[7]), (6, 17, 64));
+        assert_eq!(u16::from_be_bytes([h[4], h[5]]), 8 + 12 + 8 + 4 + 8 + 4);
+        assert_eq!((&h[8..24], &h[24..40]), (&ll.0[..], &ll.0[..]));
+        // RoCE v1: an IB GRH (next header 0x1b, payload length = the message).
+        let (h, kind) = network_header(&av, &src, GidType::RoceV1, 100, false);
+        assert_eq!(kind, NetworkHeader::Grh);
+        assert_eq!((h[6], u16::from_be_bytes([h[4], h[5]])), (0x1b, 100));
+    }
 
     #[test]
     fn queued_wrs_keep_short_sge_lists_inline_and_long_ones_whole() {

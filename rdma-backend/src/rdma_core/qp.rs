@@ -317,7 +317,7 @@ impl RdmaCoreBackend {
                 imm_data: None,
                 invalidated: None,
                 src_qp: 0,
-                grh: false,
+                grh: None,
                 solicited: false,
             };
             let mut f = lock(&e.flushed);

@@ -124,7 +124,9 @@ impl Shared {
             imm_data: w.imm,
             invalidated: None,
             src_qp,
-            grh: w.grh,
+            // The host's header as it is (the guest device advertises RoCE v1 with this
+            // backend).
+            grh: w.grh.then_some(crate::NetworkHeader::Grh),
             solicited: false,
         })
     }
