@@ -2,6 +2,7 @@
 //! GID, published in a process-wide table; guest GID indices and address vectors on the host.
 
 use super::*;
+use crate::NetworkHeader;
 
 /// Q_Key of the host UD QPs that stand in for guest GSI QPs (QP1). Not IB's GSI Q_Key
 /// 0x80010000: Q_Keys with bit 31 set are privileged (a host process needs CAP_NET_RAW to set one),
@@ -56,32 +57,41 @@ impl Shared {
         }
     }
 
-    /// Whether the destination of the datagram whose GRH slot is at `head` (IPv6 header, or IPv4
-    /// header in its last 20 bytes for IPv4-mapped GIDs) is one of the guest's GIDs.
-    pub(super) fn owns_dest_gid(&self, head: &[(u64, usize)]) -> bool {
+    /// The datagram whose GRH slot is at `head`: the kind of its network header (an IPv6
+    /// header with next header UDP is RoCE v2, an IPv4 header in the last 20 bytes RoCE v2 over
+    /// IPv4, anything else an IB GRH), and whether its destination is one of the guest's GIDs
+    /// (`true` too when the slot cannot be read: the guest then sees what arrived).
+    pub(super) fn received_header(&self, head: &[(u64, usize)]) -> (NetworkHeader, bool) {
         let m = self.mem.memory();
         let mut g = [0u8; 40];
         let mut at = 0;
         for &(gpa, n) in head {
             if m.read_slice(&mut g[at..at + n], GuestAddress(gpa)).is_err() {
-                return true;
+                return (NetworkHeader::Grh, true);
             }
             at += n;
         }
         if at < 40 {
-            return true;
+            return (NetworkHeader::Grh, true);
         }
         let mut dgid = [0u8; 16];
-        if g[20] >> 4 == 4 && g[0] >> 4 != 6 {
+        let kind = if g[20] >> 4 == 4 && g[0] >> 4 != 6 {
             dgid[10] = 0xff;
             dgid[11] = 0xff;
             dgid[12..].copy_from_slice(&g[36..40]);
+            NetworkHeader::Ipv4
         } else {
             dgid.copy_from_slice(&g[24..40]);
-        }
-        read(&self.gids)
+            if g[6] == 17 {
+                NetworkHeader::Ipv6
+            } else {
+                NetworkHeader::Grh
+            }
+        };
+        let ours = read(&self.gids)
             .iter()
-            .any(|e| e.is_some_and(|(gid, _, _)| gid.0 == dgid))
+            .any(|e| e.is_some_and(|(gid, _, _)| gid.0 == dgid));
+        (kind, ours)
     }
 
     /// Posts a UD receive whose datagram was not for the guest again.

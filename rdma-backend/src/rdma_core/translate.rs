@@ -67,6 +67,7 @@ impl Shared {
                 status = f;
             }
         }
+        let mut header = crate::NetworkHeader::Grh;
         if status == WcStatus::Success {
             if let Some(b) = &p.bounce {
                 let m = self.mem.memory();
@@ -90,7 +91,9 @@ impl Shared {
             }
             if recv && w.grh {
                 if let Some(u) = &p.ud_recv {
-                    if !self.owns_dest_gid(&u.head) {
+                    let (kind, ours) = self.received_header(&u.head);
+                    header = kind;
+                    if !ours {
                         // Addressed to a GID the guest does not hold (host QPNs are shared by
                         // every GID of the host device): not for this guest. The receive stays
                         // posted, as if the datagram had gone elsewhere.
@@ -124,9 +127,7 @@ impl Shared {
             imm_data: w.imm,
             invalidated: None,
             src_qp,
-            // The host's header as it is (the guest device advertises RoCE v1 with this
-            // backend).
-            grh: w.grh.then_some(crate::NetworkHeader::Grh),
+            grh: w.grh.then_some(header),
             solicited: false,
         })
     }
