@@ -1390,14 +1390,13 @@ fn network_header(
     len: u64,
     imm: bool,
 ) -> ([u8; 40], NetworkHeader) {
-    let mut g = [0u8; 40];
-    let tc = av.traffic_class;
     match (ty, sgid.ipv4(), av.dgid.ipv4()) {
         (GidType::RoceV2, Some(src), Some(dst)) => {
+            let mut g = [0u8; 40];
             let total = u16::try_from(20 + roce_v2_udp_len(len, imm)).unwrap_or(u16::MAX);
             let h = &mut g[20..40];
             h[0] = 0x45;
-            h[1] = tc;
+            h[1] = av.traffic_class;
             h[2..4].copy_from_slice(&total.to_be_bytes());
             h[6] = 0x40; // don't fragment
             h[8] = av.hop_limit;
@@ -1413,32 +1412,31 @@ fn network_header(
             h[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
             (g, NetworkHeader::Ipv4)
         }
-        (GidType::RoceV2, ..) => {
-            let fl = av.flow_label & 0xf_ffff;
-            g[0] = 0x60 | (tc >> 4);
-            g[1] = (tc << 4) | ((fl >> 16) as u8 & 0xf);
-            g[2..4].copy_from_slice(&(fl as u16).to_be_bytes());
-            let payload = u16::try_from(roce_v2_udp_len(len, imm)).unwrap_or(u16::MAX);
-            g[4..6].copy_from_slice(&payload.to_be_bytes());
-            g[6] = 17; // UDP
-            g[7] = av.hop_limit;
-            g[8..24].copy_from_slice(&sgid.0);
-            g[24..40].copy_from_slice(&av.dgid.0);
-            (g, NetworkHeader::Ipv6)
-        }
-        (GidType::RoceV1, ..) => {
-            let fl = av.flow_label & 0xf_ffff;
-            g[0] = 0x60 | (tc >> 4);
-            g[1] = (tc << 4) | ((fl >> 16) as u8 & 0xf);
-            g[2..4].copy_from_slice(&(fl as u16).to_be_bytes());
-            g[4..6].copy_from_slice(&u16::try_from(len).unwrap_or(u16::MAX).to_be_bytes());
-            g[6] = 0x1b; // IB: next header BTH
-            g[7] = av.hop_limit;
-            g[8..24].copy_from_slice(&sgid.0);
-            g[24..40].copy_from_slice(&av.dgid.0);
-            (g, NetworkHeader::Grh)
-        }
+        // UDP after an IPv6 header.
+        (GidType::RoceV2, ..) => (
+            ipv6_style(av, sgid, roce_v2_udp_len(len, imm), 17),
+            NetworkHeader::Ipv6,
+        ),
+        // IB: the BTH after a GRH.
+        (GidType::RoceV1, ..) => (ipv6_style(av, sgid, len, 0x1b), NetworkHeader::Grh),
     }
+}
+
+/// An IPv6-shaped header (an IPv6 header or an IB GRH, the same layout) from `sgid` to the
+/// address vector's GID, with this payload length and next header.
+fn ipv6_style(av: &AddressVector, sgid: &Gid, payload: u64, next: u8) -> [u8; 40] {
+    let mut g = [0u8; 40];
+    let tc = av.traffic_class;
+    let fl = av.flow_label & 0xf_ffff;
+    g[0] = 0x60 | (tc >> 4);
+    g[1] = (tc << 4) | ((fl >> 16) as u8 & 0xf);
+    g[2..4].copy_from_slice(&(fl as u16).to_be_bytes());
+    g[4..6].copy_from_slice(&u16::try_from(payload).unwrap_or(u16::MAX).to_be_bytes());
+    g[6] = next;
+    g[7] = av.hop_limit;
+    g[8..24].copy_from_slice(&sgid.0);
+    g[24..40].copy_from_slice(&av.dgid.0);
+    g
 }
 
 /// Executes one UD/GSI send WR. The send completes locally whether or not it is delivered.

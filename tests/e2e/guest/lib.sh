@@ -119,6 +119,22 @@ perf_pair() {
         "$tool" -d "$dev" -x "$x" -F -p "$PERF_PORT" "$@" 127.0.0.1
 }
 
+# rping_pair ADDR PORT: rping server and client on ADDR (rdma_cm resolves the device), 20 pings.
+rping_pair() {
+    local addr=$1 port=$2 srv_rc cli_rc spid
+    rping -s -a "$addr" -p "$port" -C 20 -v > /tmp/rping-srv.log 2>&1 &
+    spid=$!
+    sleep 2
+    timeout 120 rping -c -a "$addr" -p "$port" -C 20 -v > /tmp/rping-cli.log 2>&1
+    cli_rc=$?
+    wait "$spid"
+    srv_rc=$?
+    sed 's/^/[rping srv] /' /tmp/rping-srv.log | tail -n 5
+    sed 's/^/[rping cli] /' /tmp/rping-cli.log | tail -n 5
+    say "rping: server rc=$srv_rc client rc=$cli_rc"
+    [ "$srv_rc" = 0 ] && [ "$cli_rc" = 0 ] && [ "$(grep -c 'ping data' /tmp/rping-cli.log)" -ge 20 ]
+}
+
 # ---- NVMe over Fabrics (RDMA) -------------------------------------------------------------------
 # Shared by guest/nvmeof.sh (target and host in one guest) and guest/vm2vm.sh (target in one guest,
 # host in the other). Knobs (set them after sourcing this file): NVMEOF_MB (MiB written and read),
