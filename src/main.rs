@@ -6,10 +6,12 @@
 //! pvrdma bench [--quick] [options]     perftest-style figures, command latencies and memory,
 //!                                        in-process and over a `pvrdma serve` process
 //! pvrdma serve --socket PATH [options]   serve the device to a VMM over vfio-user
+//! pvrdma ctl [--control PATH] COMMAND    ask a running `pvrdma serve` about its devices
 //! ```
 #![deny(unsafe_code)]
 
 mod bench;
+mod ctl;
 mod demo;
 mod serve;
 
@@ -66,6 +68,19 @@ fn main() -> ExitCode {
         "bench" => bench::run(rest),
         "demo" => demo::run(rest),
         "serve" => serve::run(rest),
+        "ctl" => {
+            return match ctl::run(rest) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(ctl::CtlError::Refused(e)) => {
+                    eprintln!("pvrdma ctl: {e}");
+                    ExitCode::FAILURE
+                }
+                Err(ctl::CtlError::Usage(e)) => {
+                    eprintln!("pvrdma ctl: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         "-h" | "--help" | "help" => {
             print!("{}", usage());
             Ok(())

@@ -9,6 +9,10 @@ use std::path::{Path, PathBuf};
 
 use pvrdma_dev::DeviceConfig;
 use pvrdma_vfio_user::host::DEFAULT_MAX_DEVICES;
+use std::sync::Arc;
+
+use pvrdma_vfio_user::control::ControlServer;
+use pvrdma_vfio_user::metrics::{MetricsAddr, MetricsServer};
 use pvrdma_vfio_user::{listen_fd_from_env, serve_host, DeviceSpec, Host, HostLimits};
 
 const HELP: &str = "usage: pvrdma serve (--socket PATH | --device SPEC... | --config FILE) [options]\n\
@@ -183,6 +187,8 @@ impl DeviceDecl {
 struct FileConfig {
     max_devices: Option<usize>,
     max_memory: Option<toml::Value>,
+    control: Option<PathBuf>,
+    metrics: Option<String>,
     #[serde(default)]
     defaults: BTreeMap<String, toml::Value>,
     #[serde(default)]
@@ -203,6 +209,8 @@ fn value_str(k: &str, v: &toml::Value) -> Result<String, String> {
 struct FileDecl {
     max_devices: Option<usize>,
     max_memory: Option<u64>,
+    control: Option<PathBuf>,
+    metrics: Option<MetricsAddr>,
     defaults: Vec<(String, String)>,
     devices: Vec<DeviceDecl>,
 }
@@ -243,9 +251,16 @@ fn parse_config(text: &str) -> Result<FileDecl, String> {
         Some(v) => Some(parse_size("max-memory", &value_str("max-memory", v)?)?),
         None => None,
     };
+    let metrics = f
+        .metrics
+        .as_deref()
+        .map(|m| m.parse().map_err(|e| format!("metrics: {e}")))
+        .transpose()?;
     Ok(FileDecl {
         max_devices: f.max_devices,
         max_memory,
+        control: f.control,
+        metrics,
         defaults,
         devices,
     })
@@ -260,6 +275,8 @@ struct Args {
     config: Option<PathBuf>,
     max_devices: Option<usize>,
     max_memory: Option<u64>,
+    control: Option<PathBuf>,
+    metrics: Option<MetricsAddr>,
     /// The device options given as options: defaults of every device.
     device: DeviceConfig,
     backend: String,
@@ -278,6 +295,8 @@ fn parse(args: &[String]) -> Result<Args, String> {
         config: None,
         max_devices: None,
         max_memory: None,
+        control: None,
+        metrics: None,
         device: DeviceConfig {
             // Each access crosses the socket, the server thread and the main loop: polling
             // saves two thread wake-ups per access (docs/benchmarks.md).
@@ -311,6 +330,10 @@ fn parse(args: &[String]) -> Result<Args, String> {
             "--config" => out.config = Some(PathBuf::from(value()?)),
             "--max-devices" => out.max_devices = Some(parse_num(opt, &value()?)?),
             "--max-memory" => out.max_memory = Some(parse_size(opt, &value()?)?),
+            "--control" => out.control = Some(PathBuf::from(value()?)),
+            "--metrics" => {
+                out.metrics = Some(value()?.parse().map_err(|e| format!("--metrics: {e}"))?)
+            }
             "--backend" => {
                 let b = value()?;
                 if !matches!(b.as_str(), "emulated" | "rdma-core") {
@@ -466,9 +489,17 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let listen_fd: Option<OwnedFd> = listen_fd_from_env();
     let activated = listen_fd.is_some();
     let mut specs = device_specs(&a, file.as_ref(), activated)?;
-    if specs.is_empty() {
+    let control = a
+        .control
+        .clone()
+        .or_else(|| file.as_ref().and_then(|f| f.control.clone()));
+    let metrics = a
+        .metrics
+        .clone()
+        .or_else(|| file.as_ref().and_then(|f| f.metrics.clone()));
+    if specs.is_empty() && control.is_none() {
         return Err(format!(
-            "no device: give --socket, --device or --config\n\n{HELP}"
+            "no device: give --socket, --device or --config (or --control to add them later)\n\n{HELP}"
         ));
     }
     if let Some(fd) = listen_fd {
@@ -488,13 +519,38 @@ pub fn run(args: &[String]) -> Result<(), String> {
         max_devices,
         max_memory,
     };
-    let host = Host::new(backend, limits).map_err(|e| chain(&e))?;
+    let host = Arc::new(Host::new(backend, limits).map_err(|e| chain(&e))?);
     let n = specs.len();
     host.apply(specs).map_err(|e| chain(&e))?;
     log::info!("serving {n} device(s)");
+    // Devices added over the control socket take the command line's options and the file's
+    // [defaults] (as they were at start) under their own keys.
+    let mut defaults = a.device.clone();
+    for (k, v) in file.iter().flat_map(|f| &f.defaults) {
+        set_device_key(&mut defaults, k, v)?;
+    }
+    let parser = {
+        let host = host.clone();
+        Arc::new(move |pairs: Vec<(String, String)>| {
+            let d =
+                DeviceDecl::from_pairs(pairs.iter().map(|(k, v)| (k.as_str(), v.clone())), "add")?;
+            let spec = d.spec(&defaults)?;
+            clear_stale(std::slice::from_ref(&spec), Some(&host))?;
+            Ok(spec)
+        })
+    };
+    let _control = control
+        .map(|p| {
+            remove_stale_socket(&p)?;
+            ControlServer::spawn(&p, host.clone(), Some(parser)).map_err(|e| chain(&e))
+        })
+        .transpose()?;
+    let _metrics = metrics
+        .map(|m| MetricsServer::spawn(&m, host.clone()).map_err(|e| chain(&e)))
+        .transpose()?;
     // SIGHUP: the same command line with the file as it is now.
     let reload = a.config.as_deref().map(|path| {
-        let (a, host) = (&a, &host);
+        let (a, host) = (&a, &*host);
         move || -> Result<Vec<DeviceSpec>, String> {
             let specs = device_specs(a, Some(&read_config(path)?), activated)?;
             clear_stale(&specs, Some(host))?;

@@ -126,10 +126,51 @@ pub struct Changes {
     pub updated: Vec<String>,
 }
 
+/// Who declared a device: the configuration ([`Host::apply`] manages it) or an operator at run
+/// time ([`Host::add`], e.g. over the control socket; [`Host::apply`] leaves it alone).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Origin {
+    /// The command line or the configuration file.
+    Config,
+    /// Added while the process runs.
+    Runtime,
+}
+
+/// A device's state, as the control socket and the metrics report it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeviceStatus {
+    /// Its name.
+    pub name: String,
+    /// Its socket path (empty for an inherited socket).
+    pub socket: PathBuf,
+    /// Its MAC, `xx:xx:xx:xx:xx:xx`.
+    pub mac: String,
+    /// The backend its devices use.
+    pub backend: String,
+    /// Whether a client (a VMM) is connected now.
+    pub connected: bool,
+    /// Clients accepted since the device was added.
+    pub clients: u64,
+    /// Who declared it.
+    pub origin: Origin,
+    /// The RoCE version it offers.
+    pub roce_version: u8,
+    /// Its limits: QPs, CQs, MRs, and the host memory its guest may make the process hold.
+    pub max_qp: u32,
+    /// CQs.
+    pub max_cq: u32,
+    /// MRs.
+    pub max_mr: u32,
+    /// Bytes.
+    pub max_host_mem: u64,
+}
+
 struct Hosted {
     name: String,
     socket: PathBuf,
     config: DeviceConfig,
+    origin: Origin,
     server: RunningServer,
 }
 
@@ -214,12 +255,21 @@ impl Host {
     }
 
     /// Starts serving `spec`. Refused if the host is full, or the name, socket or MAC is taken.
+    /// The device belongs to the configuration: [`Host::apply`] removes it when a new set does
+    /// not name it.
     pub fn add(&self, spec: DeviceSpec) -> Result<()> {
         let mut devs = lock(&self.devices);
-        self.add_locked(&mut devs, spec)
+        self.add_locked(&mut devs, spec, Origin::Config)
     }
 
-    fn add_locked(&self, devs: &mut Vec<Hosted>, spec: DeviceSpec) -> Result<()> {
+    /// Starts serving `spec` as [`Host::add`] does, as a device added at run time: kept by
+    /// [`Host::apply`] unless the new set names it.
+    pub fn add_at_runtime(&self, spec: DeviceSpec) -> Result<()> {
+        let mut devs = lock(&self.devices);
+        self.add_locked(&mut devs, spec, Origin::Runtime)
+    }
+
+    fn add_locked(&self, devs: &mut Vec<Hosted>, spec: DeviceSpec, origin: Origin) -> Result<()> {
         let refuse = |why: String| Error::Refused {
             name: spec.name.clone(),
             why,
@@ -273,6 +323,7 @@ impl Host {
             name,
             socket,
             config,
+            origin,
             server,
         });
         Ok(())
@@ -292,19 +343,32 @@ impl Host {
         true
     }
 
-    /// Makes the host serve exactly `specs` (matched to the running devices by name): devices
-    /// not named are removed, new ones added, a changed socket restarts its device, and any
-    /// other change reaches the device's next client. The whole set is checked first; if any
-    /// device is refused, nothing changes.
+    /// Makes the host serve exactly `specs` (matched to the running devices by name) besides
+    /// the devices added at run time that `specs` does not name: configured devices not named
+    /// are removed, new ones added, a changed socket restarts its device, and any other change
+    /// reaches the device's next client. The whole set is checked first (with the run-time
+    /// devices it keeps); if any device is refused, nothing changes.
     pub fn apply(&self, specs: Vec<DeviceSpec>) -> Result<Changes> {
-        if specs.len() > self.limits.max_devices {
+        let mut devs = lock(&self.devices);
+        let kept: Vec<&Hosted> = devs
+            .iter()
+            .filter(|d| d.origin == Origin::Runtime && !specs.iter().any(|s| s.name == d.name))
+            .collect();
+        if specs.len() + kept.len() > self.limits.max_devices {
             return Err(Error::Limit(format!(
-                "{} devices asked for, the process serves at most {} (max-devices)",
+                "{} devices asked for and {} added at run time, the process serves at most {} \
+                 (max-devices)",
                 specs.len(),
+                kept.len(),
                 self.limits.max_devices
             )));
         }
-        let total = budgets(specs.iter().map(|s| &s.device));
+        let total = budgets(
+            specs
+                .iter()
+                .map(|s| &s.device)
+                .chain(kept.iter().map(|d| &d.config)),
+        );
         if total > self.limits.max_memory {
             return Err(Error::Limit(format!(
                 "the devices' host-memory budgets add up to {} MiB, the process's max-memory is \
@@ -316,7 +380,11 @@ impl Host {
         for (i, s) in specs.iter().enumerate() {
             let others = specs[..i]
                 .iter()
-                .map(|o| (o.name.as_str(), o.socket.as_path(), &o.device.mac));
+                .map(|o| (o.name.as_str(), o.socket.as_path(), &o.device.mac))
+                .chain(
+                    kept.iter()
+                        .map(|d| (d.name.as_str(), d.socket.as_path(), &d.config.mac)),
+                );
             if let Some(why) = conflict(s, others) {
                 return Err(Error::Refused {
                     name: s.name.clone(),
@@ -324,15 +392,16 @@ impl Host {
                 });
             }
         }
-        let mut devs = lock(&self.devices);
         let mut changes = Changes::default();
         let mut gone = Vec::new();
         let mut i = 0;
         while i < devs.len() {
             let d = &devs[i];
-            let keep = specs
-                .iter()
-                .any(|s| s.name == d.name && s.listen_fd.is_none() && s.socket == d.socket);
+            let named = specs.iter().any(|s| s.name == d.name);
+            let keep = (d.origin == Origin::Runtime && !named)
+                || specs
+                    .iter()
+                    .any(|s| s.name == d.name && s.listen_fd.is_none() && s.socket == d.socket);
             if keep {
                 i += 1;
             } else {
@@ -346,6 +415,7 @@ impl Host {
         let mut failed = None;
         for s in specs {
             if let Some(d) = devs.iter_mut().find(|d| d.name == s.name) {
+                d.origin = Origin::Config;
                 if d.config != s.device {
                     d.server.set_config(s.device.clone());
                     d.config = s.device;
@@ -354,7 +424,7 @@ impl Host {
                 continue;
             }
             let name = s.name.clone();
-            match self.add_locked(&mut devs, s) {
+            match self.add_locked(&mut devs, s, Origin::Config) {
                 Ok(()) => changes.added.push(name),
                 Err(e) => {
                     log::error!("{e}");
@@ -378,6 +448,36 @@ impl Host {
                 mac: d.config.mac,
             })
             .collect()
+    }
+
+    /// Every device's state, in the order they were added.
+    pub fn status(&self) -> Vec<DeviceStatus> {
+        let backend = self.backend.describe();
+        lock(&self.devices)
+            .iter()
+            .map(|d| DeviceStatus {
+                name: d.name.clone(),
+                socket: d.socket.clone(),
+                mac: mac_str(&d.config.mac),
+                backend: backend.clone(),
+                connected: d.server.stopper().connected(),
+                clients: d.server.stopper().clients(),
+                origin: d.origin,
+                roce_version: d.config.roce_version,
+                max_qp: d.config.max_qp,
+                max_cq: d.config.max_cq,
+                max_mr: d.config.max_mr,
+                max_host_mem: d.config.max_host_mem,
+            })
+            .collect()
+    }
+
+    /// The device `name` serves its connected client, or will serve the next one, if any.
+    pub fn device(&self, name: &str) -> Option<pvrdma_dev::DeviceHandle> {
+        lock(&self.devices)
+            .iter()
+            .find(|d| d.name == name)
+            .and_then(|d| d.server.stopper().current_device())
     }
 
     /// Takes out the devices whose server thread ended by itself (it could not start a device
@@ -564,6 +664,46 @@ mod tests {
         let before = host.devices();
         assert!(host.apply(set(&[("a", 1, 32), ("e", 1, 16)])).is_err());
         assert_eq!(host.devices(), before);
+        host.stop(Duration::from_secs(1));
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn apply_keeps_the_devices_added_at_run_time() {
+        let d = dir("runtime");
+        let limits = HostLimits {
+            max_devices: 3,
+            ..HostLimits::default()
+        };
+        let host = Host::new(BackendChoice::Emulated, limits).unwrap();
+        let spec = |n: &str, mac: u8| DeviceSpec::new(d.join(format!("{n}.sock")), cfg(mac));
+        host.apply(vec![spec("a", 1)]).unwrap();
+        host.add_at_runtime(spec("r", 2)).unwrap();
+        let origin = |n: &str| {
+            host.status()
+                .into_iter()
+                .find(|s| s.name == n)
+                .map(|s| s.origin)
+        };
+        assert_eq!(origin("r"), Some(Origin::Runtime));
+        // A reload that does not name `r` keeps it, and counts it against the limits and MACs.
+        let c = host.apply(vec![spec("b", 3)]).unwrap();
+        assert_eq!((c.added, c.removed), (vec!["b".into()], vec!["a".into()]));
+        assert_eq!(origin("r"), Some(Origin::Runtime));
+        assert!(
+            host.apply(vec![spec("b", 3), spec("c", 2)]).is_err(),
+            "r's MAC"
+        );
+        assert!(
+            host.apply(vec![spec("b", 3), spec("c", 4), spec("e", 5)])
+                .is_err(),
+            "four devices with r"
+        );
+        // Named by the configuration, it becomes the configuration's.
+        host.apply(vec![spec("b", 3), spec("r", 2)]).unwrap();
+        assert_eq!(origin("r"), Some(Origin::Config));
+        let c = host.apply(vec![spec("b", 3)]).unwrap();
+        assert_eq!(c.removed, ["r"]);
         host.stop(Duration::from_secs(1));
         let _ = std::fs::remove_dir_all(&d);
     }

@@ -31,9 +31,11 @@
 #![deny(unsafe_code)]
 
 pub mod conn;
+pub mod control;
 pub mod dma;
 pub mod host;
 pub mod irq;
+pub mod metrics;
 // The `ByteValued` impls of the message structures.
 #[allow(unsafe_code)]
 pub mod protocol;
@@ -127,6 +129,17 @@ pub enum BackendChoice {
     RdmaCore(rdma_backend::rdma_core::Config),
 }
 
+impl BackendChoice {
+    /// `emulated`, or `rdma-core:IBDEV:PORT`.
+    pub fn describe(&self) -> String {
+        match self {
+            BackendChoice::Emulated => "emulated".into(),
+            #[cfg(feature = "rdma-core")]
+            BackendChoice::RdmaCore(c) => format!("rdma-core:{}:{}", c.ibdev, c.port),
+        }
+    }
+}
+
 impl ServeOptions {
     /// A default device on `socket`.
     pub fn new(socket: impl Into<PathBuf>) -> ServeOptions {
@@ -167,8 +180,11 @@ enum Wake {
 
 /// Binds a listening socket at `path` so that the path appears only once the socket listens:
 /// bound and listening under a temporary name in the same directory, then renamed. A client
-/// that sees the path never gets ECONNREFUSED.
-fn bind_atomically(path: &Path) -> Result<UnixListener> {
+/// that sees the path never gets ECONNREFUSED. With `mode` (0o600: only its owner may connect),
+/// the temporary name is inside a new directory only the owner can enter, so nobody else can
+/// connect before the socket has those permissions.
+pub(crate) fn bind_atomically(path: &Path, mode: Option<u32>) -> Result<UnixListener> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     let listen_err = |source| Error::Listen {
         path: path.to_path_buf(),
         source,
@@ -181,12 +197,35 @@ fn bind_atomically(path: &Path) -> Result<UnixListener> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(format!(".{}.tmp", std::process::id()));
     let tmp = PathBuf::from(tmp);
-    let _ = std::fs::remove_file(&tmp);
-    let listener = UnixListener::bind(&tmp).map_err(listen_err)?;
-    if let Err(e) = std::fs::rename(&tmp, path) {
+    let (tmp, dir) = match mode {
+        None => (tmp, None),
+        Some(_) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&tmp)
+                .map_err(listen_err)?;
+            (tmp.join("s"), Some(tmp))
+        }
+    };
+    let cleanup = || {
         let _ = std::fs::remove_file(&tmp);
-        return Err(listen_err(e));
-    }
+        if let Some(d) = &dir {
+            let _ = std::fs::remove_dir(d);
+        }
+    };
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp).map_err(|e| {
+        cleanup();
+        listen_err(e)
+    })?;
+    let placed = mode
+        .map_or(Ok(()), |m| {
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(m))
+        })
+        .and_then(|()| std::fs::rename(&tmp, path));
+    cleanup();
+    placed.map_err(listen_err)?;
     Ok(listener)
 }
 
@@ -199,6 +238,8 @@ pub struct Stopper {
     current: Arc<Mutex<Option<DeviceHandle>>>,
     /// The connected client's stream (a clone), to end the connection from outside.
     stream: Arc<Mutex<Option<UnixStream>>>,
+    /// Clients accepted so far.
+    clients: Arc<AtomicU64>,
 }
 
 impl Stopper {
@@ -234,6 +275,16 @@ impl Stopper {
     pub fn current_device(&self) -> Option<DeviceHandle> {
         self.current.lock().ok().and_then(|g| g.clone())
     }
+
+    /// Whether a client is connected now.
+    pub fn connected(&self) -> bool {
+        lock(&self.stream).is_some()
+    }
+
+    /// Clients accepted so far.
+    pub fn clients(&self) -> u64 {
+        self.clients.load(Ordering::Relaxed)
+    }
 }
 
 /// A bound server, not yet running.
@@ -248,7 +299,6 @@ pub struct Server {
     backend: BackendChoice,
     fabric: Arc<Fabric>,
     stopper: Stopper,
-    clients: AtomicU64,
 }
 
 impl std::fmt::Debug for Server {
@@ -280,7 +330,7 @@ impl Server {
                 (listener, None, Wake::Addr(addr))
             }
             None => {
-                let listener = bind_atomically(&opts.socket)?;
+                let listener = bind_atomically(&opts.socket, None)?;
                 let wake = Wake::Path(opts.socket.clone());
                 (listener, Some(opts.socket), wake)
             }
@@ -299,8 +349,8 @@ impl Server {
                 wake: addr,
                 current: Arc::new(Mutex::new(None)),
                 stream: Arc::new(Mutex::new(None)),
+                clients: Arc::new(AtomicU64::new(0)),
             },
-            clients: AtomicU64::new(0),
         })
     }
 
@@ -333,7 +383,7 @@ impl Server {
             resettable: true,
         };
         while !self.stopper.stopping() {
-            let n = self.clients.fetch_add(1, Ordering::Relaxed);
+            let n = self.stopper.clients.load(Ordering::Relaxed);
             let cfg = lock(&self.device).clone();
             let mut conn =
                 Connection::new(&cfg, format!("{name}.{n}"), &self.fabric, &self.backend)
@@ -344,6 +394,7 @@ impl Server {
                 Err(e) => Err(Error::Socket(e)),
                 Ok(_) if self.stopper.stopping() => Ok(()),
                 Ok((mut stream, _)) => {
+                    self.stopper.clients.fetch_add(1, Ordering::Relaxed);
                     *lock(&self.stopper.stream) = stream.try_clone().ok();
                     // The device code behind the connection must not take the process down
                     // with it: a panic ends this client's connection (the stream is dropped on

@@ -1,0 +1,357 @@
+//! Prometheus metrics of `pvrdma serve`: every device's counters and the process's totals in
+//! the text exposition format (OpenMetrics text, `prometheus-client`), served over HTTP
+//! (`tiny_http`) at `/metrics` on a loopback TCP address or a UNIX socket the operator names.
+//!
+//! Each scrape reads the devices' counters then and there ([`Host::status`],
+//! `DeviceHandle::stats`); nothing is kept between scrapes. A device's counters belong to the
+//! device of its current client: they start again from zero when the next client connects
+//! (Prometheus sees a counter reset), and `pvrdma_device_clients_total` counts the clients.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+
+use crate::host::Host;
+use crate::{Error, Result};
+
+/// Where the metrics are served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetricsAddr {
+    /// A loopback TCP address.
+    Tcp(SocketAddr),
+    /// A UNIX socket path.
+    Unix(PathBuf),
+}
+
+impl std::str::FromStr for MetricsAddr {
+    type Err = String;
+
+    /// `unix:PATH` or an absolute path: a UNIX socket; otherwise `IP:PORT` on loopback
+    /// (`127.0.0.1:9464`, `[::1]:9464`).
+    fn from_str(s: &str) -> std::result::Result<MetricsAddr, String> {
+        if let Some(p) = s.strip_prefix("unix:") {
+            return Ok(MetricsAddr::Unix(PathBuf::from(p)));
+        }
+        if s.starts_with('/') {
+            return Ok(MetricsAddr::Unix(PathBuf::from(s)));
+        }
+        let a: SocketAddr = s
+            .parse()
+            .map_err(|_| format!("`{s}` is neither IP:PORT nor unix:PATH (e.g. 127.0.0.1:9464)"))?;
+        if !a.ip().is_loopback() {
+            return Err(format!(
+                "`{s}` is not a loopback address: the metrics name every VM of this host, serve \
+                 them on 127.0.0.1 or ::1 (or a UNIX socket) and let a proxy expose them"
+            ));
+        }
+        Ok(MetricsAddr::Tcp(a))
+    }
+}
+
+/// The devices of a host as a `prometheus-client` collector, read at each scrape.
+#[derive(Debug)]
+struct HostCollector(Arc<Host>);
+
+type FmtResult = std::result::Result<(), std::fmt::Error>;
+
+/// One device-labelled family: `rows` are (device, labels besides `device`, value).
+struct Family<'a> {
+    name: &'a str,
+    help: &'a str,
+    counter: bool,
+    rows: Vec<(Vec<(&'static str, String)>, i64)>,
+}
+
+impl Family<'_> {
+    fn encode(&self, enc: &mut DescriptorEncoder) -> FmtResult {
+        let ty = if self.counter {
+            prometheus_client::metrics::MetricType::Counter
+        } else {
+            prometheus_client::metrics::MetricType::Gauge
+        };
+        let mut family = enc.encode_descriptor(self.name, self.help, None, ty)?;
+        for (labels, v) in &self.rows {
+            let m = family.encode_family(labels)?;
+            if self.counter {
+                ConstCounter::new(u64::try_from(*v).unwrap_or(0)).encode(m)?;
+            } else {
+                ConstGauge::new(*v).encode(m)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Collector for HostCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> FmtResult {
+        let host = &self.0;
+        let status = host.status();
+        let limits = host.limits();
+        let gauge = |enc: &mut DescriptorEncoder, name: &str, help: &str, v: i64| -> FmtResult {
+            ConstGauge::new(v).encode(enc.encode_descriptor(
+                name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?)
+        };
+        let sat = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        gauge(
+            &mut enc,
+            "pvrdma_devices",
+            "Devices served.",
+            status.len() as i64,
+        )?;
+        gauge(
+            &mut enc,
+            "pvrdma_max_devices",
+            "Devices this process serves at most.",
+            limits.max_devices as i64,
+        )?;
+        gauge(
+            &mut enc,
+            "pvrdma_max_memory_bytes",
+            "Host memory the devices' budgets may add up to.",
+            sat(limits.max_memory),
+        )?;
+        gauge(
+            &mut enc,
+            "pvrdma_memory_budget_bytes",
+            "The devices' host-memory budgets added up.",
+            sat(status
+                .iter()
+                .map(|d| d.max_host_mem)
+                .fold(0, u64::saturating_add)),
+        )?;
+        let mut fams = device_families(host, &status);
+        for f in &mut fams {
+            f.encode(&mut enc)?;
+        }
+        Ok(())
+    }
+}
+
+/// The per-device families, read now.
+fn device_families<'a>(host: &Host, status: &[crate::host::DeviceStatus]) -> Vec<Family<'a>> {
+    let fam = |name, help, counter| Family {
+        name,
+        help,
+        counter,
+        rows: Vec::new(),
+    };
+    let mut connected = fam(
+        "pvrdma_device_connected",
+        "Whether a VMM is connected.",
+        false,
+    );
+    let mut clients = fam(
+        "pvrdma_device_clients",
+        "Clients accepted since the device was added.",
+        true,
+    );
+    let mut budget = fam(
+        "pvrdma_device_host_memory_limit_bytes",
+        "Host memory the device's guest may make the process hold.",
+        false,
+    );
+    let mut mem = fam(
+        "pvrdma_device_host_memory_bytes",
+        "Host memory the device's live objects reserve.",
+        false,
+    );
+    let mut objects = fam("pvrdma_device_objects", "Live objects by kind.", false);
+    let mut commands = fam("pvrdma_device_commands", "Commands executed.", true);
+    let mut command_errors = fam(
+        "pvrdma_device_command_errors",
+        "Commands that failed.",
+        true,
+    );
+    let mut cqes = fam(
+        "pvrdma_device_cqes",
+        "Completions written to the guest's CQs.",
+        true,
+    );
+    let mut stale = fam(
+        "pvrdma_device_stale_completions",
+        "Completions dropped because their QP or CQ was gone.",
+        true,
+    );
+    let mut overflows = fam(
+        "pvrdma_device_cq_overflows",
+        "Completions lost to a full CQ.",
+        true,
+    );
+    let mut bad_db = fam(
+        "pvrdma_device_bad_doorbells",
+        "Doorbells ignored (unknown handle, wrong context, bad value).",
+        true,
+    );
+    let mut events = fam(
+        "pvrdma_device_async_events",
+        "Asynchronous events posted.",
+        true,
+    );
+    let sat = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    for d in status {
+        let l = || vec![("device", d.name.clone())];
+        connected.rows.push((l(), i64::from(d.connected)));
+        clients.rows.push((l(), sat(d.clients)));
+        budget.rows.push((l(), sat(d.max_host_mem)));
+        let Some(s) = host.device(&d.name).and_then(|h| h.stats().ok()) else {
+            continue;
+        };
+        mem.rows.push((l(), sat(s.host_mem)));
+        for (kind, n) in ["pd", "mr", "cq", "qp", "srq", "context"]
+            .iter()
+            .zip(s.objects)
+        {
+            let mut labels = l();
+            labels.push(("kind", (*kind).to_string()));
+            objects.rows.push((labels, n as i64));
+        }
+        commands.rows.push((l(), sat(s.commands)));
+        command_errors.rows.push((l(), sat(s.command_errors)));
+        cqes.rows.push((l(), sat(s.cqes)));
+        stale.rows.push((l(), sat(s.stale_completions)));
+        overflows.rows.push((l(), sat(s.cq_overflows)));
+        bad_db.rows.push((l(), sat(s.bad_doorbells)));
+        events.rows.push((l(), sat(s.events)));
+    }
+    vec![
+        connected,
+        clients,
+        budget,
+        mem,
+        objects,
+        commands,
+        command_errors,
+        cqes,
+        stale,
+        overflows,
+        bad_db,
+        events,
+    ]
+}
+
+/// The text of one scrape of `host`.
+pub fn render(host: &Arc<Host>) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(HostCollector(host.clone())));
+    let mut out = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &registry) {
+        log::warn!("metrics: cannot encode: {e}");
+    }
+    out
+}
+
+/// A running metrics endpoint; stopped on [`MetricsServer::stop`] or drop.
+pub struct MetricsServer {
+    server: Arc<tiny_http::Server>,
+    unix: Option<PathBuf>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for MetricsServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetricsServer")
+            .field("unix", &self.unix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The OpenMetrics text content type `prometheus-client` writes.
+const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+impl MetricsServer {
+    /// Serves `host`'s metrics at `addr` on a thread of its own.
+    pub fn spawn(addr: &MetricsAddr, host: Arc<Host>) -> Result<MetricsServer> {
+        let (server, unix) = match addr {
+            MetricsAddr::Tcp(a) => {
+                let l = TcpListener::bind(a).map_err(|source| Error::Listen {
+                    path: PathBuf::from(a.to_string()),
+                    source,
+                })?;
+                (tiny_http::Server::from_listener(l, None), None)
+            }
+            MetricsAddr::Unix(p) => {
+                let l = crate::bind_atomically(p, None)?;
+                (tiny_http::Server::from_listener(l, None), Some(p.clone()))
+            }
+        };
+        let server =
+            Arc::new(server.map_err(|e| Error::Socket(std::io::Error::other(e.to_string())))?);
+        let s = server.clone();
+        let thread = std::thread::Builder::new()
+            .name("pvrdma-metrics".into())
+            .spawn(move || {
+                for req in s.incoming_requests() {
+                    respond(req, &host);
+                }
+            })
+            .map_err(Error::Spawn)?;
+        log::info!("metrics on {}", describe(addr));
+        Ok(MetricsServer {
+            server,
+            unix,
+            thread: Some(thread),
+        })
+    }
+
+    /// The TCP address it listens on (with the port the system chose for port 0).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.server.server_addr().to_ip()
+    }
+
+    /// Stops serving.
+    pub fn stop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            self.server.unblock();
+            let _ = t.join();
+        }
+        if let Some(p) = &self.unix {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+impl Drop for MetricsServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn describe(addr: &MetricsAddr) -> String {
+    match addr {
+        MetricsAddr::Tcp(a) => format!("http://{a}/metrics"),
+        MetricsAddr::Unix(p) => format!("{} (HTTP, /metrics)", Path::display(p)),
+    }
+}
+
+fn respond(req: tiny_http::Request, host: &Arc<Host>) {
+    use tiny_http::{Header, Method, Response};
+    let path = req.url().split('?').next().unwrap_or("");
+    let r = match (req.method(), path) {
+        (Method::Get, "/metrics") => {
+            let header = Header::from_bytes("Content-Type", CONTENT_TYPE).ok();
+            let mut resp = Response::from_string(render(host));
+            if let Some(h) = header {
+                resp = resp.with_header(h);
+            }
+            req.respond(resp)
+        }
+        (Method::Get, _) => {
+            req.respond(Response::from_string("see /metrics\n").with_status_code(404))
+        }
+        _ => req.respond(Response::from_string("GET only\n").with_status_code(405)),
+    };
+    if let Err(e) = r {
+        log::debug!("metrics: answering a scrape failed: {e}");
+    }
+}
