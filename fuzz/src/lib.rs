@@ -247,10 +247,10 @@ pub fn run_cmd_channel(data: &[u8]) {
     let port = drv.query_port(1).expect("QUERY_PORT after the sequence");
     assert!(port.gid_tbl_len <= cfg.gid_tbl_len);
     let s = t.stats().expect("stats");
-    let [pds, mrs, cqs, qps, srqs, ucs] = s.objects;
-    assert!(pds <= cfg.max_pd as usize && mrs <= cfg.max_mr as usize);
-    assert!(cqs < cfg.max_cq as usize && qps < cfg.max_qp as usize);
-    assert!(srqs < cfg.max_srq.max(1) as usize && ucs < cfg.max_uar as usize);
+    let o = s.objects;
+    assert!(o.pds <= u64::from(cfg.max_pd) && o.mrs <= u64::from(cfg.max_mr));
+    assert!(o.cqs < u64::from(cfg.max_cq) && o.qps < u64::from(cfg.max_qp));
+    assert!(o.srqs < u64::from(cfg.max_srq.max(1)) && o.ucs < u64::from(cfg.max_uar));
 }
 
 /// `registers` input: up to 128 accesses, each `sel: u8` (region `sel % 4`: config, BAR0, BAR1,

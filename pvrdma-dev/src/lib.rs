@@ -17,6 +17,7 @@
 //! | handle tables | [`resources`] |
 //! | WQE parsing, CQEs, arming | `datapath` |
 //! | the state machine and its handle | [`device`] |
+//! | counters and the resource listing | [`stats`] |
 #![warn(missing_docs)]
 #![deny(unsafe_code)]
 
@@ -37,6 +38,7 @@ pub mod ratelog;
 pub mod regs;
 pub mod resources;
 pub mod ring;
+pub mod stats;
 
 pub use budget::OverBudget;
 pub use cmd::CmdError;
@@ -46,7 +48,8 @@ pub use config::DeviceConfig;
 pub use datapath::fuzzing;
 pub use datapath::{pages_for, rq_wqe_size, sq_wqe_size};
 pub use device::{
-    BackendFactory, DeviceAccess, DeviceError, DeviceHandle, DeviceOptions, DeviceStats,
-    InterruptSink, LocalDevice, Region,
+    BackendFactory, DeviceAccess, DeviceError, DeviceHandle, DeviceOptions, InterruptSink,
+    LocalDevice, Region,
 };
 pub use objects::NoRoom;
+pub use stats::{DeviceStats, Resources};

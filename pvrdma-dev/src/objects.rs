@@ -19,6 +19,7 @@ use crate::config::DeviceConfig;
 use crate::datapath::cq::CqRing;
 use crate::datapath::{QpShared, SrqShared};
 use crate::resources::HandleTable;
+use crate::stats::{CompletionCounts, SendTotals};
 
 /// Why a record could not be added.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +62,15 @@ pub(crate) struct Pd {
 pub(crate) struct Mr {
     pub pd: u32,
     pub backend: MrId,
+    pub lkey: u32,
+    pub rkey: u32,
+    /// Start address as the guest sees it, and length (0 for the DMA and fast-register MRs).
+    pub iova: u64,
+    pub length: u64,
+    /// Access flags as the guest gave them.
+    pub access: u32,
+    /// `"USER"`, `"DMA"` or `"FAST_REG"`.
+    pub kind: &'static str,
     /// Pages its page list holds (counted against `max_mr_pages`).
     pub pages: u64,
     /// Bytes reserved against the host-memory budget.
@@ -75,6 +85,9 @@ pub(crate) struct Cq {
     pub cqe: u32,
     /// QPs completing into this CQ (a QP with one CQ for both queues counts twice).
     pub refs: u32,
+    /// CQEs written to it, and lost to it being full or unusable.
+    pub cqes: u64,
+    pub overflows: u64,
     /// Bytes reserved against the host-memory budget.
     pub cost: u64,
 }
@@ -96,6 +109,8 @@ pub(crate) struct Srq {
 pub(crate) struct Qp {
     pub pd: u32,
     pub gen: u32,
+    /// Its QP number on the fabric.
+    pub qpn: u32,
     pub qp_type: QpType,
     pub send_cq: u32,
     pub recv_cq: u32,
@@ -103,6 +118,8 @@ pub(crate) struct Qp {
     pub attrs: QpAttr,
     pub shared: Arc<QpShared>,
     pub sched: Sched,
+    /// Counts of the completions written for it (the send side's are in `shared`).
+    pub completions: CompletionCounts,
     /// Bytes reserved against the host-memory budget.
     pub cost: u64,
 }
@@ -144,6 +161,8 @@ pub(crate) struct Objects {
     max_host_mem: u64,
     /// Generation counter for objects (cookie high half).
     next_gen: u32,
+    /// Send-side counts of the QPs removed, so the device's totals keep them.
+    retired: SendTotals,
 }
 
 impl Objects {
@@ -165,12 +184,16 @@ impl Objects {
             host_mem: Account::default(),
             max_host_mem: cfg.max_host_mem,
             next_gen: 1,
+            retired: SendTotals::default(),
         }
     }
 
     /// Every record gone (device reset); generations keep counting, so a cookie of before
     /// never matches an object of after.
     pub(crate) fn clear(&mut self) {
+        for (_, qp) in self.qps.iter() {
+            self.retired.add(&qp.shared.traffic);
+        }
         self.qps.clear();
         self.srqs.clear();
         self.cqs.clear();
@@ -188,6 +211,16 @@ impl Objects {
         let g = self.next_gen;
         self.next_gen = self.next_gen.wrapping_add(1).max(1);
         g
+    }
+
+    /// The send-side counts of every QP there has been: those removed, and the live ones as
+    /// far as their workers have got.
+    pub(crate) fn send_totals(&self) -> SendTotals {
+        let mut t = self.retired;
+        for (_, qp) in self.qps.iter() {
+            t.add(&qp.shared.traffic);
+        }
+        t
     }
 
     /// Host memory the records reserve, in bytes.
@@ -326,6 +359,7 @@ impl Objects {
     /// Removes a QP, releasing its PD, CQs and SRQ.
     pub(crate) fn remove_qp(&mut self, h: u32) -> Option<Qp> {
         let qp = self.qps.remove(h)?;
+        self.retired.add(&qp.shared.traffic);
         self.host_mem.release(qp.cost);
         self.hold_pd(qp.pd, false);
         for c in [qp.send_cq, qp.recv_cq] {

@@ -703,6 +703,15 @@ pub trait CompletionSink: Send + Sync {
     fn progress_needed(&self);
 }
 
+/// How often a QP's send queue had to wait and try again (monitoring).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QpRetries {
+    /// Times the head send WR found no receive posted at the responder and waited (RNR NAKs).
+    pub rnr_waits: u64,
+    /// Times the head send WR was sent again after an RNR wait or a transport timeout.
+    pub retries: u64,
+}
+
 /// A verbs-level RDMA backend.
 pub trait Backend: Send + Sync {
     /// Short name for logs (`emulated`, `rdma-core`).
@@ -810,6 +819,13 @@ pub trait Backend: Send + Sync {
     /// counts against its budget for each PD. The default is a few hundred bytes.
     fn pd_bytes(&self) -> u64 {
         256
+    }
+
+    /// How often QP `qp`'s send queue waited and retried, since it was created; `None` when the
+    /// backend does not count it (the default) or the QP does not exist.
+    fn qp_retries(&self, qp: QpId) -> Option<QpRetries> {
+        let _ = qp;
+        None
     }
 
     /// Resumes deferred work (see [`CompletionSink::progress_needed`]) for a bounded time, on

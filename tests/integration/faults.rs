@@ -383,7 +383,7 @@ fn a_reset_does_not_wait_for_a_command_in_progress() {
     let _ = held.join();
     // The probe's objects only (the abandoned PD never reached the device's tables).
     let before = t.device().stats().unwrap().objects;
-    assert_eq!(before[0], 0, "PDs: {before:?}");
+    assert_eq!(before.pds, 0, "PDs: {before:?}");
     assert_device_healthy(&drv);
     eprintln!("reset answered in {took:?} with a command in progress");
 }

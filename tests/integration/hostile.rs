@@ -27,12 +27,16 @@ const OUTSIDE: u64 = 1 << 40;
 // ---- helpers ------------------------------------------------------------------------------
 
 /// Posts `req` under `code`, expecting a response.
-fn raw<Q: ByteValued>(drv: &Driver, code: u32, req: Q) -> pvrdma_guest::driver::Result<RespHdr> {
+pub(crate) fn raw<Q: ByteValued>(
+    drv: &Driver,
+    code: u32,
+    req: Q,
+) -> pvrdma_guest::driver::Result<RespHdr> {
     drv.cmd::<Q, RespHdr>(code, req)
 }
 
 /// A fresh device on its own fabric and its transport.
-fn device() -> Arc<InProcess> {
+pub(crate) fn device() -> Arc<InProcess> {
     let cfg = DeviceConfig {
         mac: MAC,
         ..DeviceConfig::default()
@@ -40,7 +44,7 @@ fn device() -> Arc<InProcess> {
     Arc::new(InProcess::new(cfg, DEFAULT_RAM, &Fabric::new()))
 }
 
-fn probe(t: &Arc<InProcess>) -> Driver {
+pub(crate) fn probe(t: &Arc<InProcess>) -> Driver {
     Driver::probe(t.clone() as Arc<dyn Transport>).expect("probe")
 }
 
@@ -66,7 +70,7 @@ fn peek32(drv: &Driver, a: GuestAddress) -> u32 {
     drv.mem().read_obj(a).unwrap()
 }
 
-fn poke32(drv: &Driver, a: GuestAddress, v: u32) {
+pub(crate) fn poke32(drv: &Driver, a: GuestAddress, v: u32) {
     drv.mem().write_obj(v, a).unwrap();
 }
 
@@ -124,7 +128,8 @@ fn pages(drv: &Driver, n: usize) -> GuestPdir {
 
 /// Objects a device holds: PDs, MRs, CQs, QPs, SRQs, contexts.
 fn objects(t: &InProcess) -> [usize; 6] {
-    stats(t).objects
+    let o = stats(t).objects;
+    [o.pds, o.mrs, o.cqs, o.qps, o.srqs, o.ucs].map(|n| n as usize)
 }
 
 /// Brings a device up by hand with a DSR `tweak`ed from the driver's; returns (ERR after
@@ -1233,7 +1238,7 @@ fn register_accesses_of_every_size_and_offset() {
     for off in (0..256u64).step_by(4) {
         tr.write(Region::Config, off, &[0; 4]);
     }
-    assert!(stats(&t).bad_doorbells > 0);
+    assert!(stats(&t).refused.doorbells > 0);
     let drv = probe(&t);
     assert_device_healthy(&drv);
 }
@@ -1304,7 +1309,7 @@ fn doorbells_unknown_foreign_and_garbage() {
     let mut p = rc_pair(&drv, MAC, 8, 1);
     let m = drv.reg_mr(p.pd, 0x1000, 4096, ALL_ACCESS).unwrap();
     let other = drv.create_uc(200).unwrap();
-    let bad0 = stats(&t).bad_doorbells;
+    let bad0 = stats(&t).refused.doorbells;
     for (ctx, reg, v) in [
         (Ctx::KERNEL, uar::QP, 0x00ff_ffff | (1 << 30)),
         (Ctx::KERNEL, uar::CQ, 999 | (1 << 30)),
@@ -1339,7 +1344,7 @@ fn doorbells_unknown_foreign_and_garbage() {
     tr.write(Region::Bar(2), page + 1, &[0xff, 0xff]);
     tr.write(Region::Bar(2), page, &[0x01]);
     tr.write(Region::Bar(2), page + 2, &[0; 2]);
-    assert!(stats(&t).bad_doorbells >= bad0 + 13, "{:?}", stats(&t));
+    assert!(stats(&t).refused.doorbells >= bad0 + 13, "{:?}", stats(&t));
     // The QP rung on another context's page did not send.
     assert!(drv.post_recv(&mut p.b, 1, &[m.sge(2048, 64)]));
     assert!(drv.push_send(&mut p.a, &send(5, m.sge(0, 8))));
@@ -1364,11 +1369,11 @@ fn cq_arm_of_destroyed_cq() {
     let cq = drv.create_cq(Ctx::KERNEL, 16).unwrap();
     let (h, ctx) = (cq.handle, cq.ctx);
     drv.destroy_cq(cq).unwrap();
-    let bad0 = stats(&t).bad_doorbells;
+    let bad0 = stats(&t).refused.doorbells;
     for bits in [1u32 << 29, 1 << 30, 1 << 31, 7 << 29] {
         drv.doorbell(ctx, uar::CQ, h | bits);
     }
-    assert_eq!(stats(&t).bad_doorbells, bad0 + 4);
+    assert_eq!(stats(&t).refused.doorbells, bad0 + 4);
     let v2 = drv.irqs(2);
     assert_device_healthy(&drv);
     assert!(!drv.cq_notifications().contains(&h) || drv.irqs(2) > v2);
@@ -1502,7 +1507,7 @@ fn reset_then_reprobe_and_ib_register_twice() {
 }
 
 /// A QP whose SQ prod_tail is invalid: every SQ doorbell posts one QP_FATAL event.
-fn fatal_qp(drv: &Driver) -> Qp {
+pub(crate) fn fatal_qp(drv: &Driver) -> Qp {
     let ctx = fresh_ctx(drv);
     let pd = drv.create_pd(ctx).unwrap();
     let cq = drv.create_cq(ctx, 16).unwrap();
@@ -1635,7 +1640,7 @@ fn uar_offsets_past_bar2_do_not_alias_page_0() {
     assert!(drv.post_recv(&mut b, 1, &[m.sge(2048, 64)]));
     assert!(drv.push_send(&mut a, &send(1, m.sge(0, 8))));
     let tr = drv.transport();
-    let bad0 = stats(&t).bad_doorbells;
+    let bad0 = stats(&t).refused.doorbells;
     let v = (a.handle | (1 << 30)).to_le_bytes();
     for off in [1u64 << 44, (1 << 44) + (1 << 32) * 4096, u64::MAX - 3] {
         tr.write(Region::Bar(2), off, &v);
@@ -1645,7 +1650,7 @@ fn uar_offsets_past_bar2_do_not_alias_page_0() {
         drv.wait_cqes(&mut cq_a, 1, SHORT).is_empty(),
         "aliased doorbell rang page 0"
     );
-    assert_eq!(stats(&t).bad_doorbells, bad0 + 3);
+    assert_eq!(stats(&t).refused.doorbells, bad0 + 3);
     drv.ring_sq(&a);
     assert_eq!(one(&drv, &mut cq_a).status, 0);
     // Zero-length config write: the command register keeps MEM | bus master.
@@ -1753,7 +1758,7 @@ fn guest_log_floods_are_bounded() {
     let t = device();
     let _drv = probe(&t);
     let tr: &dyn Transport = &*t;
-    let before = stats(&t).bad_doorbells;
+    let before = stats(&t).refused.doorbells;
     // UAR page 511 belongs to no context.
     for i in 0..1_000_000u32 {
         tr.write(
@@ -1762,7 +1767,7 @@ fn guest_log_floods_are_bounded() {
             &(i | (1 << 31)).to_le_bytes(),
         );
     }
-    assert_eq!(stats(&t).bad_doorbells - before, 1_000_000);
+    assert_eq!(stats(&t).refused.doorbells - before, 1_000_000);
 
     let log_path =
         std::env::temp_dir().join(format!("pvrdma-log-flood-{}.log", std::process::id()));

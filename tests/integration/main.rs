@@ -6,6 +6,7 @@
 mod common;
 
 mod commands;
+mod counters;
 mod datapath;
 mod faults;
 mod frmr;

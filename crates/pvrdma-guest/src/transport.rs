@@ -266,6 +266,12 @@ impl Local {
         self.with_device(|d| d.stats())
             .unwrap_or(Err(DeviceError::Stopped))
     }
+
+    /// The device's live objects and their counters.
+    pub fn resources(&self) -> Result<pvrdma_dev::Resources, DeviceError> {
+        self.with_device(|d| d.resources())
+            .unwrap_or(Err(DeviceError::Stopped))
+    }
 }
 
 impl Drop for Local {

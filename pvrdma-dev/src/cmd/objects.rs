@@ -241,6 +241,12 @@ pub(super) fn create_mr(dev: &mut Ctx<'_>, req: CmdCreateMr) -> Result<Work, Cmd
     };
     let cost = budget::mr(pages);
     dev.objects.room(cost)?;
+    let (kind_name, iova, len) = match plan {
+        Plan::Dma => ("DMA", 0, 0),
+        Plan::User { .. } => ("USER", start, length),
+        Plan::Frmr { .. } => ("FAST_REG", 0, 0),
+    };
+    let access_flags = req.access_flags;
     Ok(Box::new(move |env: &Env| {
         let kind = match plan {
             Plan::Dma => MrKind::Dma,
@@ -261,6 +267,12 @@ pub(super) fn create_mr(dev: &mut Ctx<'_>, req: CmdCreateMr) -> Result<Work, Cmd
             let mr = Mr {
                 pd: pd_h,
                 backend: keys.id,
+                lkey: keys.lkey,
+                rkey: keys.rkey,
+                iova,
+                length: len,
+                access: access_flags,
+                kind: kind_name,
                 pages,
                 cost,
             };
@@ -333,6 +345,8 @@ pub(super) fn create_cq(dev: &mut Ctx<'_>, req: CmdCreateCq) -> Result<Work, Cmd
                 ring,
                 cqe,
                 refs: 0,
+                cqes: 0,
+                overflows: 0,
                 cost,
             };
             let h = dev.objects.add_cq(cq).inspect_err(|_| {

@@ -228,6 +228,7 @@ pub(super) fn create_qp(dev: &mut Ctx<'_>, req: CmdCreateQp) -> Result<Work, Cmd
             dead: AtomicBool::new(false),
             pending: Default::default(),
             resets: Default::default(),
+            traffic: Default::default(),
         });
         let b = env.backend.clone();
         Ok(Box::new(move |dev: &mut Ctx<'_>| {
@@ -241,6 +242,7 @@ pub(super) fn create_qp(dev: &mut Ctx<'_>, req: CmdCreateQp) -> Result<Work, Cmd
             let qp = Qp {
                 pd: req.pd_handle,
                 gen,
+                qpn,
                 qp_type,
                 send_cq: req.send_cq_handle,
                 recv_cq: req.recv_cq_handle,
@@ -251,6 +253,7 @@ pub(super) fn create_qp(dev: &mut Ctx<'_>, req: CmdCreateQp) -> Result<Work, Cmd
                 },
                 shared,
                 sched: Sched::default(),
+                completions: Default::default(),
                 cost,
             };
             dev.objects.add_qp(handle, qp).inspect_err(|_| {

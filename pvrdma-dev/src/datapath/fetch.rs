@@ -2,6 +2,7 @@
 //! page directory, parsed in place into the WR the backend takes.
 
 use super::*;
+use crate::stats::QpTraffic;
 
 /// Bytes read per WQE at most: a send header and [`rdma_backend::MAX_SGE`] SGEs.
 const MAX_WQE_READ: usize = (SQ_WQE_HDR_SIZE + SGE_SIZE * rdma_backend::MAX_SGE as u32) as usize;
@@ -58,25 +59,28 @@ impl<const N: usize> WqeBytes<N> {
     }
 
     /// Decodes the first `n` SGEs (`n` checked against the queue's `max_sge` by the caller)
-    /// straight from the WQE's bytes (little-endian, spec §7) into `out`; `None` when they run
-    /// past the queue's pages.
-    fn sges_into(&self, n: usize, out: &mut SgeList) -> Option<()> {
+    /// straight from the WQE's bytes (little-endian, spec §7) into `out`; returns the bytes
+    /// they list, or `None` when they run past the queue's pages.
+    fn sges_into(&self, n: usize, out: &mut SgeList) -> Option<u64> {
         let end = self.hdr_size + n * SGE_SIZE as usize;
         let wire = self
             .buf
             .get(self.hdr_size..end)
             .filter(|_| end <= self.len)?;
         out.clear();
+        let mut bytes = 0u64;
         for b in wire.chunks_exact(SGE_SIZE as usize) {
             let (addr, rest) = b.split_at(8);
             let (length, lkey) = rest.split_at(4);
+            let length = u32::from_le_bytes(length.try_into().ok()?);
+            bytes += u64::from(length);
             out.push(Sge {
                 addr: u64::from_le_bytes(addr.try_into().ok()?),
-                length: u32::from_le_bytes(length.try_into().ok()?),
+                length,
                 lkey: u32::from_le_bytes(lkey.try_into().ok()?),
             });
         }
-        Some(())
+        Some(bytes)
     }
 }
 
@@ -128,9 +132,10 @@ pub(super) fn fetch_recv<M: GuestMemory + ?Sized>(
     Some(fetch_recv_into(pdir, mem, rq, slot, &mut wr)?.map(|()| wr))
 }
 
-/// Reads the send WQE in `slot` (header and SGEs) and parses it into `out`, in place. `None`
-/// when the WQE cannot be read (the queue is broken); `Err((wr_id, error))` when it completes
-/// in error (`out` is then partly written and must not be posted).
+/// Reads the send WQE in `slot` (header and SGEs) and parses it into `out`, in place, and
+/// counts it in `traffic`. `None` when the WQE cannot be read (the queue is broken);
+/// `Err((wr_id, error))` when it completes in error (`out` is then partly written and must not
+/// be posted; the caller counts it).
 #[inline]
 pub(super) fn fetch_send_into<M: GuestMemory + ?Sized>(
     pdir: &PageDir,
@@ -138,12 +143,13 @@ pub(super) fn fetch_send_into<M: GuestMemory + ?Sized>(
     sq: &WorkQueue,
     slot: u32,
     kind: wqe::SqKind,
+    traffic: &QpTraffic,
     out: &mut SendWr,
 ) -> Option<Result<(), (u64, wqe::WqeError)>> {
     if sq.max_sge <= FEW_SGES {
-        send_from::<FEW_WQE_READ, M>(pdir, mem, sq, slot, kind, out)
+        send_from::<FEW_WQE_READ, M>(pdir, mem, sq, slot, kind, traffic, out)
     } else {
-        send_from::<MAX_WQE_READ, M>(pdir, mem, sq, slot, kind, out)
+        send_from::<MAX_WQE_READ, M>(pdir, mem, sq, slot, kind, traffic, out)
     }
 }
 
@@ -154,6 +160,7 @@ fn send_from<const N: usize, M: GuestMemory + ?Sized>(
     sq: &WorkQueue,
     slot: u32,
     kind: wqe::SqKind,
+    traffic: &QpTraffic,
     out: &mut SendWr,
 ) -> Option<Result<(), (u64, wqe::WqeError)>> {
     let w = WqeBytes::<N>::read(pdir, mem, sq, slot, SQ_WQE_HDR_SIZE)?;
@@ -164,8 +171,12 @@ fn send_from<const N: usize, M: GuestMemory + ?Sized>(
             opcode: wqe::wc_opcode_of(hdr.opcode, kind.fast_reg_pages > 0),
         }),
         Some(n) => {
-            w.sges_into(n, &mut out.sges)?;
-            wqe::parse_send(&hdr, kind, mem, out)
+            let bytes = w.sges_into(n, &mut out.sges)?;
+            let r = wqe::parse_send(&hdr, kind, mem, out);
+            if r.is_ok() {
+                traffic.sent(hdr.opcode, bytes);
+            }
+            r
         }
     };
     Some(parsed.map_err(|e| (hdr.wr_id, e)))
@@ -180,6 +191,6 @@ pub(crate) fn fetch_send<M: GuestMemory + ?Sized>(
     kind: wqe::SqKind,
 ) -> Option<Result<SendWr, (u64, wqe::WqeError)>> {
     let mut wr = NO_SEND;
-    let r = fetch_send_into(pdir, mem, sq, slot, kind, &mut wr)?;
+    let r = fetch_send_into(pdir, mem, sq, slot, kind, &QpTraffic::default(), &mut wr)?;
     Some(r.map(|()| wr))
 }

@@ -101,6 +101,8 @@ pub(crate) struct QpShared {
     /// across a reset may have read the indices while they were set back to 0: what it took for
     /// a broken ring is not one; and WRs fetched before a reset are dropped, not posted after.
     pub resets: std::sync::atomic::AtomicU32,
+    /// Send-side counters, written by the worker draining the QP.
+    pub traffic: crate::stats::QpTraffic,
 }
 
 /// What an SRQ's worker needs.
@@ -279,6 +281,7 @@ fn handle_recv(shared: &QpShared, env: &Env, f: &FetchedRecv) -> Posted {
     match f {
         Ok(wr) => posted(env.backend.post_recv(shared.backend_qp, wr)),
         Err(wr_id) => {
+            shared.traffic.bad_wqe();
             // A malformed receive cannot be posted; it completes in error and the QP moves to
             // ERR, which flushes the rest (IB: local QP operation error).
             let e = wqe::WqeError {
@@ -298,6 +301,7 @@ fn handle_send(shared: &QpShared, env: &Env, f: &FetchedSend) -> Posted {
     match f {
         Ok(wr) => posted(env.backend.post_send(shared.backend_qp, wr)),
         Err((wr_id, e)) => {
+            shared.traffic.bad_wqe();
             env.sink
                 .complete(&[error_wc(shared, shared.send_cq, *wr_id, *e)]);
             if shared.qp_type == QpType::Rc {
@@ -543,7 +547,10 @@ fn drain_sq(
                 left,
                 &mut s.send,
                 NO_SEND,
-                |slot, wr| fetch_send_into(&shared.pdir, mem, sq, slot, shared.sq_kind(), wr),
+                |slot, wr| {
+                    let kind = shared.sq_kind();
+                    fetch_send_into(&shared.pdir, mem, sq, slot, kind, &shared.traffic, wr)
+                },
                 |run| env.backend.post_send_batch(shared.backend_qp, run),
                 |e| {
                     handle_send(shared, env, &Err(e));

@@ -8,18 +8,20 @@ impl Core {
     pub(super) fn start_command(&mut self) {
         let Some(d) = self.dsr.as_ref() else {
             // CVE-2022-1050: REQUEST before a DSR is loaded.
+            self.stats.refused.commands += 1;
             self.regs.err = err::EIO;
             self.raise(vector::RESPONSE);
             return;
         };
         let mut req = [0u8; CMD_SLOT_SIZE];
         if self.mem.memory().read_slice(&mut req, d.cmd_slot).is_err() {
+            self.stats.refused.dma += 1;
             self.regs.err = err::EFAULT;
             self.raise(vector::RESPONSE);
             return;
         }
         let hdr = CmdHdr::from_slice(&req[..16]).copied().unwrap_or_default();
-        self.stats.commands += 1;
+        self.stats.command(hdr.cmd).count += 1;
         let job = self.with_cmd_ctx(|dev| cmd::prepare(dev, hdr.cmd, &req));
         self.cmd_pending = true;
         let weak = self.weak.clone();
@@ -73,7 +75,12 @@ impl Core {
             Ok(body) => (body, err::OK),
             Err(e) => {
                 log::debug!("command {} failed: {e}", hdr.cmd);
-                self.stats.command_errors += 1;
+                self.stats.command(hdr.cmd).errors += 1;
+                match e.code() {
+                    err::ENOMEM => self.stats.refused.over_limit += 1,
+                    err::EIO => {}
+                    _ => self.stats.refused.commands += 1,
+                }
                 (vec![0u8; std::mem::size_of::<RespHdr>()], e.code())
             }
         };
@@ -89,6 +96,7 @@ impl Core {
         bytes[..16].copy_from_slice(rh.as_slice());
         if let Some(d) = self.dsr.as_ref() {
             if let Err(e) = self.mem.memory().write_slice(&bytes, d.resp_slot) {
+                self.stats.refused.dma += 1;
                 log::debug!("response slot unwritable: {e}");
             }
         }

@@ -67,6 +67,8 @@ impl Core {
             match cq.ring.push(&*mem, &cqe, cq::solicited_or_error(wc)) {
                 Pushed::Written { notify: n } => {
                     self.stats.cqes += 1;
+                    cq.cqes += 1;
+                    self.count_completion(qh, wc);
                     if written.last() != Some(&cqh) && !written.contains(&cqh) {
                         written.push(cqh);
                     }
@@ -76,11 +78,20 @@ impl Core {
                 }
                 Pushed::Overflow => {
                     self.stats.cq_overflows += 1;
+                    cq.overflows += 1;
                     if !overflowed.contains(&cqh) {
                         overflowed.push(cqh);
                     }
                 }
-                Pushed::Dropped | Pushed::Broken => self.stats.cq_overflows += 1,
+                Pushed::Dropped => {
+                    self.stats.cq_overflows += 1;
+                    cq.overflows += 1;
+                }
+                Pushed::Broken => {
+                    self.stats.cq_overflows += 1;
+                    self.stats.refused.dma += 1;
+                    cq.overflows += 1;
+                }
             }
         }
         // Each CQ's prod_tail once for the run, before any notification about it.
@@ -88,6 +99,7 @@ impl Core {
             if let Some(cq) = self.objects.cqs.get_mut(cqh) {
                 if !cq.ring.publish(&*mem) {
                     self.stats.cq_overflows += 1;
+                    self.stats.refused.dma += 1;
                 }
             }
         }
@@ -118,6 +130,24 @@ impl Core {
                 qp.sched.stalled = false;
             }
             self.schedule_qp(qh);
+        }
+    }
+
+    /// Counts a completion written for live QP `qh`: a successful receive by its opcode and
+    /// bytes, an error on the QP.
+    fn count_completion(&mut self, qh: u32, wc: &WorkCompletion) {
+        let Some(qp) = self.objects.qps.get_mut(qh) else {
+            return;
+        };
+        if wc.status != rdma_backend::WcStatus::Success {
+            qp.completions.errors += 1;
+        } else if let Some(i) = crate::stats::recv_op_index(wc.opcode) {
+            let bytes = u64::from(wc.byte_len);
+            qp.completions.recv_wqes += 1;
+            qp.completions.recv_bytes += bytes;
+            let d = &mut self.stats.recv[i];
+            d.wqes += 1;
+            d.bytes += bytes;
         }
     }
 

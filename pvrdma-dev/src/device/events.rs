@@ -21,13 +21,24 @@ impl Core {
                 self.msix.set_pending(vector, true);
                 return;
             }
+            self.count_interrupt(vector);
             self.irq.trigger(vector);
         } else {
             // MSI/INTx fallback: only vector 0 is handled by the driver, which reads ICR.
             self.regs.icr |= cause.bits();
             if !self.config.intx_disabled() {
+                self.stats.interrupts.intx += 1;
                 self.irq.set_intx(true);
             }
+        }
+    }
+
+    fn count_interrupt(&mut self, vector: u16) {
+        let i = &mut self.stats.interrupts;
+        match vector {
+            vector::RESPONSE => i.response += 1,
+            vector::ASYNC => i.async_events += 1,
+            _ => i.cq += 1,
         }
     }
 
@@ -41,6 +52,7 @@ impl Core {
                 && !self.config.msix_function_masked()
             {
                 self.msix.set_pending(v, false);
+                self.count_interrupt(v);
                 self.irq.trigger(v);
             }
         }
@@ -58,7 +70,10 @@ impl Core {
                 self.raise(vector::ASYNC);
             }
             Ok(false) => log::debug!("async event ring full; event {event_type} dropped"),
-            Err(e) => log::debug!("async event ring unusable: {e}"),
+            Err(e) => {
+                self.stats.refused.dma += 1;
+                log::debug!("async event ring unusable: {e}");
+            }
         }
     }
 }

@@ -24,6 +24,9 @@ pub(super) enum Msg {
     Stats {
         reply: Sender<DeviceStats>,
     },
+    Resources {
+        reply: Sender<Resources>,
+    },
     Stop,
 }
 
@@ -188,11 +191,21 @@ impl DeviceHandle {
         rx.recv().map_err(|_| DeviceError::Stopped)
     }
 
-    /// Current counters.
+    /// Current counters (see [`DeviceStats`]). Answered by the main loop in order with the
+    /// guest's accesses: everything an access returned before this call is counted.
     pub fn stats(&self) -> Result<DeviceStats, DeviceError> {
         let (reply, rx) = bounded(1);
         self.tx
             .send(Msg::Stats { reply })
+            .map_err(|_| DeviceError::Stopped)?;
+        rx.recv().map_err(|_| DeviceError::Stopped)
+    }
+
+    /// The live objects and their counters (see [`Resources`]), like `rdma resource show`.
+    pub fn resources(&self) -> Result<Resources, DeviceError> {
+        let (reply, rx) = bounded(1);
+        self.tx
+            .send(Msg::Resources { reply })
             .map_err(|_| DeviceError::Stopped)?;
         rx.recv().map_err(|_| DeviceError::Stopped)
     }
@@ -473,10 +486,16 @@ impl LocalDevice {
         self.call(Msg::Reset { done }, &rx)
     }
 
-    /// Current counters.
+    /// Current counters (see [`DeviceStats`]).
     pub fn stats(&self) -> Result<DeviceStats, DeviceError> {
         let (reply, rx) = bounded(1);
         self.call(Msg::Stats { reply }, &rx)
+    }
+
+    /// The live objects and their counters (see [`Resources`]).
+    pub fn resources(&self) -> Result<Resources, DeviceError> {
+        let (reply, rx) = bounded(1);
+        self.call(Msg::Resources { reply }, &rx)
     }
 }
 
@@ -528,7 +547,7 @@ mod tests {
                 d.tx.len()
             );
         }
-        assert_eq!(d.stats().unwrap().bad_doorbells, n);
+        assert_eq!(d.stats().unwrap().refused.doorbells, n);
         d.shutdown();
     }
 

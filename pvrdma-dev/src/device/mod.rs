@@ -11,13 +11,15 @@
 //! One file per concern: `handle.rs` (the handles transports hold, and the loop they drive),
 //! `sink.rs` (where backends deliver), `registers.rs` (register and config accesses, DSR, reset), `commands.rs` (a command's start
 //! and finish), `events.rs` (interrupts and async events), `work.rs` (doorbells and the
-//! workers' jobs), `completions.rs` (completions into CQEs).
+//! workers' jobs), `completions.rs` (completions into CQEs), `report.rs` (counters and the
+//! resource listing).
 
 mod commands;
 mod completions;
 mod events;
 mod handle;
 mod registers;
+mod report;
 mod sink;
 mod work;
 
@@ -48,6 +50,7 @@ use crate::exec::Exec;
 use crate::objects::{split_cookie, Objects};
 use crate::pci::{ConfigSpace, MsixTable, MSIX_BAR, REG_BAR, UAR_BAR};
 use crate::regs::{ctl, err, offset, uar, vector, CqDoorbell, IntrCause, QpDoorbell, SrqDoorbell};
+use crate::stats::{DeviceStats, MainCounters, Resources};
 
 /// Accesses that may wait behind one running command. Transports wait for every read and for
 /// non-posted writes, so only posted writes queue here; the bound keeps a flood of them finite.
@@ -87,29 +90,6 @@ impl Default for DeviceOptions {
             name: "pvrdma".into(),
         }
     }
-}
-
-/// Counters for tests and monitoring.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct DeviceStats {
-    /// Commands executed.
-    pub commands: u64,
-    /// Commands that failed.
-    pub command_errors: u64,
-    /// CQEs written.
-    pub cqes: u64,
-    /// Completions dropped because their QP or CQ is gone.
-    pub stale_completions: u64,
-    /// CQEs lost to a full CQ.
-    pub cq_overflows: u64,
-    /// Doorbells ignored (unknown handle, wrong context, bad value).
-    pub bad_doorbells: u64,
-    /// Async events posted.
-    pub events: u64,
-    /// Live objects: PDs, MRs, CQs, QPs, SRQs, user contexts.
-    pub objects: [usize; 6],
-    /// Host memory the live objects reserve, in bytes (bounded by `max_host_mem`).
-    pub host_mem: u64,
 }
 
 /// A backend constructor: receives the guest memory and the sink completions go to.
@@ -179,7 +159,8 @@ pub(crate) struct Core {
     deferred: VecDeque<Msg>,
     /// The guest's objects: every table, its references and reservations.
     pub objects: Objects,
-    pub stats: DeviceStats,
+    /// What the main loop counts (the data path's counts are in each QP's shared state).
+    pub stats: MainCounters,
     /// CQs written by the current run of completions (kept for its allocation).
     cqs_written: Vec<u32>,
     /// A job running [`Backend::progress`] is queued or running on the pool.

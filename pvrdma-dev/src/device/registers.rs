@@ -30,7 +30,7 @@ impl Core {
             cmd_pending: false,
             deferred: VecDeque::new(),
             objects: Objects::new(&cfg),
-            stats: DeviceStats::default(),
+            stats: MainCounters::default(),
             cqs_written: Vec::new(),
             progress_running: false,
             logs: GuestLogs::default(),
@@ -57,6 +57,7 @@ impl Core {
             if self.deferred.len() >= MAX_DEFERRED {
                 // Only posted writes can pile up here (every other access waits for its
                 // answer); a guest that posts this many while one command runs loses them.
+                self.stats.refused.dropped_writes += 1;
                 crate::limited_warn!(
                     self.logs.dropped_writes,
                     "{}: {MAX_DEFERRED} accesses wait for a command; dropping one",
@@ -103,17 +104,10 @@ impl Core {
                 let _ = done.send(());
             }
             Msg::Stats { reply } => {
-                let mut s = self.stats.clone();
-                s.objects = [
-                    self.objects.pds.len(),
-                    self.objects.mrs.len(),
-                    self.objects.cqs.len(),
-                    self.objects.qps.len(),
-                    self.objects.srqs.len(),
-                    self.objects.ucs.len(),
-                ];
-                s.host_mem = self.objects.host_mem();
-                let _ = reply.send(s);
+                let _ = reply.send(self.report());
+            }
+            Msg::Resources { reply } => {
+                let _ = reply.send(self.resources());
             }
             Msg::Stop => {}
         }
@@ -124,7 +118,7 @@ impl Core {
     /// all-ones, writes are dropped.
     pub(super) fn abandon_command(&mut self) {
         self.cmd_pending = false;
-        for m in self.deferred.drain(..) {
+        for m in std::mem::take(&mut self.deferred) {
             match m {
                 Msg::Read { reply, .. } => {
                     let _ = reply.send(u64::MAX);
@@ -138,7 +132,10 @@ impl Core {
                     let _ = done.send(());
                 }
                 Msg::Stats { reply } => {
-                    let _ = reply.send(self.stats.clone());
+                    let _ = reply.send(self.report());
+                }
+                Msg::Resources { reply } => {
+                    let _ = reply.send(self.resources());
                 }
                 Msg::Stop => {}
             }
@@ -222,19 +219,22 @@ impl Core {
                     self.write_reg(off, value as u32);
                     self.write_reg(off + 4, (value >> 32) as u32);
                 } else {
+                    self.stats.refused.registers += 1;
                     log::debug!("ignored {len}-byte register write at {off:#x}");
                 }
             }
             Region::Bar(b) if usize::from(b) == UAR_BAR => {
                 if !access_in_bar(off, len, self.config.bar_size(UAR_BAR)) {
-                    self.stats.bad_doorbells += 1;
+                    self.stats.doorbells += 1;
+                    self.stats.refused.doorbells += 1;
                 } else if len == 4 && off % 4 == 0 {
                     self.doorbell(off, value as u32);
                 } else if len == 8 && off % 8 == 0 {
                     self.doorbell(off, value as u32);
                     self.doorbell(off + 4, (value >> 32) as u32);
                 } else {
-                    self.stats.bad_doorbells += 1;
+                    self.stats.doorbells += 1;
+                    self.stats.refused.doorbells += 1;
                 }
             }
             _ => {}
@@ -253,6 +253,7 @@ impl Core {
                 if v == 0 {
                     self.start_command();
                 } else {
+                    self.stats.refused.registers += 1;
                     log::debug!("REQUEST write of {v:#x} ignored");
                 }
             }
@@ -261,7 +262,10 @@ impl Core {
             }
             offset::MACL => self.regs.macl = v,
             offset::MACH => self.regs.mach = v,
-            _ => log::debug!("write to read-only or unknown register {off:#x} ignored"),
+            _ => {
+                self.stats.refused.registers += 1;
+                log::debug!("write to read-only or unknown register {off:#x} ignored");
+            }
         }
     }
 
@@ -282,6 +286,7 @@ impl Core {
                 self.regs.err = err::OK;
             }
             Err(e) => {
+                self.stats.refused.dsr += 1;
                 crate::limited_warn!(
                     self.logs.bad_dsr,
                     "{}: DSR at {addr:#x} rejected: {e}",
@@ -317,6 +322,7 @@ impl Core {
                 self.regs.err = err::OK;
             }
             _ => {
+                self.stats.refused.registers += 1;
                 log::debug!("unknown CTL value {v:#x}");
                 self.regs.err = err::EINVAL;
             }
@@ -338,6 +344,7 @@ impl Core {
 
     /// CTL RESET / DEVICE_RESET: back to the power-on state of the register file.
     pub(crate) fn reset(&mut self) {
+        self.stats.resets += 1;
         self.reset_objects();
         self.dsr = None;
         self.active = false;

@@ -69,12 +69,13 @@ impl Core {
         let page = (off >> 12) as u32;
         let reg = off & 0xfff;
         let handle = v & uar::HANDLE_MASK;
+        self.stats.doorbells += 1;
         let Some(ctx) = self.objects.page_ctx(page) else {
-            self.stats.bad_doorbells += 1;
+            self.stats.refused.doorbells += 1;
             return;
         };
         if !self.active {
-            self.stats.bad_doorbells += 1;
+            self.stats.refused.doorbells += 1;
             return;
         }
         match reg {
@@ -86,7 +87,7 @@ impl Core {
                     .is_some_and(|qp| self.objects.pd_ctx(qp.pd) == Some(ctx));
                 let flags = QpDoorbell::from_bits_truncate(v);
                 if !ok || flags.is_empty() {
-                    self.stats.bad_doorbells += 1;
+                    self.stats.refused.doorbells += 1;
                     return;
                 }
                 self.schedule_qp(handle);
@@ -94,7 +95,7 @@ impl Core {
             uar::CQ => {
                 let flags = CqDoorbell::from_bits_truncate(v);
                 let Some(cq) = self.objects.cqs.get_mut(handle).filter(|c| c.ctx == ctx) else {
-                    self.stats.bad_doorbells += 1;
+                    self.stats.refused.doorbells += 1;
                     return;
                 };
                 if flags.contains(CqDoorbell::ARM) {
@@ -112,12 +113,12 @@ impl Core {
                     .get(handle)
                     .is_some_and(|s| self.objects.pd_ctx(s.pd) == Some(ctx));
                 if !ok || !SrqDoorbell::from_bits_truncate(v).contains(SrqDoorbell::RECV) {
-                    self.stats.bad_doorbells += 1;
+                    self.stats.refused.doorbells += 1;
                     return;
                 }
                 self.schedule_srq(handle);
             }
-            _ => self.stats.bad_doorbells += 1,
+            _ => self.stats.refused.doorbells += 1,
         }
     }
 
@@ -179,6 +180,7 @@ impl Core {
                 ..Default::default()
             };
             let _ = self.env.backend.modify_qp(b, &attrs);
+            self.stats.refused.rings += 1;
             self.post_event(event::QP_FATAL, handle);
             return;
         }
@@ -218,6 +220,8 @@ impl Core {
                 srq.sched.busy = false;
                 srq.sched.stalled = d.stalled;
                 let again = std::mem::take(&mut srq.sched.again);
+                core.stats.refused.rings += u64::from(d.ring_error);
+                core.stats.refused.wqes += u64::from(d.malformed);
                 if d.ring_error || d.malformed > 0 {
                     // SRQ_ERR: the guest's SRQ ring or one of its WQEs is unusable.
                     core.post_event(event::SRQ_ERR, handle);

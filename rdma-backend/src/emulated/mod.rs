@@ -914,6 +914,15 @@ impl Backend for EmulatedBackend {
         Ok(self.qp(qp)?.state())
     }
 
+    fn qp_retries(&self, qp: QpId) -> Option<crate::QpRetries> {
+        let qp = self.qp(qp).ok()?;
+        let sq = lock(&qp.sq);
+        Some(crate::QpRetries {
+            rnr_waits: sq.rnr_waits,
+            retries: sq.retries,
+        })
+    }
+
     fn destroy_qp(&self, id: QpId) -> Result<()> {
         let qp = write(&self.qps)
             .remove(&id.0)

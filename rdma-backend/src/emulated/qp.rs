@@ -224,6 +224,10 @@ pub(crate) struct Sq {
     pub qkey: u32,
     /// Cached RC responder.
     pub remote: Weak<Qp>,
+    /// Times the head WR waited for a receive at the responder (RNR), and was tried again
+    /// after a wait of either kind (monitoring: [`crate::Backend::qp_retries`]).
+    pub rnr_waits: u64,
+    pub retries: u64,
 }
 
 impl Sq {
@@ -243,6 +247,8 @@ impl Sq {
             timeout: 0,
             qkey: 0,
             remote: Weak::new(),
+            rnr_waits: 0,
+            retries: 0,
         }
     }
 
@@ -727,6 +733,7 @@ fn run(
                 spent += n;
                 if sq.stall.take().is_some() {
                     sq.token += 1;
+                    sq.retries += 1;
                 }
             }
             Outcome::Done(len) => {
@@ -734,6 +741,7 @@ fn run(
                 sq.pending.pop_front();
                 if sq.stall.take().is_some() {
                     sq.token += 1;
+                    sq.retries += 1;
                 }
                 if signaled || qp.sig_all {
                     let wc = qp.wc(qp.send_cq, wr_id, WcStatus::Success, opcode, len);
@@ -744,7 +752,9 @@ fn run(
                 sq.partial = part;
                 sq.abandon();
                 sq.pending.pop_front();
-                sq.stall = None;
+                if sq.stall.take().is_some() {
+                    sq.retries += 1;
+                }
                 sq.token += 1;
                 let wc = qp.wc(qp.send_cq, wr_id, status, opcode, 0);
                 sq.held.deliver_then(&*be.sink, std::slice::from_ref(&wc));
@@ -760,6 +770,8 @@ fn run(
                 // A message part-way through starts over when it is retried.
                 sq.partial = part;
                 sq.abandon();
+                sq.retries += u64::from(sq.stall.is_some());
+                sq.rnr_waits += u64::from(kind == StallKind::Rnr);
                 let fresh = match (sq.stall, trigger) {
                     (None, _) => true,
                     (Some(st), _) if st.kind != kind => true,
