@@ -157,6 +157,19 @@ pub struct Resources {
     pub qps: Vec<QpInfo>,
     /// Shared receive queues.
     pub srqs: Vec<SrqInfo>,
+    /// The GID table entries the guest bound (CREATE_BIND).
+    pub gids: Vec<GidInfo>,
+}
+
+/// A bound GID.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct GidInfo {
+    /// Its index in the GID table.
+    pub index: u32,
+    /// The GID, as IPv6 text.
+    pub gid: String,
+    /// `RoCEv1` or `RoCEv2`.
+    pub gid_type: String,
 }
 
 /// A user context.

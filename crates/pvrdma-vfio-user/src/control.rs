@@ -61,6 +61,9 @@ enum Request {
     Stats {
         device: String,
     },
+    Resources {
+        device: String,
+    },
     Add {
         device: serde_json::Map<String, Value>,
     },
@@ -321,6 +324,12 @@ fn handle(line: &[u8], shared: &Shared) -> std::result::Result<Value, RequestErr
                 .stats()
                 .map_err(|_| RequestError::Stopped(name))?;
             to_value(&stats)
+        }
+        Request::Resources { device: name } => {
+            let res = device(&name)?
+                .resources()
+                .map_err(|_| RequestError::Stopped(name))?;
+            to_value(&res)
         }
         Request::Add { device: keys } => {
             let parser = shared.parser.as_ref().ok_or(RequestError::NoAdd)?;

@@ -138,106 +138,161 @@ impl Collector for HostCollector {
     }
 }
 
+/// The fields of a plain struct of counters (`Refused`, `Interrupts`, …) as (name, value).
+fn fields<T: serde::Serialize>(v: &T) -> Vec<(String, u64)> {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::Object(m)) => m
+            .into_iter()
+            .filter_map(|(k, v)| Some((k, v.as_u64()?)))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
 /// The per-device families, read now.
-fn device_families<'a>(host: &Host, status: &[crate::host::DeviceStatus]) -> Vec<Family<'a>> {
+fn device_families(host: &Host, status: &[crate::host::DeviceStatus]) -> Vec<Family<'static>> {
     let fam = |name, help, counter| Family {
         name,
         help,
         counter,
         rows: Vec::new(),
     };
-    let mut connected = fam(
-        "pvrdma_device_connected",
-        "Whether a VMM is connected.",
-        false,
-    );
-    let mut clients = fam(
-        "pvrdma_device_clients",
-        "Clients accepted since the device was added.",
-        true,
-    );
-    let mut budget = fam(
-        "pvrdma_device_host_memory_limit_bytes",
-        "Host memory the device's guest may make the process hold.",
-        false,
-    );
-    let mut mem = fam(
-        "pvrdma_device_host_memory_bytes",
-        "Host memory the device's live objects reserve.",
-        false,
-    );
-    let mut objects = fam("pvrdma_device_objects", "Live objects by kind.", false);
-    let mut commands = fam("pvrdma_device_commands", "Commands executed.", true);
-    let mut command_errors = fam(
-        "pvrdma_device_command_errors",
-        "Commands that failed.",
-        true,
-    );
-    let mut cqes = fam(
-        "pvrdma_device_cqes",
-        "Completions written to the guest's CQs.",
-        true,
-    );
-    let mut stale = fam(
-        "pvrdma_device_stale_completions",
-        "Completions dropped because their QP or CQ was gone.",
-        true,
-    );
-    let mut overflows = fam(
-        "pvrdma_device_cq_overflows",
-        "Completions lost to a full CQ.",
-        true,
-    );
-    let mut bad_db = fam(
-        "pvrdma_device_bad_doorbells",
-        "Doorbells ignored (unknown handle, wrong context, bad value).",
-        true,
-    );
-    let mut events = fam(
-        "pvrdma_device_async_events",
-        "Asynchronous events posted.",
-        true,
-    );
+    let mut f = [
+        fam(
+            "pvrdma_device_connected",
+            "Whether a VMM is connected.",
+            false,
+        ),
+        fam(
+            "pvrdma_device_clients",
+            "Clients accepted since the device was added.",
+            true,
+        ),
+        fam(
+            "pvrdma_device_host_memory_limit_bytes",
+            "Host memory the device's guest may make the process hold.",
+            false,
+        ),
+        fam(
+            "pvrdma_device_host_memory_bytes",
+            "Host memory the device's live objects reserve.",
+            false,
+        ),
+        fam("pvrdma_device_objects", "Live objects by kind.", false),
+        fam(
+            "pvrdma_device_commands",
+            "Commands executed, by code.",
+            true,
+        ),
+        fam(
+            "pvrdma_device_command_errors",
+            "Commands that failed, by code.",
+            true,
+        ),
+        fam("pvrdma_device_doorbells", "Doorbells rung.", true),
+        fam(
+            "pvrdma_device_send_wqes",
+            "Send work requests taken from the guest's send queues, by opcode.",
+            true,
+        ),
+        fam(
+            "pvrdma_device_send_bytes",
+            "Bytes those work requests carry, by opcode.",
+            true,
+        ),
+        fam(
+            "pvrdma_device_recv_wqes",
+            "Receive completions written, by opcode.",
+            true,
+        ),
+        fam(
+            "pvrdma_device_recv_bytes",
+            "Bytes received, by opcode.",
+            true,
+        ),
+        fam(
+            "pvrdma_device_cqes",
+            "Completions written to the guest's CQs.",
+            true,
+        ),
+        fam(
+            "pvrdma_device_stale_completions",
+            "Completions dropped because their QP or CQ was gone.",
+            true,
+        ),
+        fam(
+            "pvrdma_device_cq_overflows",
+            "Completions lost to a full CQ.",
+            true,
+        ),
+        fam(
+            "pvrdma_device_interrupts",
+            "Interrupts raised, by vector.",
+            true,
+        ),
+        fam(
+            "pvrdma_device_async_events",
+            "Asynchronous events posted.",
+            true,
+        ),
+        fam("pvrdma_device_resets", "Device resets.", true),
+        fam(
+            "pvrdma_device_refused",
+            "Guest input refused, by kind.",
+            true,
+        ),
+    ];
     let sat = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
     for d in status {
-        let l = || vec![("device", d.name.clone())];
-        connected.rows.push((l(), i64::from(d.connected)));
-        clients.rows.push((l(), sat(d.clients)));
-        budget.rows.push((l(), sat(d.max_host_mem)));
+        let l = |extra: Option<(&'static str, &str)>| {
+            let mut v = vec![("device", d.name.clone())];
+            v.extend(extra.map(|(k, x)| (k, x.to_string())));
+            v
+        };
+        let [connected, clients, budget, mem, objects, commands, command_errors, doorbells, send_wqes, send_bytes, recv_wqes, recv_bytes, cqes, stale, overflows, interrupts, events, resets, refused] =
+            &mut f;
+        connected.rows.push((l(None), i64::from(d.connected)));
+        clients.rows.push((l(None), sat(d.clients)));
+        budget.rows.push((l(None), sat(d.max_host_mem)));
         let Some(s) = host.device(&d.name).and_then(|h| h.stats().ok()) else {
             continue;
         };
-        mem.rows.push((l(), sat(s.host_mem)));
-        for (kind, n) in ["pd", "mr", "cq", "qp", "srq", "context"]
-            .iter()
-            .zip(s.objects)
-        {
-            let mut labels = l();
-            labels.push(("kind", (*kind).to_string()));
-            objects.rows.push((labels, n as i64));
+        mem.rows.push((l(None), sat(s.host_mem)));
+        for (kind, n) in fields(&s.objects) {
+            objects.rows.push((l(Some(("kind", &kind))), sat(n)));
         }
-        commands.rows.push((l(), sat(s.commands)));
-        command_errors.rows.push((l(), sat(s.command_errors)));
-        cqes.rows.push((l(), sat(s.cqes)));
-        stale.rows.push((l(), sat(s.stale_completions)));
-        overflows.rows.push((l(), sat(s.cq_overflows)));
-        bad_db.rows.push((l(), sat(s.bad_doorbells)));
-        events.rows.push((l(), sat(s.events)));
+        for (code, c) in &s.commands_by_code {
+            commands.rows.push((l(Some(("code", code))), sat(c.count)));
+            command_errors
+                .rows
+                .push((l(Some(("code", code))), sat(c.errors)));
+        }
+        doorbells.rows.push((l(None), sat(s.doorbells)));
+        for (op, c) in &s.send {
+            send_wqes.rows.push((l(Some(("opcode", op))), sat(c.wqes)));
+            send_bytes
+                .rows
+                .push((l(Some(("opcode", op))), sat(c.bytes)));
+        }
+        for (op, c) in &s.recv {
+            recv_wqes.rows.push((l(Some(("opcode", op))), sat(c.wqes)));
+            recv_bytes
+                .rows
+                .push((l(Some(("opcode", op))), sat(c.bytes)));
+        }
+        cqes.rows.push((l(None), sat(s.cqes)));
+        stale.rows.push((l(None), sat(s.stale_completions)));
+        overflows.rows.push((l(None), sat(s.cq_overflows)));
+        for (v, n) in fields(&s.interrupts) {
+            interrupts.rows.push((l(Some(("vector", &v))), sat(n)));
+        }
+        events.rows.push((l(None), sat(s.events)));
+        resets.rows.push((l(None), sat(s.resets)));
+        for (kind, n) in fields(&s.refused) {
+            refused.rows.push((l(Some(("kind", &kind))), sat(n)));
+        }
     }
-    vec![
-        connected,
-        clients,
-        budget,
-        mem,
-        objects,
-        commands,
-        command_errors,
-        cqes,
-        stale,
-        overflows,
-        bad_db,
-        events,
-    ]
+    f.into()
 }
 
 /// The text of one scrape of `host`.

@@ -2,8 +2,8 @@
 
 use super::*;
 use crate::stats::{
-    qp_state_name, qp_type_name, CqInfo, MrInfo, ObjectCounts, PdInfo, QpCounters, QpInfo, QpPeer,
-    SrqInfo, UcInfo,
+    qp_state_name, qp_type_name, CqInfo, GidInfo, MrInfo, ObjectCounts, PdInfo, QpCounters, QpInfo,
+    QpPeer, SrqInfo, UcInfo,
 };
 
 impl Core {
@@ -81,6 +81,19 @@ impl Core {
                     max_sge: s.attrs.max_sge,
                     limit: s.attrs.srq_limit,
                     users: s.refs,
+                })
+                .collect(),
+            gids: o
+                .gids
+                .iter()
+                .enumerate()
+                .filter_map(|(index, g)| {
+                    let (gid, ty) = (*g)?;
+                    Some(GidInfo {
+                        index: index as u32,
+                        gid: std::net::Ipv6Addr::from(gid).to_string(),
+                        gid_type: if ty == 2 { "RoCEv2" } else { "RoCEv1" }.into(),
+                    })
                 })
                 .collect(),
         }
