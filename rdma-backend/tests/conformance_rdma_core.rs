@@ -7,7 +7,6 @@
 //! must carry those addresses (the guest script adds them to eth0). `PVRDMA_CASES=a,b` runs only
 //! those cases; `PVRDMA_PROBE_UNSUPPORTED=1` also runs the unsupported ones and reports how they
 //! end (diagnostics; they never fail the test).
-#![cfg(feature = "rdma-core")]
 
 use std::sync::Arc;
 
