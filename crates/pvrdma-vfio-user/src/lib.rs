@@ -123,7 +123,6 @@ pub enum BackendChoice {
     #[default]
     Emulated,
     /// A host RDMA device through libibverbs.
-    #[cfg(feature = "rdma-core")]
     RdmaCore(rdma_backend::rdma_core::Config),
 }
 
