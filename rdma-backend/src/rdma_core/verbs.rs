@@ -51,7 +51,14 @@ impl DeviceList {
         // SAFETY: `n` is a valid out pointer; the list is freed on drop.
         let list = unsafe { (lib.get_device_list)(&mut n) };
         if list.is_null() {
-            return Err(errno_err("ibv_get_device_list"));
+            let e = errno_err("ibv_get_device_list");
+            if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
+                // libibverbs found no /sys/class/infiniband_verbs.
+                return Err(format!(
+                    "{e}: the kernel offers no RDMA devices to user space (is ib_uverbs loaded?)"
+                ));
+            }
+            return Err(e);
         }
         Ok(DeviceList {
             lib,
