@@ -43,8 +43,8 @@ devices:\n\
 \n\
 options (defaults for every device):\n\
 \x20 --backend emulated   RDMA backend: `emulated` (a software fabric shared by the devices of\n\
-\x20                      this process) or `rdma-core` (a host RDMA device through libibverbs;\n\
-\x20                      only in binaries built with the `rdma-core` feature)\n\
+\x20                      this process) or `rdma-core` (a host RDMA device through\n\
+\x20                      libibverbs.so.1, loaded at start; needs rdma-core installed)\n\
 \x20 --ibdev NAME         host RDMA device of `rdma-core` (default rxe0)\n\
 \x20 --ibport N           its port (default 1)\n\
 \x20 --mac MAC            MAC of the paired vmxnet3, xx:xx:xx:xx:xx:xx (default 00:50:56:00:00:01)\n\
@@ -358,13 +358,10 @@ fn parse(args: &[String]) -> Result<Args, String> {
 
 /// The backends this binary can offer here, for messages.
 fn available_backends() -> String {
-    #[cfg(feature = "rdma-core")]
     let rc = match rdma_backend::rdma_core::available() {
         Ok(()) => "rdma-core".to_string(),
         Err(e) => format!("rdma-core unavailable here: {e}"),
     };
-    #[cfg(not(feature = "rdma-core"))]
-    let rc = "rdma-core not built in (build with --features rdma-core)".to_string();
     format!("emulated; {rc}")
 }
 
@@ -373,7 +370,6 @@ fn backend_choice(a: &Args) -> Result<pvrdma_vfio_user::BackendChoice, String> {
     if a.backend == "emulated" {
         return Ok(pvrdma_vfio_user::BackendChoice::Emulated);
     }
-    #[cfg(feature = "rdma-core")]
     {
         use rdma_backend::rdma_core;
         rdma_core::available().map_err(|e| {
@@ -397,12 +393,6 @@ fn backend_choice(a: &Args) -> Result<pvrdma_vfio_user::BackendChoice, String> {
             .map_err(|e| format!("--backend rdma-core: {e}"))?;
         Ok(pvrdma_vfio_user::BackendChoice::RdmaCore(cfg))
     }
-    #[cfg(not(feature = "rdma-core"))]
-    Err(format!(
-        "--backend rdma-core: not built into this binary (build with --features rdma-core); \
-         backends: {}",
-        available_backends()
-    ))
 }
 
 /// Removes `path` if it is a socket nobody listens on.
@@ -606,10 +596,8 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!((a.ibdev.as_str(), a.ibport), ("x", 2));
-        // Without the feature, or without libibverbs (this host), rdma-core is refused clearly.
-        if cfg!(not(feature = "rdma-core"))
-            || !std::path::Path::new("/usr/lib/x86_64-linux-gnu/libibverbs.so.1").exists()
-        {
+        // Without libibverbs (this host), rdma-core is refused clearly.
+        if !std::path::Path::new("/usr/lib/x86_64-linux-gnu/libibverbs.so.1").exists() {
             assert!(backend_choice(&a).unwrap_err().contains("rdma-core"));
         }
         assert!(parse(&args(&["--mac", "00:11"])).is_err());

@@ -5,7 +5,7 @@
 //! Two implementations exist:
 //! - [`emulated`]: a software RDMA fabric (RC and UD semantics, loopback, several devices in one
 //!   process reaching each other by GID). It is the default every user gets.
-//! - `rdma_core` (cargo feature `rdma-core`): host libibverbs, loaded at run time. It maps every
+//! - [`rdma_core`]: host libibverbs, loaded at run time (always built). It maps every
 //!   call here onto the matching `ibv_*` verb; guest RAM is registered with the host device, MRs
 //!   with remote access with `ibv_reg_mr_iova` so guest virtual addresses stay valid, and a
 //!   completion thread polls the host CQs and feeds the same [`CompletionSink`].
@@ -27,7 +27,6 @@ use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 pub mod conformance;
 pub mod emulated;
 mod progress;
-#[cfg(feature = "rdma-core")]
 pub mod rdma_core;
 // memfd_create and taking ownership of its descriptor.
 #[allow(unsafe_code)]

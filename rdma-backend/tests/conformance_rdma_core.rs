@@ -7,7 +7,6 @@
 //! must carry those addresses (the guest script adds them to eth0). `PVRDMA_CASES=a,b` runs only
 //! those cases; `PVRDMA_PROBE_UNSUPPORTED=1` also runs the unsupported ones and reports how they
 //! end (diagnostics; they never fail the test).
-#![cfg(feature = "rdma-core")]
 
 use std::sync::Arc;
 
@@ -101,4 +100,73 @@ fn conformance() {
         skipped.len()
     );
     assert!(failed.is_empty(), "failed cases: {failed:?}");
+}
+
+/// A sink for backends that never carry traffic.
+struct NoSink;
+impl CompletionSink for NoSink {
+    fn complete(&self, _: &[rdma_backend::WorkCompletion]) {}
+    fn event(&self, _: rdma_backend::AsyncEvent) {}
+    fn progress_needed(&self) {}
+}
+
+fn open(cfg: Config) -> rdma_backend::Result<Arc<RdmaCoreBackend>> {
+    let mem = GuestMem::new(vm_memory::GuestMemoryMmap::new());
+    RdmaCoreBackend::new(cfg, mem, Arc::new(NoSink))
+}
+
+/// An unknown host device: the error names it and lists the host's devices.
+#[test]
+fn clear_error_unknown_ibdev() {
+    let Some(cfg) = config() else { return };
+    let e = open(Config {
+        ibdev: "pvrdma_no_such_dev".into(),
+        ..cfg.clone()
+    })
+    .expect_err("no such device")
+    .to_string();
+    println!("clear error, unknown ibdev: {e}");
+    assert!(
+        e.contains("no RDMA device named pvrdma_no_such_dev") && e.contains(&cfg.ibdev),
+        "{e}"
+    );
+}
+
+/// A port the host device does not have: the error names the device and the port.
+#[test]
+fn clear_error_missing_port() {
+    let Some(cfg) = config() else { return };
+    let e = open(Config {
+        port: 9,
+        ..cfg.clone()
+    })
+    .expect_err("no port 9")
+    .to_string();
+    println!("clear error, missing port: {e}");
+    assert!(
+        e.contains(&format!("ibv_query_port({}, 9)", cfg.ibdev)),
+        "{e}"
+    );
+}
+
+/// A guest GID the host port has no entry for (with the guest's GID type): ADD_GID fails,
+/// naming the GID, its type, the device and port, and what to do.
+#[test]
+fn clear_error_gid_not_on_host() {
+    let Some(cfg) = config() else { return };
+    // The guest script gives the host netdev fe80::1:1 and fe80::1:2 only.
+    let g = conformance::device_gid(16);
+    let b = open(cfg.clone()).expect("open the rdma-core backend");
+    let e = b
+        .add_gid(0, g, rdma_backend::GidType::RoceV2)
+        .expect_err("GID not on the host")
+        .to_string();
+    println!("clear error, GID not on the host: {e}");
+    assert!(
+        e.contains(&format!(
+            "is not in the GID table of {} port {}",
+            cfg.ibdev, cfg.port
+        )) && e.contains("give the host netdev the guest's address"),
+        "{e}"
+    );
 }

@@ -15,7 +15,6 @@ mod hostile_soak;
 mod local;
 mod multi_vm;
 mod probe;
-#[cfg(feature = "rdma-core")]
 mod rdma_core_feature;
 mod soak;
 mod tenant_soak;

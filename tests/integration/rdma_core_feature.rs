@@ -1,9 +1,8 @@
-//! A `pvrdma` binary built with the `rdma-core` feature, on the host the test runs on:
+//! The `pvrdma` binary (every build has the rdma-core backend), on the host the test runs on:
 //! `--backend emulated` serves a guest whether or not libibverbs is installed, and
 //! `--backend rdma-core` either works or refuses at start-up with a message that says why.
-//! `scripts/test` runs it with `cargo test -p pvrdma --features rdma-core --test integration rdma_core_feature::`
-//! (the CI host has no libibverbs).
-#![cfg(feature = "rdma-core")]
+//! Alone: `cargo test -p pvrdma --test integration rdma_core_feature::` (the CI host has no
+//! libibverbs).
 
 use crate::common;
 

@@ -47,7 +47,6 @@ fn backend_factory(
             crate::BackendChoice::Emulated => {
                 EmulatedBackend::for_device(&fabric, mem, sink, mac) as Arc<dyn Backend>
             }
-            #[cfg(feature = "rdma-core")]
             crate::BackendChoice::RdmaCore(cfg) => {
                 // `pvrdma serve` opened the device once at start, so this fails only if the host
                 // device went away meanwhile.

@@ -125,7 +125,6 @@ pub enum BackendChoice {
     #[default]
     Emulated,
     /// A host RDMA device through libibverbs.
-    #[cfg(feature = "rdma-core")]
     RdmaCore(rdma_backend::rdma_core::Config),
 }
 
@@ -134,7 +133,6 @@ impl BackendChoice {
     pub fn describe(&self) -> String {
         match self {
             BackendChoice::Emulated => "emulated".into(),
-            #[cfg(feature = "rdma-core")]
             BackendChoice::RdmaCore(c) => format!("rdma-core:{}:{}", c.ibdev, c.port),
         }
     }

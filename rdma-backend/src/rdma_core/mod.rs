@@ -1,7 +1,8 @@
 //! The `rdma-core` backend: guest verbs carried by a host RDMA device through libibverbs.
 //!
-//! libibverbs is loaded at run time (`rdma-mummy-sys`), so a binary built with this feature runs
-//! on a host without rdma-core; [`available`] says whether this backend can be offered.
+//! libibverbs is loaded at run time (`ffi.rs`: `dlopen` and hand-written declarations), so
+//! building needs nothing of rdma-core and the binary runs on a host without it; [`available`]
+//! says whether this backend can be offered.
 //! The approach (see `docs/rdma-core-backend.md`):
 //! - Every guest RAM region is registered once per PD (`ibv_reg_mr`, local write only). Guest
 //!   SGEs are checked against the guest MR (key, PD, bounds, access) here and translated
@@ -25,6 +26,7 @@
 
 mod alias;
 mod completions;
+mod ffi;
 mod gsi;
 mod qp;
 mod translate;

@@ -472,7 +472,7 @@ fn refused_at_post(wr: &SendWr) -> Option<WcStatus> {
 /// order after the earlier ones and later ones flush.
 fn fail_before_post(e: &QpEntry, op: &mut verbs::HostSend) -> Result<()> {
     e.qp.modify(&verbs::HostQpAttr {
-        mask: QpMask::IBV_QP_STATE.0,
+        mask: QpMask::IBV_QP_STATE,
         state: S::IBV_QPS_ERR,
         ..Default::default()
     })
@@ -498,7 +498,7 @@ impl Shared {
         let mut mask = 0u32;
         macro_rules! set {
             ($bit:ident, $field:ident, $v:expr) => {{
-                mask |= QpMask::$bit.0;
+                mask |= QpMask::$bit;
                 h.$field = $v;
             }};
         }
@@ -558,7 +558,7 @@ impl Shared {
                 hop_limit: 64,
                 ..Default::default()
             });
-            mask |= QpMask::IBV_QP_AV.0;
+            mask |= QpMask::IBV_QP_AV;
             let (hav, bound) = self.host_av(&av);
             if !bound {
                 return Err(Error::Invalid("the path's source GID index is not bound"));

@@ -1,17 +1,17 @@
-//! With `alias.rs`, the only module of the rdma-core backend with `unsafe`: narrow RAII wrappers
-//! around the libibverbs objects (through `rdma-mummy-sys`, which loads `libibverbs.so.1` at run
-//! time).
+//! With `ffi.rs` and `alias.rs`, the only modules of the rdma-core backend with `unsafe`: narrow
+//! RAII wrappers around the libibverbs objects (through `ffi`, which loads `libibverbs.so.1` at
+//! run time).
 //!
 //! Every wrapper owns one verbs object and destroys it on drop; objects a verbs object depends on
 //! (the context, a PD, CQs, an SRQ) are held by `Arc` so they outlive it. libibverbs objects may
 //! be used from any thread (libibverbs serialises internally), hence the `Send`/`Sync` impls.
 #![allow(unsafe_code)]
 
-use std::ffi::{c_void, CStr, CString};
+use std::ffi::{c_void, CStr};
 use std::ptr;
 use std::sync::Arc;
 
-use rdma_mummy_sys as sys;
+use super::ffi as sys;
 
 pub use sys::{ibv_qp_attr_mask as QpMask, ibv_qp_state, ibv_qp_type, ibv_wr_opcode};
 
@@ -31,50 +31,65 @@ fn rc_err(what: &str, rc: i32) -> String {
     format!("{what}: {e}")
 }
 
-/// Whether `libibverbs.so.1` can be loaded in this process; the error says why not.
+/// Whether `libibverbs.so.1` (with every function the backend calls) can be loaded in this
+/// process; the error says why not.
 pub fn libibverbs_available() -> VResult<()> {
-    let name = CString::new("libibverbs.so.1").expect("no NUL");
-    // SAFETY: dlopen with a valid C string; the handle is closed right away (the library stays
-    // loaded while rdma-mummy-sys holds its own handle).
-    let h = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_LAZY | libc::RTLD_LOCAL) };
-    if h.is_null() {
-        // SAFETY: dlerror returns NULL or a valid C string owned by libc.
-        let msg = unsafe { libc::dlerror() };
-        let msg = if msg.is_null() {
-            "unknown error".to_string()
-        } else {
-            // SAFETY: non-NULL dlerror result is a NUL-terminated string.
-            unsafe { CStr::from_ptr(msg) }
-                .to_string_lossy()
-                .into_owned()
-        };
-        return Err(format!("libibverbs.so.1 cannot be loaded ({msg})"));
+    sys::lib().map(|_| ())
+}
+
+/// The devices of `ibv_get_device_list`, by name; the list is freed on drop.
+struct DeviceList {
+    lib: &'static sys::Lib,
+    list: *mut *mut sys::ibv_device,
+    n: usize,
+}
+
+impl DeviceList {
+    fn get() -> VResult<DeviceList> {
+        let lib = sys::lib()?;
+        let mut n = 0;
+        // SAFETY: `n` is a valid out pointer; the list is freed on drop.
+        let list = unsafe { (lib.get_device_list)(&mut n) };
+        if list.is_null() {
+            let e = errno_err("ibv_get_device_list");
+            if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
+                // libibverbs found no /sys/class/infiniband_verbs.
+                return Err(format!(
+                    "{e}: the kernel offers no RDMA devices to user space (is ib_uverbs loaded?)"
+                ));
+            }
+            return Err(e);
+        }
+        Ok(DeviceList {
+            lib,
+            list,
+            n: n.max(0) as usize,
+        })
     }
-    // SAFETY: `h` is a handle dlopen returned.
-    unsafe { libc::dlclose(h) };
-    Ok(())
+
+    /// Device `i` (`i < n`) and its name.
+    fn device(&self, i: usize) -> (*mut sys::ibv_device, String) {
+        assert!(i < self.n);
+        // SAFETY: the list has `n` valid device pointers.
+        let d = unsafe { *self.list.add(i) };
+        // SAFETY: `d` is a valid device; the name is a NUL-terminated string owned by it.
+        let name = unsafe { CStr::from_ptr((self.lib.get_device_name)(d)) };
+        (d, name.to_string_lossy().into_owned())
+    }
+}
+
+impl Drop for DeviceList {
+    fn drop(&mut self) {
+        // SAFETY: `list` came from ibv_get_device_list and is freed once; contexts opened from
+        // its devices do not need it.
+        unsafe { (self.lib.free_device_list)(self.list) };
+    }
 }
 
 /// Names of the host RDMA devices.
 pub fn device_names() -> VResult<Vec<String>> {
-    libibverbs_available()?;
-    let mut n = 0;
-    // SAFETY: `n` is a valid out pointer; the list is freed below.
-    let list = unsafe { sys::ibv_get_device_list(&mut n) };
-    if list.is_null() {
-        return Err(errno_err("ibv_get_device_list"));
-    }
-    let mut names = Vec::new();
-    for i in 0..n.max(0) as usize {
-        // SAFETY: the list has `n` valid device pointers.
-        let d = unsafe { *list.add(i) };
-        // SAFETY: `d` is a valid device; the name is a NUL-terminated string owned by it.
-        let name = unsafe { CStr::from_ptr(sys::ibv_get_device_name(d)) };
-        names.push(name.to_string_lossy().into_owned());
-    }
-    // SAFETY: `list` came from ibv_get_device_list.
-    unsafe { sys::ibv_free_device_list(list) };
-    Ok(names)
+    let list = DeviceList::get()?;
+    Ok((0..list.n).map(|i| list.device(i).1).collect())
 }
 
 /// Port and device limits the backend needs.
@@ -97,6 +112,7 @@ pub struct PortInfo {
 /// An open device.
 #[derive(Debug)]
 pub struct Context {
+    lib: &'static sys::Lib,
     ctx: *mut sys::ibv_context,
     /// Device name.
     pub name: String,
@@ -110,57 +126,40 @@ unsafe impl Sync for Context {}
 impl Context {
     /// Opens the device named `name`.
     pub fn open(name: &str) -> VResult<Arc<Context>> {
-        libibverbs_available()?;
-        let mut n = 0;
-        // SAFETY: valid out pointer; freed below.
-        let list = unsafe { sys::ibv_get_device_list(&mut n) };
-        if list.is_null() {
-            return Err(errno_err("ibv_get_device_list"));
-        }
-        let mut ctx = ptr::null_mut();
+        let list = DeviceList::get()?;
         let mut names = Vec::new();
-        for i in 0..n.max(0) as usize {
-            // SAFETY: the list has `n` valid entries.
-            let d = unsafe { *list.add(i) };
-            // SAFETY: valid device, NUL-terminated name.
-            let dn = unsafe { CStr::from_ptr(sys::ibv_get_device_name(d)) }
-                .to_string_lossy()
-                .into_owned();
+        for i in 0..list.n {
+            let (d, dn) = list.device(i);
             if dn == name {
                 // SAFETY: valid device pointer while the list is alive.
-                ctx = unsafe { sys::ibv_open_device(d) };
+                let ctx = unsafe { (list.lib.open_device)(d) };
                 if ctx.is_null() {
-                    // SAFETY: list from ibv_get_device_list.
-                    unsafe { sys::ibv_free_device_list(list) };
                     return Err(errno_err(&format!("ibv_open_device({name})")));
                 }
+                return Ok(Arc::new(Context {
+                    lib: list.lib,
+                    ctx,
+                    name: name.to_string(),
+                }));
             }
             names.push(dn);
         }
-        // SAFETY: list from ibv_get_device_list; an opened context does not need it.
-        unsafe { sys::ibv_free_device_list(list) };
-        if ctx.is_null() {
-            return Err(format!(
-                "no RDMA device named {name} (host devices: {})",
-                if names.is_empty() {
-                    "none".to_string()
-                } else {
-                    names.join(", ")
-                }
-            ));
-        }
-        Ok(Arc::new(Context {
-            ctx,
-            name: name.to_string(),
-        }))
+        Err(format!(
+            "no RDMA device named {name} (host devices: {})",
+            if names.is_empty() {
+                "none".to_string()
+            } else {
+                names.join(", ")
+            }
+        ))
     }
 
     /// Port attributes and device limits.
     pub fn port_info(&self, port: u8) -> VResult<PortInfo> {
-        // SAFETY: all-zero is a valid ibv_port_attr / ibv_device_attr (plain integers).
-        let mut pa: sys::ibv_port_attr = unsafe { std::mem::zeroed() };
-        // SAFETY: valid context and out pointer.
-        let rc = unsafe { sys::ibv_query_port(self.ctx, port, &mut pa) };
+        // SAFETY: all-zero is a valid ibv_port_attr_compat / ibv_device_attr (plain integers).
+        let mut pa: sys::ibv_port_attr_compat = unsafe { std::mem::zeroed() };
+        // SAFETY: valid context and out pointer of the struct the exported ibv_query_port fills.
+        let rc = unsafe { (self.lib.query_port)(self.ctx, port, &mut pa) };
         if rc != 0 {
             return Err(rc_err(
                 &format!("ibv_query_port({}, {port})", self.name),
@@ -170,7 +169,7 @@ impl Context {
         // SAFETY: as above.
         let mut da: sys::ibv_device_attr = unsafe { std::mem::zeroed() };
         // SAFETY: valid context and out pointer.
-        let rc = unsafe { sys::ibv_query_device(self.ctx, &mut da) };
+        let rc = unsafe { (self.lib.query_device)(self.ctx, &mut da) };
         if rc != 0 {
             return Err(rc_err("ibv_query_device", rc));
         }
@@ -190,7 +189,8 @@ impl Context {
         // SAFETY: all-zero is a valid ibv_gid_entry.
         let mut e: sys::ibv_gid_entry = unsafe { std::mem::zeroed() };
         // SAFETY: valid context and out pointer of the size the wrapper passes.
-        let rc = unsafe { sys::ibv_query_gid_ex(self.ctx, u32::from(port), index, &mut e, 0) };
+        let rc =
+            unsafe { sys::ibv_query_gid_ex(self.lib, self.ctx, u32::from(port), index, &mut e, 0) };
         if rc != 0 {
             return None;
         }
@@ -213,7 +213,7 @@ impl Context {
         // value 0, which is IBV_EVENT_CQ_ERR).
         let mut ev: sys::ibv_async_event = unsafe { std::mem::zeroed() };
         // SAFETY: valid context and out pointer; the fd is non-blocking.
-        if unsafe { sys::ibv_get_async_event(self.ctx, &mut ev) } != 0 {
+        if unsafe { (self.lib.get_async_event)(self.ctx, &mut ev) } != 0 {
             return None;
         }
         use sys::ibv_event_type as T;
@@ -229,7 +229,7 @@ impl Context {
             }
         };
         // SAFETY: `ev` was filled by ibv_get_async_event and is acked once.
-        unsafe { sys::ibv_ack_async_event(&mut ev) };
+        unsafe { (self.lib.ack_async_event)(&mut ev) };
         Some(out)
     }
 }
@@ -237,7 +237,7 @@ impl Context {
 impl Drop for Context {
     fn drop(&mut self) {
         // SAFETY: every object of the context holds an Arc to it, so none is left.
-        unsafe { sys::ibv_close_device(self.ctx) };
+        unsafe { (self.lib.close_device)(self.ctx) };
     }
 }
 
@@ -285,6 +285,7 @@ pub fn poll_fds(fds: &[i32], timeout_ms: i32) {
 /// A protection domain.
 #[derive(Debug)]
 pub struct Pd {
+    lib: &'static sys::Lib,
     pd: *mut sys::ibv_pd,
     _ctx: Arc<Context>,
 }
@@ -297,11 +298,12 @@ impl Pd {
     /// Allocates a PD.
     pub fn new(ctx: &Arc<Context>) -> VResult<Arc<Pd>> {
         // SAFETY: valid context.
-        let pd = unsafe { sys::ibv_alloc_pd(ctx.ctx) };
+        let pd = unsafe { (ctx.lib.alloc_pd)(ctx.ctx) };
         if pd.is_null() {
             return Err(errno_err("ibv_alloc_pd"));
         }
         Ok(Arc::new(Pd {
+            lib: ctx.lib,
             pd,
             _ctx: ctx.clone(),
         }))
@@ -311,13 +313,14 @@ impl Pd {
 impl Drop for Pd {
     fn drop(&mut self) {
         // SAFETY: MRs, QPs, SRQs and AHs hold an Arc to the PD, so none is left.
-        unsafe { sys::ibv_dealloc_pd(self.pd) };
+        unsafe { (self.lib.dealloc_pd)(self.pd) };
     }
 }
 
 /// A registered memory region.
 #[derive(Debug)]
 pub struct Mr {
+    lib: &'static sys::Lib,
     mr: *mut sys::ibv_mr,
     _pd: Arc<Pd>,
     /// Local key.
@@ -343,21 +346,18 @@ impl Mr {
         iova: Option<u64>,
         access: u32,
     ) -> VResult<Mr> {
+        // verbs.h's ibv_reg_mr and ibv_reg_mr_iova with access flags that are not a compile-time
+        // constant: ibv_reg_mr_iova2, iova = the address for ibv_reg_mr.
+        let iova = iova.unwrap_or(addr as u64);
         // SAFETY: registering memory does not access it from Rust; see the doc comment.
-        let mr = unsafe {
-            match iova {
-                None => sys::ibv_reg_mr(pd.pd, addr as *mut c_void, len, access as i32),
-                Some(iova) => {
-                    sys::ibv_reg_mr_iova(pd.pd, addr as *mut c_void, len, iova, access as i32)
-                }
-            }
-        };
+        let mr = unsafe { (pd.lib.reg_mr_iova2)(pd.pd, addr as *mut c_void, len, iova, access) };
         if mr.is_null() {
             return Err(errno_err("ibv_reg_mr"));
         }
         // SAFETY: `mr` is a valid MR.
         let (lkey, rkey) = unsafe { ((*mr).lkey, (*mr).rkey) };
         Ok(Mr {
+            lib: pd.lib,
             mr,
             _pd: pd.clone(),
             lkey,
@@ -369,13 +369,14 @@ impl Mr {
 impl Drop for Mr {
     fn drop(&mut self) {
         // SAFETY: valid MR, deregistered once.
-        unsafe { sys::ibv_dereg_mr(self.mr) };
+        unsafe { (self.lib.dereg_mr)(self.mr) };
     }
 }
 
 /// A completion channel.
 #[derive(Debug)]
 pub struct Channel {
+    lib: &'static sys::Lib,
     ch: *mut sys::ibv_comp_channel,
     _ctx: Arc<Context>,
 }
@@ -388,13 +389,14 @@ impl Channel {
     /// Creates a completion channel with a non-blocking fd.
     pub fn new(ctx: &Arc<Context>) -> VResult<Arc<Channel>> {
         // SAFETY: valid context.
-        let ch = unsafe { sys::ibv_create_comp_channel(ctx.ctx) };
+        let ch = unsafe { (ctx.lib.create_comp_channel)(ctx.ctx) };
         if ch.is_null() {
             return Err(errno_err("ibv_create_comp_channel"));
         }
         // SAFETY: valid channel.
         set_nonblocking(unsafe { (*ch).fd });
         Ok(Arc::new(Channel {
+            lib: ctx.lib,
             ch,
             _ctx: ctx.clone(),
         }))
@@ -410,11 +412,11 @@ impl Channel {
         let mut cq = ptr::null_mut();
         let mut cq_ctx = ptr::null_mut();
         // SAFETY: valid channel and out pointers.
-        if unsafe { sys::ibv_get_cq_event(self.ch, &mut cq, &mut cq_ctx) } != 0 {
+        if unsafe { (self.lib.get_cq_event)(self.ch, &mut cq, &mut cq_ctx) } != 0 {
             return None;
         }
         // SAFETY: `cq` is alive until its events are acked (ibv_destroy_cq waits for that).
-        unsafe { sys::ibv_ack_cq_events(cq, 1) };
+        unsafe { (self.lib.ack_cq_events)(cq, 1) };
         Some(cq as usize)
     }
 }
@@ -422,7 +424,7 @@ impl Channel {
 impl Drop for Channel {
     fn drop(&mut self) {
         // SAFETY: CQs hold an Arc to the channel, so none is left.
-        unsafe { sys::ibv_destroy_comp_channel(self.ch) };
+        unsafe { (self.lib.destroy_comp_channel)(self.ch) };
     }
 }
 
@@ -450,6 +452,7 @@ pub struct HostWc {
 /// A completion queue.
 #[derive(Debug)]
 pub struct Cq {
+    lib: &'static sys::Lib,
     cq: *mut sys::ibv_cq,
     _ch: Arc<Channel>,
 }
@@ -462,11 +465,12 @@ impl Cq {
     /// Creates a CQ bound to `ch` and arms it.
     pub fn new(ctx: &Arc<Context>, ch: &Arc<Channel>, cqe: u32) -> VResult<Arc<Cq>> {
         // SAFETY: valid context and channel.
-        let cq = unsafe { sys::ibv_create_cq(ctx.ctx, cqe as i32, ptr::null_mut(), ch.ch, 0) };
+        let cq = unsafe { (ctx.lib.create_cq)(ctx.ctx, cqe as i32, ptr::null_mut(), ch.ch, 0) };
         if cq.is_null() {
             return Err(errno_err("ibv_create_cq"));
         }
         let cq = Arc::new(Cq {
+            lib: ctx.lib,
             cq,
             _ch: ch.clone(),
         });
@@ -500,13 +504,10 @@ impl Cq {
                 status: w.status,
                 opcode: w.opcode,
                 byte_len: w.byte_len,
-                // SAFETY: every bit pattern of the union is a valid u32; it is the immediate
-                // data when IBV_WC_WITH_IMM is set.
-                imm: (flags & sys::ibv_wc_flags::IBV_WC_WITH_IMM.0 != 0)
-                    .then_some(unsafe { w.imm_data_invalidated_rkey_union.imm_data }),
+                imm: (flags & sys::IBV_WC_WITH_IMM != 0).then_some(w.imm_data),
                 qp_num: w.qp_num,
                 src_qp: w.src_qp,
-                grh: flags & sys::ibv_wc_flags::IBV_WC_GRH.0 != 0,
+                grh: flags & sys::IBV_WC_GRH != 0,
             });
         }
     }
@@ -515,7 +516,7 @@ impl Cq {
 impl Drop for Cq {
     fn drop(&mut self) {
         // SAFETY: QPs hold an Arc to their CQs, so none uses it; events are acked when taken.
-        unsafe { sys::ibv_destroy_cq(self.cq) };
+        unsafe { (self.lib.destroy_cq)(self.cq) };
     }
 }
 
@@ -525,6 +526,7 @@ pub type HostSge = sys::ibv_sge;
 /// A shared receive queue.
 #[derive(Debug)]
 pub struct Srq {
+    lib: &'static sys::Lib,
     srq: *mut sys::ibv_srq,
     _pd: Arc<Pd>,
 }
@@ -545,11 +547,12 @@ impl Srq {
             },
         };
         // SAFETY: valid PD and attributes.
-        let srq = unsafe { sys::ibv_create_srq(pd.pd, &mut a) };
+        let srq = unsafe { (pd.lib.create_srq)(pd.pd, &mut a) };
         if srq.is_null() {
             return Err(errno_err("ibv_create_srq"));
         }
         Ok(Arc::new(Srq {
+            lib: pd.lib,
             srq,
             _pd: pd.clone(),
         }))
@@ -566,13 +569,7 @@ impl Srq {
             srq_limit: limit,
         };
         // SAFETY: valid SRQ and attributes.
-        let rc = unsafe {
-            sys::ibv_modify_srq(
-                self.srq,
-                &mut a,
-                sys::ibv_srq_attr_mask::IBV_SRQ_LIMIT.0 as i32,
-            )
-        };
+        let rc = unsafe { (self.lib.modify_srq)(self.srq, &mut a, sys::IBV_SRQ_LIMIT) };
         if rc != 0 {
             return Err(rc_err("ibv_modify_srq", rc));
         }
@@ -599,13 +596,14 @@ impl Srq {
 impl Drop for Srq {
     fn drop(&mut self) {
         // SAFETY: QPs hold an Arc to their SRQ.
-        unsafe { sys::ibv_destroy_srq(self.srq) };
+        unsafe { (self.lib.destroy_srq)(self.srq) };
     }
 }
 
 /// An address handle.
 #[derive(Debug)]
 pub struct Ah {
+    lib: &'static sys::Lib,
     ah: *mut sys::ibv_ah,
     _pd: Arc<Pd>,
 }
@@ -658,11 +656,12 @@ impl Ah {
     pub fn new(pd: &Arc<Pd>, av: HostAv) -> VResult<Arc<Ah>> {
         let mut a = av.to_sys();
         // SAFETY: valid PD and attributes.
-        let ah = unsafe { sys::ibv_create_ah(pd.pd, &mut a) };
+        let ah = unsafe { (pd.lib.create_ah)(pd.pd, &mut a) };
         if ah.is_null() {
             return Err(errno_err("ibv_create_ah"));
         }
         Ok(Arc::new(Ah {
+            lib: pd.lib,
             ah,
             _pd: pd.clone(),
         }))
@@ -672,7 +671,7 @@ impl Ah {
 impl Drop for Ah {
     fn drop(&mut self) {
         // SAFETY: valid AH; sends naming it hold an Arc until they complete or the QP goes.
-        unsafe { sys::ibv_destroy_ah(self.ah) };
+        unsafe { (self.lib.destroy_ah)(self.ah) };
     }
 }
 
@@ -739,6 +738,7 @@ pub struct HostSend {
 /// A queue pair.
 #[derive(Debug)]
 pub struct Qp {
+    lib: &'static sys::Lib,
     qp: *mut sys::ibv_qp,
     /// Host QP number.
     pub qp_num: u32,
@@ -794,13 +794,14 @@ impl Qp {
             sq_sig_all: 0,
         };
         // SAFETY: valid PD, CQs, SRQ and attributes.
-        let qp = unsafe { sys::ibv_create_qp(pd.pd, &mut a) };
+        let qp = unsafe { (pd.lib.create_qp)(pd.pd, &mut a) };
         if qp.is_null() {
             return Err(errno_err("ibv_create_qp"));
         }
         // SAFETY: valid QP.
         let qp_num = unsafe { (*qp).qp_num };
         Ok(Qp {
+            lib: pd.lib,
             qp,
             qp_num,
             _pd: pd.clone(),
@@ -822,7 +823,7 @@ impl Qp {
             unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
         // SAFETY: valid QP and out pointers.
         let rc =
-            unsafe { sys::ibv_query_qp(self.qp, &mut a, QpMask::IBV_QP_STATE.0 as i32, &mut i) };
+            unsafe { (self.lib.query_qp)(self.qp, &mut a, QpMask::IBV_QP_STATE as i32, &mut i) };
         if rc != 0 {
             return Err(rc_err("ibv_query_qp", rc));
         }
@@ -852,7 +853,7 @@ impl Qp {
             a.ah_attr = av.to_sys();
         }
         // SAFETY: valid QP and attributes.
-        let rc = unsafe { sys::ibv_modify_qp(self.qp, &mut a, h.mask as i32) };
+        let rc = unsafe { (self.lib.modify_qp)(self.qp, &mut a, h.mask as i32) };
         if rc != 0 {
             return Err(if rc > 0 { rc } else { libc::EINVAL });
         }
@@ -873,11 +874,11 @@ impl Qp {
         wr.num_sge = sges.len() as i32;
         wr.opcode = op.opcode;
         wr.send_flags = op.flags;
-        wr.imm_data_invalidated_rkey_union.imm_data = op.imm;
+        wr.imm_data = op.imm;
         match op.opcode {
             ibv_wr_opcode::IBV_WR_ATOMIC_CMP_AND_SWP
             | ibv_wr_opcode::IBV_WR_ATOMIC_FETCH_AND_ADD => {
-                wr.wr.atomic = sys::atomic_t {
+                wr.wr.atomic = sys::ibv_send_wr_atomic {
                     remote_addr: op.remote_addr,
                     compare_add: op.compare_add,
                     swap: op.swap,
@@ -886,14 +887,14 @@ impl Qp {
             }
             _ if op.ud.is_some() => {
                 let (ah, qpn, qkey) = op.ud.as_ref().expect("checked");
-                wr.wr.ud = sys::ud_t {
+                wr.wr.ud = sys::ibv_send_wr_ud {
                     ah: ah.ah,
                     remote_qpn: *qpn,
                     remote_qkey: *qkey,
                 };
             }
             _ => {
-                wr.wr.rdma = sys::rdma_t {
+                wr.wr.rdma = sys::ibv_send_wr_rdma {
                     remote_addr: op.remote_addr,
                     rkey: op.rkey,
                 };
@@ -930,7 +931,7 @@ impl Qp {
 impl Drop for Qp {
     fn drop(&mut self) {
         // SAFETY: valid QP, destroyed once.
-        unsafe { sys::ibv_destroy_qp(self.qp) };
+        unsafe { (self.lib.destroy_qp)(self.qp) };
     }
 }
 
@@ -938,9 +939,9 @@ impl Drop for Qp {
 pub mod consts {
     use super::sys;
     /// IBV_SEND_SIGNALED.
-    pub const SEND_SIGNALED: u32 = sys::ibv_send_flags::IBV_SEND_SIGNALED.0;
+    pub const SEND_SIGNALED: u32 = sys::IBV_SEND_SIGNALED;
     /// IBV_SEND_SOLICITED.
-    pub const SEND_SOLICITED: u32 = sys::ibv_send_flags::IBV_SEND_SOLICITED.0;
+    pub const SEND_SOLICITED: u32 = sys::IBV_SEND_SOLICITED;
     /// RoCE v1 GID type.
     pub const GID_ROCE_V1: u32 = sys::IBV_GID_TYPE_ROCE_V1;
     /// RoCE v2 GID type.
