@@ -536,7 +536,12 @@ pub fn run(args: &[String]) -> Result<(), String> {
         })
         .transpose()?;
     let _metrics = metrics
-        .map(|m| MetricsServer::spawn(&m, host.clone()).map_err(|e| chain(&e)))
+        .map(|m| {
+            if let MetricsAddr::Unix(p) = &m {
+                remove_stale_socket(p)?;
+            }
+            MetricsServer::spawn(&m, host.clone()).map_err(|e| chain(&e))
+        })
         .transpose()?;
     // SIGHUP: the same command line with the file as it is now.
     let reload = a.config.as_deref().map(|path| {

@@ -14,6 +14,7 @@ mod hostile;
 mod hostile_soak;
 mod local;
 mod multi_vm;
+mod operations;
 mod probe;
 mod rdma_core_feature;
 mod soak;

@@ -11,6 +11,8 @@ use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+#[cfg(test)]
+use std::time::Duration;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -308,7 +310,7 @@ pub fn render(host: &Arc<Host>) -> String {
 
 /// A running metrics endpoint; stopped on [`MetricsServer::stop`] or drop.
 pub struct MetricsServer {
-    server: Arc<tiny_http::Server>,
+    server: Option<Arc<tiny_http::Server>>,
     unix: Option<PathBuf>,
     thread: Option<JoinHandle<()>>,
 }
@@ -336,7 +338,13 @@ impl MetricsServer {
                 (tiny_http::Server::from_listener(l, None), None)
             }
             MetricsAddr::Unix(p) => {
-                let l = crate::bind_atomically(p, None)?;
+                // Bound at its own path: tiny_http wakes its accept thread at drop by
+                // connecting to the address the listener was bound to.
+                let l =
+                    std::os::unix::net::UnixListener::bind(p).map_err(|source| Error::Listen {
+                        path: p.clone(),
+                        source,
+                    })?;
                 (tiny_http::Server::from_listener(l, None), Some(p.clone()))
             }
         };
@@ -353,7 +361,7 @@ impl MetricsServer {
             .map_err(Error::Spawn)?;
         log::info!("metrics on {}", describe(addr));
         Ok(MetricsServer {
-            server,
+            server: Some(server),
             unix,
             thread: Some(thread),
         })
@@ -361,14 +369,18 @@ impl MetricsServer {
 
     /// The TCP address it listens on (with the port the system chose for port 0).
     pub fn local_addr(&self) -> Option<SocketAddr> {
-        self.server.server_addr().to_ip()
+        self.server.as_ref()?.server_addr().to_ip()
     }
 
-    /// Stops serving.
+    /// Stops serving and closes the socket.
     pub fn stop(&mut self) {
-        if let Some(t) = self.thread.take() {
-            self.server.unblock();
-            let _ = t.join();
+        if let Some(server) = self.server.take() {
+            server.unblock();
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+            // The last reference: dropping it ends tiny_http's accept thread and the listener.
+            drop(server);
         }
         if let Some(p) = &self.unix {
             let _ = std::fs::remove_file(p);
@@ -408,5 +420,83 @@ fn respond(req: tiny_http::Request, host: &Arc<Host>) {
     };
     if let Err(e) = r {
         log::debug!("metrics: answering a scrape failed: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{BackendChoice, DeviceSpec, HostLimits};
+    use std::io::{Read, Write};
+
+    #[test]
+    fn addresses_are_loopback_or_unix() {
+        let ok = |s: &str| s.parse::<MetricsAddr>().unwrap();
+        assert_eq!(
+            ok("127.0.0.1:9464"),
+            MetricsAddr::Tcp("127.0.0.1:9464".parse().unwrap())
+        );
+        assert_eq!(
+            ok("[::1]:9464"),
+            MetricsAddr::Tcp("[::1]:9464".parse().unwrap())
+        );
+        assert_eq!(
+            ok("unix:/run/m.sock"),
+            MetricsAddr::Unix("/run/m.sock".into())
+        );
+        assert_eq!(ok("/run/m.sock"), MetricsAddr::Unix("/run/m.sock".into()));
+        let err = "0.0.0.0:9464".parse::<MetricsAddr>().unwrap_err();
+        assert!(err.contains("not a loopback"), "{err}");
+        assert!("localhost".parse::<MetricsAddr>().is_err());
+    }
+
+    fn get(addr: SocketAddr, request: &str) -> String {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.write_all(request.as_bytes()).unwrap();
+        let mut r = String::new();
+        s.read_to_string(&mut r).unwrap();
+        r
+    }
+
+    #[test]
+    fn a_scrape_over_tcp_parses_and_names_every_device() {
+        let host = Arc::new(Host::new(BackendChoice::Emulated, HostLimits::default()).unwrap());
+        let d = std::env::temp_dir().join(format!("pvrdma-metrics-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        for (n, last) in [("a", 1u8), ("b", 2)] {
+            let mut cfg = pvrdma_dev::DeviceConfig::default();
+            cfg.mac[5] = last;
+            host.add(DeviceSpec::new(d.join(format!("{n}.sock")), cfg))
+                .unwrap();
+        }
+        let addr: MetricsAddr = "127.0.0.1:0".parse().unwrap();
+        let mut server = MetricsServer::spawn(&addr, host.clone()).unwrap();
+        let at = server.local_addr().unwrap();
+        let r = get(at, "GET /metrics HTTP/1.0\r\n\r\n");
+        let (_, body) = r.split_once("\r\n\r\n").unwrap();
+        let lines = body.lines().filter(|l| !l.starts_with('#')).count();
+        let s = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).unwrap();
+        assert_eq!(s.samples.len(), lines, "{body}");
+        for dev in ["a", "b"] {
+            assert!(
+                s.samples
+                    .iter()
+                    .any(|x| x.metric == "pvrdma_device_connected"
+                        && x.labels.get("device") == Some(dev)),
+                "{body}"
+            );
+        }
+        assert!(get(at, "GET /other HTTP/1.0\r\n\r\n").contains(" 404 "));
+        assert!(get(at, "POST /metrics HTTP/1.0\r\n\r\n").contains(" 405 "));
+        server.stop();
+        // tiny_http's accept thread closes the listener once woken.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(at).is_ok() {
+            assert!(std::time::Instant::now() < deadline, "still listening");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        host.stop(Duration::ZERO);
+        let _ = std::fs::remove_dir_all(&d);
     }
 }
