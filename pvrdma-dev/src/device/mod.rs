@@ -176,6 +176,8 @@ struct GuestLogs {
     dropped_writes: crate::ratelog::Limiter,
     /// DSRs rejected.
     bad_dsr: crate::ratelog::Limiter,
+    /// Doorbells that ring nothing.
+    bad_doorbells: crate::ratelog::Limiter,
 }
 
 impl std::fmt::Debug for Core {

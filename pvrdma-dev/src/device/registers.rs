@@ -226,7 +226,7 @@ impl Core {
             Region::Bar(b) if usize::from(b) == UAR_BAR => {
                 if !access_in_bar(off, len, self.config.bar_size(UAR_BAR)) {
                     self.stats.doorbells += 1;
-                    self.stats.refused.doorbells += 1;
+                    self.refuse_doorbell(off, value as u32, "outside the UAR BAR");
                 } else if len == 4 && off % 4 == 0 {
                     self.doorbell(off, value as u32);
                 } else if len == 8 && off % 8 == 0 {
@@ -234,7 +234,7 @@ impl Core {
                     self.doorbell(off + 4, (value >> 32) as u32);
                 } else {
                     self.stats.doorbells += 1;
-                    self.stats.refused.doorbells += 1;
+                    self.refuse_doorbell(off, value as u32, "not a 4- or 8-byte aligned write");
                 }
             }
             _ => {}

@@ -71,11 +71,11 @@ impl Core {
         let handle = v & uar::HANDLE_MASK;
         self.stats.doorbells += 1;
         let Some(ctx) = self.objects.page_ctx(page) else {
-            self.stats.refused.doorbells += 1;
+            self.refuse_doorbell(off, v, "a UAR page of no context");
             return;
         };
         if !self.active {
-            self.stats.refused.doorbells += 1;
+            self.refuse_doorbell(off, v, "the device is not active");
             return;
         }
         match reg {
@@ -87,7 +87,7 @@ impl Core {
                     .is_some_and(|qp| self.objects.pd_ctx(qp.pd) == Some(ctx));
                 let flags = QpDoorbell::from_bits_truncate(v);
                 if !ok || flags.is_empty() {
-                    self.stats.refused.doorbells += 1;
+                    self.refuse_doorbell(off, v, "no such QP in the page's context, or no flag");
                     return;
                 }
                 self.schedule_qp(handle);
@@ -95,7 +95,7 @@ impl Core {
             uar::CQ => {
                 let flags = CqDoorbell::from_bits_truncate(v);
                 let Some(cq) = self.objects.cqs.get_mut(handle).filter(|c| c.ctx == ctx) else {
-                    self.stats.refused.doorbells += 1;
+                    self.refuse_doorbell(off, v, "no such CQ in the page's context");
                     return;
                 };
                 if flags.contains(CqDoorbell::ARM) {
@@ -113,13 +113,23 @@ impl Core {
                     .get(handle)
                     .is_some_and(|s| self.objects.pd_ctx(s.pd) == Some(ctx));
                 if !ok || !SrqDoorbell::from_bits_truncate(v).contains(SrqDoorbell::RECV) {
-                    self.stats.refused.doorbells += 1;
+                    self.refuse_doorbell(off, v, "no such SRQ in the page's context, or no flag");
                     return;
                 }
                 self.schedule_srq(handle);
             }
-            _ => self.stats.refused.doorbells += 1,
+            _ => self.refuse_doorbell(off, v, "not a doorbell register"),
         }
+    }
+
+    /// Counts a doorbell that rings nothing, and says so (within the guest's log budget).
+    pub(super) fn refuse_doorbell(&mut self, off: u64, v: u32, why: &str) {
+        self.stats.refused.doorbells += 1;
+        crate::limited_warn!(
+            self.logs.bad_doorbells,
+            "{}: doorbell {v:#010x} at UAR offset {off:#x} refused: {why}",
+            self.opts.name
+        );
     }
 
     pub(crate) fn schedule_qp(&mut self, handle: u32) {
