@@ -223,7 +223,16 @@ fn print_table(rows: &[Value]) {
             f
         })
         .collect();
-    let header: Vec<String> = flat[0].iter().map(|(k, _)| k.to_uppercase()).collect();
+    // `counters.send_wqes` → SEND_WQES, `peer.gid` → PEER_GID.
+    let header: Vec<String> = flat[0]
+        .iter()
+        .map(|(k, _)| {
+            k.strip_prefix("counters.")
+                .unwrap_or(k)
+                .replace('.', "_")
+                .to_uppercase()
+        })
+        .collect();
     let cells: Vec<Vec<String>> = flat
         .iter()
         .map(|f| {
