@@ -17,6 +17,7 @@ mod multi_vm;
 mod probe;
 mod rdma_core_feature;
 mod soak;
+mod socket_activation;
 mod tenant_soak;
 mod tenants;
 mod vfio_transport;
