@@ -663,7 +663,7 @@ fn defaults(a: &ServeArgs, file: Option<&FileDecl>) -> Result<DeviceConfig, Stri
 /// win over the device options of the command line, which win over the file's `[defaults]`
 /// (which apply to the file's devices only). With socket activation the first device listens
 /// on the inherited socket (its path left empty; the caller hands it the fd), and is the only
-/// device if nothing else is declared.
+/// device, with the file's `[defaults]`, if nothing else is declared.
 fn device_specs(
     a: &ServeArgs,
     file: Option<&FileDecl>,
@@ -685,7 +685,7 @@ fn device_specs(
     }
     if activated {
         if specs.is_empty() {
-            specs.push(DeviceSpec::new(PathBuf::new(), cli));
+            specs.push(DeviceSpec::new(PathBuf::new(), defaults(a, file)?));
         }
         specs[0].socket = PathBuf::new();
     }
@@ -912,6 +912,9 @@ mod tests {
         assert_eq!(specs.len(), 1);
         assert!(specs[0].socket.as_os_str().is_empty());
         assert!(device_specs(&a, None, false).unwrap().is_empty());
+        let f = cfg("[defaults]\nmac = \"52:54:00:12:34:07\"").unwrap();
+        let specs = device_specs(&a, Some(&f), true).unwrap();
+        assert_eq!(specs[0].device.mac[5], 7, "the file's [defaults]");
     }
 
     #[test]
