@@ -9,28 +9,116 @@ use std::time::Duration;
 
 use serde_json::{json, Map, Value};
 
-const HELP: &str = "usage: pvrdma ctl [--control PATH] [--json] COMMAND\n\
-\n\
-Asks a running `pvrdma serve --control PATH` about its devices.\n\
-\n\
-commands:\n\
-\x20 list                 every device: socket, MAC, backend, client connected, clients so far\n\
-\x20 stats DEVICE         the device's counters\n\
-\x20 resources DEVICE [KIND]\n\
-\x20                      its objects like `rdma resource show`: KIND one of pd, cq, mr, qp,\n\
-\x20                      srq, gid (default: all)\n\
-\x20 add SPEC             start a device: the SPEC of `pvrdma serve --device`\n\
-\x20                      (socket=PATH,mac=MAC[,name=NAME][,max-qp=N]...)\n\
-\x20 remove DEVICE        stop a device (its client's connection is closed)\n\
-\x20 version              the server's version\n\
-\n\
-options:\n\
-\x20 --control PATH       the control socket (default: $PVRDMA_CONTROL, else\n\
-\x20                      /run/pvrdma/control.sock)\n\
-\x20 --json               print the server's JSON result instead of a table\n\
-\x20 -h, --help           this text\n\
-\n\
-exit status: 0 done, 1 the server refused (its reason on stderr), 2 bad usage or no server\n";
+/// The options of `pvrdma ctl`.
+#[derive(Debug, Clone, clap::Args)]
+#[command(
+    args_override_self = true,
+    after_help = "Exit status: 0 done, 1 the server refused (its reason on stderr), 2 bad usage \
+                  or no server."
+)]
+pub struct CtlArgs {
+    /// The control socket of `pvrdma serve --control PATH`
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "PVRDMA_CONTROL",
+        default_value = "/run/pvrdma/control.sock",
+        global = true
+    )]
+    control: PathBuf,
+    /// Print the server's JSON result instead of a table
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(flatten)]
+    verbosity: crate::Verbosity,
+    #[command(subcommand)]
+    command: CtlCommand,
+}
+
+/// A request to the server.
+#[derive(Debug, Clone, clap::Subcommand)]
+enum CtlCommand {
+    /// Every device: socket, MAC, backend, client connected, clients so far
+    List {
+        #[command(flatten)]
+        v: crate::Verbosity,
+    },
+    /// The device's counters
+    Stats {
+        /// The device's name
+        device: String,
+        #[command(flatten)]
+        v: crate::Verbosity,
+    },
+    /// Its objects like `rdma resource show`
+    Resources {
+        /// The device's name
+        device: String,
+        /// Only objects of this kind [default: all]
+        #[arg(value_enum)]
+        kind: Option<Kind>,
+        #[command(flatten)]
+        v: crate::Verbosity,
+    },
+    /// Start a device: the SPEC of `pvrdma serve --device` (socket=PATH,mac=MAC,...)
+    Add {
+        /// socket=PATH,mac=MAC,...
+        spec: String,
+        #[command(flatten)]
+        v: crate::Verbosity,
+    },
+    /// Stop a device (its client's connection is closed)
+    Remove {
+        /// The device's name
+        device: String,
+        #[command(flatten)]
+        v: crate::Verbosity,
+    },
+    /// The server's version
+    Version {
+        #[command(flatten)]
+        v: crate::Verbosity,
+    },
+}
+
+impl CtlArgs {
+    /// Its `-v`s, before the command and after it.
+    pub fn verbose(&self) -> u8 {
+        let sub = match &self.command {
+            CtlCommand::List { v }
+            | CtlCommand::Version { v }
+            | CtlCommand::Stats { v, .. }
+            | CtlCommand::Resources { v, .. }
+            | CtlCommand::Add { v, .. }
+            | CtlCommand::Remove { v, .. } => v.verbose,
+        };
+        self.verbosity.verbose.saturating_add(sub)
+    }
+}
+
+/// The kinds of objects of `resources`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Kind {
+    Pd,
+    Cq,
+    Mr,
+    Qp,
+    Srq,
+    Gid,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Pd => "pd",
+            Kind::Cq => "cq",
+            Kind::Mr => "mr",
+            Kind::Qp => "qp",
+            Kind::Srq => "srq",
+            Kind::Gid => "gid",
+        }
+    }
+}
 
 /// What went wrong, and the exit status it deserves.
 #[derive(Debug)]
@@ -45,98 +133,43 @@ fn usage(msg: impl Into<String>) -> CtlError {
     CtlError::Usage(msg.into())
 }
 
-/// Runs `pvrdma ctl ARGS`.
-pub fn run(args: &[String]) -> Result<(), CtlError> {
-    let mut socket = std::env::var_os("PVRDMA_CONTROL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/run/pvrdma/control.sock"));
-    let mut as_json = false;
-    let mut words = Vec::new();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "-h" | "--help" => {
-                print!("{HELP}");
-                return Ok(());
-            }
-            "--json" => as_json = true,
-            "--control" => {
-                socket = PathBuf::from(it.next().ok_or_else(|| usage("--control needs a value"))?)
-            }
-            s if s.starts_with("--control=") => socket = PathBuf::from(&s["--control=".len()..]),
-            s if s.starts_with('-') => {
-                return Err(usage(format!("unknown option `{s}`\n\n{HELP}")))
-            }
-            _ => words.push(a.as_str()),
-        }
-    }
-    let (request, kind) = request(&words)?;
-    let result = call(&socket, &request)?;
-    if as_json {
+/// Runs `pvrdma ctl`.
+pub fn run(a: &CtlArgs) -> Result<(), CtlError> {
+    let request = request(&a.command)?;
+    let result = call(&a.control, &request)?;
+    if a.json {
         println!(
             "{}",
             serde_json::to_string_pretty(&result).unwrap_or_default()
         );
         return Ok(());
     }
-    match (words[0], kind) {
-        ("list", _) => print_table(result.as_array().map_or(&[][..], |v| v)),
-        ("stats", _) => print_pairs(&result),
-        ("resources", kind) => print_resources(&result, kind),
-        ("add", _) => print_table(std::slice::from_ref(&result)),
-        ("version", _) => println!(
+    match &a.command {
+        CtlCommand::List { .. } => print_table(result.as_array().map_or(&[][..], |v| v)),
+        CtlCommand::Stats { .. } => print_pairs(&result),
+        CtlCommand::Resources { kind, .. } => print_resources(&result, kind.map(Kind::name)),
+        CtlCommand::Add { .. } => print_table(std::slice::from_ref(&result)),
+        CtlCommand::Version { .. } => println!(
             "{} {}",
             result["name"].as_str().unwrap_or("?"),
             result["version"].as_str().unwrap_or("?")
         ),
-        _ => {}
+        CtlCommand::Remove { .. } => {}
     }
     Ok(())
 }
 
-/// The request for the command words, and for `resources` the kind asked for.
-fn request<'a>(words: &[&'a str]) -> Result<(Value, Option<&'a str>), CtlError> {
-    let need = |n: usize| {
-        if words.len() == n {
-            Ok(())
-        } else {
-            Err(usage(format!(
-                "`{}` takes {} argument(s)\n\n{HELP}",
-                words[0],
-                n - 1
-            )))
-        }
-    };
-    let Some(cmd) = words.first() else {
-        return Err(usage(format!("no command\n\n{HELP}")));
-    };
-    let r = match *cmd {
-        "list" | "version" => {
-            need(1)?;
-            json!({"command": cmd})
-        }
-        "stats" | "remove" => {
-            need(2)?;
-            json!({"command": cmd, "device": words[1]})
-        }
-        "resources" => {
-            if !(2..=3).contains(&words.len()) {
-                return Err(usage(format!("`resources` takes DEVICE [KIND]\n\n{HELP}")));
-            }
-            let kind = words.get(2).copied();
-            if let Some(k) = kind {
-                if !matches!(k, "pd" | "cq" | "mr" | "qp" | "srq" | "gid") {
-                    return Err(usage(format!(
-                        "unknown kind `{k}` (pd, cq, mr, qp, srq, gid)"
-                    )));
-                }
-            }
-            return Ok((json!({"command": "resources", "device": words[1]}), kind));
-        }
-        "add" => {
-            need(2)?;
+/// The request for a command.
+fn request(c: &CtlCommand) -> Result<Value, CtlError> {
+    Ok(match c {
+        CtlCommand::List { .. } => json!({"command": "list"}),
+        CtlCommand::Version { .. } => json!({"command": "version"}),
+        CtlCommand::Stats { device, .. } => json!({"command": "stats", "device": device}),
+        CtlCommand::Remove { device, .. } => json!({"command": "remove", "device": device}),
+        CtlCommand::Resources { device, .. } => json!({"command": "resources", "device": device}),
+        CtlCommand::Add { spec, .. } => {
             let mut keys = Map::new();
-            for kv in words[1].split(',') {
+            for kv in spec.split(',') {
                 let (k, v) = kv
                     .split_once('=')
                     .ok_or_else(|| usage(format!("`{kv}` is not key=value")))?;
@@ -144,9 +177,7 @@ fn request<'a>(words: &[&'a str]) -> Result<(Value, Option<&'a str>), CtlError> 
             }
             json!({"command": "add", "device": keys})
         }
-        other => return Err(usage(format!("unknown command `{other}`\n\n{HELP}"))),
-    };
-    Ok((r, None))
+    })
 }
 
 /// Sends one request and returns the result, or the server's error.

@@ -10,31 +10,33 @@ use pvrdma_guest::transport::DEFAULT_RAM;
 use pvrdma_guest::{Driver, InProcess, Transport};
 use rdma_backend::emulated::Fabric;
 
+/// The options of `pvrdma demo`.
+#[derive(Debug, Clone, clap::Args)]
+#[command(args_override_self = true)]
+pub struct DemoArgs {
+    /// Iterations of each bandwidth case and of the fetch-and-add run (the SEND latency run
+    /// takes at most 2000)
+    #[arg(short = 'n', long, value_name = "N", default_value_t = 2000)]
+    iters: u64,
+    /// One message size in bytes instead of 64, 4096, 65536 and 1048576
+    #[arg(short, long, value_name = "BYTES")]
+    size: Option<u64>,
+    #[command(flatten)]
+    pub verbosity: crate::Verbosity,
+}
+
 struct Opts {
     iters: u64,
     sizes: Vec<u64>,
 }
 
-fn parse(args: &[String]) -> Result<Opts, String> {
-    let mut o = Opts {
-        iters: 2000,
-        sizes: vec![64, 4096, 65536, 1 << 20],
+fn opts(a: &DemoArgs) -> Result<Opts, String> {
+    let o = Opts {
+        iters: a.iters,
+        sizes: a
+            .size
+            .map_or_else(|| vec![64, 4096, 65536, 1 << 20], |s| vec![s]),
     };
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut val = || it.next().ok_or_else(|| format!("{a} needs a value"));
-        match a.as_str() {
-            "--iters" | "-n" => o.iters = val()?.parse().map_err(|e| format!("--iters: {e}"))?,
-            "--size" | "-s" => {
-                o.sizes = vec![val()?.parse().map_err(|e| format!("--size: {e}"))?];
-            }
-            "-h" | "--help" => {
-                println!("usage: pvrdma demo [--iters N] [--size BYTES]");
-                std::process::exit(0);
-            }
-            other => return Err(format!("demo: unknown option {other}")),
-        }
-    }
     if o.iters == 0 || o.sizes.iter().any(|&s| s == 0 || s > 1 << 30) {
         return Err("demo: iterations must be > 0 and sizes 1..=1 GiB".into());
     }
@@ -42,8 +44,8 @@ fn parse(args: &[String]) -> Result<Opts, String> {
 }
 
 /// Runs the demo.
-pub fn run(args: &[String]) -> Result<(), String> {
-    let o = parse(args)?;
+pub fn run(args: &DemoArgs) -> Result<(), String> {
+    let o = opts(args)?;
     let mac = [0x00, 0x50, 0x56, 0xaa, 0xbb, 0xcc];
     let cfg = DeviceConfig {
         mac,

@@ -30,32 +30,85 @@ static STALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(
 const MAC: [u8; 6] = [0x00, 0x50, 0x56, 0x00, 0x00, 0x01];
 const ACCESS: u32 = 1 | 2 | 4 | 8;
 
-const HELP: &str = "usage: pvrdma bench [options]\n\
-\n\
-perftest-style runs through the guest rings (lean posting: prebuilt WQEs, one doorbell per\n\
-batch, signaled every N), next to single-thread memcpy of the same sizes; command-path\n\
-latencies; resident memory of `pvrdma serve`.\n\
-\n\
-options:\n\
-\x20 --quick              a short run (seconds); checks the tool works, figures are rough\n\
-\x20 --tests LIST         send_bw,write_bw,read_bw,atomic_bw,send_lat,write_lat (default all)\n\
-\x20 --sizes LIST         message sizes in bytes (default 2,8,64,512,4096,65536,1048576,8388608)\n\
-\x20 --transport T        inproc, vfio or both (default both)\n\
-\x20 --pairs N            QP pairs of the data-path bandwidth runs (default 1)\n\
-\x20 --qps N              QP pairs of the multi-QP run (default 64; 0 skips it)\n\
-\x20 --depth N            queue depth (default 128)\n\
-\x20 --batch N            WQEs per doorbell (default 32)\n\
-\x20 --sig N              signal every Nth send (default 32)\n\
-\x20 --workers N          device worker threads (default 2)\n\
-\x20 --poll-us N          device polling before a thread sleeps, in µs (default: the device's 0\n\
-\x20                      in-process, `pvrdma serve`'s 32 over vfio-user)\n\
-\x20 --bytes N            bytes per bandwidth case (default 1 GiB; iterations derive from it)\n\
-\x20 --only SECTIONS      data,multi,cmd,mem,vms,hostile (default all); vms: devices of one\n\
-\x20                      `pvrdma serve` as VMs of one host (VM to VM next to loopback,\n\
-\x20                      fairness under a flooding VM, 16 VMs); hostile: a VM pair's latency\n\
-\x20                      next to a VM that fills its host-memory budget, queues stalled 1 GiB\n\
-\x20                      WRITEs and aims its QPs at the pair's\n\
-\x20 --hostile LOOPS      the hostile VM's loops: mem,copy,intrude (default all three)\n";
+const LONG_ABOUT: &str = "Perftest-style benchmarks in-process and over vfio-user.
+
+perftest-style runs through the guest rings (lean posting: prebuilt WQEs, one doorbell per \
+batch, signaled every N), next to single-thread memcpy of the same sizes; command-path \
+latencies; resident memory of `pvrdma serve`. A human table on stdout and one JSON line per case \
+(prefixed `JSON `).";
+
+/// The `--transport` of `pvrdma bench`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum TransportArg {
+    /// The device in this process
+    Inproc,
+    /// A `pvrdma serve` child process over vfio-user
+    Vfio,
+    /// Both
+    Both,
+}
+
+/// The options of `pvrdma bench`.
+#[derive(Debug, Clone, clap::Args)]
+#[command(long_about = LONG_ABOUT, args_override_self = true)]
+pub struct BenchArgs {
+    /// A short run (seconds); checks the tool works, figures are rough
+    #[arg(long)]
+    quick: bool,
+    /// Tests: send_bw,write_bw,read_bw,atomic_bw,send_lat,write_lat [default: all]
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = test_arg)]
+    tests: Vec<Test>,
+    /// Message sizes in bytes [default: 2,8,64,512,4096,65536,1048576,8388608; with --quick
+    /// 2,64,4096,1048576]
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    sizes: Vec<u64>,
+    /// inproc, vfio or both
+    #[arg(long, value_name = "T", value_enum, default_value_t = TransportArg::Both, hide_possible_values = true)]
+    transport: TransportArg,
+    /// QP pairs of the data-path bandwidth runs (1..=256)
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pairs: u64,
+    /// QP pairs of the multi-QP run (0 skips it)
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    qps: u64,
+    /// Queue depth (a power of two in 2..=4096)
+    #[arg(long, value_name = "N", default_value_t = 128)]
+    depth: u64,
+    /// WQEs per doorbell
+    #[arg(long, value_name = "N", default_value_t = 32)]
+    batch: u64,
+    /// Signal every Nth send
+    #[arg(long, value_name = "N", default_value_t = 32)]
+    sig: u64,
+    /// Device worker threads
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    workers: u64,
+    /// Device polling before a thread sleeps, in µs [default: the device's 0 in-process,
+    /// `pvrdma serve`'s 32 over vfio-user]
+    #[arg(long, value_name = "N")]
+    poll_us: Option<u64>,
+    /// Bytes per bandwidth case (iterations derive from it) [default: 1 GiB]
+    #[arg(long, value_name = "N", default_value_t = 1 << 30, hide_default_value = true)]
+    bytes: u64,
+    /// Sections: data,multi,cmd,mem,vms,hostile [default: all]; vms: devices of one `pvrdma
+    /// serve` as VMs of one host (VM to VM next to loopback, fairness under a flooding VM, 16
+    /// VMs); hostile: a VM pair's latency next to a VM that fills its host-memory budget,
+    /// queues stalled 1 GiB WRITEs and aims its QPs at the pair's
+    #[arg(long, value_name = "SECTIONS", value_delimiter = ',')]
+    only: Vec<String>,
+    /// The hostile VM's loops: mem,copy,intrude [default: all three]
+    #[arg(long, value_name = "LOOPS", value_parser = tenant::Loops::parse)]
+    hostile: Option<tenant::Loops>,
+    #[command(flatten)]
+    pub verbosity: crate::Verbosity,
+}
+
+fn test_arg(s: &str) -> Result<Test, String> {
+    test_by_name(s).ok_or_else(|| {
+        let names: Vec<_> = ALL_TESTS.iter().map(|t| t.name()).collect();
+        format!("unknown test `{s}` (tests: {})", names.join(","))
+    })
+}
 
 #[derive(Debug, Clone)]
 struct Opts {
@@ -90,74 +143,40 @@ fn test_by_name(s: &str) -> Option<Test> {
     ALL_TESTS.into_iter().find(|t| t.name() == s)
 }
 
-fn parse(args: &[String]) -> Result<Opts, String> {
+fn opts(a: &BenchArgs) -> Result<Opts, String> {
     let mut o = Opts {
-        quick: false,
-        tests: ALL_TESTS.to_vec(),
-        sizes: vec![2, 8, 64, 512, 4096, 65536, 1 << 20, 8 << 20],
-        inproc: true,
-        vfio: true,
-        qps: 64,
-        pairs: 1,
-        depth: 128,
-        batch: 32,
-        sig: 32,
-        workers: 2,
-        bytes: 1 << 30,
-        sections: ["data", "multi", "cmd", "mem", "vms", "hostile"]
-            .map(String::from)
-            .to_vec(),
-        hostile: tenant::Loops::ALL,
+        quick: a.quick,
+        tests: if a.tests.is_empty() {
+            ALL_TESTS.to_vec()
+        } else {
+            a.tests.clone()
+        },
+        sizes: if a.sizes.is_empty() {
+            vec![2, 8, 64, 512, 4096, 65536, 1 << 20, 8 << 20]
+        } else {
+            a.sizes.clone()
+        },
+        inproc: a.transport != TransportArg::Vfio,
+        vfio: a.transport != TransportArg::Inproc,
+        qps: a.qps as usize,
+        pairs: a.pairs.clamp(1, 256) as usize,
+        depth: a.depth as u32,
+        batch: a.batch as u32,
+        sig: a.sig as u32,
+        workers: a.workers as usize,
+        bytes: a.bytes,
+        sections: if a.only.is_empty() {
+            ["data", "multi", "cmd", "mem", "vms", "hostile"]
+                .map(String::from)
+                .to_vec()
+        } else {
+            a.only.clone()
+        },
+        hostile: a.hostile.unwrap_or(tenant::Loops::ALL),
     };
-    let mut sizes_set = false;
-    let mut it = args.iter();
-    let num = |opt: &str, v: &str| -> Result<u64, String> {
-        v.parse::<u64>()
-            .map_err(|_| format!("{opt}: `{v}` is not a number"))
-    };
-    while let Some(a) = it.next() {
-        let mut val = || {
-            it.next()
-                .cloned()
-                .ok_or_else(|| format!("{a} needs a value"))
-        };
-        match a.as_str() {
-            "--quick" => o.quick = true,
-            "--tests" => {
-                o.tests = val()?
-                    .split(',')
-                    .map(|t| test_by_name(t).ok_or_else(|| format!("unknown test `{t}`")))
-                    .collect::<Result<_, _>>()?;
-            }
-            "--sizes" => {
-                o.sizes = val()?
-                    .split(',')
-                    .map(|s| num("--sizes", s))
-                    .collect::<Result<_, _>>()?;
-                sizes_set = true;
-            }
-            "--transport" => match val()?.as_str() {
-                "inproc" => (o.inproc, o.vfio) = (true, false),
-                "vfio" => (o.inproc, o.vfio) = (false, true),
-                "both" => (o.inproc, o.vfio) = (true, true),
-                t => return Err(format!("unknown transport `{t}`")),
-            },
-            "--qps" => o.qps = num(a, &val()?)? as usize,
-            "--pairs" => o.pairs = num(a, &val()?)?.clamp(1, 256) as usize,
-            "--depth" => o.depth = num(a, &val()?)? as u32,
-            "--batch" => o.batch = num(a, &val()?)? as u32,
-            "--sig" => o.sig = num(a, &val()?)? as u32,
-            "--workers" => o.workers = num(a, &val()?)? as usize,
-            "--poll-us" => POLL_US.store(num(a, &val()?)? as i64, Ordering::Relaxed),
-            "--bytes" => o.bytes = num(a, &val()?)?,
-            "--only" => o.sections = val()?.split(',').map(String::from).collect(),
-            "--hostile" => o.hostile = tenant::Loops::parse(&val()?)?,
-            "-h" | "--help" => {
-                print!("{HELP}");
-                std::process::exit(0);
-            }
-            other => return Err(format!("bench: unknown option {other}")),
-        }
+    let sizes_set = !a.sizes.is_empty();
+    if let Some(p) = a.poll_us {
+        POLL_US.store(p as i64, Ordering::Relaxed);
     }
     if o.quick {
         if !sizes_set {
@@ -963,8 +982,8 @@ fn load() -> String {
 }
 
 /// Runs the benchmarks.
-pub fn run(args: &[String]) -> Result<(), String> {
-    let o = parse(args)?;
+pub fn run(args: &BenchArgs) -> Result<(), String> {
+    let o = opts(args)?;
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!(
         "pvrdma bench{}: {cpus} CPUs, load average {} (start); depth {}, {} WQEs per doorbell, \

@@ -18,6 +18,7 @@ mod operations;
 mod probe;
 mod rdma_core_feature;
 mod soak;
+mod socket_activation;
 mod tenant_soak;
 mod tenants;
 mod vfio_transport;

@@ -393,6 +393,7 @@ impl Server {
                 Ok(_) if self.stopper.stopping() => Ok(()),
                 Ok((mut stream, _)) => {
                     self.stopper.clients.fetch_add(1, Ordering::Relaxed);
+                    log::info!("{name}: client {n} connected");
                     *lock(&self.stopper.stream) = stream.try_clone().ok();
                     // The device code behind the connection must not take the process down
                     // with it: a panic ends this client's connection (the stream is dropped on
