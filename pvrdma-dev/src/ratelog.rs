@@ -60,16 +60,28 @@ impl Limiter {
     }
 }
 
-/// `log::warn!` through a [`Limiter`]: `limited_warn!(limiter, "format", args…)`. A line after
-/// some were left out ends with how many.
+/// `log::log!` through a [`Limiter`]: `limited!(log::Level::Info, limiter, "format", args…)`.
+/// A line after some were left out ends with how many.
+#[macro_export]
+macro_rules! limited {
+    ($level:expr, $limiter:expr, $($arg:tt)+) => {
+        match $limiter.allow() {
+            Some(0) => log::log!($level, $($arg)+),
+            Some(n) => log::log!(
+                $level,
+                "{} ({n} more like it not logged)",
+                format_args!($($arg)+)
+            ),
+            None => {}
+        }
+    };
+}
+
+/// `log::warn!` through a [`Limiter`]: `limited_warn!(limiter, "format", args…)`.
 #[macro_export]
 macro_rules! limited_warn {
     ($limiter:expr, $($arg:tt)+) => {
-        match $limiter.allow() {
-            Some(0) => log::warn!($($arg)+),
-            Some(n) => log::warn!("{} ({n} more like it not logged)", format_args!($($arg)+)),
-            None => {}
-        }
+        $crate::limited!(log::Level::Warn, $limiter, $($arg)+)
     };
 }
 

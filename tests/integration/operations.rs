@@ -337,3 +337,47 @@ fn a_million_bad_doorbells_make_one_counter_and_few_log_lines() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A client that connects and goes in a loop: every connection is served (and counted), the
+/// log keeps a bounded number of lines about them.
+#[test]
+fn a_client_reconnecting_in_a_loop_writes_few_lines() {
+    let _shared = shared();
+    let dir = temp_dir("reconnect");
+    let control = dir.join("control.sock");
+    let log_path = dir.join("serve.log");
+    let mut server = ServeProcess::spawn_logging(
+        Path::new(BIN),
+        &[
+            "--mac",
+            "00:50:56:12:34:56",
+            "--control",
+            control.to_str().unwrap(),
+        ],
+        std::fs::File::create(&log_path).unwrap(),
+    )
+    .expect("pvrdma serve starts");
+    const N: u64 = 300;
+    for _ in 0..N {
+        drop(UnixStream::connect(server.socket()).expect("connect"));
+    }
+    let deadline = std::time::Instant::now() + WAIT;
+    while ctl_json(&control, &["list"])[0]["clients"] != N {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not every client was served"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    server
+        .terminate(Duration::from_secs(30))
+        .expect("serve stops");
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    let about = text.lines().filter(|l| l.contains("client")).count();
+    // 600 connect and disconnect lines without the budget; 10 a minute with it.
+    assert!(
+        (2..=10).contains(&about),
+        "{about} lines about clients:\n{text}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

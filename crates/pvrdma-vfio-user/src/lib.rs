@@ -380,6 +380,8 @@ impl Server {
             irqs: &self.irqs,
             resettable: true,
         };
+        // A client may connect and go in a loop: its lines share one budget.
+        let mut lines = pvrdma_dev::ratelog::Limiter::default();
         while !self.stopper.stopping() {
             let n = self.stopper.clients.load(Ordering::Relaxed);
             let cfg = lock(&self.device).clone();
@@ -393,7 +395,7 @@ impl Server {
                 Ok(_) if self.stopper.stopping() => Ok(()),
                 Ok((mut stream, _)) => {
                     self.stopper.clients.fetch_add(1, Ordering::Relaxed);
-                    log::info!("{name}: client {n} connected");
+                    pvrdma_dev::limited!(log::Level::Info, lines, "{name}: client {n} connected");
                     *lock(&self.stopper.stream) = stream.try_clone().ok();
                     // The device code behind the connection must not take the process down
                     // with it: a panic ends this client's connection (the stream is dropped on
@@ -405,7 +407,11 @@ impl Server {
                     match r {
                         Ok(r) => r.map_err(Error::Protocol),
                         Err(_) => {
-                            log::error!("{name}: the device panicked on a client message");
+                            pvrdma_dev::limited!(
+                                log::Level::Error,
+                                lines,
+                                "{name}: the device panicked on a client message"
+                            );
                             Ok(())
                         }
                     }
@@ -415,13 +421,17 @@ impl Server {
             conn.shutdown();
             match r {
                 Ok(()) if self.stopper.stopping() => log::debug!("{name}: woken to stop"),
-                Ok(()) => log::info!("{name}: client disconnected"),
+                Ok(()) => {
+                    pvrdma_dev::limited!(log::Level::Info, lines, "{name}: client disconnected")
+                }
                 Err(e) if self.stopper.stopping() => log::debug!("{name}: stopping: {e}"),
                 Err(Error::Socket(e)) => {
                     log::error!("{name}: accept failed: {e}");
                     std::thread::sleep(Duration::from_millis(100));
                 }
-                Err(e) => log::warn!(
+                Err(e) => pvrdma_dev::limited!(
+                    log::Level::Warn,
+                    lines,
                     "{name}: {e}: {}",
                     std::error::Error::source(&e).map_or(String::new(), |s| s.to_string())
                 ),
