@@ -219,6 +219,34 @@ fn the_control_socket_and_the_metrics_show_a_clients_traffic() {
         stats["cqes"].as_u64().map(|v| v as f64)
     );
 
+    // Each QP in the scrape too, with its own counts and its peer.
+    let qa = p.a.qpn.to_string();
+    let qb = p.b.qpn.to_string();
+    assert_eq!(
+        sample(
+            &s,
+            "pvrdma_qp_send_wqes_total",
+            &[("device", "pvrdma"), ("qpn", &qa)]
+        ),
+        Some(N as f64)
+    );
+    assert_eq!(
+        sample(
+            &s,
+            "pvrdma_qp_recv_bytes_total",
+            &[("device", "pvrdma"), ("qpn", &qb)]
+        ),
+        Some((N * u64::from(SIZE)) as f64)
+    );
+    let info = s
+        .samples
+        .iter()
+        .find(|x| x.metric == "pvrdma_qp_info" && x.labels.get("qpn") == Some(qa.as_str()))
+        .expect("pvrdma_qp_info of QP a");
+    assert_eq!(info.labels.get("state"), Some("RTS"));
+    assert_eq!(info.labels.get("type"), Some("RC"));
+    assert_eq!(info.labels.get("peer_qpn"), Some(qb.as_str()));
+
     // The objects, like `rdma resource show`: each QP with its own counts, and GID 0.
     let res = ctl_json(&control, &["resources", "pvrdma"]);
     let qps = res["qps"].as_array().unwrap();

@@ -132,8 +132,10 @@ impl Collector for HostCollector {
                 .map(|d| d.max_host_mem)
                 .fold(0, u64::saturating_add)),
         )?;
-        let mut fams = device_families(host, &status);
-        for f in &mut fams {
+        for f in device_families(host, &status)
+            .iter()
+            .chain(&qp_families(host, &status))
+        {
             f.encode(&mut enc)?;
         }
         Ok(())
@@ -292,6 +294,89 @@ fn device_families(host: &Host, status: &[crate::host::DeviceStatus]) -> Vec<Fam
         resets.rows.push((l(None), sat(s.resets)));
         for (kind, n) in fields(&s.refused) {
             refused.rows.push((l(Some(("kind", &kind))), sat(n)));
+        }
+    }
+    f.into()
+}
+
+/// The per-QP families of every device's live QPs, read now: `pvrdma_qp_info` (1, with the
+/// QP's type, state and peer as labels) and its counters, each labelled `device` and `qpn`.
+fn qp_families(host: &Host, status: &[crate::host::DeviceStatus]) -> Vec<Family<'static>> {
+    let fam = |name, help, counter| Family {
+        name,
+        help,
+        counter,
+        rows: Vec::new(),
+    };
+    let mut f = [
+        fam(
+            "pvrdma_qp_info",
+            "A live QP (always 1): its type, state and peer in the labels.",
+            false,
+        ),
+        fam(
+            "pvrdma_qp_send_wqes",
+            "Send work requests the QP posted.",
+            true,
+        ),
+        fam(
+            "pvrdma_qp_send_bytes",
+            "Bytes its send work requests carry.",
+            true,
+        ),
+        fam(
+            "pvrdma_qp_recv_wqes",
+            "Receive completions of the QP.",
+            true,
+        ),
+        fam("pvrdma_qp_recv_bytes", "Bytes the QP received.", true),
+        fam(
+            "pvrdma_qp_error_completions",
+            "Completions of the QP with an error status.",
+            true,
+        ),
+        fam("pvrdma_qp_bad_wqes", "Malformed WQEs the QP posted.", true),
+        fam(
+            "pvrdma_qp_rnr_waits",
+            "Receiver-not-ready waits (emulated backend).",
+            true,
+        ),
+        fam(
+            "pvrdma_qp_retries",
+            "Transport retries (emulated backend).",
+            true,
+        ),
+    ];
+    let sat = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    for d in status {
+        let Some(res) = host.device(&d.name).and_then(|h| h.resources().ok()) else {
+            continue;
+        };
+        for q in &res.qps {
+            let l = || vec![("device", d.name.clone()), ("qpn", q.qpn.to_string())];
+            let mut info = l();
+            info.push(("type", q.qp_type.clone()));
+            info.push(("state", q.state.clone()));
+            if let Some(p) = &q.peer {
+                info.push(("peer_gid", p.gid.clone()));
+                info.push(("peer_qpn", p.qpn.to_string()));
+            }
+            let c = &q.counters;
+            let [qp_info, send_wqes, send_bytes, recv_wqes, recv_bytes, errors, bad, rnr, retries] =
+                &mut f;
+            qp_info.rows.push((info, 1));
+            send_wqes.rows.push((l(), sat(c.send_wqes)));
+            send_bytes.rows.push((l(), sat(c.send_bytes)));
+            recv_wqes.rows.push((l(), sat(c.recv_wqes)));
+            recv_bytes.rows.push((l(), sat(c.recv_bytes)));
+            errors.rows.push((l(), sat(c.error_completions)));
+            bad.rows.push((l(), sat(c.bad_wqes)));
+            if let Some(n) = c.rnr_waits {
+                rnr.rows.push((l(), sat(n)));
+            }
+            if let Some(n) = c.retries {
+                retries.rows.push((l(), sat(n)));
+            }
         }
     }
     f.into()
