@@ -53,8 +53,8 @@ const RAM: usize = 64 << 20;
 /// Local write: what the pingpong tools give their MRs and QPs.
 const LOCAL_WRITE: u32 = 1;
 /// Receives kept posted, each with its own slot of the receive MR (receive `k` in slot
-/// `k % RX_DEPTH`). A UD datagram that finds no receive at the host QP is dropped; keeping
-/// receives ahead covers the time the device takes to pass a posted receive to the host.
+/// `k % RX_DEPTH`). A UD datagram that finds no receive at the host QP is dropped; receives
+/// kept ahead cover the time the device may take to pass a posted receive on to the host.
 const RX_DEPTH: u32 = 8;
 
 type Res<T> = Result<T, String>;
