@@ -5,18 +5,22 @@
 # soft-RoCE in the guest, with the test binary built by rdma-core-test-bin.sh.
 # vm2vm boots two guests (then a third) on ONE server with two devices (vms.sh, guest/vm2vm.sh).
 # nvmeof runs NVMe over Fabrics (the kernel's fast-register MRs) on vmw_pvrdma0, then rxe0.
+# rdma_core_wire needs no pvrdma device either: pvrdma serve --backend rdma-core runs inside the guest
+# on rxe0 (one end of a veth pair), the harness (pvrdma-peer) drives it over vfio-user against the
+# native ping-pong tools on rxe1 (the other end); pvrdma, pvrdma-peer and veth.ko go in with --add.
 #
 # roce_v2 serves the device with --roce-version 2.
 #
 #   tests/e2e/all.sh [TEST...]      default: probe pingpong perftest reload rping roce_v2 compare
-#                                   nvmeof vm2vm rdma_core_backend
+#                                   nvmeof vm2vm rdma_core_backend rdma_core_wire
 # PVRDMA_E2E_BIN=PATH: use that pvrdma binary instead of building target/release/pvrdma with cargo.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 cd "$REPO"
 TESTS=("$@")
-[ ${#TESTS[@]} -gt 0 ] || TESTS=(probe pingpong perftest reload rping roce_v2 compare nvmeof vm2vm rdma_core_backend)
+[ ${#TESTS[@]} -gt 0 ] || TESTS=(probe pingpong perftest reload rping roce_v2 compare nvmeof vm2vm rdma_core_backend
+    rdma_core_wire)
 
 "$HERE/setup.sh"
 # The pvrdma server, unless rdma_core_backend (which needs none) is the only test.
@@ -64,6 +68,25 @@ for t in "${TESTS[@]}"; do
             continue
         fi
         args=(--add "$rbin")
+    elif [ "$t" = rdma_core_wire ]; then
+        # No device in QEMU: the server runs in the guest. The harness binary (release) and the
+        # veth module (not in the initrd) go in beside the pvrdma binary.
+        mkdir -p "$REPO/target/e2e-logs" "$REPO/target/e2e-wire"
+        if ! cargo build --release -p pvrdma-guest --bin pvrdma-peer >"$REPO/target/e2e-logs/$t.build.log" 2>&1; then
+            failed=$((failed + 1))
+            failures+=("$t")
+            echo "---- $t: building pvrdma-peer failed (target/e2e-logs/$t.build.log)"
+            tail -n 40 "$REPO/target/e2e-logs/$t.build.log" || true
+            continue
+        fi
+        kv=$(cat "${PVRDMA_E2E_CACHE:-/var/cache/pvrdma-e2e}/kernel-version")
+        xz -dc "${PVRDMA_E2E_CACHE:-/var/cache/pvrdma-e2e}/trixie/lib/modules/$kv/kernel/drivers/net/veth.ko.xz" \
+            >"$REPO/target/e2e-wire/veth.ko"
+        # Without debug info: the initramfs holds them in guest RAM.
+        strip --strip-debug -o "$REPO/target/e2e-wire/pvrdma" "$BIN"
+        strip --strip-debug -o "$REPO/target/e2e-wire/pvrdma-peer" "$REPO/target/release/pvrdma-peer"
+        args=(--add "$REPO/target/e2e-wire/pvrdma" --add "$REPO/target/e2e-wire/pvrdma-peer"
+            --add "$REPO/target/e2e-wire/veth.ko")
     else
         sock=$SOCKDIR/$t.sock
         rm -f "$sock"
