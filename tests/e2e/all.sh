@@ -9,10 +9,12 @@
 # on rxe0 (one end of a veth pair), the harness (pvrdma-peer) drives it over vfio-user against the
 # native ping-pong tools on rxe1 (the other end); pvrdma, pvrdma-peer and veth.ko go in with --add.
 #
-# roce_v2 serves the device with --roce-version 2.
+# roce_v2 serves the device with --roce-version 2; v2_suite runs probe, pingpong, perftest, rping,
+# reload and nvmeof (vmw_pvrdma0 only) again in one boot with the device in RoCE v2 mode
+# (guest/suite.sh).
 #
 #   tests/e2e/all.sh [TEST...]      default: probe pingpong perftest reload rping roce_v2 compare
-#                                   nvmeof vm2vm rdma_core_backend rdma_core_wire
+#                                   nvmeof vm2vm rdma_core_backend rdma_core_wire v2_suite
 # PVRDMA_E2E_BIN=PATH: use that pvrdma binary instead of building target/release/pvrdma with cargo.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -20,7 +22,7 @@ REPO=$(cd "$HERE/../.." && pwd)
 cd "$REPO"
 TESTS=("$@")
 [ ${#TESTS[@]} -gt 0 ] || TESTS=(probe pingpong perftest reload rping roce_v2 compare nvmeof vm2vm rdma_core_backend
-    rdma_core_wire)
+    rdma_core_wire v2_suite)
 
 "$HERE/setup.sh"
 # The pvrdma server, unless rdma_core_backend (which needs none) is the only test.
@@ -92,11 +94,23 @@ for t in "${TESTS[@]}"; do
         rm -f "$sock"
         extra=""
         [ "$t" = roce_v2 ] && extra="--roce-version 2"
-        args=(--socket "$sock" --server-cmd "exec $BIN serve --socket $sock --mac 52:54:00:12:34:56 $extra")
+        args=(--socket "$sock")
+        if [ "$t" = v2_suite ]; then
+            # The device tests of the default suite again, in one boot, with the device in
+            # RoCE v2 mode (guest/suite.sh runs the scripts it is given).
+            extra="--roce-version 2"
+            for s in probe pingpong perftest rping reload nvmeof; do
+                args+=(--add "$HERE/guest/$s.sh")
+            done
+        fi
+        args+=(--server-cmd "exec $BIN serve --socket $sock --mac 52:54:00:12:34:56 $extra")
     fi
+    script=$HERE/guest/$t.sh
+    [ "$t" = v2_suite ] && script=$HERE/guest/suite.sh
     tmo=400
     [ "$t" = nvmeof ] && tmo=900   # two devices, 2 x 64 MiB each under TCG
-    if PVRDMA_E2E_QUIET=1 "$HERE/run.sh" "$HERE/guest/$t.sh" --name "$t" "${args[@]}" --timeout "$tmo"; then
+    [ "$t" = v2_suite ] && tmo=1200
+    if PVRDMA_E2E_QUIET=1 "$HERE/run.sh" "$script" --name "$t" "${args[@]}" --timeout "$tmo"; then
         passed=$((passed + 1))
     else
         failed=$((failed + 1))
