@@ -269,8 +269,15 @@ impl ServeProcess {
                 .collect(),
         };
         cmd.args(args).stdin(Stdio::null());
-        if let Some(log) = log {
-            cmd.stderr(log);
+        match log {
+            Some(log) => {
+                cmd.stderr(log);
+            }
+            // A test's output gets the server's warnings, not its daemon-level info lines.
+            None if std::env::var_os("RUST_LOG").is_none() => {
+                cmd.env("RUST_LOG", "warn");
+            }
+            None => {}
         }
         let child = cmd.spawn()?;
         let mut p = ServeProcess {
