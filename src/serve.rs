@@ -631,17 +631,7 @@ fn clear_stale(specs: &[DeviceSpec], host: Option<&Host>) -> Result<(), String> 
         .try_for_each(|s| remove_stale_socket(&s.socket))
 }
 
-/// An error with its chain of sources, for the one line `pvrdma` prints.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
-}
+use pvrdma_vfio_user::error_chain as chain;
 
 /// The device defaults: the built-in ones, then the file's `[defaults]` (if `file`), then the
 /// device options of the command line, which win.

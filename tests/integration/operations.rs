@@ -303,16 +303,13 @@ fn the_control_socket_and_the_metrics_show_a_clients_traffic() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A guest ringing a million doorbells that ring nothing: the counter says 1,000,000, the
-/// process's log a few lines (the first ones, then one with the count left out), and the
-/// device still serves.
-#[test]
-fn a_million_bad_doorbells_make_one_counter_and_few_log_lines() {
-    let _alone = alone();
-    let dir = temp_dir("flood");
+/// A `pvrdma serve` with a control socket whose log goes to a file: (its directory, the
+/// control socket, the log file, the process).
+fn logging_server(name: &str) -> (PathBuf, PathBuf, PathBuf, ServeProcess) {
+    let dir = temp_dir(name);
     let control = dir.join("control.sock");
     let log_path = dir.join("serve.log");
-    let mut server = ServeProcess::spawn_logging(
+    let server = ServeProcess::spawn_logging(
         Path::new(BIN),
         &[
             "--mac",
@@ -323,6 +320,16 @@ fn a_million_bad_doorbells_make_one_counter_and_few_log_lines() {
         std::fs::File::create(&log_path).unwrap(),
     )
     .expect("pvrdma serve starts");
+    (dir, control, log_path, server)
+}
+
+/// A guest ringing a million doorbells that ring nothing: the counter says 1,000,000, the
+/// process's log a few lines (the first ones, then one with the count left out), and the
+/// device still serves.
+#[test]
+fn a_million_bad_doorbells_make_one_counter_and_few_log_lines() {
+    let _alone = alone();
+    let (dir, control, log_path, mut server) = logging_server("flood");
     let (client, drv) = probed_over(&server);
     let before = ctl_json(&control, &["stats", "pvrdma"])["refused"]["doorbells"]
         .as_u64()
@@ -371,20 +378,7 @@ fn a_million_bad_doorbells_make_one_counter_and_few_log_lines() {
 #[test]
 fn a_client_reconnecting_in_a_loop_writes_few_lines() {
     let _shared = shared();
-    let dir = temp_dir("reconnect");
-    let control = dir.join("control.sock");
-    let log_path = dir.join("serve.log");
-    let mut server = ServeProcess::spawn_logging(
-        Path::new(BIN),
-        &[
-            "--mac",
-            "00:50:56:12:34:56",
-            "--control",
-            control.to_str().unwrap(),
-        ],
-        std::fs::File::create(&log_path).unwrap(),
-    )
-    .expect("pvrdma serve starts");
+    let (dir, control, log_path, mut server) = logging_server("reconnect");
     const N: u64 = 300;
     for _ in 0..N {
         drop(UnixStream::connect(server.socket()).expect("connect"));

@@ -344,7 +344,7 @@ fn handle(line: &[u8], shared: &Shared) -> std::result::Result<Value, RequestErr
             let spec = parser(pairs).map_err(RequestError::Refused)?;
             let name = spec.name.clone();
             host.add_at_runtime(spec)
-                .map_err(|e| RequestError::Refused(chain(&e)))?;
+                .map_err(|e| RequestError::Refused(crate::error_chain(&e)))?;
             log::info!("control socket: device {name} added");
             let status: Vec<DeviceStatus> = host.status();
             to_value(&status.into_iter().find(|d| d.name == name))
@@ -361,18 +361,6 @@ fn handle(line: &[u8], shared: &Shared) -> std::result::Result<Value, RequestErr
 
 fn to_value<T: serde::Serialize>(v: &T) -> std::result::Result<Value, RequestError> {
     serde_json::to_value(v).map_err(|e| RequestError::Bad(e.to_string()))
-}
-
-/// An error and its sources, `a: b: c`.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
 }
 
 #[cfg(test)]

@@ -61,6 +61,11 @@ impl std::str::FromStr for MetricsAddr {
 #[derive(Debug)]
 struct HostCollector(Arc<Host>);
 
+/// A count as a gauge's or counter's value (saturating).
+fn sat(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
 type FmtResult = std::result::Result<(), std::fmt::Error>;
 
 /// One device-labelled family: `rows` are (device, labels besides `device`, value).
@@ -72,6 +77,15 @@ struct Family<'a> {
 }
 
 impl Family<'_> {
+    fn new(name: &'static str, help: &'static str, counter: bool) -> Family<'static> {
+        Family {
+            name,
+            help,
+            counter,
+            rows: Vec::new(),
+        }
+    }
+
     fn encode(&self, enc: &mut DescriptorEncoder) -> FmtResult {
         let ty = if self.counter {
             prometheus_client::metrics::MetricType::Counter
@@ -104,7 +118,6 @@ impl Collector for HostCollector {
                 prometheus_client::metrics::MetricType::Gauge,
             )?)
         };
-        let sat = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         gauge(
             &mut enc,
             "pvrdma_devices",
@@ -155,12 +168,7 @@ fn fields<T: serde::Serialize>(v: &T) -> Vec<(String, u64)> {
 
 /// The per-device families, read now.
 fn device_families(host: &Host, status: &[crate::host::DeviceStatus]) -> Vec<Family<'static>> {
-    let fam = |name, help, counter| Family {
-        name,
-        help,
-        counter,
-        rows: Vec::new(),
-    };
+    let fam = Family::new;
     let mut f = [
         fam(
             "pvrdma_device_connected",
@@ -246,7 +254,6 @@ fn device_families(host: &Host, status: &[crate::host::DeviceStatus]) -> Vec<Fam
             true,
         ),
     ];
-    let sat = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
     for d in status {
         let l = |extra: Option<(&'static str, &str)>| {
             let mut v = vec![("device", d.name.clone())];
@@ -302,12 +309,7 @@ fn device_families(host: &Host, status: &[crate::host::DeviceStatus]) -> Vec<Fam
 /// The per-QP families of every device's live QPs, read now: `pvrdma_qp_info` (1, with the
 /// QP's type, state and peer as labels) and its counters, each labelled `device` and `qpn`.
 fn qp_families(host: &Host, status: &[crate::host::DeviceStatus]) -> Vec<Family<'static>> {
-    let fam = |name, help, counter| Family {
-        name,
-        help,
-        counter,
-        rows: Vec::new(),
-    };
+    let fam = Family::new;
     let mut f = [
         fam(
             "pvrdma_qp_info",
@@ -347,7 +349,6 @@ fn qp_families(host: &Host, status: &[crate::host::DeviceStatus]) -> Vec<Family<
             true,
         ),
     ];
-    let sat = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
     for d in status {
         let Some(res) = host.device(&d.name).and_then(|h| h.resources().ok()) else {
             continue;
