@@ -591,7 +591,8 @@ fn backend_choice(s: &Settings) -> Result<pvrdma_vfio_user::BackendChoice, Strin
         // Each device gets the link-local GID of its own MAC (`pvrdma_vfio_user`).
         gids: Vec::new(),
     };
-    // Open the device once now, so a wrong name fails here rather than at the first client.
+    // Open the device once now, so a wrong name or a port that is down fails here rather than
+    // at the first client.
     struct NoSink;
     impl rdma_backend::CompletionSink for NoSink {
         fn complete(&self, _: &[rdma_backend::WorkCompletion]) {}
@@ -600,6 +601,7 @@ fn backend_choice(s: &Settings) -> Result<pvrdma_vfio_user::BackendChoice, Strin
     }
     let mem = rdma_backend::GuestMem::new(vm_memory::GuestMemoryMmap::new());
     rdma_core::RdmaCoreBackend::new(cfg.clone(), mem, std::sync::Arc::new(NoSink))
+        .and_then(|b| b.port_active())
         .map_err(|e| format!("--backend rdma-core: {e}"))?;
     Ok(pvrdma_vfio_user::BackendChoice::RdmaCore(cfg))
 }

@@ -391,6 +391,26 @@ impl std::fmt::Debug for RdmaCoreBackend {
 }
 
 impl RdmaCoreBackend {
+    /// Whether the port is ACTIVE now; the error names the device, the port, its state and
+    /// what to do. A backend works on a port that is not (yet) active, but nothing it sends
+    /// leaves: `pvrdma serve` refuses to start on one.
+    pub fn port_active(&self) -> Result<()> {
+        const STATES: [&str; 6] = ["NOP", "DOWN", "INIT", "ARMED", "ACTIVE", "ACTIVE_DEFER"];
+        let info = self.s.ctx.port_info(self.s.cfg.port).map_err(host)?;
+        if info.state == 4 {
+            return Ok(());
+        }
+        let state = STATES
+            .get(info.state as usize)
+            .copied()
+            .unwrap_or("unknown");
+        Err(Error::Host(format!(
+            "{} port {} is not ACTIVE ({state}): bring up its netdev (`rdma link show` names it) \
+             or choose another --ibdev/--ibport",
+            self.s.cfg.ibdev, self.s.cfg.port
+        )))
+    }
+
     /// Opens `cfg.ibdev` and starts the completion thread.
     pub fn new(
         cfg: Config,

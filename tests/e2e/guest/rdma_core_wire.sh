@@ -82,6 +82,30 @@ check native-rc@rxe0-rxe1 wire native-rc 2048000 pair native-rc $PORT \
     ibv_rc_pingpong -d rxe1 -g 0 -c -p $PORT -n 500 -- ibv_rc_pingpong -d rxe0 -g 0 -c -p $PORT -n 500 127.0.0.1
 
 # The device on rxe0.
+# Clear errors of `pvrdma serve --backend rdma-core` at start: an unknown device, and a port that
+# is down (vethA down makes rxe0's port DOWN); each is one line naming it, exit status non-zero.
+refuses() {
+    local want=$1 rc
+    shift
+    /add/pvrdma serve --backend rdma-core --roce-version 2 --mac $MAC_A --socket /tmp/refused.sock \
+        "$@" >/tmp/refused.log 2>&1
+    rc=$?
+    cat /tmp/refused.log
+    [ $rc -ne 0 ] && grep -q "$want" /tmp/refused.log && [ ! -e /tmp/refused.sock ]
+}
+port_down() { ! grep -q ACTIVE /sys/class/infiniband/rxe0/ports/1/state; }
+refuses_port_down() {
+    local ok=0
+    ip link set vethA down || return 1
+    wait_for 30 port_down && refuses "rxe0 port 1 is not ACTIVE (DOWN)" --ibdev rxe0 || ok=1
+    ip link set vethA up
+    wait_dev_active rxe0 30 &&
+        wait_for 30 gid0_is rxe0 fe80:0000:0000:0000:5054:00ff:fe77:0001 || return 1
+    return $ok
+}
+check serve-refuses-unknown-ibdev refuses "no RDMA device named nosuch0" --ibdev nosuch0
+check serve-refuses-port-down refuses_port_down
+
 serve_up() {
     rm -f $SOCK
     env RUST_LOG=info /add/pvrdma serve --backend rdma-core --ibdev rxe0 --roce-version 2 \
