@@ -453,20 +453,22 @@ pub(crate) struct SendTotals {
 }
 
 impl SendTotals {
-    /// Adds a QP's counts.
+    /// Adds a QP's counts. Wrapping, like the counters themselves: the bytes are what the
+    /// guest's WQEs list (up to 16 × 4 GiB each, whether or not they move), so a guest could
+    /// make them pass 2^64.
     pub(crate) fn add(&mut self, t: &QpTraffic) {
         for (c, t) in self.send.iter_mut().zip(&t.send) {
-            c.wqes += t.wqes.get();
-            c.bytes += t.bytes.get();
+            c.wqes = c.wqes.wrapping_add(t.wqes.get());
+            c.bytes = c.bytes.wrapping_add(t.bytes.get());
         }
-        self.bad_wqes += t.bad_wqes.get();
+        self.bad_wqes = self.bad_wqes.wrapping_add(t.bad_wqes.get());
     }
 
-    /// The sum over all opcodes.
+    /// The sum over all opcodes (wrapping, as [`SendTotals::add`]).
     pub(crate) fn total(&self) -> OpCount {
         self.send.iter().fold(OpCount::default(), |a, c| OpCount {
-            wqes: a.wqes + c.wqes,
-            bytes: a.bytes + c.bytes,
+            wqes: a.wqes.wrapping_add(c.wqes),
+            bytes: a.bytes.wrapping_add(c.bytes),
         })
     }
 
@@ -538,7 +540,7 @@ impl MainCounters {
             })
             .collect();
         let mut refused = self.refused;
-        refused.wqes += send.bad_wqes;
+        refused.wqes = refused.wqes.wrapping_add(send.bad_wqes);
         DeviceStats {
             commands: self.commands.iter().map(|c| c.count).sum(),
             command_errors: self.commands.iter().map(|c| c.errors).sum(),
@@ -585,6 +587,18 @@ mod tests {
             }
         );
         assert_eq!(s.commands_by_code.len(), 2, "codes never seen are left out");
+    }
+
+    #[test]
+    fn byte_counts_a_guest_inflates_wrap_instead_of_overflowing() {
+        let t = QpTraffic::default();
+        t.sent(op::SEND, u64::MAX);
+        t.sent(op::SEND, 2);
+        let mut all = SendTotals::default();
+        all.add(&t);
+        all.add(&t);
+        assert_eq!(all.total().bytes, 2);
+        assert_eq!(all.total().wqes, 4);
     }
 
     #[test]
