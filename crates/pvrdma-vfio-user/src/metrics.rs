@@ -69,15 +69,15 @@ fn sat(v: u64) -> i64 {
 type FmtResult = std::result::Result<(), std::fmt::Error>;
 
 /// One device-labelled family: `rows` are (device, labels besides `device`, value).
-struct Family<'a> {
-    name: &'a str,
-    help: &'a str,
+struct Family {
+    name: &'static str,
+    help: &'static str,
     counter: bool,
     rows: Vec<(Vec<(&'static str, String)>, i64)>,
 }
 
-impl Family<'_> {
-    fn new(name: &'static str, help: &'static str, counter: bool) -> Family<'static> {
+impl Family {
+    fn new(name: &'static str, help: &'static str, counter: bool) -> Family {
         Family {
             name,
             help,
@@ -167,7 +167,7 @@ fn fields<T: serde::Serialize>(v: &T) -> Vec<(String, u64)> {
 }
 
 /// The per-device families, read now.
-fn device_families(host: &Host, status: &[crate::host::DeviceStatus]) -> Vec<Family<'static>> {
+fn device_families(host: &Host, status: &[crate::host::DeviceStatus]) -> Vec<Family> {
     let fam = Family::new;
     let mut f = [
         fam(
@@ -308,7 +308,7 @@ fn device_families(host: &Host, status: &[crate::host::DeviceStatus]) -> Vec<Fam
 
 /// The per-QP families of every device's live QPs, read now: `pvrdma_qp_info` (1, with the
 /// QP's type, state and peer as labels) and its counters, each labelled `device` and `qpn`.
-fn qp_families(host: &Host, status: &[crate::host::DeviceStatus]) -> Vec<Family<'static>> {
+fn qp_families(host: &Host, status: &[crate::host::DeviceStatus]) -> Vec<Family> {
     let fam = Family::new;
     let mut f = [
         fam(
