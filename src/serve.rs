@@ -65,7 +65,7 @@ pub struct ServeArgs {
     max_devices: Option<usize>,
     /// Host memory the devices' budgets (max-host-mem) may add up to; a device past it is
     /// refused [default: half the host's RAM; suffixes K, M, G]
-    #[arg(long, value_name = "SIZE", value_parser = size_arg, help_heading = "Devices")]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, help_heading = "Devices")]
     max_memory: Option<u64>,
     /// A control socket for `pvrdma ctl` (list, stats, resources, add, remove)
     #[arg(long, value_name = "PATH", help_heading = "Devices")]
@@ -151,11 +151,6 @@ fn key_arg(key: &'static str) -> impl Fn(&str) -> Result<String, String> + Clone
         set_device_key(&mut DeviceConfig::default(), key, v)?;
         Ok(v.to_string())
     }
-}
-
-/// A clap value parser for sizes.
-fn size_arg(v: &str) -> Result<u64, String> {
-    parse_size(v)
 }
 
 fn parse_mac(s: &str) -> Result<[u8; 6], String> {
