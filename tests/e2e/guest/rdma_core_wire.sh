@@ -59,17 +59,18 @@ check veth-up link_up &&
 rdma link show
 
 nstat() { cat /sys/class/net/$1/statistics/$2; }
-# wire NAME BYTES CMD...: run CMD; vethA and vethB must each have sent at least BYTES meanwhile
+# wire NAME MIN_A MIN_B CMD...: run CMD; meanwhile vethA must have sent at least MIN_A bytes and
+# vethB at least MIN_B
 wire() {
-    local name=$1 min=$2 a0 b0 a1 b1 rc
-    shift 2
+    local name=$1 min_a=$2 min_b=$3 a0 b0 a1 b1 rc
+    shift 3
     a0=$(nstat vethA tx_bytes); b0=$(nstat vethB tx_bytes)
     "$@"
     rc=$?
     a1=$(nstat vethA tx_bytes); b1=$(nstat vethB tx_bytes)
-    say "$name: vethA sent $((a1 - a0)) bytes, vethB sent $((b1 - b0)) bytes (payload each way $min)"
+    say "$name: vethA sent $((a1 - a0)) bytes (payload $min_a), vethB sent $((b1 - b0)) bytes (payload $min_b)"
     [ $rc = 0 ] || return $rc
-    [ $((a1 - a0)) -ge "$min" ] && [ $((b1 - b0)) -ge "$min" ]
+    [ $((a1 - a0)) -ge "$min_a" ] && [ $((b1 - b0)) -ge "$min_b" ]
 }
 # no_invalid NAME: the native tool's -c check found nothing ("invalid data in page N")
 no_invalid() {
@@ -78,7 +79,7 @@ no_invalid() {
 
 # The reference: native on both ends (rxe0 <-> rxe1) over the link.
 PORT=$((PORT + 1))
-check native-rc@rxe0-rxe1 wire native-rc 2048000 pair native-rc $PORT \
+check native-rc@rxe0-rxe1 wire native-rc 2048000 2048000 pair native-rc $PORT \
     ibv_rc_pingpong -d rxe1 -g 0 -c -p $PORT -n 500 -- ibv_rc_pingpong -d rxe0 -g 0 -c -p $PORT -n 500 127.0.0.1
 
 # The device on rxe0.
@@ -125,10 +126,10 @@ peer_pair() {
     local dev="$PEER --socket $SOCK --mac $MAC_A --mode $mode --size $size --iters $n"
     local nat="$tool -d rxe1 -g 0 -c -s $size -n $n -p $PORT"
     if [ "$5" = native-listens ]; then
-        wire "$name" $((size * n)) pair "$name" $PORT $nat -- $dev --connect 127.0.0.1:$PORT &&
+        wire "$name" $((size * n)) $((size * n)) pair "$name" $PORT $nat -- $dev --connect 127.0.0.1:$PORT &&
             no_invalid "$name"
     else
-        wire "$name" $((size * n)) pair "$name" $PORT $dev --listen $PORT -- $nat 127.0.0.1 &&
+        wire "$name" $((size * n)) $((size * n)) pair "$name" $PORT $dev --listen $PORT -- $nat 127.0.0.1 &&
             no_invalid "$name"
     fi
 }
@@ -138,6 +139,44 @@ check rc-64k-device-client peer_pair rc64-dc rc 65536 50 native-listens
 check rc-64k-device-server peer_pair rc64-ds rc 65536 50 device-listens
 check ud-device-client peer_pair ud-dc ud 1024 500 native-listens
 check ud-device-server peer_pair ud-ds ud 1024 500 device-listens
+
+# perftest: the device against native ib_write_bw, ib_read_bw and ib_send_bw on rxe1, the device
+# as client and as server. The native tool's buffer is a file (--mmap); after the run the harness
+# compares its own source or destination with the native tool's, byte for byte.
+# perf_peer NAME VERB SIZE ITERS native-listens|device-listens (PEER_BUF: give the harness that
+# file instead of the native tool's)
+perf_peer() {
+    local name=$1 verb=$2 size=$3 n=$4 buf=/tmp/$1.buf min_a min_b dev nat
+    PORT=$((PORT + 1))
+    dd if=/dev/zero of="$buf" bs=1M count=1 2>/dev/null || return 1
+    dev="$PEER --socket $SOCK --mac $MAC_A --perftest $verb --native-buf ${PEER_BUF:-$buf} --size $size --iters $n"
+    nat="ib_${verb}_bw -d rxe1 -x 0 -F -s $size -n $n -p $PORT --mmap=$buf"
+    # the payload crosses the link once, from the source: the device (vethA) when it is the
+    # client of WRITE or SEND, or the server of READ
+    min_a=0 min_b=0
+    case "$5/$verb" in
+        native-listens/write | native-listens/send | device-listens/read) min_a=$((size * n)) ;;
+        *) min_b=$((size * n)) ;;
+    esac
+    if [ "$5" = native-listens ]; then
+        wire "$name" $min_a $min_b pair "$name" $PORT $nat -- $dev --connect 127.0.0.1:$PORT
+    else
+        wire "$name" $min_a $min_b pair "$name" $PORT $dev --listen $PORT -- $nat 127.0.0.1
+    fi
+}
+for verb in write read send; do
+    check ib_${verb}_bw-device-client perf_peer pt-$verb-dc $verb 65536 200 native-listens
+    check ib_${verb}_bw-device-server perf_peer pt-$verb-ds $verb 65536 200 device-listens
+done
+check ib_write_bw-4k-device-client perf_peer pt-write4k-dc write 4096 1000 native-listens
+# The check itself: compared with a buffer the native tool did not use, the same run fails.
+wrong_buffer() {
+    dd if=/dev/zero of=/tmp/pt-wrong.other bs=1M count=1 2>/dev/null || return 1
+    PEER_BUF=/tmp/pt-wrong.other perf_peer pt-wrong write 65536 20 native-listens &&
+        return 1
+    grep -q 'FAILED: payload: .* differ' /tmp/pt-wrong.cli
+}
+check perftest-check-catches-a-wrong-buffer wrong_buffer
 grep -ah 'pvrdma-peer: .* verified' /tmp/*.srv /tmp/*.cli 2>/dev/null | sed 's/^/[e2e] figure /'
 
 serve_down() {

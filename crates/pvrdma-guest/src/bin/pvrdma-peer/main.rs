@@ -1,11 +1,15 @@
 //! `pvrdma-peer`: a guest driving a pvrdma device over vfio-user (the harness) plays one end of
-//! rdma-core's `ibv_rc_pingpong` or `ibv_ud_pingpong` against the native tool on another RDMA
-//! device, and verifies every payload.
+//! rdma-core's `ibv_rc_pingpong` or `ibv_ud_pingpong`, or of perftest's `ib_write_bw`,
+//! `ib_read_bw` or `ib_send_bw`, against the native tool on another RDMA device, and verifies
+//! the payload.
 //!
 //! ```text
-//! pvrdma-peer --socket PATH --mac MAC --mode rc|ud (--listen PORT | --connect HOST:PORT)
-//!             [--size BYTES] [--iters N]
+//! pvrdma-peer --socket PATH --mac MAC (--mode rc|ud | --perftest write|read|send --native-buf FILE)
+//!             (--listen PORT | --connect HOST:PORT) [--size BYTES] [--iters N]
 //! ```
+//!
+//! perftest: see the `perftest` module (the native tool runs with `--mmap=FILE`, `-x <GID index>`
+//! and the same `-s` and `-n`). The rest of this comment is about the ping-pong tools.
 //!
 //! The device (a `pvrdma serve` process on PATH, with `--roce-version 2` and `--mac MAC`) is
 //! probed as the Linux driver does; the harness binds GID 0 = the link-local GID of MAC
@@ -29,9 +33,11 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+mod perftest;
 
 use pvrdma_dev::abi::{wr_opcode, Cqe};
 use pvrdma_guest::driver::{rc_connect_attrs, ud_attrs};
@@ -70,6 +76,10 @@ struct Args {
     socket: PathBuf,
     mac: [u8; 6],
     mode: Mode,
+    /// `--perftest`: play `ib_<verb>_bw` instead of a ping-pong tool.
+    perftest: Option<perftest::Verb>,
+    /// `--native-buf`: the native perftest's buffer file (its `--mmap`).
+    native_buf: Option<PathBuf>,
     listen: Option<u16>,
     connect: Option<String>,
     size: usize,
@@ -77,8 +87,8 @@ struct Args {
 }
 
 fn usage() -> String {
-    "usage: pvrdma-peer --socket PATH --mac MAC --mode rc|ud (--listen PORT | --connect HOST:PORT) \
-     [--size BYTES] [--iters N]"
+    "usage: pvrdma-peer --socket PATH --mac MAC (--mode rc|ud | --perftest write|read|send \
+     --native-buf FILE) (--listen PORT | --connect HOST:PORT) [--size BYTES] [--iters N]"
         .into()
 }
 
@@ -98,6 +108,8 @@ fn parse_args() -> Res<Args> {
         socket: PathBuf::new(),
         mac: [0; 6],
         mode: Mode::Rc,
+        perftest: None,
+        native_buf: None,
         listen: None,
         connect: None,
         size: 4096,
@@ -118,6 +130,15 @@ fn parse_args() -> Res<Args> {
                     m => return Err(format!("unknown mode {m}\n{}", usage())),
                 })
             }
+            "--perftest" => {
+                a.perftest = Some(match val()?.as_str() {
+                    "write" => perftest::Verb::Write,
+                    "read" => perftest::Verb::Read,
+                    "send" => perftest::Verb::Send,
+                    v => return Err(format!("unknown perftest verb {v}\n{}", usage())),
+                })
+            }
+            "--native-buf" => a.native_buf = Some(PathBuf::from(val()?)),
             "--listen" => a.listen = Some(val()?.parse().map_err(|e| format!("--listen: {e}"))?),
             "--connect" => a.connect = Some(val()?),
             "--size" => a.size = val()?.parse().map_err(|e| format!("--size: {e}"))?,
@@ -128,7 +149,12 @@ fn parse_args() -> Res<Args> {
     }
     a.socket = socket.ok_or_else(usage)?;
     a.mac = mac.ok_or_else(usage)?;
-    a.mode = mode.ok_or_else(usage)?;
+    match (mode, a.perftest) {
+        (Some(m), None) => a.mode = m,
+        (None, Some(_)) if a.native_buf.is_some() => {}
+        (None, Some(_)) => return Err(format!("--perftest needs --native-buf\n{}", usage())),
+        _ => return Err(format!("exactly one of --mode and --perftest\n{}", usage())),
+    }
     if a.listen.is_some() == a.connect.is_some() {
         return Err(format!(
             "exactly one of --listen and --connect\n{}",
@@ -222,6 +248,68 @@ fn first_difference(got: &[u8], want: &[u8]) -> String {
     }
 }
 
+/// A device probed over vfio-user as the Linux driver does, with GID 0 bound (the link-local
+/// GID of the MAC, RoCE v2), one UC and PD, one CQ and one QP.
+struct Device {
+    drv: Driver,
+    pd: u32,
+    cq: Cq,
+    qp: Qp,
+    gid: [u8; 16],
+}
+
+impl Device {
+    /// `caps`: (send WRs, receive WRs, send SGEs, receive SGEs) of the QP.
+    fn open(
+        socket: &Path,
+        mac: [u8; 6],
+        kind: QpKind,
+        cqe: u32,
+        caps: (u32, u32, u32, u32),
+    ) -> Res<Device> {
+        let t = Arc::new(
+            VfioUser::connect_with_ram(socket, RAM)
+                .map_err(|e| format!("vfio-user connect {}: {e}", socket.display()))?,
+        );
+        let drv = Driver::probe(t as Arc<dyn Transport>).map_err(|e| format!("probe: {e}"))?;
+        let port = drv.query_port(1).map_err(|e| format!("QUERY_PORT: {e}"))?;
+        println!(
+            "pvrdma-peer: device probed over {}: port state {} active_mtu {} gid_tbl_len {}",
+            socket.display(),
+            port.state,
+            port.active_mtu,
+            port.gid_tbl_len
+        );
+        let gid = rdma_backend::Gid::from_mac(mac).0;
+        // gid_type 2: RoCE v2 (the device must be served with --roce-version 2).
+        drv.create_bind(0, gid, 2)
+            .map_err(|e| format!("CREATE_BIND GID 0 {} (RoCE v2): {e}", gid_str(&gid)))?;
+        let ctx = drv.create_uc(1).map_err(|e| format!("CREATE_UC: {e}"))?;
+        let pd = drv.create_pd(ctx).map_err(|e| format!("CREATE_PD: {e}"))?;
+        let cq = drv
+            .create_cq(ctx, cqe)
+            .map_err(|e| format!("CREATE_CQ: {e}"))?;
+        let qp = drv
+            .create_qp(ctx, kind, pd, &cq, &cq, None, caps, false)
+            .map_err(|e| format!("CREATE_QP: {e}"))?;
+        Ok(Device {
+            drv,
+            pd,
+            cq,
+            qp,
+            gid,
+        })
+    }
+}
+
+/// A PSN that differs between runs (the tools use a random one too).
+fn random_psn() -> u32 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    (std::process::id().wrapping_mul(2_654_435_761) ^ nanos) & 0xff_ffff
+}
+
 /// The harness's side: a probed device with one QP, its CQ and two MRs.
 struct Peer {
     drv: Driver,
@@ -243,35 +331,17 @@ const SEND_ID: u64 = 1 << 32;
 
 impl Peer {
     fn open(a: &Args) -> Res<Peer> {
-        let t = Arc::new(
-            VfioUser::connect_with_ram(&a.socket, RAM)
-                .map_err(|e| format!("vfio-user connect {}: {e}", a.socket.display()))?,
-        );
-        let drv = Driver::probe(t as Arc<dyn Transport>).map_err(|e| format!("probe: {e}"))?;
-        let port = drv.query_port(1).map_err(|e| format!("QUERY_PORT: {e}"))?;
-        println!(
-            "pvrdma-peer: device probed over {}: port state {} active_mtu {} gid_tbl_len {}",
-            a.socket.display(),
-            port.state,
-            port.active_mtu,
-            port.gid_tbl_len
-        );
-        let gid = rdma_backend::Gid::from_mac(a.mac).0;
-        // gid_type 2: RoCE v2 (the device must be served with --roce-version 2).
-        drv.create_bind(0, gid, 2)
-            .map_err(|e| format!("CREATE_BIND GID 0 {} (RoCE v2): {e}", gid_str(&gid)))?;
-        let ctx = drv.create_uc(1).map_err(|e| format!("CREATE_UC: {e}"))?;
-        let pd = drv.create_pd(ctx).map_err(|e| format!("CREATE_PD: {e}"))?;
-        let cq = drv
-            .create_cq(ctx, 64)
-            .map_err(|e| format!("CREATE_CQ: {e}"))?;
         let kind = match a.mode {
             Mode::Rc => QpKind::Rc,
             Mode::Ud => QpKind::Ud,
         };
-        let qp = drv
-            .create_qp(ctx, kind, pd, &cq, &cq, None, (16, 16, 1, 1), false)
-            .map_err(|e| format!("CREATE_QP: {e}"))?;
+        let Device {
+            drv,
+            pd,
+            cq,
+            qp,
+            gid,
+        } = Device::open(&a.socket, a.mac, kind, 64, (16, 16, 1, 1))?;
         let slot = a.size + if a.mode == Mode::Ud { GRH } else { 0 };
         let send_mr = drv
             .reg_mr(pd, 0x1000_0000, a.size as u64, LOCAL_WRITE)
@@ -284,10 +354,7 @@ impl Peer {
                 LOCAL_WRITE,
             )
             .map_err(|e| format!("CREATE_MR (recv): {e}"))?;
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let psn = (std::process::id().wrapping_mul(2_654_435_761) ^ nanos) & 0xff_ffff;
+        let psn = random_psn();
         let me = Dest {
             lid: 0,
             qpn: qp.qpn,
@@ -526,6 +593,9 @@ fn exchange_as_server(peer: &mut Peer, port: u16) -> Res<()> {
 }
 
 fn run(a: &Args) -> Res<()> {
+    if let Some(verb) = a.perftest {
+        return perftest::run(a, verb);
+    }
     let mut peer = Peer::open(a)?;
     let (size, iters) = (a.size, a.iters);
     let start;
