@@ -170,3 +170,28 @@ fn clear_error_gid_not_on_host() {
         "{e}"
     );
 }
+
+/// A host port with no GID of the guest's type (rxe's GIDs are all RoCE v2; the guest binds
+/// RoCE v1): the check `pvrdma serve` runs when a device is configured or added, and ADD_GID,
+/// both say so, naming the types the port has and what to do.
+#[test]
+fn clear_error_no_gid_of_the_guests_type() {
+    let Some(cfg) = config() else { return };
+    let want = format!(
+        "{} port {} has no RoCE v1 GID (its GIDs are RoCE v2)",
+        cfg.ibdev, cfg.port
+    );
+    let e = rdma_core::check_gid_type(&cfg, rdma_backend::GidType::RoceV1)
+        .expect_err("no RoCE v1 GID on rxe")
+        .to_string();
+    println!("clear error, no GID of the guest's type: {e}");
+    assert!(e.contains(&want) && e.contains("--roce-version 2"), "{e}");
+    rdma_core::check_gid_type(&cfg, rdma_backend::GidType::RoceV2).expect("rxe's GIDs are RoCE v2");
+    // fe80::1:1 is on the host (as RoCE v2); bound as RoCE v1 it is refused the same way.
+    let b = open(cfg.clone()).expect("open the rdma-core backend");
+    let e = b
+        .add_gid(0, conformance::device_gid(1), rdma_backend::GidType::RoceV1)
+        .expect_err("no RoCE v1 GID on rxe")
+        .to_string();
+    assert!(e.contains(&want), "{e}");
+}

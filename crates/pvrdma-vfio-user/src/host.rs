@@ -293,7 +293,7 @@ impl Host {
         let others = devs
             .iter()
             .map(|d| (d.name.as_str(), d.socket.as_path(), &d.config.mac));
-        if let Some(why) = conflict(&spec, others) {
+        if let Some(why) = conflict(&spec, others).or_else(|| self.backend_refuses(&spec.device)) {
             return Err(refuse(why));
         }
         let socket = if spec.listen_fd.is_some() {
@@ -327,6 +327,24 @@ impl Host {
             server,
         });
         Ok(())
+    }
+
+    /// Why the backend cannot serve a device configured as `d` (rdma-core: the host port has
+    /// no GID of the device's RoCE version, so its guest could bind none).
+    fn backend_refuses(&self, d: &DeviceConfig) -> Option<String> {
+        match &self.backend {
+            BackendChoice::Emulated => None,
+            BackendChoice::RdmaCore(cfg) => {
+                let ty = if d.roce_version == 2 {
+                    rdma_backend::GidType::RoceV2
+                } else {
+                    rdma_backend::GidType::RoceV1
+                };
+                rdma_backend::rdma_core::check_gid_type(cfg, ty)
+                    .err()
+                    .map(|e| e.to_string())
+            }
+        }
     }
 
     /// Stops serving the device `name`: its socket is removed, a connected client's connection
@@ -385,7 +403,7 @@ impl Host {
                     kept.iter()
                         .map(|d| (d.name.as_str(), d.socket.as_path(), &d.config.mac)),
                 );
-            if let Some(why) = conflict(s, others) {
+            if let Some(why) = conflict(s, others).or_else(|| self.backend_refuses(&s.device)) {
                 return Err(Error::Refused {
                     name: s.name.clone(),
                     why,

@@ -63,6 +63,71 @@ pub fn available() -> std::result::Result<(), String> {
     verbs::libibverbs_available()
 }
 
+/// The host's `enum ibv_gid_type` code of `ty`.
+fn gid_type_code(ty: GidType) -> u32 {
+    match ty {
+        GidType::RoceV1 => consts::GID_ROCE_V1,
+        GidType::RoceV2 => consts::GID_ROCE_V2,
+    }
+}
+
+fn gid_type_name(code: u32) -> &'static str {
+    match code {
+        consts::GID_ROCE_V1 => "RoCE v1",
+        consts::GID_ROCE_V2 => "RoCE v2",
+        0 => "IB",
+        _ => "unknown",
+    }
+}
+
+/// When `port` of `ctx` has no GID of type `ty`: the error, naming the types it has and what to
+/// do.
+fn missing_gid_type(
+    ctx: &verbs::Context,
+    cfg: &Config,
+    gid_tbl_len: u32,
+    ty: GidType,
+) -> Option<String> {
+    let want = gid_type_code(ty);
+    let mut have: Vec<&str> = Vec::new();
+    for h in 0..gid_tbl_len.min(256) {
+        if let Some((_, t)) = ctx.gid(cfg.port, h) {
+            if t == want {
+                return None;
+            }
+            if !have.contains(&gid_type_name(t)) {
+                have.push(gid_type_name(t));
+            }
+        }
+    }
+    let (ibdev, port, name) = (&cfg.ibdev, cfg.port, gid_type_name(want));
+    Some(if have.is_empty() {
+        format!("{ibdev} port {port} has no GIDs at all: give its netdev an address")
+    } else {
+        let other = match ty {
+            GidType::RoceV1 => 2,
+            GidType::RoceV2 => 1,
+        };
+        format!(
+            "{ibdev} port {port} has no {name} GID (its GIDs are {}): the guest could bind none; \
+             serve the device with --roce-version {other}",
+            have.join(", ")
+        )
+    })
+}
+
+/// Whether a device whose guest binds GIDs of type `ty` can work on `cfg`'s port: the error
+/// names the port and the GID types it has when it has none of `ty`. `pvrdma serve` refuses
+/// such a device when it is configured or added.
+pub fn check_gid_type(cfg: &Config, ty: GidType) -> Result<()> {
+    let ctx = verbs::Context::open(&cfg.ibdev).map_err(host)?;
+    let info = ctx.port_info(cfg.port).map_err(host)?;
+    match missing_gid_type(&ctx, cfg, info.gid_tbl_len, ty) {
+        Some(e) => Err(Error::Host(e)),
+        None => Ok(()),
+    }
+}
+
 /// GID table entries the guest may set (the PVRDMA device exposes at most this many).
 const MAX_GIDS: usize = 128;
 /// Host address handles cached per PD. A guest chooses the address vectors of its UD sends, so
@@ -484,10 +549,7 @@ impl Backend for RdmaCoreBackend {
         if i >= MAX_GIDS {
             return Err(Error::Invalid("GID index"));
         }
-        let want = match ty {
-            GidType::RoceV1 => consts::GID_ROCE_V1,
-            GidType::RoceV2 => consts::GID_ROCE_V2,
-        };
+        let want = gid_type_code(ty);
         let s = &self.s;
         if !s.cfg.gids.contains(&gid) {
             return Err(Error::Invalid(
@@ -497,6 +559,9 @@ impl Backend for RdmaCoreBackend {
         let found = (0..s.info.gid_tbl_len.min(256))
             .find(|&h| s.ctx.gid(s.cfg.port, h) == Some((gid.0, want)));
         let Some(h) = found else {
+            if let Some(e) = missing_gid_type(&s.ctx, &s.cfg, s.info.gid_tbl_len, ty) {
+                return Err(Error::Host(e));
+            }
             return Err(Error::Host(format!(
                 "GID {gid:?} ({ty:?}) is not in the GID table of {} port {}: give the host \
                  netdev the guest's address",

@@ -16,6 +16,7 @@
 MAC_A=52:54:00:77:00:01
 MAC_B=52:54:00:77:00:02
 SOCK=/tmp/pvrdma-wire.sock
+CTL=/tmp/pvrdma-wire.ctl
 PEER=/add/pvrdma-peer
 PORT=18600
 for f in /add/pvrdma /add/pvrdma-peer /add/veth.ko; do
@@ -83,12 +84,13 @@ check native-rc@rxe0-rxe1 wire native-rc 2048000 2048000 pair native-rc $PORT \
     ibv_rc_pingpong -d rxe1 -g 0 -c -p $PORT -n 500 -- ibv_rc_pingpong -d rxe0 -g 0 -c -p $PORT -n 500 127.0.0.1
 
 # The device on rxe0.
-# Clear errors of `pvrdma serve --backend rdma-core` at start: an unknown device, and a port that
-# is down (vethA down makes rxe0's port DOWN); each is one line naming it, exit status non-zero.
+# Clear errors of `pvrdma serve --backend rdma-core` at start: an unknown device, a port that is
+# down (vethA down makes rxe0's port DOWN), a device whose RoCE version has no GID on the port;
+# each is one line naming it, exit status non-zero.
 refuses() {
     local want=$1 rc
     shift
-    /add/pvrdma serve --backend rdma-core --roce-version 2 --mac $MAC_A --socket /tmp/refused.sock \
+    /add/pvrdma serve --backend rdma-core --mac $MAC_A --socket /tmp/refused.sock \
         "$@" >/tmp/refused.log 2>&1
     rc=$?
     cat /tmp/refused.log
@@ -98,24 +100,37 @@ port_down() { ! grep -q ACTIVE /sys/class/infiniband/rxe0/ports/1/state; }
 refuses_port_down() {
     local ok=0
     ip link set vethA down || return 1
-    wait_for 30 port_down && refuses "rxe0 port 1 is not ACTIVE (DOWN)" --ibdev rxe0 || ok=1
+    wait_for 30 port_down && refuses "rxe0 port 1 is not ACTIVE (DOWN)" --ibdev rxe0 --roce-version 2 || ok=1
     ip link set vethA up
     wait_dev_active rxe0 30 &&
         wait_for 30 gid0_is rxe0 fe80:0000:0000:0000:5054:00ff:fe77:0001 || return 1
     return $ok
 }
-check serve-refuses-unknown-ibdev refuses "no RDMA device named nosuch0" --ibdev nosuch0
+check serve-refuses-unknown-ibdev refuses "no RDMA device named nosuch0" --ibdev nosuch0 --roce-version 2
 check serve-refuses-port-down refuses_port_down
+# rxe's GIDs are all RoCE v2: a RoCE v1 device's guest could bind none
+check serve-refuses-no-gid-of-its-type refuses "rxe0 port 1 has no RoCE v1 GID (its GIDs are RoCE v2)" \
+    --ibdev rxe0 --roce-version 1
 
 serve_up() {
     rm -f $SOCK
     env RUST_LOG=info /add/pvrdma serve --backend rdma-core --ibdev rxe0 --roce-version 2 \
-        --mac $MAC_A --socket $SOCK >/tmp/serve.log 2>&1 &
+        --mac $MAC_A --socket $SOCK --control $CTL >/tmp/serve.log 2>&1 &
     SERVE_PID=$!
     wait_for 30 test -S $SOCK || { cat /tmp/serve.log; return 1; }
     kill -0 $SERVE_PID
 }
 check serve-up serve_up
+# The same refusal for a device added at run time (`pvrdma ctl add`): exit status 1, the reason.
+ctl_add_refused() {
+    local rc
+    /add/pvrdma ctl --control $CTL add socket=/tmp/v1.sock,mac=52:54:00:77:00:09,roce-version=1 \
+        >/tmp/ctl-add.log 2>&1
+    rc=$?
+    cat /tmp/ctl-add.log
+    [ $rc = 1 ] && grep -q "has no RoCE v1 GID" /tmp/ctl-add.log && [ ! -e /tmp/v1.sock ]
+}
+check ctl-add-refuses-no-gid-of-its-type ctl_add_refused
 
 # peer_pair NAME MODE SIZE ITERS native-listens|device-listens
 peer_pair() {
