@@ -298,10 +298,14 @@ fn under_flood(
     let (loaded, flooded) = std::thread::scope(|s| {
         let links = [(&c.drv, &d.drv)];
         let (flood, stop) = (&mut flood, &stop);
-        let h = s.spawn(move || {
-            let pairs = std::slice::from_mut(flood);
-            perf::bw_lean_until(&links, pairs, Test::SendBw, bo, Some(stop))
-        });
+        // Named, so that its CPU time is not counted as the latency pair's (`pair_cpu`).
+        let h = std::thread::Builder::new()
+            .name("flood".into())
+            .spawn_scoped(s, move || {
+                let pairs = std::slice::from_mut(flood);
+                perf::bw_lean_until(&links, pairs, Test::SendBw, bo, Some(stop))
+            })
+            .expect("spawn the flood thread");
         // Let the flood get going first.
         std::thread::sleep(Duration::from_millis(50));
         let r = perf::send_lat_between(&a.drv, &b.drv, lat, 8, n);
@@ -317,9 +321,37 @@ fn under_flood(
 /// from devices of the same `pvrdma serve` (what one tenant can do to another), and the same
 /// flood from a second `pvrdma serve` process (what the machine's two cores alone do: the same
 /// CPU contention with nothing shared).
-fn fairness(o: &Opts, a: &Vm, b: &Vm, same: (&Vm, &Vm), other: (&Vm, &Vm)) -> Result<(), String> {
+/// The CPU time per round trip of the latency pair between two snapshots: this process's main
+/// thread (it plays VMs 0 and 1) and the threads of their devices (`serve:` names with `vm0` or
+/// `vm1`), polling included.
+fn pair_cpu(before: &CpuMap, after: &CpuMap, round_trips: u64) -> f64 {
+    let ns: u64 = after
+        .iter()
+        .filter(|(k, _)| {
+            *k == "pvrdma"
+                || k.strip_prefix("serve:")
+                    .is_some_and(|d| d.contains("vm0") || d.contains("vm1"))
+        })
+        .map(|(k, &v)| v.saturating_sub(before.get(k).copied().unwrap_or(0)))
+        .sum();
+    ns as f64 / round_trips.max(1) as f64
+}
+
+fn fairness(
+    o: &Opts,
+    (serve, elsewhere): (&ServeProcess, &ServeProcess),
+    a: &Vm,
+    b: &Vm,
+    same: (&Vm, &Vm),
+    other: (&Vm, &Vm),
+) -> Result<(), String> {
     let n = if o.quick { 500 } else { 20_000 };
     let mut lat = pair(a, Some(b), o.depth, 2 << 16)?;
+    let snap = || {
+        let mut m = cpu(serve);
+        thread_cpu(elsewhere.pid(), "other:", &mut m);
+        m
+    };
     header();
     let mut rows = Vec::new();
     for (name, flooders) in [
@@ -327,12 +359,14 @@ fn fairness(o: &Opts, a: &Vm, b: &Vm, same: (&Vm, &Vm), other: (&Vm, &Vm)) -> Re
         ("flooded", Some(same)),
         ("elsewhere", Some(other)),
     ] {
+        let before = snap();
         let (l, fl) = under_flood(o, (a, b), &mut lat, n, flooders)?;
+        let cpu_us = pair_cpu(&before, &snap(), l.iters) / 1e3;
         report(name, &l, 1, o.workers, o, None, &[]);
         if let Some(fl) = &fl {
             report("flood", fl, 1, o.workers, o, None, &[("while", q(name))]);
         }
-        rows.push((l, fl.map_or(0.0, |s| s.mmsg_per_s())));
+        rows.push((l, fl.map_or(0.0, |s| s.mmsg_per_s()), cpu_us));
     }
     let p99 = |i: usize| rows[i].0.lat_us(0.99);
     let (same_x, other_x) = (p99(1) / p99(0), p99(2) / p99(0));
@@ -345,6 +379,16 @@ fn fairness(o: &Opts, a: &Vm, b: &Vm, same: (&Vm, &Vm), other: (&Vm, &Vm)) -> Re
         rows[1].1,
         p99(2),
         rows[2].1
+    );
+    println!(
+        "fairness: the pair's CPU time per round trip (its harness thread and its two devices' \
+         threads, polling included) {:.1} us idle, {:.1} us ({:.2}x) beside the flood in the same \
+         process, {:.1} us ({:.2}x) beside the flood in another process",
+        rows[0].2,
+        rows[1].2,
+        rows[1].2 / rows[0].2,
+        rows[2].2,
+        rows[2].2 / rows[0].2
     );
     println!(
         "{}",
@@ -360,6 +404,9 @@ fn fairness(o: &Opts, a: &Vm, b: &Vm, same: (&Vm, &Vm), other: (&Vm, &Vm)) -> Re
             ("other_process_ratio", f(other_x)),
             ("flood_same_mmsg_s", f(rows[1].1)),
             ("flood_other_mmsg_s", f(rows[2].1)),
+            ("idle_pair_cpu_us_per_rt", f(rows[0].2)),
+            ("same_process_pair_cpu_us_per_rt", f(rows[1].2)),
+            ("other_process_pair_cpu_us_per_rt", f(rows[2].2)),
         ])
     );
     Ok(())
@@ -657,6 +704,7 @@ pub(super) fn vms_section(o: &Opts) -> Result<(), String> {
         .collect::<Result<Vec<_>, _>>()?;
     fairness(
         o,
+        (&serve, &elsewhere),
         &vms[0],
         &vms[1],
         (&vms[2], &vms[3]),
