@@ -545,20 +545,22 @@ fn io(what: &str) -> impl FnOnce(std::io::Error) -> String + '_ {
     move |e| format!("{what}: {e}")
 }
 
+/// Connects to `addr`, retrying for `wait` while the native tool does not listen yet.
+fn connect_retrying(addr: &str, wait: Duration) -> Res<TcpStream> {
+    let deadline = Instant::now() + wait;
+    loop {
+        match TcpStream::connect(addr) {
+            Ok(s) => return Ok(s),
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
+            Err(e) => return Err(format!("connect {addr}: {e}")),
+        }
+    }
+}
+
 /// The tool's client side of the exchange (`pp_client_exch_dest`), retrying the connect for
 /// [`WAIT`] while the server does not listen yet.
 fn exchange_as_client(peer: &mut Peer, addr: &str) -> Res<()> {
-    let deadline = Instant::now() + WAIT;
-    let mut s = loop {
-        match TcpStream::connect(addr) {
-            Ok(s) => break s,
-            Err(e) if Instant::now() < deadline => {
-                let _ = e;
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            Err(e) => return Err(format!("connect {addr}: {e}")),
-        }
-    };
+    let mut s = connect_retrying(addr, WAIT)?;
     s.write_all(&peer.me.encode()).map_err(io("send address"))?;
     let mut m = [0u8; MSG_LEN];
     s.read_exact(&mut m).map_err(io("read remote address"))?;

@@ -37,7 +37,10 @@ use pvrdma_dev::abi::wr_opcode;
 use pvrdma_guest::driver::rc_connect_attrs;
 use pvrdma_guest::{Mr, QpKind, SendWqe};
 
-use super::{first_difference, gid_str, io, mac_of_gid, pattern, random_psn, Args, Device, Res};
+use super::{
+    connect_retrying, first_difference, gid_str, io, mac_of_gid, pattern, random_psn, Args, Device,
+    Res,
+};
 
 /// The perftest whose exchange this is.
 pub const VERSION: &str = "6.24";
@@ -184,17 +187,7 @@ impl Exchange {
     /// As the perftest client: connect to the native server (retrying while it does not
     /// listen yet).
     pub fn connect(addr: &str) -> Res<Exchange> {
-        let deadline = Instant::now() + WAIT;
-        let s = loop {
-            match TcpStream::connect(addr) {
-                Ok(s) => break s,
-                Err(_) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(200))
-                }
-                Err(e) => return Err(format!("connect {addr}: {e}")),
-            }
-        };
-        Exchange::new(s, true)
+        Exchange::new(connect_retrying(addr, WAIT)?, true)
     }
 
     /// As the perftest server: wait for the native client on `port`.
