@@ -99,8 +99,18 @@ pub struct Pair {
     pub mr_a: Mr,
     /// Server buffer.
     pub mr_b: Mr,
-    /// Queue depth.
+    /// Send queue depth: WRs in flight at most.
     pub depth: u32,
+    /// Receive queue depth ([`rx_depth`]): receives a SEND run keeps posted ahead of its sends.
+    pub rx_depth: u32,
+}
+
+/// The receives a SEND bandwidth run keeps posted for a send window of `depth`: four times as
+/// many, as perftest's `ib_send_bw` does (`rx_depth` 512 for `tx_depth` 128), so that a receive
+/// has reached the server's device well before the send that uses it, also when the two sides
+/// are different devices whose doorbells race (capped at the device's 8,192 WRs per queue).
+pub fn rx_depth(depth: u32) -> u32 {
+    depth.saturating_mul(4).clamp(depth, 8192.max(depth))
 }
 
 /// Full access.
@@ -142,14 +152,29 @@ impl Pair {
             }
             None => (a.drv, ctx, pd, a.gid),
         };
-        let cqn = (2 * depth).next_power_of_two();
-        let cq_a = a.drv.create_cq(ctx, cqn)?;
-        let cq_b = db.create_cq(ctx_b, cqn)?;
-        let caps = (depth, depth, 1, 1);
-        let qa = a
-            .drv
-            .create_qp(ctx, QpKind::Rc, pd, &cq_a, &cq_a, None, caps, false)?;
-        let qb = db.create_qp(ctx_b, QpKind::Rc, pd_b, &cq_b, &cq_b, None, caps, false)?;
+        let rx = rx_depth(depth);
+        let cq_a = a.drv.create_cq(ctx, (2 * depth).next_power_of_two())?;
+        let cq_b = db.create_cq(ctx_b, (depth + rx).next_power_of_two())?;
+        let qa = a.drv.create_qp(
+            ctx,
+            QpKind::Rc,
+            pd,
+            &cq_a,
+            &cq_a,
+            None,
+            (depth, depth, 1, 1),
+            false,
+        )?;
+        let qb = db.create_qp(
+            ctx_b,
+            QpKind::Rc,
+            pd_b,
+            &cq_b,
+            &cq_b,
+            None,
+            (depth, rx, 1, 1),
+            false,
+        )?;
         for m in rc_connect_attrs(qb.qpn, gid_b, ACCESS) {
             a.drv.modify_qp(&qa, m)?;
         }
@@ -170,6 +195,7 @@ impl Pair {
             mr_a,
             mr_b,
             depth,
+            rx_depth: rx,
         })
     }
 }
@@ -638,7 +664,7 @@ pub fn bw_lean_until(
             if let Some(rq) = l.rq.as_mut() {
                 let mut n = 0;
                 while l.recv_posted < iters
-                    && l.recv_posted - l.recv_done < depth
+                    && l.recv_posted - l.recv_done < u64::from(p.rx_depth)
                     && rq.space(mem_b)
                 {
                     rq.push(l.recv_posted, None);
