@@ -166,7 +166,6 @@ fn vm_to_vm(o: &Opts, serve: &ServeProcess, a: &Vm, b: &Vm) -> Result<(), String
         .filter(|&s| (64..=1 << 20).contains(&s))
         .collect();
     let buf = sizes.iter().copied().max().unwrap_or(4096).max(2 << 16);
-    let rounds = if o.quick { 1 } else { ROUNDS };
     let mut lp = pair(a, None, o.depth, buf)?;
     let mut vp = pair(a, Some(b), o.depth, buf)?;
     header();
@@ -177,41 +176,98 @@ fn vm_to_vm(o: &Opts, serve: &ServeProcess, a: &Vm, b: &Vm) -> Result<(), String
             _ => continue,
         };
         for size in sizes {
-            // Per side (loop, vm2vm): figure, CPU ns/msg of all threads, of the device's.
-            let mut got: [Vec<(f64, f64, f64)>; 2] = [Vec::new(), Vec::new()];
-            for round in 0..rounds {
-                // Loopback and VM to VM in turn, first one then the other, so a drift of the
-                // host hits both alike.
-                let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
-                for side in order {
-                    let (to, p, name) = if side == 0 {
-                        (a, &mut lp, "loop")
-                    } else {
-                        (b, &mut vp, "vm2vm")
-                    };
-                    let before = cpu(serve);
-                    match case(a, to, p, test, size, o) {
-                        Ok(s) => {
-                            let (all, dev) = cpu_sums(&before, &cpu(serve), s.iters);
-                            report(name, &s, 1, o.workers, o, None, &[]);
-                            got[side].push((figure(&s), all, dev));
-                        }
-                        Err(e) => {
-                            println!("{name:<8} {:<10} {size:>9} FAILED: {e}", test.name());
-                            STALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        }
-                    }
-                }
+            let got = rounds_of(o, serve, (a, b), (&mut lp, &mut vp), test, size, None)?;
+            vm2vm_summary(test, size, &got, false);
+            if test == Test::SendLat {
+                // The same on one core: see `rounds_of`.
+                let got = rounds_of(
+                    o,
+                    serve,
+                    (a, b),
+                    (&mut lp, &mut vp),
+                    test,
+                    size,
+                    Some(PAIR_CPU),
+                )?;
+                vm2vm_summary(test, size, &got, true);
             }
-            vm2vm_summary(test, size, &got);
         }
     }
     Ok(())
 }
 
+/// Per side (loopback, VM to VM): the figure, CPU ns/msg of all threads, of the device's.
+type Rounds = [Vec<(f64, f64, f64)>; 2];
+
+/// [`ROUNDS`] rounds of one case (one with `--quick`), loopback and VM to VM in turn. With
+/// `one_cpu`, every thread of VMs 0 and 1 (the harness's main and interrupt threads, both
+/// devices' threads) runs on that CPU alone: with no second core to place threads on, a round
+/// trip costs its work and its thread switches and nothing else, so the two paths compare by
+/// the work they do, whatever the host's core count; their latencies are then the CPU time of
+/// a round trip.
+fn rounds_of(
+    o: &Opts,
+    serve: &ServeProcess,
+    (a, b): (&Vm, &Vm),
+    (lp, vp): (&mut Pair, &mut Pair),
+    test: Test,
+    size: u64,
+    one_cpu: Option<usize>,
+) -> Result<Rounds, String> {
+    let rounds = if o.quick { 1 } else { ROUNDS };
+    // Before any pinning: the CPUs this thread may run on are the host's.
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    let threads: Vec<(i32, usize)> = match one_cpu {
+        Some(_) => tenant_threads(serve.pid())
+            .into_iter()
+            .filter(|&(_, vm)| vm < 2)
+            .collect(),
+        None => Vec::new(),
+    };
+    let place = |set: &[usize]| -> Result<(), String> {
+        for &(tid, _) in &threads {
+            pin(tid, set).map_err(|e| format!("pin thread {tid}: {e}"))?;
+        }
+        Ok(())
+    };
+    if let Some(c) = one_cpu {
+        place(&[c])?;
+    }
+    let mut got: Rounds = [Vec::new(), Vec::new()];
+    for round in 0..rounds {
+        // Loopback and VM to VM in turn, first one then the other, so a drift of the host hits
+        // both alike.
+        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        for side in order {
+            let (to, p, name) = match (side, one_cpu.is_some()) {
+                (0, false) => (a, &mut *lp, "loop"),
+                (0, true) => (a, &mut *lp, "loop1c"),
+                (_, false) => (b, &mut *vp, "vm2vm"),
+                (_, true) => (b, &mut *vp, "vm2vm1c"),
+            };
+            let before = cpu(serve);
+            match case(a, to, p, test, size, o) {
+                Ok(s) => {
+                    let (all, dev) = cpu_sums(&before, &cpu(serve), s.iters);
+                    report(name, &s, 1, o.workers, o, None, &[]);
+                    got[side].push((figure(&s), all, dev));
+                }
+                Err(e) => {
+                    println!("{name:<8} {:<10} {size:>9} FAILED: {e}", test.name());
+                    STALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }
+    }
+    if one_cpu.is_some() {
+        place(&(0..cpus).collect::<Vec<_>>())?;
+    }
+    Ok(got)
+}
+
 /// The ratio line of one VM-to-VM case over its rounds: the median ratio with its range, and
 /// the median CPU time per message (per round trip for latency) of each side.
-fn vm2vm_summary(test: Test, size: u64, got: &[Vec<(f64, f64, f64)>; 2]) {
+fn vm2vm_summary(test: Test, size: u64, got: &Rounds, one_cpu: bool) {
     let n = got[0].len().min(got[1].len());
     if n == 0 {
         return;
@@ -236,12 +292,13 @@ fn vm2vm_summary(test: Test, size: u64, got: &[Vec<(f64, f64, f64)>; 2]) {
     };
     let (loop_fig, vm_fig) = (med(0, 0), med(1, 0));
     let mut line = format!(
-        "{:<8} {:<10} {size:>9} VM-to-VM / loopback: {ratio:.3} (median of {n}; {lo:.3}-{hi:.3})",
-        "ratio",
-        test.name()
+        "{:<8} {:<10} {size:>9} VM-to-VM / loopback{}: {ratio:.3} (median of {n}; {lo:.3}-{hi:.3})",
+        if one_cpu { "ratio1c" } else { "ratio" },
+        test.name(),
+        if one_cpu { " on one core" } else { "" }
     );
     let mut fields = vec![
-        ("kind", q("vm2vm")),
+        ("kind", q(if one_cpu { "vm2vm_one_core" } else { "vm2vm" })),
         ("test", q(test.name())),
         ("size", size.to_string()),
         ("rounds", n.to_string()),
@@ -280,6 +337,7 @@ fn under_flood(
     lat: &mut Pair,
     n: u64,
     flooders: Option<(&Vm, &Vm)>,
+    flood_cpu: Option<usize>,
 ) -> Result<(Sample, Option<Sample>), String> {
     let Some((c, d)) = flooders else {
         let s = perf::send_lat_between(&a.drv, &b.drv, lat, 8, n)
@@ -302,6 +360,11 @@ fn under_flood(
         let h = std::thread::Builder::new()
             .name("flood".into())
             .spawn_scoped(s, move || {
+                if let Some(cpu) = flood_cpu {
+                    if let Err(e) = pin(0, &[cpu]) {
+                        eprintln!("cannot pin the flood thread to CPU {cpu}: {e}");
+                    }
+                }
                 let pairs = std::slice::from_mut(flood);
                 perf::bw_lean_until(&links, pairs, Test::SendBw, bo, Some(stop))
             })
@@ -360,7 +423,7 @@ fn fairness(
         ("elsewhere", Some(other)),
     ] {
         let before = snap();
-        let (l, fl) = under_flood(o, (a, b), &mut lat, n, flooders)?;
+        let (l, fl) = under_flood(o, (a, b), &mut lat, n, flooders, None)?;
         let cpu_us = pair_cpu(&before, &snap(), l.iters) / 1e3;
         report(name, &l, 1, o.workers, o, None, &[]);
         if let Some(fl) = &fl {
@@ -409,7 +472,127 @@ fn fairness(
             ("other_process_pair_cpu_us_per_rt", f(rows[2].2)),
         ])
     );
+    split_fairness(o, serve, (a, b), &mut lat, n, same)
+}
+
+/// CPU of the latency pair's threads, and of the flood's, when the cores are split.
+const PAIR_CPU: usize = 0;
+const FLOOD_CPU: usize = 1;
+
+/// The fairness case again with the two tenants on a core each: every thread of VMs 0 and 1
+/// (the harness's main thread and their interrupt threads, their devices' main loops, workers
+/// and vfio-user threads) on CPU 0, every thread of the flooding VMs 2 and 3 on CPU 1; the
+/// process's shared threads (the fabric's timer, signals) float. With no core to fight over,
+/// what is left between the tenants is what the process shares (the fabric, its locks and
+/// timer, the allocator): the pair's p99 beside the flood against its p99 idle, pinned alike,
+/// is the cost of a flooding neighbour that does not depend on the host having more cores
+/// than busy threads.
+fn split_fairness(
+    o: &Opts,
+    serve: &ServeProcess,
+    (a, b): (&Vm, &Vm),
+    lat: &mut Pair,
+    n: u64,
+    same: (&Vm, &Vm),
+) -> Result<(), String> {
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    if cpus < 2 {
+        println!("fairness, cores split: skipped (one CPU)");
+        return Ok(());
+    }
+    let threads = tenant_threads(serve.pid());
+    let place = |split: bool| -> Result<(), String> {
+        for &(tid, vm) in &threads {
+            let set: Vec<usize> = match (split, vm) {
+                (true, 0 | 1) => vec![PAIR_CPU],
+                (true, _) => vec![FLOOD_CPU],
+                (false, _) => (0..cpus).collect(),
+            };
+            pin(tid, &set).map_err(|e| format!("pin thread {tid}: {e}"))?;
+        }
+        Ok(())
+    };
+    place(true)?;
+    let mut run = || -> Result<_, String> {
+        let (idle, _) = under_flood(o, (a, b), lat, n, None, None)?;
+        let (flooded, fl) = under_flood(o, (a, b), lat, n, Some(same), Some(FLOOD_CPU))?;
+        Ok((idle, flooded, fl))
+    };
+    let r = run();
+    place(false)?;
+    let (idle, flooded, fl) = r?;
+    report("split", &idle, 1, o.workers, o, None, &[]);
+    report("splitfl", &flooded, 1, o.workers, o, None, &[]);
+    let flood_rate = fl.as_ref().map_or(0.0, Sample::mmsg_per_s);
+    if let Some(fl) = &fl {
+        report("flood", fl, 1, o.workers, o, None, &[("while", q("split"))]);
+    }
+    let (i99, f99) = (idle.lat_us(0.99), flooded.lat_us(0.99));
+    println!(
+        "fairness, cores split (VMs 0-1 on CPU {PAIR_CPU}, VMs 2-3 on CPU {FLOOD_CPU}): 8 B \
+         send_lat p99 {i99:.2} us idle, {f99:.2} us ({:.2}x) while VMs 2-3 flood 64 B SENDs at \
+         {flood_rate:.3} M msg/s",
+        f99 / i99
+    );
+    println!(
+        "{}",
+        json_line(&[
+            ("kind", q("fairness_split")),
+            ("idle_p50_us", f(idle.lat_us(0.5))),
+            ("idle_p99_us", f(i99)),
+            ("flooded_p50_us", f(flooded.lat_us(0.5))),
+            ("flooded_p99_us", f(f99)),
+            ("ratio", f(f99 / i99)),
+            ("flood_mmsg_s", f(flood_rate)),
+        ])
+    );
     Ok(())
+}
+
+/// The threads of VMs 0-3 with their VM: this process's main thread (VM 0 and 1's harness) and
+/// interrupt threads (`vfio-irqN`), and the device threads of `serve` (`vmN.G-main`,
+/// `vmN.G-worker-K`, `vfio-user:vmN`).
+fn tenant_threads(serve: u32) -> Vec<(i32, usize)> {
+    let me = std::process::id();
+    let mut out = Vec::new();
+    for (pid, harness) in [(me, true), (serve, false)] {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for t in tasks.flatten() {
+            let Some(tid) = t.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                continue;
+            };
+            let name = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            let vm = if harness && u32::try_from(tid) == Ok(me) {
+                Some(0)
+            } else if harness {
+                vm_index(name.trim(), "vfio-irq")
+            } else {
+                vm_index(name.trim(), "vfio-user:vm").or_else(|| vm_index(name.trim(), "vm"))
+            };
+            if let Some(vm) = vm.filter(|&v| v < 4) {
+                out.push((tid, vm));
+            }
+        }
+    }
+    out
+}
+
+/// The number right after `prefix` in a thread name.
+fn vm_index(name: &str, prefix: &str) -> Option<usize> {
+    let rest = name.strip_prefix(prefix)?;
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+/// Restricts thread `tid` (0: the calling thread) to `cpus`.
+fn pin(tid: i32, cpus: &[usize]) -> nix::Result<()> {
+    let mut set = nix::sched::CpuSet::new();
+    for &c in cpus {
+        set.set(c)?;
+    }
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(tid), &set)
 }
 
 /// 16 VMs, 4 QPs each (pairs i -> i+1 and i -> i+2 around a ring): aggregate 64 B SEND and
