@@ -187,7 +187,7 @@ fn vm_to_vm(o: &Opts, serve: &ServeProcess, a: &Vm, b: &Vm) -> Result<(), String
                     (&mut lp, &mut vp),
                     test,
                     size,
-                    Some(PAIR_CPU),
+                    Some(host_cpus()[0]),
                 )?;
                 vm2vm_summary(test, size, &got, true);
             }
@@ -215,8 +215,6 @@ fn rounds_of(
     one_cpu: Option<usize>,
 ) -> Result<Rounds, String> {
     let rounds = if o.quick { 1 } else { ROUNDS };
-    // Before any pinning: the CPUs this thread may run on are the host's.
-    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
     let threads: Vec<(i32, usize)> = match one_cpu {
         Some(_) => tenant_threads(serve.pid())
             .into_iter()
@@ -234,6 +232,8 @@ fn rounds_of(
         place(&[c])?;
     }
     let mut got: Rounds = [Vec::new(), Vec::new()];
+    // Per side: CPU ns and times scheduled by thread role, and the messages they are for.
+    let mut by_role: [(Roles, u64); 2] = Default::default();
     for round in 0..rounds {
         // Loopback and VM to VM in turn, first one then the other, so a drift of the host hits
         // both alike.
@@ -246,9 +246,18 @@ fn rounds_of(
                 (_, true) => (b, &mut *vp, "vm2vm1c"),
             };
             let before = cpu(serve);
+            let roles_before = roles(serve.pid());
             match case(a, to, p, test, size, o) {
                 Ok(s) => {
                     let (all, dev) = cpu_sums(&before, &cpu(serve), s.iters);
+                    let (acc, msgs) = &mut by_role[side];
+                    for (role, (ns, n)) in roles(serve.pid()) {
+                        let (ns0, n0) = roles_before.get(role).copied().unwrap_or_default();
+                        let e = acc.entry(role).or_default();
+                        e.0 += ns.saturating_sub(ns0);
+                        e.1 += n.saturating_sub(n0);
+                    }
+                    *msgs += s.iters;
                     report(name, &s, 1, o.workers, o, None, &[]);
                     got[side].push((figure(&s), all, dev));
                 }
@@ -260,9 +269,89 @@ fn rounds_of(
         }
     }
     if one_cpu.is_some() {
-        place(&(0..cpus).collect::<Vec<_>>())?;
+        place(host_cpus())?;
+        roles_summary(test, size, &by_role);
     }
     Ok(got)
+}
+
+/// CPU nanoseconds and times scheduled (`schedstat`'s first and third fields) by thread role.
+type Roles = std::collections::BTreeMap<&'static str, (u64, u64)>;
+
+/// The threads of this process and of `serve` by role: the harness's main thread, its
+/// interrupt threads, the vfio-user server threads, the devices' main loops and workers.
+fn roles(serve: u32) -> Roles {
+    let me = std::process::id();
+    let mut out = Roles::new();
+    for pid in [me, serve] {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for t in tasks.flatten() {
+            let tid = t.file_name().to_str().and_then(|s| s.parse::<u32>().ok());
+            let name = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            let name = name.trim();
+            let role = if pid == me && tid == Some(me) {
+                "harness"
+            } else if pid == me {
+                "harness irq"
+            } else if name.starts_with("vfio-user:") {
+                "vfio-user"
+            } else if name.ends_with("-main") {
+                "main loop"
+            } else if name.contains("-worker-") {
+                "workers"
+            } else {
+                "other"
+            };
+            let stat = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+            let v: Vec<u64> = stat
+                .split_whitespace()
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            if let [ns, _, slices] = v[..] {
+                let e = out.entry(role).or_default();
+                e.0 += ns;
+                e.1 += slices;
+            }
+        }
+    }
+    out
+}
+
+/// Where a message's CPU time goes on one core, by thread role, loopback and VM to VM: the
+/// CPU time and the times each role was scheduled, per message (per round trip for latency).
+fn roles_summary(test: Test, size: u64, by_role: &[(Roles, u64); 2]) {
+    let mut line = format!(
+        "{:<8} {:<10} {size:>9} per message on one core, CPU us / times scheduled:",
+        "roles1c",
+        test.name()
+    );
+    let mut fields: Vec<(String, String)> = vec![
+        ("kind".into(), q("vm2vm_one_core_roles")),
+        ("test".into(), q(test.name())),
+        ("size".into(), size.to_string()),
+    ];
+    for (side, (acc, msgs)) in ["loop", "vm2vm"].into_iter().zip(by_role) {
+        line += &format!(" {side}");
+        let m = (*msgs).max(1) as f64;
+        for (role, &(ns, n)) in acc {
+            if n == 0 {
+                continue;
+            }
+            let (us, times) = (ns as f64 / m / 1e3, n as f64 / m);
+            line += &format!(" {role} {us:.1}/{times:.2};");
+            let key = role.replace(' ', "_");
+            fields.push((format!("{side}_{key}_cpu_us"), f(us)));
+            fields.push((format!("{side}_{key}_scheduled"), f(times)));
+        }
+    }
+    println!("{line}");
+    let fields: Vec<(&str, String)> = fields
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.clone()))
+        .collect();
+    println!("{}", json_line(&fields));
 }
 
 /// The ratio line of one VM-to-VM case over its rounds: the median ratio with its range, and
@@ -475,13 +564,31 @@ fn fairness(
     split_fairness(o, serve, (a, b), &mut lat, n, same)
 }
 
-/// CPU of the latency pair's threads, and of the flood's, when the cores are split.
-const PAIR_CPU: usize = 0;
-const FLOOD_CPU: usize = 1;
+/// The CPUs this process may run on, as it started (before the bench pinned any thread); the
+/// first two are the latency pair's and the flood's when the cores are split.
+fn host_cpus() -> &'static [usize] {
+    static CPUS: std::sync::OnceLock<Vec<usize>> = std::sync::OnceLock::new();
+    CPUS.get_or_init(|| {
+        let set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0));
+        let cpus: Vec<usize> = set
+            .map(|set| {
+                (0..nix::sched::CpuSet::count())
+                    .filter(|&c| set.is_set(c).unwrap_or(false))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if cpus.is_empty() {
+            vec![0]
+        } else {
+            cpus
+        }
+    })
+}
 
 /// The fairness case again with the two tenants on a core each: every thread of VMs 0 and 1
 /// (the harness's main thread and their interrupt threads, their devices' main loops, workers
-/// and vfio-user threads) on CPU 0, every thread of the flooding VMs 2 and 3 on CPU 1; the
+/// and vfio-user threads) on the first of [`host_cpus`], every thread of the flooding VMs 2 and
+/// 3 on the second; the
 /// process's shared threads (the fabric's timer, signals) float. With no core to fight over,
 /// what is left between the tenants is what the process shares (the fabric, its locks and
 /// timer, the allocator): the pair's p99 beside the flood against its p99 idle, pinned alike,
@@ -495,18 +602,18 @@ fn split_fairness(
     n: u64,
     same: (&Vm, &Vm),
 ) -> Result<(), String> {
-    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
-    if cpus < 2 {
+    let cpus = host_cpus();
+    let [pair_cpu, flood_cpu, ..] = cpus[..] else {
         println!("fairness, cores split: skipped (one CPU)");
         return Ok(());
-    }
+    };
     let threads = tenant_threads(serve.pid());
     let place = |split: bool| -> Result<(), String> {
         for &(tid, vm) in &threads {
             let set: Vec<usize> = match (split, vm) {
-                (true, 0 | 1) => vec![PAIR_CPU],
-                (true, _) => vec![FLOOD_CPU],
-                (false, _) => (0..cpus).collect(),
+                (true, 0 | 1) => vec![pair_cpu],
+                (true, _) => vec![flood_cpu],
+                (false, _) => cpus.to_vec(),
             };
             pin(tid, &set).map_err(|e| format!("pin thread {tid}: {e}"))?;
         }
@@ -515,7 +622,7 @@ fn split_fairness(
     place(true)?;
     let mut run = || -> Result<_, String> {
         let (idle, _) = under_flood(o, (a, b), lat, n, None, None)?;
-        let (flooded, fl) = under_flood(o, (a, b), lat, n, Some(same), Some(FLOOD_CPU))?;
+        let (flooded, fl) = under_flood(o, (a, b), lat, n, Some(same), Some(flood_cpu))?;
         Ok((idle, flooded, fl))
     };
     let r = run();
@@ -529,7 +636,7 @@ fn split_fairness(
     }
     let (i99, f99) = (idle.lat_us(0.99), flooded.lat_us(0.99));
     println!(
-        "fairness, cores split (VMs 0-1 on CPU {PAIR_CPU}, VMs 2-3 on CPU {FLOOD_CPU}): 8 B \
+        "fairness, cores split (VMs 0-1 on CPU {pair_cpu}, VMs 2-3 on CPU {flood_cpu}): 8 B \
          send_lat p99 {i99:.2} us idle, {f99:.2} us ({:.2}x) while VMs 2-3 flood 64 B SENDs at \
          {flood_rate:.3} M msg/s",
         f99 / i99
@@ -869,6 +976,8 @@ pub(super) fn hostile_section(o: &Opts) -> Result<(), String> {
 
 /// The `vms` section.
 pub(super) fn vms_section(o: &Opts) -> Result<(), String> {
+    // Before any thread is pinned.
+    let _ = host_cpus();
     let serve = serve(o, 4)?;
     let ram = pvrdma_guest::transport::DEFAULT_RAM;
     let vms = (0..4)
