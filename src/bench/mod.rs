@@ -91,8 +91,8 @@ pub struct BenchArgs {
     #[arg(long, value_name = "N", default_value_t = 1 << 30, hide_default_value = true)]
     bytes: u64,
     /// Sections: data,multi,cmd,mem,vms,hostile [default: all]; vms: devices of one `pvrdma
-    /// serve` as VMs of one host (VM to VM next to loopback, fairness under a flooding VM, 16
-    /// VMs); hostile: a VM pair's latency next to a VM that fills its host-memory budget,
+    /// serve` as VMs of one host (VM to VM next to loopback, latency also on one core; fairness
+    /// under a flooding VM, also with a core per tenant; 16 VMs); hostile: a VM pair's latency next to a VM that fills its host-memory budget,
     /// queues stalled 1 GiB WRITEs and aims its QPs at the pair's
     #[arg(long, value_name = "SECTIONS", value_delimiter = ',')]
     only: Vec<String>,
