@@ -590,6 +590,62 @@ fn host_cpus() -> &'static [usize] {
     })
 }
 
+/// The threads of VMs 0-3 of `serve` and of this process, placed a core per tenant: VMs 0 and
+/// 1 on the first of [`host_cpus`], the others on the second, until [`CoresSplit::run`] ends.
+struct CoresSplit {
+    threads: Vec<(i32, usize)>,
+    pair_cpu: usize,
+    other_cpu: usize,
+}
+
+impl CoresSplit {
+    /// Pins the threads; `None` (having said why, under `what`) with one CPU or when pinning is
+    /// refused.
+    fn new(serve: &ServeProcess, what: &str) -> Option<CoresSplit> {
+        let [pair_cpu, other_cpu, ..] = host_cpus()[..] else {
+            println!("{what}, cores split: skipped (one CPU)");
+            return None;
+        };
+        let split = CoresSplit {
+            threads: tenant_threads(serve.pid()),
+            pair_cpu,
+            other_cpu,
+        };
+        if let Err(e) = split.place(true) {
+            println!("{what}, cores split: skipped ({e})");
+            if let Err(e) = split.undo() {
+                eprintln!("{e}");
+            }
+            return None;
+        }
+        Some(split)
+    }
+
+    fn place(&self, split: bool) -> Result<(), String> {
+        for &(tid, vm) in &self.threads {
+            let set = match (split, vm) {
+                (true, 0 | 1) => vec![self.pair_cpu],
+                (true, _) => vec![self.other_cpu],
+                (false, _) => host_cpus().to_vec(),
+            };
+            pin(tid, &set).map_err(|e| format!("pin thread {tid}: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Lets every thread run on all of [`host_cpus`] again.
+    fn undo(&self) -> Result<(), String> {
+        self.place(false)
+    }
+
+    /// Runs `f` with the threads split, then undoes the split (also when `f` fails).
+    fn run<T>(self, f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+        let r = f();
+        self.undo()?;
+        r
+    }
+}
+
 /// The fairness case again with the two tenants on a core each: every thread of VMs 0 and 1
 /// (the harness's main thread and their interrupt threads, their devices' main loops, workers
 /// and vfio-user threads) on the first of [`host_cpus`], every thread of the flooding VMs 2 and
@@ -606,35 +662,15 @@ fn split_fairness(
     n: u64,
     same: (&Vm, &Vm),
 ) -> Result<(), String> {
-    let cpus = host_cpus();
-    let [pair_cpu, flood_cpu, ..] = cpus[..] else {
-        println!("fairness, cores split: skipped (one CPU)");
+    let Some(split) = CoresSplit::new(serve, "fairness") else {
         return Ok(());
     };
-    let threads = tenant_threads(serve.pid());
-    let place = |split: bool| -> Result<(), String> {
-        for &(tid, vm) in &threads {
-            let set: Vec<usize> = match (split, vm) {
-                (true, 0 | 1) => vec![pair_cpu],
-                (true, _) => vec![flood_cpu],
-                (false, _) => cpus.to_vec(),
-            };
-            pin(tid, &set).map_err(|e| format!("pin thread {tid}: {e}"))?;
-        }
-        Ok(())
-    };
-    if let Err(e) = place(true) {
-        println!("fairness, cores split: skipped ({e})");
-        return place(false);
-    }
-    let mut run = || -> Result<_, String> {
+    let (pair_cpu, flood_cpu) = (split.pair_cpu, split.other_cpu);
+    let (idle, flooded, fl) = split.run(|| {
         let (idle, _) = under_flood(o, (a, b), lat, n, None, None)?;
         let (flooded, fl) = under_flood(o, (a, b), lat, n, Some(same), Some(flood_cpu))?;
         Ok((idle, flooded, fl))
-    };
-    let r = run();
-    place(false)?;
-    let (idle, flooded, fl) = r?;
+    })?;
     report("split", &idle, 1, o.workers, o, None, &[]);
     report("splitfl", &flooded, 1, o.workers, o, None, &[]);
     let flood_rate = fl.as_ref().map_or(0.0, Sample::mmsg_per_s);
@@ -997,27 +1033,10 @@ fn hostile_split(
     n: u64,
     hostile: (&Vm, &[Target], tenant::Opts),
 ) -> Result<(), String> {
-    let cpus = host_cpus();
-    let [pair_cpu, tenant_cpu, ..] = cpus[..] else {
-        println!("hostile neighbour, cores split: skipped (one CPU)");
+    let Some(split) = CoresSplit::new(serve, "hostile neighbour") else {
         return Ok(());
     };
-    let threads = tenant_threads(serve.pid());
-    let place = |split: bool| -> Result<(), String> {
-        for &(tid, vm) in &threads {
-            let set = match (split, vm) {
-                (true, 0 | 1) => vec![pair_cpu],
-                (true, _) => vec![tenant_cpu],
-                (false, _) => cpus.to_vec(),
-            };
-            pin(tid, &set).map_err(|e| format!("pin thread {tid}: {e}"))?;
-        }
-        Ok(())
-    };
-    if let Err(e) = place(true) {
-        println!("hostile neighbour, cores split: skipped ({e})");
-        return place(false);
-    }
+    let (pair_cpu, tenant_cpu) = (split.pair_cpu, split.other_cpu);
     let pin_tenant = || {
         for tid in harness_threads_named("hostile-") {
             if let Err(e) = pin(tid, &[tenant_cpu]) {
@@ -1026,15 +1045,12 @@ fn hostile_split(
         }
     };
     let snap = || cpu(serve);
-    let mut run = || -> Result<_, String> {
+    let (idle, beside, tally) = split.run(|| {
         let (idle, ..) = beside_a_hostile_tenant(&snap, (a, b), lat, n, None, &|| {})?;
         let (beside, _, tally) =
             beside_a_hostile_tenant(&snap, (a, b), lat, n, Some(hostile), &pin_tenant)?;
         Ok((idle, beside, tally))
-    };
-    let r = run();
-    place(false)?;
-    let (idle, beside, tally) = r?;
+    })?;
     report("split", &idle, 1, o.workers, o, None, &[]);
     report("splithos", &beside, 1, o.workers, o, None, &[]);
     println!("{:<8} the hostile tenant meanwhile: {tally}", "");
