@@ -92,8 +92,9 @@ pub struct BenchArgs {
     bytes: u64,
     /// Sections: data,multi,cmd,mem,vms,hostile [default: all]; vms: devices of one `pvrdma
     /// serve` as VMs of one host (VM to VM next to loopback, latency also on one core; fairness
-    /// under a flooding VM, also with a core per tenant; 16 VMs); hostile: a VM pair's latency next to a VM that fills its host-memory budget,
-    /// queues stalled 1 GiB WRITEs and aims its QPs at the pair's
+    /// under a flooding VM, also with a core per tenant; 16 VMs); hostile: a VM pair's latency
+    /// next to a VM that fills its host-memory budget, queues stalled 1 GiB WRITEs and aims its
+    /// QPs at the pair's (also with a core per tenant)
     #[arg(long, value_name = "SECTIONS", value_delimiter = ',')]
     only: Vec<String>,
     /// The hostile VM's loops: mem,copy,intrude [default: all three]

@@ -289,27 +289,21 @@ fn roles(serve: u32) -> Roles {
     let me = std::process::id();
     let mut out = Roles::new();
     for pid in [me, serve] {
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-            continue;
-        };
-        for t in tasks.flatten() {
-            let tid = t.file_name().to_str().and_then(|s| s.parse::<u32>().ok());
-            let name = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-            let name = name.trim();
-            let role = if pid == me && tid == Some(me) {
+        for t in tasks(pid) {
+            let role = if pid == me && t.tid == me {
                 "harness"
             } else if pid == me {
                 "harness irq"
-            } else if name.starts_with("vfio-user:") {
+            } else if t.name.starts_with("vfio-user:") {
                 "vfio-user"
-            } else if name.ends_with("-main") {
+            } else if t.name.ends_with("-main") {
                 "main loop"
-            } else if name.contains("-worker-") {
+            } else if t.name.contains("-worker-") {
                 "workers"
             } else {
                 "other"
             };
-            let stat = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+            let stat = std::fs::read_to_string(t.dir.join("schedstat")).unwrap_or_default();
             let v: Vec<u64> = stat
                 .split_whitespace()
                 .filter_map(|x| x.parse().ok())
@@ -322,6 +316,32 @@ fn roles(serve: u32) -> Roles {
         }
     }
     out
+}
+
+/// A thread of a process: its id, name and `/proc` directory.
+struct Task {
+    tid: u32,
+    name: String,
+    dir: std::path::PathBuf,
+}
+
+/// The threads of process `pid` (none if it is gone).
+fn tasks(pid: u32) -> Vec<Task> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|t| {
+            let tid = t.file_name().to_str()?.parse().ok()?;
+            let dir = t.path();
+            let name = std::fs::read_to_string(dir.join("comm")).ok()?;
+            Some(Task {
+                tid,
+                name: name.trim().to_owned(),
+                dir,
+            })
+        })
+        .collect()
 }
 
 /// Where a message's CPU time goes on one core, by thread role, loopback and VM to VM: the
@@ -706,22 +726,15 @@ fn tenant_threads(serve: u32) -> Vec<(i32, usize)> {
     let me = std::process::id();
     let mut out = Vec::new();
     for (pid, harness) in [(me, true), (serve, false)] {
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-            continue;
-        };
-        for t in tasks.flatten() {
-            let Some(tid) = t.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-                continue;
-            };
-            let name = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-            let vm = if harness && u32::try_from(tid) == Ok(me) {
+        for t in tasks(pid) {
+            let vm = if harness && t.tid == me {
                 Some(0)
             } else if harness {
-                vm_index(name.trim(), "vfio-irq")
+                vm_index(&t.name, "vfio-irq")
             } else {
-                vm_index(name.trim(), "vfio-user:vm").or_else(|| vm_index(name.trim(), "vm"))
+                vm_index(&t.name, "vfio-user:vm").or_else(|| vm_index(&t.name, "vm"))
             };
-            if let Some(vm) = vm.filter(|&v| v < 4) {
+            if let (Some(vm), Ok(tid)) = (vm.filter(|&v| v < 4), i32::try_from(t.tid)) {
                 out.push((tid, vm));
             }
         }
@@ -1077,16 +1090,10 @@ fn hostile_split(
 
 /// This process's threads whose names start with `prefix`.
 fn harness_threads_named(prefix: &str) -> Vec<i32> {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return Vec::new();
-    };
-    tasks
-        .flatten()
-        .filter(|t| {
-            std::fs::read_to_string(t.path().join("comm"))
-                .is_ok_and(|n| n.trim().starts_with(prefix))
-        })
-        .filter_map(|t| t.file_name().to_str()?.parse().ok())
+    tasks(std::process::id())
+        .into_iter()
+        .filter(|t| t.name.starts_with(prefix))
+        .filter_map(|t| i32::try_from(t.tid).ok())
         .collect()
 }
 

@@ -110,7 +110,7 @@ pub struct Pair {
 /// has reached the server's device well before the send that uses it, also when the two sides
 /// are different devices whose doorbells race (capped at the device's 8,192 WRs per queue).
 pub fn rx_depth(depth: u32) -> u32 {
-    depth.saturating_mul(4).clamp(depth, 8192.max(depth))
+    depth.saturating_mul(4).min(8192).max(depth)
 }
 
 /// Full access.
