@@ -1,5 +1,6 @@
-//! Task engine benchmark: throughput of run_in_thread -> completion, and the latency from a worker
-//! finishing to its completion running on the main loop.
+//! Task engine benchmark: throughput of run_in_thread -> completion, the latency from a worker
+//! finishing to its completion running on the main loop, and from a submission to a sleeping
+//! worker starting the job.
 //!
 //! `cargo bench -p task-core --bench engine` (add `-- --quick` or set `BENCH_QUICK=1` for a run
 //! of a few seconds).
@@ -70,6 +71,36 @@ fn latency(samples: usize, work: Duration) -> Vec<Duration> {
     v
 }
 
+/// Wake-up of a sleeping worker: the loop thread waits 200 µs (long enough for the worker to
+/// have yielded its turns and gone to sleep), then submits a task stamped with the time; the
+/// worker's first act measures how long it took to start. Returns sorted latencies.
+fn wake_latency(samples: usize) -> Vec<Duration> {
+    let ml = MainLoop::new();
+    let pool = Pool::new("bench-wake", 1, 16).expect("pool");
+    let out = Rc::new(RefCell::new(Vec::with_capacity(samples)));
+    let source = Arc::new(());
+    for _ in 0..samples {
+        let idle = Instant::now();
+        while idle.elapsed() < Duration::from_micros(200) {
+            std::hint::spin_loop();
+        }
+        let o = out.clone();
+        let before = o.borrow().len();
+        let submitted = Instant::now();
+        Task::<(), Duration>::new(source.clone(), move |t| {
+            o.borrow_mut().push(t.take_result().expect("start"));
+        })
+        .run_in_thread(&ml, &pool, move |w| w.set_result(submitted.elapsed()));
+        while out.borrow().len() == before {
+            ml.iterate(None);
+        }
+    }
+    pool.shutdown();
+    let mut v = out.take();
+    v.sort_unstable();
+    v
+}
+
 fn pct(v: &[Duration], p: f64) -> Duration {
     v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
@@ -112,5 +143,14 @@ fn main() {
                 format!("{:.2} us", pct(v, p).as_secs_f64() * 1e6)
             );
         }
+    }
+    let wake = samples / 10;
+    let v = wake_latency(wake);
+    for (name, p) in [("p50", 0.50), ("p99", 0.99)] {
+        println!(
+            "{:<52} {:>16}",
+            format!("latency submit->job start {name}, worker asleep ({wake})"),
+            format!("{:.2} us", pct(&v, p).as_secs_f64() * 1e6)
+        );
     }
 }

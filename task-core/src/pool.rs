@@ -68,7 +68,10 @@ impl Idle {
         // Pairs with the fence in `next`: either the worker sees the job, or we see it asleep.
         fence(Ordering::SeqCst);
         if self.sleeping.load(Ordering::SeqCst) > 0 {
-            let _g = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+            // Taking `lock` waits out a worker between its last look at the queue and its wait;
+            // notifying after letting the lock go spares the woken worker from blocking on it at
+            // once (it would wake, find the lock held, sleep again and need a second wake-up).
+            drop(self.lock.lock().unwrap_or_else(PoisonError::into_inner));
             self.cv.notify_one();
         }
     }
